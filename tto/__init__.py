@@ -1,0 +1,12 @@
+"""tto: test-time-training / test-time-memorization language models on one backbone.
+
+``import tto`` registers every type with the Hugging Face Auto classes.
+"""
+
+from . import mixers  # noqa: F401  (registers every type)
+from .cache import TTOCache
+from .config import TTOConfig
+from .modeling import TTOForCausalLM, TTOModel
+from .registry import available, build_config, get
+
+__all__ = ["TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "available", "build_config", "get"]

@@ -1,0 +1,77 @@
+"""Per-layer state that persists across `forward` calls and through `generate`.
+
+Every layer owns one dict in :class:`TTOCache` and keeps in it whatever it needs to continue the
+sequence: fast weights and momentum of a memory, the tokens of a not yet completed chunk, conv
+tails, an attention KV window. Every tensor in a state has the batch as its first dimension, so
+beam search and batch selection work on any mixer without knowing what it stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class Context:
+    """What every mixer receives besides its input.
+
+    mask: (B, T) bool, True at real tokens (None: no padding).
+    positions: (B, T) long, index of each token among the real tokens of its row, counting the
+    tokens already in the cache (RoPE positions).
+    """
+
+    mask: torch.Tensor | None
+    positions: torch.Tensor
+
+
+class TTOCache(Cache):
+    """One state dict per layer plus, per row, the number of real tokens already read."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        # The Cache base class manages KV layers we do not use; set only what its methods read.
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+        self.states: list[dict] = [{} for _ in range(num_layers)]
+        self.seen_slots = 0  # tokens (pads included) fed so far: the HF notion of sequence length
+        self.real_tokens: torch.Tensor | None = None  # (B,) real tokens per row
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __repr__(self) -> str:
+        return f"TTOCache(layers={len(self.states)}, seen={self.seen_slots})"
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_slots
+
+    def reset(self) -> None:
+        """Forget everything: the next forward starts a new sequence."""
+        self.states = [{} for _ in self.states]
+        self.seen_slots = 0
+        self.real_tokens = None
+
+    def _map(self, fn) -> None:
+        for state in self.states:
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = fn(value)
+        if self.real_tokens is not None:
+            self.real_tokens = fn(self.real_tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a fast-weight state cannot be rolled back to an earlier length")

@@ -1,0 +1,169 @@
+"""The configuration every tto model shares: the backbone and its attention layers.
+
+Each registered type subclasses :class:`TTOConfig` and adds the fields of its mixer, documented
+where they are defined (in ``tto/mixers/<type>.py``). Configs are keyword-only dataclasses (the
+Transformers v5 style): a misspelled field fails at construction with a close-match suggestion,
+and so do bad values (non-positive sizes, unknown choices, heads that do not divide the width).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar
+
+from transformers import GenerationConfig, PreTrainedConfig
+
+# Keys that Transformers itself writes into config.json or passes through `from_pretrained`.
+# They are consumed by `PreTrainedConfig.__post_init__`; anything else unknown is an error.
+_HF_INTERNAL_KEYS = frozenset(
+    {
+        "torch_dtype",
+        "name_or_path",
+        "_name_or_path",
+        "_commit_hash",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+        "per_layer_config",
+        "num_labels",
+        "model_type",
+        "auto_map",
+        "_from_auto",
+        "_from_pipeline",
+    }
+)
+
+
+def suggest(name: str, valid) -> str:
+    """' (did you mean 'x'?)' when a close match exists, else ''."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def config_error(field: str, value: Any, problem: str, valid=None) -> ValueError:
+    msg = f"config field {field!r}={value!r}: {problem}"
+    if valid is not None:
+        msg += f"; valid choices: {sorted(valid)}"
+        if isinstance(value, str):
+            msg += suggest(value, valid)
+    return ValueError(msg)
+
+
+class TTOConfig(PreTrainedConfig):
+    """Backbone fields shared by every type.
+
+    A model is ``embed_tokens -> num_hidden_layers x Block -> norm -> lm_head``. Each block is
+    pre-norm: ``h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h))``. The mixer of layer ``i`` is
+    ``layer_types[i]``: the config's own type or ``"transformer"`` (softmax attention), so hybrids
+    need no code.
+    """
+
+    model_type: ClassVar[str] = "tto"
+    #: registry key of the mixer this config describes (set by each subclass)
+    tto_type: ClassVar[str] = ""
+    #: fields whose values must come from a fixed set: {field: choices}
+    choices: ClassVar[dict[str, tuple]] = {"hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu")}
+    #: the field that selects the paper's variant (None: the type has one variant)
+    variant_field: ClassVar[str | None] = None
+    #: integer fields that must be > 0 (subclasses extend)
+    positive_fields: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "conv_kernel",
+    )
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+
+    # --- sizes ---
+    vocab_size: int = 32000  # number of token ids
+    hidden_size: int = 768  # residual stream width d
+    intermediate_size: int = 2048  # SwiGLU MLP hidden width
+    num_hidden_layers: int = 12  # number of blocks
+    num_attention_heads: int = 12  # heads of the attention layers (memory mixers may have their own)
+    num_key_value_heads: int | None = None  # grouped-query attention: KV heads (None: = num_attention_heads)
+    head_dim: int | None = None  # attention head width (None: hidden_size // num_attention_heads)
+    max_position_embeddings: int = 2048  # nominal context of the recipe (RoPE needs no table)
+    # --- blocks ---
+    hidden_act: str = "silu"  # activation of the SwiGLU MLP gate
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm in the backbone
+    initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
+    tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
+    mlp_bias: bool = False  # biases in the SwiGLU MLP projections
+    layer_types: list[str] | None = None  # per-layer mixer: this type or "transformer" (None: all this type)
+    pre_conv: bool = False  # Mamba-style branch before the mixer: h += ShortConv(RMSNorm(h))
+    conv_kernel: int = 4  # kernel size of the pre_conv branch (and of mixers' short convs unless they say otherwise)
+    # --- attention layers ---
+    rope_theta: float = 10000.0  # RoPE base
+    sliding_window: int | None = None  # attention sees the last `sliding_window` tokens (None: all)
+    attention_bias: bool = False  # biases in q/k/v/o projections of attention
+    # --- generation and tokens ---
+    use_cache: bool = True  # forward returns a cache (fast weights, KV) for generation
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        generation_keys = set(GenerationConfig._get_default_generation_params())
+        unknown = sorted(k for k in kwargs if k not in _HF_INTERNAL_KEYS and k not in generation_keys)
+        if unknown:
+            valid = self.field_names()
+            hints = "".join(f"\n  {k!r}{suggest(k, valid)}" for k in unknown)
+            raise ValueError(
+                f"unknown config field(s) for type {self.tto_type!r}:{hints}\nvalid fields: {sorted(valid)}"
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads and self.hidden_size:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = [self.tto_type] * self.num_hidden_layers
+        self.validate()
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        from dataclasses import fields
+
+        base = {f.name for f in fields(PreTrainedConfig)}
+        return {f.name for f in fields(cls)} - base
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any value the model cannot be built from."""
+        for name in self.positive_fields:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise config_error(name, value, "must be a positive integer")
+        for name, valid in self.choices.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise config_error(name, value, "unknown choice", valid)
+        if self.hidden_size % self.num_attention_heads:
+            raise config_error(
+                "num_attention_heads",
+                self.num_attention_heads,
+                f"must divide hidden_size={self.hidden_size}",
+            )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            raise config_error(
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                f"must be positive and divide num_attention_heads={self.num_attention_heads}",
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise config_error("sliding_window", self.sliding_window, "must be a positive integer or None")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise config_error(
+                "layer_types",
+                self.layer_types,
+                f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})",
+            )
+        valid_layers = {self.tto_type, "transformer"}
+        for kind in self.layer_types:
+            if kind not in valid_layers:
+                raise config_error("layer_types", kind, "unknown layer mixer", valid_layers)

@@ -1,0 +1,90 @@
+"""Causal softmax attention (SDPA) with RoPE, grouped-query heads, an optional sliding window and
+a KV cache that stays bounded by the window when one is set."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import Context
+from .rope import apply_rope, rope_cos_sin
+
+
+def attention_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor | None,
+    n_cached: int,
+    window: int | None,
+) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask: key slot s is visible to query t when it is not after t (slot
+    order), is a real token, and lies within `window` positions. None when plain causal suffices."""
+    b, t = q_pos.shape
+    s = k_pos.shape[1]
+    if k_valid is None and window is None:
+        if n_cached == 0:
+            return None  # is_causal path
+        if t == 1:
+            return torch.ones(b, 1, 1, s, dtype=torch.bool, device=q_pos.device)
+    q_slot = torch.arange(t, device=q_pos.device)[:, None] + n_cached
+    allowed = (torch.arange(s, device=q_pos.device)[None, :] <= q_slot)[None]  # (1, T, S)
+    if k_valid is not None:
+        allowed = allowed & k_valid[:, None, :]
+    if window is not None:
+        allowed = allowed & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+    # a pad query may see nothing; let it see everything so softmax stays finite (its output is unused)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention: q/k/v projections, RoPE, SDPA, output projection.
+
+    x: (B, T, hidden) -> (B, T, hidden). With a state dict, keys/values/positions of past tokens are
+    kept in it (the last `window - 1` only, under a sliding window).
+    """
+
+    def __init__(self, config, window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        self.window = window if window is not None else config.sliding_window
+        width, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(ctx.positions, self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        q_pos, k_pos, valid = ctx.positions, ctx.positions, ctx.mask
+        n_cached = 0
+        if state is not None and "k" in state:
+            n_cached = state["k"].shape[2]
+            k = torch.cat([state["k"], k], dim=2)
+            v = torch.cat([state["v"], v], dim=2)
+            k_pos = torch.cat([state["pos"], k_pos], dim=1)
+            if valid is not None or state.get("valid") is not None:
+                old = state.get("valid")
+                old = old if old is not None else torch.ones_like(state["pos"], dtype=torch.bool)
+                new = valid if valid is not None else torch.ones_like(q_pos, dtype=torch.bool)
+                valid = torch.cat([old, new], dim=1)
+        if state is not None:
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+            state["k"], state["v"] = k[:, :, k.shape[2] - keep :].detach(), v[:, :, v.shape[2] - keep :].detach()
+            state["pos"] = k_pos[:, k_pos.shape[1] - keep :]
+            state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
+        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window)
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -1,0 +1,40 @@
+"""Short causal depthwise convolution with a decoding state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv1d over time: y_t = b + sum_{j<k} w_j x_{t-k+1+j}.
+
+    x: (B, T, C). The state holds the last k-1 inputs of each row, so decoding token by token
+    equals convolving the whole sequence. Pad positions (mask False) enter as zeros, which is what
+    an unpadded sequence sees before its first token.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+
+    def _tto_init(self, std: float, init) -> None:
+        init.kaiming_uniform_(self.weight, a=5**0.5)  # torch's Conv1d default
+        if self.bias is not None:
+            init.uniform_(self.bias, -(1.0 / self.kernel_size) ** 0.5, (1.0 / self.kernel_size) ** 0.5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, state: dict | None, key: str) -> torch.Tensor:
+        if mask is not None:
+            x = x * mask[..., None].to(x.dtype)
+        b, t, c = x.shape
+        tail = state.get(key) if state is not None else None
+        if tail is None:
+            tail = x.new_zeros(b, self.kernel_size - 1, c)
+        full = torch.cat([tail.to(x.dtype), x], dim=1)
+        if state is not None:
+            state[key] = full[:, full.shape[1] - (self.kernel_size - 1) :].detach()
+        y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=c)
+        return y.transpose(1, 2)

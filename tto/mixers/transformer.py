@@ -1,0 +1,25 @@
+"""`transformer`: the softmax-attention baseline every benchmark compares against.
+
+Causal SDPA attention with RoPE, grouped-query heads (``num_key_value_heads``) and an optional
+sliding window (``sliding_window``); all its fields are backbone fields of :class:`TTOConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..config import TTOConfig
+from ..layers.attention import Attention
+from ..registry import register
+
+
+class TransformerConfig(TTOConfig):
+    model_type: ClassVar[str] = "tto_transformer"
+
+
+@register("transformer", config=TransformerConfig, paper="Attention Is All You Need (arXiv:1706.03762); Llama-style block")
+class AttentionMixer(Attention):
+    """Softmax attention as a mixer: ``mixer(x, ctx, state)``."""
+
+    def __init__(self, config: TTOConfig, layer_idx: int):
+        super().__init__(config)

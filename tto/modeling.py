@@ -1,0 +1,176 @@
+"""The one causal LM every registered type runs on.
+
+``TTOModel``: embeddings -> blocks -> final RMSNorm. Each block is pre-norm with residuals:
+an optional short-conv branch (``pre_conv``), the mixer of its layer type, and a SwiGLU MLP.
+``TTOForCausalLM`` adds the LM head, the loss and generation. The registry derives one pair of
+these classes per type (``TTTForCausalLM``, ...) that differ only in their config class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from . import registry
+from .cache import Context, TTOCache
+from .config import TTOConfig
+from .layers.conv import ShortConv
+from .layers.mlp import SwiGLU
+
+
+class ConvBranch(nn.Module):
+    """The Mamba-style pre-mixer branch (TTT's ``pre_conv``): ``h += Conv(RMSNorm(h))``."""
+
+    def __init__(self, config: TTOConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.conv = ShortConv(config.hidden_size, config.conv_kernel)
+
+    def forward(self, h: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        return self.conv(self.norm(h), ctx.mask, state, "pre_conv")
+
+
+class Block(GradientCheckpointingLayer):
+    def __init__(self, config: TTOConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.pre_conv = ConvBranch(config) if config.pre_conv else None
+        self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = registry.get(self.layer_type).mixer_class(config, layer_idx)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+
+    def forward(self, h: torch.Tensor, ctx: Context, past_key_values: dict | None = None) -> torch.Tensor:
+        if self.pre_conv is not None:
+            h = h + self.pre_conv(h, ctx, past_key_values)
+        h = h + self.mixer(self.mixer_norm(h), ctx, past_key_values)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TTOPreTrainedModel(PreTrainedModel):
+    config_class = TTOConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _is_stateful = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, nn.RMSNorm):
+            init.ones_(module.weight)
+        custom = getattr(module, "_tto_init", None)
+        if custom is not None:
+            custom(self.config.initializer_range, init)
+
+
+class TTOModel(TTOPreTrainedModel):
+    def __init__(self, config: TTOConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: TTOCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = h.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = TTOCache(len(self.layers))
+        if past_key_values is not None and not isinstance(past_key_values, TTOCache):
+            raise TypeError(f"past_key_values must be a TTOCache, got {type(past_key_values).__name__}")
+
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -t:].to(torch.bool)  # generate passes the mask of cache + new tokens
+            if bool(mask.all()):
+                mask = None
+        offset = past_key_values.real_tokens if past_key_values is not None else None
+        if position_ids is None:
+            counts = torch.ones(b, t, dtype=torch.long, device=h.device) if mask is None else mask.long()
+            position_ids = (counts.cumsum(1) - 1).clamp_min(0)
+            if offset is not None:
+                position_ids = position_ids + offset[:, None]
+        ctx = Context(mask=mask, positions=position_ids)
+
+        for i, layer in enumerate(self.layers):
+            state = past_key_values.states[i] if past_key_values is not None else None
+            h = layer(h, ctx, past_key_values=state)
+        h = self.norm(h)
+
+        if past_key_values is not None:
+            new = torch.full((b,), t, device=h.device) if mask is None else mask.sum(1)
+            past_key_values.real_tokens = new if offset is None else offset + new
+            past_key_values.seen_slots += t
+        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None)
+
+
+class TTOForCausalLM(TTOPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TTOConfig):
+        super().__init__(config)
+        self.model = TTOModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own TTOCache
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: TTOCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        h = out.last_hidden_state
+        logits = self.lm_head(h if logits_to_keep == 0 else h[:, -logits_to_keep:])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

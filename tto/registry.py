@@ -1,0 +1,117 @@
+"""The registry: ``type:`` keys -> entries (config class, mixer, variants, presets).
+
+A paper is added by decorating its mixer::
+
+    @register("ttt", config=TTTConfig, presets=TTT_PRESETS, paper="arXiv:2407.04620")
+    class TTTMixer(nn.Module): ...
+
+Registration also creates the entry's Hugging Face classes (``<Name>ForCausalLM`` on the one
+generic backbone) and registers them with ``AutoConfig`` / ``AutoModel`` /
+``AutoModelForCausalLM`` under the model type ``tto_<type>``, so ``from_pretrained`` needs no
+``trust_remote_code``. Nothing else in tto lists the types: train.py, infer.py, the tests and the
+benchmarks all read :func:`available`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .config import TTOConfig, config_error, suggest
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    config_class: type[TTOConfig]
+    mixer_class: type[nn.Module]
+    model_class: type  # <Name>ForCausalLM
+    base_model_class: type  # <Name>Model
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paper: str = ""
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The paper variants selectable through the config's `variant_field` (() if none)."""
+        vf = self.config_class.variant_field
+        return tuple(self.config_class.choices[vf]) if vf else ()
+
+    def variant_configs(self) -> list[tuple[str | None, dict[str, Any]]]:
+        """(variant, {variant_field: variant}) for each variant; [(None, {})] when there are none."""
+        vf = self.config_class.variant_field
+        return [(v, {vf: v}) for v in self.variants] if vf else [(None, {})]
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def _camel(name: str) -> str:
+    return "".join(part.upper() if len(part) <= 3 else part.capitalize() for part in name.split("_"))
+
+
+def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | None = None, paper: str = ""):
+    """Class decorator registering a mixer (and its config) under the type key `name`."""
+
+    def decorate(mixer_class: type[nn.Module]) -> type[nn.Module]:
+        from . import modeling
+
+        if name in _REGISTRY:
+            raise ValueError(f"type {name!r} is registered twice")
+        config.tto_type = name
+        config.model_type = f"tto_{name}"
+        prefix = _camel(name)
+        base = type(f"{prefix}Model", (modeling.TTOModel,), {"config_class": config, "__module__": modeling.__name__})
+        lm = type(
+            f"{prefix}ForCausalLM",
+            (modeling.TTOForCausalLM,),
+            {"config_class": config, "__module__": modeling.__name__},
+        )
+        setattr(modeling, base.__name__, base)
+        setattr(modeling, lm.__name__, lm)
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+        AutoModel.register(config, base, exist_ok=True)
+        AutoModelForCausalLM.register(config, lm, exist_ok=True)
+        _REGISTRY[name] = Entry(name, config, mixer_class, lm, base, dict(presets or {}), paper)
+        return mixer_class
+
+    return decorate
+
+
+def available() -> dict[str, tuple[str, ...]]:
+    """Registered types, each with its variants: ``{"ttt": ("linear", "mlp"), ...}``."""
+    return {name: entry.variants for name, entry in _REGISTRY.items()}
+
+
+def get(name: str) -> Entry:
+    """The entry for a type key; an unknown key raises ValueError listing the valid ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown type {name!r}{suggest(name, _REGISTRY)}; registered types: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def entries() -> list[Entry]:
+    return list(_REGISTRY.values())
+
+
+def build_config(type: str, *, preset: str | None = None, variant: str | None = None, **fields) -> TTOConfig:
+    """A config for `type`, from an optional preset, with `fields` on top.
+
+    `variant` is a shorthand for the type's variant field (``ttt_layer_type`` for TTT, ``variant``
+    for Titans). Unknown types, presets, variants and fields raise ValueError naming the problem.
+    """
+    entry = get(type)
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in entry.presets:
+            raise config_error("preset", preset, f"unknown preset for type {type!r}", entry.presets)
+        values.update(entry.presets[preset])
+    if variant is not None:
+        vf = entry.config_class.variant_field
+        if vf is None:
+            raise ValueError(f"type {type!r} has no variants (got variant={variant!r})")
+        values[vf] = variant
+    values.update(fields)
+    return entry.config_class(**values)
