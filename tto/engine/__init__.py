@@ -1,0 +1,10 @@
+"""The memory engine shared by every memory mixer: fast models, inner objectives, inner
+optimizers and the chunked dual-form scan (with its naive per-token reference)."""
+
+from .fast_models import ACTIVATIONS, FastModel, MLPMemory
+from .memory import Memory, naive_memory
+from .objectives import SquaredError
+from .optimizers import Coefficients, InnerOptimizer, MiniBatchGD, MomentumGD
+
+__all__ = ["ACTIVATIONS", "Coefficients", "FastModel", "InnerOptimizer", "MLPMemory", "Memory",
+           "MiniBatchGD", "MomentumGD", "SquaredError", "naive_memory"]

@@ -1,0 +1,172 @@
+"""Fast models: the per-head networks a memory trains while it reads.
+
+Every fast model here is a composition of linear layers ``z = x W + b`` (row-vector convention,
+``W: (d_in, d_out)``) and fixed elementwise functions, so the gradient of any inner loss with
+respect to ``W`` is an outer product ``x^T delta``. A fast model is written once, in
+:meth:`FastModel.apply`, against an abstract ``linear(name, x)``; the engine passes either a plain
+linear (forward at the chunk-start weights, the naive reference) or the dual-form read-out, which
+reads every in-chunk update without building per-token weights.
+
+Fast weights are tensors of shape (N, ...) with N = batch x heads; the model's outer parameters
+(the initial weights, the LayerNorm of the ``x + LN(g(x))`` wrapper) have a leading head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Linear = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
+    c = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(c * (z + 0.044715 * z**3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    return cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+#: activation name -> (function, derivative); derivatives are checked against autograd in the tests
+ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad),
+    "gelu": (F.gelu, _gelu_grad),
+    "silu": (F.silu, _silu_grad),
+    "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
+}
+
+
+def layer_norm_backward(dy: torch.Tensor, xhat: torch.Tensor, std: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """d loss / d x for y = gamma * xhat + beta, xhat = (x - mean) / std over the last dim."""
+    g = dy * gamma
+    return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / std
+
+
+class FastModel(nn.Module):
+    """Interface of a fast model (see the module docstring)."""
+
+    #: names of the fast linear layers, in order
+    weight_names: tuple[str, ...]
+
+    def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
+        """Fast weights at the start of a sequence: the learned initial weights tiled over the
+        batch, float32, shapes (batch * heads, ...)."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_backward(self, params: dict, x: torch.Tensor, dloss: Callable) -> list[tuple]:
+        """Forward `x` at `params`, then backward ``dloss(y)``: [(name, input, delta)] per layer."""
+        raise NotImplementedError
+
+
+class MLPMemory(FastModel):
+    """Per-head MLP ``g(x) = W_L act(... act(x W_1 + b_1) ...) + b_L``, optionally wrapped as
+    ``f(x) = x + LN(g(x))`` with a per-head LayerNorm whose affine is an outer parameter.
+
+    depth 1 is a matrix memory (TTT-Linear, Titans L_M = 1); depth 2 with ``expansion`` 4 is the
+    TTT-MLP / Titans memory. Weights are ``W{l}`` (heads, d_in, d_out) and ``b{l}`` (heads, 1, d_out).
+    """
+
+    def __init__(self, num_heads: int, dim: int, *, depth: int = 1, expansion: int = 4,
+                 activation: str = "gelu_tanh", bias: bool = True, residual_norm: bool = True,
+                 norm_eps: float = 1e-6, init_std: float = 0.02):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown fast-model activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
+        self.num_heads, self.dim, self.depth = num_heads, dim, depth
+        self.act, self.act_grad = ACTIVATIONS[activation]
+        self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std
+        dims = [dim] + [dim * expansion] * (depth - 1) + [dim]
+        self.weight_names = tuple(f"W{i + 1}" for i in range(depth))
+        self.has_bias = bias
+        for i, name in enumerate(self.weight_names):
+            self.register_parameter(name, nn.Parameter(torch.empty(num_heads, dims[i], dims[i + 1])))
+            if bias:
+                self.register_parameter(f"b{i + 1}", nn.Parameter(torch.empty(num_heads, 1, dims[i + 1])))
+        if residual_norm:
+            self.norm_weight = nn.Parameter(torch.empty(num_heads, dim))
+            self.norm_bias = nn.Parameter(torch.empty(num_heads, dim))
+
+    def _tto_init(self, std: float, init) -> None:
+        for i, name in enumerate(self.weight_names):
+            init.normal_(getattr(self, name), mean=0.0, std=self.init_std)
+            if self.has_bias:
+                init.zeros_(getattr(self, f"b{i + 1}"))
+        if self.residual_norm:
+            init.ones_(self.norm_weight)
+            init.zeros_(self.norm_bias)
+
+    def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
+        params = {}
+        for i, name in enumerate(self.weight_names):
+            params[name] = getattr(self, name).float().repeat(batch, 1, 1)
+            if self.has_bias:
+                params[f"b{i + 1}"] = getattr(self, f"b{i + 1}").float().repeat(batch, 1, 1)
+        return params
+
+    def _norm_affine(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LayerNorm gamma, beta broadcast to (N, 1, dim) for N = batch * heads rows."""
+        reps = n // self.num_heads
+        return (self.norm_weight.float().repeat(reps, 1)[:, None], self.norm_bias.float().repeat(reps, 1)[:, None])
+
+    def _layer_norm(self, z: torch.Tensor):
+        mu = z.mean(-1, keepdim=True)
+        std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + self.norm_eps)
+        xhat = (z - mu) / std
+        gamma, beta = self._norm_affine(z.shape[0])
+        return gamma * xhat + beta, xhat, std, gamma
+
+    def apply(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        """f(x) for x (N, T, dim) with the given linear read-out."""
+        h = x
+        for i, name in enumerate(self.weight_names):
+            h = linear(name, h)
+            if i < self.depth - 1:
+                h = self.act(h)
+        return x + self._layer_norm(h)[0] if self.residual_norm else h
+
+    def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
+        """``linear`` that evaluates the layers at fixed `params`."""
+
+        def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+            z = x @ params[name]
+            return z + params["b" + name[1:]] if self.has_bias else z
+
+        return linear
+
+    def forward_backward(self, params: dict, x: torch.Tensor, dloss: Callable) -> list[tuple]:
+        inputs, pre = [], []
+        h = x
+        for i, name in enumerate(self.weight_names):
+            inputs.append(h)
+            z = h @ params[name]
+            if self.has_bias:
+                z = z + params["b" + name[1:]]
+            pre.append(z)
+            h = self.act(z) if i < self.depth - 1 else z
+        if self.residual_norm:
+            y, xhat, std, gamma = self._layer_norm(h)
+            g = layer_norm_backward(dloss(x + y), xhat, std, gamma)
+        else:
+            g = dloss(h)
+        grads = []
+        for i in reversed(range(self.depth)):
+            name = self.weight_names[i]
+            grads.append((name, inputs[i], g))
+            if i > 0:
+                g = (g @ params[name].transpose(-1, -2)) * self.act_grad(pre[i - 1])
+        return grads[::-1]

@@ -1,0 +1,278 @@
+"""The shared inner loop: fast model x inner objective x inner optimizer x chunking.
+
+:class:`Memory` reads queries and writes (key, value) pairs chunk by chunk. Inside a chunk every
+gradient is taken at the chunk-start weights and the queries read the updated weights through
+the dual form (update-then-read: token t sees its own write)::
+
+    z_t = decay_t * (x_t W_c + b_c) + carry_t * (x_t S_W + S_b)
+          - sum_{s<=t} mix[t, s] * (x_t . x_s + 1) * delta_s
+
+one masked (b x b) matmul per fast linear layer, never a per-token weight tensor. The end of the
+chunk commits ``W_b`` (and the momentum) as the next chunk's start.
+
+Ragged lengths, padding and decoding share one mechanism. Each row's real tokens are laid out so
+that its complete chunks end at the same chunk index; leading whole chunks of pads are identity
+steps, and the row's last, incomplete chunk is only read, then kept in the state as *pending*
+tokens that the next call completes. So a sequence gives the same outputs whether it arrives in
+one call or token by token, left-padded or not, and decoding costs at most one chunk per token.
+
+:func:`naive_memory` is the slow reference: per row, per real token, gradients by autograd at the
+chunk-start weights and the optimizer's per-token recurrence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .fast_models import FastModel
+from .objectives import SquaredError
+from .optimizers import Coefficients, InnerOptimizer
+
+
+def _bias_name(weight_name: str) -> str:
+    return "b" + weight_name[1:]
+
+
+@dataclass
+class Layout:
+    """Where each token of the (pending + new) sequence goes in the chunked layout (B, length)."""
+
+    length: int  # padded length, a multiple of the chunk size
+    total: int  # tokens in the (pending + new) sequence
+    n_commit: int  # leading chunks whose updates are committed; a following chunk, if any, is only read
+    valid: torch.Tensor  # (B, length) True at real tokens
+    src: torch.Tensor | None  # (B, length) token index feeding each slot (T = the zero row); None: identity
+    dest: torch.Tensor | None  # (B, T) slot of each token (length = dropped); None: identity
+    remainder: torch.Tensor  # (B,) real tokens in the read-only last chunk
+
+    @classmethod
+    def build(cls, valid: torch.Tensor | None, total: int, batch: int, chunk: int, device) -> "Layout":
+        if valid is None:  # every token real: keep order, pad the end
+            n_commit, rem = divmod(total, chunk)
+            length = (n_commit + (rem > 0)) * chunk
+            slots = torch.arange(length, device=device)
+            return cls(length, total, n_commit, (slots < total).expand(batch, length), None, None,
+                       torch.full((batch,), rem, device=device))
+        count = valid.sum(1)
+        full = count // chunk
+        n_commit = int(full.max())
+        remainder = count - full * chunk
+        length = (n_commit + int(bool((remainder > 0).any()))) * chunk
+        rank = valid.long().cumsum(1) - 1
+        dest = torch.where(valid, (n_commit - full)[:, None] * chunk + rank, length)
+        src = torch.full((batch, length + 1), total, dtype=torch.long, device=device)
+        src.scatter_(1, dest, torch.arange(total, device=device).expand(batch, total))
+        slots = torch.arange(length, device=device)
+        start = ((n_commit - full) * chunk)[:, None]
+        slot_valid = (slots >= start) & (slots < start + count[:, None])
+        return cls(length, total, n_commit, slot_valid, src[:, :length], dest, remainder)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) tokens -> (B, length, ...) slots (zeros at pad slots)."""
+        if self.src is None:
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.length - x.shape[1]))
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
+        idx = self.src.view(*self.src.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, idx)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, length, ...) slots -> (B, T, ...) tokens (zeros at pads)."""
+        if self.dest is None:
+            return y[:, : self.total]
+        y = torch.cat([y, y.new_zeros(y.shape[0], 1, *y.shape[2:])], dim=1)
+        idx = self.dest.view(*self.dest.shape, *([1] * (y.dim() - 2))).expand(-1, -1, *y.shape[2:])
+        return y.gather(1, idx)
+
+
+class Memory(nn.Module):
+    """A fast model trained online by an inner optimizer, chunk by chunk (see module docstring).
+
+    forward(q, k, v, gates, mask, state) with q, k, v (B, T, H, d) and gates {name: (B, T, H)}
+    returns the read-outs (B, T, H, d). Inner arithmetic runs in float32, autocast off.
+    """
+
+    def __init__(self, fast_model: FastModel, objective: SquaredError, optimizer: InnerOptimizer,
+                 chunk_size: int, checkpoint_group: int = 0, state_prefix: str = "memory"):
+        super().__init__()
+        self.fast = fast_model
+        self.objective = objective
+        self.optimizer = optimizer
+        self.chunk_size = chunk_size
+        self.checkpoint_group = checkpoint_group
+        self.prefix = state_prefix + "."
+
+    # ------------------------------------------------------------------ state
+    def _load(self, state: dict | None, batch: int):
+        heads = self.fast.num_heads
+        if state is None or self.prefix + "n_pending" not in state:
+            params = self.fast.initial_params(batch)
+            momentum = {k: torch.zeros_like(v) for k, v in params.items()} if self.optimizer.has_momentum else None
+            return params, momentum, None, None
+        unpack = lambda key: state[key].reshape(batch * heads, *state[key].shape[2:])  # noqa: E731
+        params = {n: unpack(self.prefix + "W." + n) for n in self._param_names()}
+        momentum = {n: unpack(self.prefix + "S." + n) for n in self._param_names()} if self.optimizer.has_momentum else None
+        pending = {k[len(self.prefix + "pending.") :]: v for k, v in state.items() if k.startswith(self.prefix + "pending.")}
+        return params, momentum, pending, state[self.prefix + "n_pending"]
+
+    def _param_names(self) -> list[str]:
+        return list(self.fast.initial_params(1).keys())
+
+    def _store(self, state: dict, batch: int, params, momentum, pending: dict, n_pending) -> None:
+        for key in [k for k in state if k.startswith(self.prefix)]:
+            del state[key]
+        split = lambda t: t.detach().reshape(batch, self.fast.num_heads, *t.shape[1:])  # noqa: E731
+        for n, p in params.items():
+            state[self.prefix + "W." + n] = split(p)
+            if momentum is not None:
+                state[self.prefix + "S." + n] = split(momentum[n])
+        for n, t in pending.items():
+            state[self.prefix + "pending." + n] = t.detach()
+        state[self.prefix + "n_pending"] = n_pending
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
+                state: dict | None = None) -> torch.Tensor:
+        out_dtype = q.dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out = self._forward(q, k, v, gates, mask, state)
+        return out.to(out_dtype)
+
+    def _forward(self, q, k, v, gates, mask, state):
+        batch, new_len, heads = q.shape[:3]
+        b = self.chunk_size
+        tokens = {"q": q.float(), "k": k.float(), "v": v.float()}
+        tokens.update({"gate." + n: g.float() for n, g in gates.items()})
+        params, momentum, pending, n_pending = self._load(state, batch)
+        valid = mask
+        if pending is not None:
+            tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
+            old = torch.arange(pending["q"].shape[1], device=q.device)[None, :] < n_pending[:, None]
+            new = mask if mask is not None else torch.ones(batch, new_len, dtype=torch.bool, device=q.device)
+            valid = torch.cat([old, new], dim=1)
+        total = next(iter(tokens.values())).shape[1]
+        layout = Layout.build(valid, total, batch, b, q.device)
+        n = layout.length // b
+
+        def chunked(x):  # (B, length, H, ...) -> (B*H, n, b, ...)
+            x = layout.gather(x).transpose(1, 2)
+            return x.reshape(batch * heads, n, b, *x.shape[3:])
+
+        Q, K, V = chunked(tokens["q"]), chunked(tokens["k"]), chunked(tokens["v"])
+        G = {name: chunked(tokens["gate." + name]) for name in gates}
+        slot_valid = layout.valid[:, None].expand(batch, heads, layout.length).reshape(batch * heads, n, b)
+        coef = self.optimizer.coefficients(G, slot_valid)
+        qk = Q @ K.transpose(-1, -2)
+
+        outs = []
+        group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
+        for lo in range(0, n, group):
+            hi = min(n, lo + group)
+            run = lambda p, m, lo=lo, hi=hi: self._chunks(p, m, lo, hi, layout.n_commit, Q, K, V, qk, coef)  # noqa: E731
+            if group < n:
+                out, params, momentum = checkpoint(run, params, momentum, use_reentrant=False)
+            else:
+                out, params, momentum = run(params, momentum)
+            outs.append(out)
+        out = torch.cat(outs, dim=1)  # (B*H, n, b, d)
+        out = out.reshape(batch, heads, layout.length, -1).transpose(1, 2)
+        out = layout.scatter(out)[:, total - new_len :]
+
+        if state is not None:
+            tail = slice(layout.n_commit * b, layout.length)
+            pend = {name: layout.gather(t)[:, tail] for name, t in tokens.items()}
+            self._store(state, batch, params, momentum, pend, layout.remainder)
+        return out
+
+    def _chunks(self, params, momentum, lo, hi, n_commit, Q, K, V, qk, coef: Coefficients):
+        outs = []
+        for i in range(lo, hi):
+            out, new_params, new_momentum = self._chunk(params, momentum, Q[:, i], K[:, i], V[:, i], qk[:, i], coef.chunk(i))
+            if i < n_commit:
+                params, momentum = new_params, new_momentum
+            outs.append(out)
+        return torch.stack(outs, dim=1), params, momentum
+
+    def _chunk(self, params, momentum, q, k, v, qk, c: Coefficients):
+        """Read-outs of one chunk and the weights (and momentum) at its end."""
+        grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v))
+        by_name = {name: (x, delta) for name, x, delta in grads}
+
+        def read(name: str, xq: torch.Tensor) -> torch.Tensor:
+            x, delta = by_name[name]
+            att = qk if xq is q else xq @ x.transpose(-1, -2)
+            z = xq @ params[name]
+            bias = _bias_name(name)
+            if bias in params:
+                z = z + params[bias]
+                att = att + 1.0
+            if c.decay is not None:
+                z = c.decay[..., None] * z
+            if c.carry is not None:
+                s = xq @ momentum[name]
+                if bias in params:
+                    s = s + momentum[bias]
+                z = z + c.carry[..., None] * s
+            return z - (c.mix * att) @ delta
+
+        out = self.fast.apply(q, read)
+
+        end = c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
+        new_params, new_momentum = {}, ({} if momentum is not None else None)
+        for name, x, delta in grads:
+            updates = {name: x.transpose(-1, -2) @ (end * delta)}
+            bias = _bias_name(name)
+            if bias in params:
+                updates[bias] = (end * delta).sum(1, keepdim=True)
+            for p, upd in updates.items():
+                w = params[p]
+                if c.decay is not None:
+                    w = c.decay[:, -1, None, None] * w
+                if momentum is not None:
+                    w = w + c.carry[:, -1, None, None] * momentum[p]
+                new_params[p] = w - upd
+            if momentum is not None:
+                s_end = c.s_mix[..., None] * delta
+                s_updates = {name: x.transpose(-1, -2) @ s_end}
+                if bias in params:
+                    s_updates[bias] = s_end.sum(1, keepdim=True)
+                for p, upd in s_updates.items():
+                    new_momentum[p] = c.s_decay[:, None, None] * momentum[p] - upd
+        return out, new_params, new_momentum
+
+
+def naive_memory(memory: Memory, q, k, v, gates, mask=None):
+    """Slow reference for :class:`Memory`: per row, per real token, autograd gradients at the
+    chunk-start weights and the optimizer's per-token recurrence. Returns (outputs (B, T, H, d),
+    per row the weights committed after its last complete chunk)."""
+    fast, opt, b = memory.fast, memory.optimizer, memory.chunk_size
+    batch, length, heads = q.shape[:3]
+    outs = q.new_zeros(batch, length, heads, q.shape[-1], dtype=torch.float32)
+    committed = []
+    for row in range(batch):
+        idx = torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]
+        state = opt.naive_init(fast.initial_params(1))
+        row_out, start, last_commit = [], None, dict(state["W"])
+        for j, t in enumerate(idx.tolist()):
+            pos = j % b
+            if pos == 0:
+                if j > 0:
+                    opt.naive_chunk_end(state)
+                start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
+            kt, vt, qt = (x[row, t].float()[:, None, :] for x in (k, v, q))
+            with torch.enable_grad():
+                loss = memory.objective.loss(fast.apply(kt, fast.plain_linear(start)), vt).sum()
+                g = torch.autograd.grad(loss, list(start.values()), create_graph=True)
+            grads = dict(zip(start.keys(), g))
+            read = opt.naive_step(state, grads, {n: gates[n][row, t].float() for n in gates}, pos)
+            row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0]))
+            if pos == b - 1:
+                last_commit = dict(read)
+        for t, o in row_out:
+            outs[row, t] = o
+        committed.append(last_commit)
+    return outs, committed

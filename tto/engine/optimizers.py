@@ -1,0 +1,151 @@
+"""Inner optimizers: how per-token gradients at the chunk-start weights become the weights each
+query reads.
+
+Within a chunk of b tokens every update is linear in the gradients ``g_s = x_s^T delta_s``, so an
+optimizer is fully described by in-chunk coefficients (DESIGN.md section 3)::
+
+    W_t = decay_t * W_c + carry_t * S_c - sum_{s<=t} mix[t, s] * g_s
+    S_end = s_decay * S_c - sum_s s_mix[s] * g_s                  (momentum optimizers only)
+
+where W_c, S_c are the weights and momentum at chunk start. :meth:`coefficients` returns these
+for all chunks at once from the per-token gates; :meth:`naive_step` is the same optimizer written
+as a per-token recurrence, the reference the coefficients are tested against.
+
+Padding: the engine passes ``valid`` (False at pad slots). A pad must leave weights and momentum
+untouched, so optimizers turn its gates into the identity step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Coefficients:
+    """In-chunk coefficients; leading dims (N, n_chunks), chunk dim b last."""
+
+    mix: torch.Tensor  # (N, n, b, b), lower triangular
+    decay: torch.Tensor | None = None  # (N, n, b): coefficient of W_c in row t (None: 1)
+    carry: torch.Tensor | None = None  # (N, n, b): coefficient of S_c in row t (None: no momentum)
+    s_decay: torch.Tensor | None = None  # (N, n): momentum carried to the next chunk
+    s_mix: torch.Tensor | None = None  # (N, n, b): gradients into the next chunk's momentum
+
+    def chunk(self, i: int) -> "Coefficients":
+        pick = lambda t: None if t is None else t[:, i]  # noqa: E731
+        return Coefficients(pick(self.mix), pick(self.decay), pick(self.carry), pick(self.s_decay), pick(self.s_mix))
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = sum_{r=j+1..i} x[..., r] for j <= i, -inf above the diagonal."""
+    b = x.shape[-1]
+    lower = torch.tril(torch.ones(b, b, dtype=torch.bool, device=x.device), -1)
+    out = x[..., :, None].expand(*x.shape, b).masked_fill(~lower, 0).cumsum(-2)
+    return out.masked_fill(~torch.tril(torch.ones(b, b, dtype=torch.bool, device=x.device)), float("-inf"))
+
+
+class InnerOptimizer(nn.Module):
+    has_momentum = False
+    #: names of the per-token gates this optimizer reads
+    gate_names: tuple[str, ...] = ()
+
+    def coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor) -> Coefficients:
+        raise NotImplementedError
+
+    def naive_init(self, params: dict[str, torch.Tensor]) -> dict:
+        raise NotImplementedError
+
+    def naive_step(self, state: dict, grads: dict, gates: dict, t: int) -> dict[str, torch.Tensor]:
+        """Consume token t's gradient (t = position in its chunk); return the weights t reads."""
+        raise NotImplementedError
+
+    def naive_chunk_end(self, state: dict) -> None:
+        """Start a new chunk from the current state."""
+        raise NotImplementedError
+
+
+class MiniBatchGD(InnerOptimizer):
+    """TTT's mini-batch gradient descent with a learned position scale.
+
+    Token t of a chunk reads ``W_t = W_c - eta_t * sum_{s<=t} lr_s g_s`` with
+    ``eta_t = max(0, 1/t + offset_t)`` (``offset`` learned, init 0: the in-chunk gradient sum is
+    averaged); the next chunk starts from ``W_b``. No momentum, no forgetting.
+    Gate: ``lr`` (N, T), the per-token inner learning rate.
+    """
+
+    gate_names = ("lr",)
+
+    def __init__(self, chunk_size: int):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.token_offset = nn.Parameter(torch.empty(chunk_size))
+
+    def _tto_init(self, std: float, init) -> None:
+        init.zeros_(self.token_offset)
+
+    def position_scale(self) -> torch.Tensor:
+        base = 1.0 / torch.arange(1, self.chunk_size + 1, device=self.token_offset.device, dtype=torch.float32)
+        return (base + self.token_offset.float()).clamp_min(0.0)
+
+    def coefficients(self, gates, valid):
+        lr = gates["lr"] * valid
+        b = lr.shape[-1]
+        eta = self.position_scale()[:b]
+        mix = torch.tril(eta[:, None] * lr[..., None, :])
+        return Coefficients(mix=mix)
+
+    def naive_init(self, params):
+        return {"W": dict(params), "G": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+    def naive_step(self, state, grads, gates, t):
+        eta = self.position_scale()[t]
+        state["G"] = {k: state["G"][k] + gates["lr"][..., None, None] * grads[k] for k in grads}
+        state["read"] = {k: state["W"][k] - eta * state["G"][k] for k in grads}
+        return state["read"]
+
+    def naive_chunk_end(self, state):
+        state["W"] = state["read"]
+        state["G"] = {k: torch.zeros_like(v) for k, v in state["W"].items()}
+
+
+class MomentumGD(InnerOptimizer):
+    """Gradient descent with momentum and a forget gate (Titans eqs. 13-14)::
+
+        S_t = eta_t * S_{t-1} - lr_t * g_t          (past and momentary surprise)
+        W_t = (1 - forget_t) * W_{t-1} + S_t        (retention)
+
+    Gates (N, T): ``lr`` (theta), ``momentum`` (eta) and ``forget`` (alpha), all in [0, 1].
+    With valid = False a token is skipped: S and W stay as they are.
+    """
+
+    has_momentum = True
+    gate_names = ("lr", "momentum", "forget")
+
+    def coefficients(self, gates, valid):
+        v = valid.to(gates["lr"].dtype)
+        lr = gates["lr"] * v
+        log_keep = torch.log1p(-gates["forget"] * v)  # log(1 - alpha); 0 at pads
+        log_eta = torch.log(torch.where(valid, gates["momentum"], torch.ones_like(v)))
+        retain = torch.exp(segsum(log_keep))  # retain[i, m] = prod_{r=m+1..i} (1 - alpha_r)
+        carry_mat = torch.exp(segsum(log_eta))  # carry_mat[m, j] = prod_{r=j+1..m} eta_r
+        decay = torch.exp(log_keep.cumsum(-1))  # prod_{r<=i} (1 - alpha_r)
+        eta0 = torch.exp(log_eta.cumsum(-1))  # prod_{r<=m} eta_r
+        applied = retain * v[..., None, :]  # W_t += S_t only at real tokens
+        mix = (applied @ carry_mat) * lr[..., None, :]
+        carry = (applied @ eta0[..., None])[..., 0]
+        return Coefficients(mix=mix, decay=decay, carry=carry, s_decay=eta0[..., -1], s_mix=carry_mat[..., -1, :] * lr)
+
+    def naive_init(self, params):
+        return {"W": dict(params), "S": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+    def naive_step(self, state, grads, gates, t):
+        lr, eta, keep = (gates[k][..., None, None] for k in ("lr", "momentum", "forget"))
+        keep = 1 - keep
+        state["S"] = {k: eta * state["S"][k] - lr * grads[k] for k in grads}
+        state["W"] = {k: keep * state["W"][k] + state["S"][k] for k in grads}
+        return state["W"]
+
+    def naive_chunk_end(self, state):
+        pass
