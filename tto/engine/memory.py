@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..reference import in_reference_mode
 from .fast_models import FastModel
 from .objectives import SquaredError
 from .optimizers import Coefficients, InnerOptimizer
@@ -139,7 +140,12 @@ class Memory(nn.Module):
                 state: dict | None = None) -> torch.Tensor:
         out_dtype = q.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
-            out = self._forward(q, k, v, gates, mask, state)
+            if in_reference_mode():
+                if state is not None:
+                    raise RuntimeError("the naive reference does not keep a decoding state")
+                out = naive_memory(self, q, k, v, gates, mask)[0]
+            else:
+                out = self._forward(q, k, v, gates, mask, state)
         return out.to(out_dtype)
 
     def _forward(self, q, k, v, gates, mask, state):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Context
+from ..reference import in_reference_mode
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -36,6 +37,25 @@ def attention_mask(
     # a pad query may see nothing; let it see everything so softmax stays finite (its output is unused)
     allowed = allowed | ~allowed.any(-1, keepdim=True)
     return allowed[:, None]
+
+
+def naive_attention(q, k, v, q_pos, k_pos, k_valid, n_cached: int, window: int | None) -> torch.Tensor:
+    """Reference softmax attention with the mask spelled out, one query at a time."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.zeros_like(q)
+    for t in range(q.shape[2]):
+        for row in range(q.shape[0]):
+            keep = torch.arange(k.shape[2]) <= n_cached + t
+            if k_valid is not None:
+                keep &= k_valid[row].cpu()
+            if window is not None:
+                keep &= (q_pos[row, t] - k_pos[row]).cpu() < window
+            if not keep.any():
+                keep[:] = True
+            scores = (k[row][:, keep] @ q[row, :, t, :, None])[..., 0] / q.shape[-1] ** 0.5
+            out[row, :, t] = (scores.softmax(-1)[..., None] * v[row][:, keep]).sum(1)
+    return out
 
 
 class Attention(nn.Module):
@@ -83,7 +103,9 @@ class Attention(nn.Module):
             state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
         mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window)
         gqa = self.num_kv_heads != self.num_heads
-        if mask is None:
+        if in_reference_mode():
+            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window)
+        elif mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

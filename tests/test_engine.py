@@ -1,0 +1,223 @@
+"""The memory engine against its references: the dual-form scan vs the per-token autograd loop,
+hand-written backward passes vs autograd, optimizer coefficients vs their recurrences, and the
+reductions to known rules (per-token GD, the delta rule).
+
+Tolerances: fp32 with O(10) accumulated matmuls of unit-scale values gives ~1e-6 agreement; we
+allow 2e-5 (absolute on outputs of scale ~1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import initialization as init
+
+from tto.engine import ACTIVATIONS, MiniBatchGD, MLPMemory, Memory, MomentumGD, SquaredError, naive_memory
+from tto.engine.fast_models import layer_norm_backward
+from tto.engine.optimizers import segsum
+
+ATOL = 2e-5
+
+
+def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim: int = 8, residual_norm=True,
+                activation="gelu_tanh", seed=0) -> Memory:
+    torch.manual_seed(seed)
+    fast = MLPMemory(heads, dim, depth=depth, expansion=2, residual_norm=residual_norm, activation=activation)
+    fast._tto_init(0.02, init)
+    with torch.no_grad():  # move away from the trivial init so every term matters
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    if optimizer == "gd":
+        opt = MiniBatchGD(chunk)
+        opt._tto_init(0.02, init)
+        with torch.no_grad():
+            opt.token_offset.add_(torch.randn(chunk) * 0.1)
+    else:
+        opt = MomentumGD()
+    return Memory(fast, SquaredError(1.0), opt, chunk)
+
+
+def make_inputs(batch=3, length=11, heads=2, dim=8, optimizer="gd", seed=1, requires_grad=False, max_lr=0.5):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, length, heads, dim, generator=g, requires_grad=requires_grad) for _ in range(3))
+    gates = {"lr": torch.rand(batch, length, heads, generator=g) * max_lr}
+    if optimizer == "momentum":
+        gates["momentum"] = torch.rand(batch, length, heads, generator=g) * 0.9
+        gates["forget"] = torch.rand(batch, length, heads, generator=g) * 0.2
+    return q, k, v, gates
+
+
+CASES = [(d, o, n, a) for d in (1, 2) for o in ("gd", "momentum") for n in (True, False) for a in ("gelu_tanh", "silu")
+         if not (d == 1 and a == "silu")]
+
+
+@pytest.mark.parametrize("depth,optimizer,residual_norm,activation", CASES)
+def test_scan_matches_naive(depth, optimizer, residual_norm, activation):
+    mem = make_memory(depth, optimizer, residual_norm=residual_norm, activation=activation)
+    # without the normalizing wrapper, large steps on |k|^2 ~ 8 diverge; keep the weights O(1)
+    q, k, v, gates = make_inputs(optimizer=optimizer, max_lr=0.5 if residual_norm else 0.05)
+    out = mem(q, k, v, gates)
+    ref, _ = naive_memory(mem, q, k, v, gates)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "momentum"])
+def test_scan_padding_and_streaming_match_naive(optimizer):
+    """Left padding, and the same sequence fed in pieces (prefill + single tokens + a block
+    crossing a chunk boundary), give the naive outputs and the naive committed weights."""
+    mem = make_memory(2, optimizer)
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=13)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[1, :6] = False
+    out = mem(q, k, v, gates, mask)
+    ref, committed = naive_memory(mem, q, k, v, gates, mask)
+    torch.testing.assert_close(out * mask[..., None, None], ref, atol=ATOL, rtol=0)
+
+    state: dict = {}
+    pieces = [(0, 5), (5, 6), (6, 7), (7, 12), (12, 13)]
+    outs = [mem(*(x[:, a:b] for x in (q, k, v)), {n: g[:, a:b] for n, g in gates.items()}, mask[:, a:b], state)
+            for a, b in pieces]
+    torch.testing.assert_close(torch.cat(outs, 1) * mask[..., None, None], ref, atol=ATOL, rtol=0)
+    for row in range(3):
+        for name, w in committed[row].items():
+            torch.testing.assert_close(state["memory.W." + name][row], w, atol=ATOL, rtol=0)
+    real = mask.sum(1)
+    assert state["memory.n_pending"].tolist() == (real % mem.chunk_size).tolist()
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "momentum"])
+def test_scan_gradients_match_naive(optimizer):
+    """Outer gradients (inputs, gates and the learned initial weights) flow through the inner
+    updates identically in the fast and the naive form."""
+    mem = make_memory(2, optimizer)
+    q, k, v, gates = make_inputs(optimizer=optimizer, requires_grad=True)
+    for g in gates.values():
+        g.requires_grad_(True)
+    leaves = [q, k, v, *gates.values(), *mem.parameters()]
+    w = torch.randn(3, 11, 2, 8)
+    fast = torch.autograd.grad((mem(q, k, v, gates) * w).sum(), leaves, allow_unused=True)
+    naive = torch.autograd.grad((naive_memory(mem, q, k, v, gates)[0] * w).sum(), leaves, allow_unused=True)
+    for a, b in zip(fast, naive):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_groups_do_not_change_results():
+    mem = make_memory(2, "momentum")
+    q, k, v, gates = make_inputs(optimizer="momentum", length=17, requires_grad=True)
+    out = mem(q, k, v, gates)
+    g1 = torch.autograd.grad(out.square().sum(), [q, *mem.parameters()])
+    mem.checkpoint_group = 2
+    out2 = mem(q, k, v, gates)
+    g2 = torch.autograd.grad(out2.square().sum(), [q, *mem.parameters()])
+    torch.testing.assert_close(out, out2, atol=0, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_derivatives_match_autograd(name):
+    fn, grad = ACTIVATIONS[name]
+    z = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_(True)
+    (auto,) = torch.autograd.grad(fn(z).sum(), z)
+    torch.testing.assert_close(grad(z.detach()), auto, atol=1e-10, rtol=1e-10)
+
+
+def test_layer_norm_backward_matches_autograd():
+    x = torch.randn(4, 5, 16, dtype=torch.float64, requires_grad=True)
+    gamma, beta, dy = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64), torch.randn(4, 5, 16, dtype=torch.float64)
+    y = torch.nn.functional.layer_norm(x, (16,), gamma, beta, eps=1e-6)
+    (auto,) = torch.autograd.grad((y * dy).sum(), x)
+    mu, std = x.mean(-1, keepdim=True), torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-6)
+    torch.testing.assert_close(layer_norm_backward(dy, ((x - mu) / std).detach(), std.detach(), gamma), auto)
+
+
+def test_segsum_is_sum_over_interval():
+    x = torch.randn(2, 6, dtype=torch.float64)
+    out = segsum(x)
+    for i in range(6):
+        for j in range(6):
+            expect = x[:, j + 1 : i + 1].sum(-1) if j <= i else torch.full((2,), float("-inf"), dtype=torch.float64)
+            torch.testing.assert_close(out[:, i, j], expect)
+
+
+def test_momentum_coefficients_match_recurrence():
+    """Unrolled chunk coefficients equal stepping S and W token by token (scalar weights)."""
+    g = torch.Generator().manual_seed(3)
+    b = 6
+    gates = {"lr": torch.rand(1, 1, b, generator=g), "momentum": torch.rand(1, 1, b, generator=g),
+             "forget": torch.rand(1, 1, b, generator=g) * 0.5}
+    valid = torch.tensor([[[True, True, False, True, True, True]]])
+    c = MomentumGD().coefficients(gates, valid)
+    grads, w0, s0 = torch.randn(b, generator=g, dtype=torch.float32), 0.7, -0.3
+    w, s = torch.tensor(w0), torch.tensor(s0)
+    for t in range(b):
+        if valid[0, 0, t]:
+            s = gates["momentum"][0, 0, t] * s - gates["lr"][0, 0, t] * grads[t]
+            w = (1 - gates["forget"][0, 0, t]) * w + s
+        unrolled = c.decay[0, 0, t] * w0 + c.carry[0, 0, t] * s0 - (c.mix[0, 0, t] * grads).sum()
+        torch.testing.assert_close(unrolled, w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c.s_decay[0, 0] * s0 - (c.s_mix[0, 0] * grads).sum(), s, atol=1e-6, rtol=0)
+
+
+def test_chunk_one_gd_is_per_token_gradient_descent():
+    """Chunk size 1: every token takes a plain GD step (eta = 1) before it is read."""
+    mem = make_memory(1, "gd", chunk=1, residual_norm=False)
+    with torch.no_grad():
+        mem.optimizer.token_offset.zero_()
+    q, k, v, gates = make_inputs(batch=1, length=5, heads=1, optimizer="gd")
+    mem.fast = MLPMemory(1, 8, depth=1, residual_norm=False)
+    mem.fast._tto_init(0.02, init)
+    out = mem(q, k, v, gates)
+    W, b = mem.fast.W1[0].detach().clone(), mem.fast.b1[0].detach().clone()
+    for t in range(5):
+        kt, vt, lr = k[0, t, 0], v[0, t, 0], gates["lr"][0, t, 0]
+        err = kt @ W + b[0] - vt
+        W, b = W - lr * torch.outer(kt, err), b - lr * err
+        torch.testing.assert_close(out[0, t, 0], q[0, t, 0] @ W + b[0], atol=1e-6, rtol=0)
+
+
+def test_linear_memory_chunk_one_is_delta_rule():
+    """Linear memory, no momentum or forgetting, chunk 1, loss ||Wk - v||^2 (scale 2):
+    the delta rule S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T with beta = 2 * lr."""
+    torch.manual_seed(0)
+    fast = MLPMemory(1, 6, depth=1, bias=False, residual_norm=False)
+    fast._tto_init(0.02, init)
+    mem = Memory(fast, SquaredError(2.0), MomentumGD(), chunk_size=1)
+    # beta * |k|^2 < 2 keeps the rule contractive (|k|^2 ~ 6 here)
+    q, k, v, gates = make_inputs(batch=1, length=7, heads=1, dim=6, optimizer="momentum", max_lr=0.1)
+    gates["momentum"].zero_()
+    gates["forget"].zero_()
+    out = mem(q, k, v, gates)
+    S = fast.W1[0].detach().clone()
+    for t in range(7):
+        beta = 2 * gates["lr"][0, t, 0]
+        kt, vt = k[0, t, 0], v[0, t, 0]
+        S = S + beta * torch.outer(kt, vt - S.T @ kt)
+        torch.testing.assert_close(out[0, t, 0], S.T @ q[0, t, 0], atol=1e-5, rtol=0)
+
+
+def test_zero_lr_reads_initial_weights():
+    mem = make_memory(2, "momentum")
+    q, k, v, gates = make_inputs(optimizer="momentum")
+    gates["lr"].zero_()
+    out = mem(q, k, v, gates)
+    params = mem.fast.initial_params(1)
+    expect = torch.stack([mem.fast.apply(q[i].transpose(0, 1), mem.fast.plain_linear(params)).transpose(0, 1)
+                          for i in range(3)])
+    # forgetting still shrinks the initial weights, so compare with forget = 0
+    gates["forget"].zero_()
+    torch.testing.assert_close(mem(q, k, v, gates), expect, atol=1e-6, rtol=0)
+    assert out.shape == expect.shape
+
+
+def test_inner_state_is_float32_under_bf16_autocast():
+    mem = make_memory(2, "momentum")
+    q, k, v, gates = make_inputs(optimizer="momentum")
+    state: dict = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mem(q.bfloat16(), k.bfloat16(), v.bfloat16(), gates, state=state)
+    assert out.dtype == torch.bfloat16
+    fast_weights = [t for key, t in state.items() if ".W." in key or ".S." in key]
+    assert fast_weights and all(t.dtype == torch.float32 for t in fast_weights)
