@@ -1,0 +1,237 @@
+"""DESIGN.md section 4: the invariants every registered type and variant must pass.
+
+Parametrized from the registry: a new entry is tested by registering it (with a ``tiny`` preset
+for any of its own fields that must be small). Each memory type also runs as a hybrid with an
+attention layer below it.
+
+Tolerances: the models are tiny and fp32; two mathematically equal evaluation orders agree to
+~1e-6 on logits of scale ~1, so 2e-5 (absolute) separates rounding from bugs.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tto
+from tto.engine import Memory
+from tto.reference import reference_mode
+
+ATOL = 2e-5
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+LENGTH = 13  # not a multiple of any tiny chunk size
+
+
+def _cases():
+    cases = []
+    for name, entry in ((n, tto.get(n)) for n in tto.available()):
+        for variant, fields in entry.variant_configs():
+            cases.append(pytest.param(name, fields, id=f"{name}-{variant}" if variant else name))
+        if name != "transformer":
+            variant, fields = entry.variant_configs()[0]
+            fields = {**fields, "layer_types": ["transformer", name]}
+            cases.append(pytest.param(name, fields, id=f"{name}-{variant or ''}-hybrid"))
+    return cases
+
+
+CASES = _cases()
+
+
+def build(name: str, fields: dict, seed: int = 0, **extra):
+    entry = tto.get(name)
+    values = {**SIZES, **entry.presets.get("tiny", {}), **fields, **extra}
+    torch.manual_seed(seed)
+    return entry.model_class(tto.build_config(name, **values)).eval()
+
+
+def has_memory(model) -> bool:
+    return any(isinstance(m, Memory) for m in model.modules())
+
+
+def tokens(batch=2, length=LENGTH, seed=1):
+    return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_causality(name, fields):
+    model = build(name, fields)
+    x = tokens()
+    cut = 6
+    y = x.clone()
+    y[:, cut:] = torch.randint(0, SIZES["vocab_size"], y[:, cut:].shape)
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :cut], b[:, :cut], atol=ATOL, rtol=0)
+    assert (a[:, cut:] - b[:, cut:]).abs().max() > 1e-3  # the perturbation is visible after the cut
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_fast_path_matches_reference(name, fields):
+    """Logits and parameter gradients of the fast path equal the naive per-token references."""
+    model = build(name, fields).train()
+    x = tokens()
+    out = model(x, labels=x)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    with reference_mode():
+        ref = model(x, labels=x)
+        ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4, msg=lambda m, p=pname: f"{p}: {m}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name,fields", CASES)
+def test_padding(name, fields, side):
+    """A padded row gives, at its real tokens, the logits of the same tokens unpadded."""
+    model = build(name, fields)
+    x = tokens()
+    real = 8
+    short = x[1, :real]
+    padded = x.clone()
+    mask = torch.ones_like(x)
+    if side == "left":
+        padded[1, : LENGTH - real], padded[1, LENGTH - real :] = 0, short
+        mask[1, : LENGTH - real] = 0
+    else:
+        padded[1, real:] = 0
+        mask[1, real:] = 0
+    with torch.no_grad():
+        batch = model(padded, attention_mask=mask).logits
+        alone = model(short[None]).logits[0]
+        full_row = model(x[:1]).logits[0]
+    got = batch[1, LENGTH - real :] if side == "left" else batch[1, :real]
+    torch.testing.assert_close(got, alone, atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch[0], full_row, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_cached_decode_matches_full_forward(name, fields):
+    """Prefill, then pieces crossing chunk boundaries and single tokens, with the cache, give the
+    logits of one forward over the whole sequence."""
+    model = build(name, fields)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        cache, pieces = None, []
+        for a, b in [(0, 5), (5, 9), *[(t, t + 1) for t in range(9, LENGTH)]]:
+            out = model(x[:, a:b], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=ATOL, rtol=0)
+    assert cache.get_seq_length() == LENGTH
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_generate_with_cache_equals_recompute(name, fields):
+    model = build(name, fields)
+    prompt = tokens(length=7)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=9, do_sample=False, min_new_tokens=9)
+        seq = prompt
+        for _ in range(9):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(cached, seq)
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_left_padded_batch_generate(name, fields):
+    """Batched generation with left padding gives each row the tokens it gets alone."""
+    model = build(name, fields)
+    x = tokens(length=9)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    x[1, :3] = 0
+    with torch.no_grad():
+        both = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        alone = model.generate(x[1:, 3:], max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(both[1, 9:], alone[0, 6:])
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_gradients_reach_every_parameter(name, fields):
+    model = build(name, fields).train()
+    x = tokens()
+    model(x, labels=x).loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} gets no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} gets a zero gradient"
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_save_load_roundtrip(name, fields, tmp_path):
+    model = build(name, fields)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name,fields", [c for c in CASES if has_memory(build(c.values[0], c.values[1]))])
+def test_inner_state_stays_float32_under_bf16(name, fields):
+    model = build(name, fields)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model(tokens(), use_cache=True).past_key_values
+    fast_weights = [t for state in cache.states for key, t in state.items() if ".W." in key or ".S." in key]
+    assert fast_weights, "a memory model must keep fast weights in its cache"
+    assert all(t.dtype == torch.float32 for t in fast_weights)
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_deterministic_under_seed(name, fields):
+    a, b = build(name, fields, seed=5), build(name, fields, seed=5)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+    c = build(name, fields, seed=6)
+    with torch.no_grad():
+        assert not torch.equal(a(x).logits, c(x).logits)
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_batch_rows_are_independent(name, fields):
+    model = build(name, fields)
+    x = tokens(batch=3)
+    with torch.no_grad():
+        batch = model(x).logits
+        for i in range(3):
+            torch.testing.assert_close(batch[i], model(x[i : i + 1]).logits[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(tto.available()))
+def test_config_errors_name_the_problem(name):
+    entry = tto.get(name)
+    field = sorted(entry.config_class.field_names())[0]
+    with pytest.raises(ValueError, match=f"did you mean '{field}'"):
+        tto.build_config(name, **{field + "x": 1})
+    with pytest.raises(ValueError, match="hidden_size"):
+        tto.build_config(name, hidden_size=0)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        tto.build_config(name, hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="layer_types"):
+        tto.build_config(name, num_hidden_layers=2, layer_types=["transformer", "nope"])
+    if entry.variants:
+        with pytest.raises(ValueError, match=str(list(sorted(entry.variants)))[1:-1].split(",")[0]):
+            tto.build_config(name, variant=entry.variants[0] + "z")
+
+
+def test_unknown_type_suggests_and_lists():
+    with pytest.raises(ValueError, match="did you mean 'transformer'.*registered types"):
+        tto.build_config("transfomer")
+
+
+def test_available_lists_every_registered_variant():
+    avail = tto.available()
+    assert "transformer" in avail
+    for name, variants in avail.items():
+        entry = tto.get(name)
+        assert variants == entry.variants
+        assert entry.config_class.model_type == f"tto_{name}"
+        assert entry.paper, f"{name} must cite its paper"
