@@ -1,8 +1,9 @@
 """DESIGN.md section 4: the invariants every registered type and variant must pass.
 
 Parametrized from the registry: a new entry is tested by registering it (with a ``tiny`` preset
-for any of its own fields that must be small). Each memory type also runs as a hybrid with an
-attention layer below it.
+for any of its own fields that must be small). Every variant runs; so does every preset named
+``tiny-*`` (an entry's way to put other wirings, e.g. TTT's Mamba backbone, under the same
+invariants), and each memory type runs as a hybrid with an attention layer below it.
 
 Tolerances: the models are tiny and fp32; two mathematically equal evaluation orders agree to
 ~1e-6 on logits of scale ~1, so 2e-5 (absolute) separates rounding from bugs.
@@ -29,6 +30,9 @@ def _cases():
     for name, entry in ((n, tto.get(n)) for n in tto.available()):
         for variant, fields in entry.variant_configs():
             cases.append(pytest.param(name, fields, id=f"{name}-{variant}" if variant else name))
+        for preset, fields in entry.presets.items():
+            if preset.startswith("tiny-"):
+                cases.append(pytest.param(name, fields, id=f"{name}-{preset}"))
         if name != "transformer":
             variant, fields = entry.variant_configs()[0]
             fields = {**fields, "layer_types": ["transformer", name]}

@@ -18,3 +18,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by frequency i (the GPT-J / JAX convention, used by
+    TTT's reference). x (B, T, H, D); cos/sin (B, T, D) as from :func:`rope_cos_sin`."""
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, :, None, :half].to(x.dtype), sin[:, :, None, :half].to(x.dtype)
+    pairs = x.unflatten(-1, (half, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)

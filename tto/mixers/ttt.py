@@ -1,0 +1,141 @@
+"""TTT-Linear and TTT-MLP: "Learning to (Learn at Test Time): RNNs with Expressive Hidden States"
+(Sun et al., arXiv:2407.04620), following the official PyTorch reference
+(test-time-training/ttt-lm-pytorch, ``ttt.py``).
+
+The hidden state is a per-head fast model ``f(x) = x + LN(g(x))``, with ``g`` linear (TTT-Linear)
+or a 2-layer GELU MLP of width 4 * head_dim (TTT-MLP). Reading a token is one step of mini-batch
+gradient descent on the self-supervised loss ``1/2 ||f(k_t) - v_t||^2``, then ``z_t = f(q_t)``:
+
+* views: q, k, v are linear maps of the block input x (``share_qk``: one projection for q and k,
+  followed by a separate short causal conv for each), RoPE on q and k with positions taken modulo
+  the mini-batch size;
+* inner learning rate: ``lr_t = ttt_base_lr * sigmoid(x_t . w_h + b_h) / head_dim`` per head;
+* mini-batches of ``mini_batch_size`` tokens, gradients at the mini-batch start weights, token t
+  of a mini-batch reading ``W_t = W_0 - eta_t * sum_{s<=t} lr_s * grad_s`` with the learned
+  position scale ``eta_t = max(0, 1/t + learnable_token_idx_t)``
+  (:class:`tto.engine.MiniBatchGD`), computed in the dual form by the shared engine;
+* output: ``o_proj(gate(LayerNorm(z)))`` with the optional gate ``gelu_tanh(g_proj(x)) * .``.
+
+The Mamba-style backbone of the paper (``share_qk``, ``use_gate``, ``pre_conv``) is a set of config
+flags; ``pre_conv`` is the backbone's conv branch (:class:`tto.modeling.ConvBranch`).
+
+Differences from the reference: decoding works from any position (the reference's cache raises
+"fractional update not supported" mid-mini-batch) and padded tokens are masked out of the inner
+updates (the reference lets left padding enter the state).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import Context
+from ..config import TTOConfig, config_error
+from ..engine import MiniBatchGD, MLPMemory, Memory, SquaredError
+from ..layers.conv import ShortConv
+from ..layers.rope import apply_rope_interleaved, rope_cos_sin
+from ..registry import register
+
+#: TTT_STANDARD_CONFIGS of the reference
+TTT_PRESETS = {
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
+    "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+    "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=32),
+    # small mini-batches so a few tokens cross several mini-batch boundaries (tests, smoke runs)
+    "tiny": dict(mini_batch_size=4),
+    # the paper's Mamba backbone (shared q/k + convs, output gate, pre-conv branch) on TTT-MLP
+    "tiny-mamba-mlp": dict(mini_batch_size=4, ttt_layer_type="mlp", share_qk=True, use_gate=True, pre_conv=True),
+}
+
+
+class TTTConfig(TTOConfig):
+    """TTT fields, named as in the reference's ``TTTConfig`` (its defaults are the 1B model's)."""
+
+    model_type: ClassVar[str] = "tto_ttt"
+    choices: ClassVar[dict[str, tuple]] = {**TTOConfig.choices, "ttt_layer_type": ("linear", "mlp")}
+    variant_field: ClassVar[str] = "ttt_layer_type"
+    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("mini_batch_size", "pretraining_tp")
+
+    hidden_size: int = 2048
+    intermediate_size: int = 5504
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32  # TTT heads: the fast model of each head is head_dim wide
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    ttt_layer_type: str = "linear"  # "linear": TTT-Linear; "mlp": TTT-MLP
+    ttt_base_lr: float = 1.0  # scale of the inner learning rate (the paper uses 1.0 Linear, 0.1 MLP)
+    mini_batch_size: int = 16  # tokens per inner gradient step (b)
+    share_qk: bool = False  # one projection for q and k, then a separate short conv for each (Mamba backbone)
+    use_gate: bool = False  # output gate gelu_tanh(g_proj(x)) * z (Mamba backbone)
+    scan_checkpoint_group_size: int = 0  # mini-batches per activation-checkpoint group in training (0: none)
+    ttt_norm_eps: float = 1e-6  # epsilon of the LayerNorm inside the fast model
+    post_norm_eps: float = 1e-6  # epsilon of the LayerNorm on the TTT output
+    pretraining_tp: int = 1  # accepted for compatibility with the reference; tto has no tensor-parallel slicing
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pretraining_tp != 1:
+            raise config_error("pretraining_tp", self.pretraining_tp, "only 1 is supported (it changes no math)")
+        if self.scan_checkpoint_group_size < 0:
+            raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
+
+
+@register("ttt", config=TTTConfig, presets=TTT_PRESETS, paper="arXiv:2407.04620 (Sun et al., 2024)")
+class TTTMixer(nn.Module):
+    """TTT layer: x (B, T, hidden) -> (B, T, hidden)."""
+
+    def __init__(self, config: TTTConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.mini_batch_size = config.mini_batch_size
+        self.base_lr = config.ttt_base_lr
+        self.rope_theta = config.rope_theta
+        width = config.hidden_size
+
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.k_proj = None if config.share_qk else nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+        if config.share_qk:
+            self.conv_q = ShortConv(width, config.conv_kernel)
+            self.conv_k = ShortConv(width, config.conv_kernel)
+        # inner learning-rate gate: one linear map of x to a scalar per head
+        self.lr_gate_weight = nn.Parameter(torch.empty(self.num_heads, width))
+        self.lr_gate_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.g_proj = nn.Linear(width, width, bias=False) if config.use_gate else None
+        self.post_norm = nn.LayerNorm(width, eps=config.post_norm_eps)
+
+        depth = {"linear": 1, "mlp": 2}[config.ttt_layer_type]
+        fast = MLPMemory(self.num_heads, self.head_dim, depth=depth, expansion=4, activation="gelu_tanh",
+                         bias=True, residual_norm=True, norm_eps=config.ttt_norm_eps, init_std=config.initializer_range)
+        self.memory = Memory(fast, SquaredError(1.0), MiniBatchGD(config.mini_batch_size), config.mini_batch_size,
+                             checkpoint_group=config.scan_checkpoint_group_size)
+
+    def _tto_init(self, std: float, init) -> None:
+        init.normal_(self.lr_gate_weight, mean=0.0, std=std)
+        init.zeros_(self.lr_gate_bias)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
+        b, t, width = x.shape
+        heads = (b, t, self.num_heads, self.head_dim)
+        if self.k_proj is None:
+            shared = self.q_proj(x)
+            q, k = self.conv_q(shared, ctx.mask, state, "conv_q"), self.conv_k(shared, ctx.mask, state, "conv_k")
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        q, k, v = q.view(heads), k.view(heads), self.v_proj(x).view(heads)
+        cos, sin = rope_cos_sin(ctx.positions % self.mini_batch_size, self.head_dim, self.rope_theta)
+        q, k = apply_rope_interleaved(q, cos, sin), apply_rope_interleaved(k, cos, sin)
+
+        lr = self.base_lr * torch.sigmoid(x @ self.lr_gate_weight.T + self.lr_gate_bias) / self.head_dim
+        z = self.memory(q, k, v, {"lr": lr}, ctx.mask, state).reshape(b, t, width)
+
+        z = self.post_norm(z)
+        if self.g_proj is not None:
+            z = F.gelu(self.g_proj(x), approximate="tanh") * z
+        return self.o_proj(z)
