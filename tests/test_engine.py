@@ -12,7 +12,7 @@ import torch
 from transformers import initialization as init
 
 from tto.engine import ACTIVATIONS, MiniBatchGD, MLPMemory, Memory, MomentumGD, SquaredError, naive_memory
-from tto.engine.fast_models import layer_norm_backward
+from tto.engine.fast_models import layer_norm, layer_norm_backward
 from tto.engine.optimizers import segsum
 
 ATOL = 2e-5
@@ -117,20 +117,29 @@ def test_checkpoint_groups_do_not_change_results():
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
-def test_activation_derivatives_match_autograd(name):
-    fn, grad = ACTIVATIONS[name]
+def test_activation_backward_matches_autograd(name):
+    fn, backward = ACTIVATIONS[name]
     z = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_(True)
-    (auto,) = torch.autograd.grad(fn(z).sum(), z)
-    torch.testing.assert_close(grad(z.detach()), auto, atol=1e-10, rtol=1e-10)
+    g = torch.randn(101, dtype=torch.float64)
+    (auto,) = torch.autograd.grad((fn(z) * g).sum(), z)
+    torch.testing.assert_close(backward(g, z.detach()), auto, atol=1e-10, rtol=1e-10)
 
 
-def test_layer_norm_backward_matches_autograd():
-    x = torch.randn(4, 5, 16, dtype=torch.float64, requires_grad=True)
-    gamma, beta, dy = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64), torch.randn(4, 5, 16, dtype=torch.float64)
-    y = torch.nn.functional.layer_norm(x, (16,), gamma, beta, eps=1e-6)
-    (auto,) = torch.autograd.grad((y * dy).sum(), x)
-    mu, std = x.mean(-1, keepdim=True), torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-6)
-    torch.testing.assert_close(layer_norm_backward(dy, ((x - mu) / std).detach(), std.detach(), gamma), auto)
+def test_layer_norm_backward_matches_autograd_twice():
+    """The fused LN backward and its own derivative (needed for outer gradients) match autograd."""
+    z = torch.randn(4, 5, 16, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(4, 5, 16, dtype=torch.float64, requires_grad=True)
+    out, saved = layer_norm(z, 1e-6)
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(z, (16,), eps=1e-6))
+    (auto,) = torch.autograd.grad((torch.nn.functional.layer_norm(z, (16,), eps=1e-6) * dout).sum(), z,
+                                  create_graph=True)
+    fused = layer_norm_backward(dout, saved)
+    torch.testing.assert_close(fused, auto)
+    w = torch.randn(4, 5, 16, dtype=torch.float64)
+    second_auto = torch.autograd.grad((auto * w).sum(), [z, dout])
+    second_fused = torch.autograd.grad((fused * w).sum(), [z, dout])
+    for a, b in zip(second_fused, second_auto):
+        torch.testing.assert_close(a, b)
 
 
 def test_segsum_is_sum_over_interval():

@@ -13,7 +13,6 @@ Fast weights are tensors of shape (N, ...) with N = batch x heads; the model's o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -23,35 +22,28 @@ from torch import nn
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
-    c = math.sqrt(2.0 / math.pi)
-    t = torch.tanh(c * (z + 0.044715 * z**3))
-    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
-
-
-def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
-    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    return cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-
-
-def _silu_grad(z: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
-
-
-#: activation name -> (function, derivative); derivatives are checked against autograd in the tests
+#: activation name -> (function, backward(g, z) = g * function'(z)); fused ATen backward kernels,
+#: themselves differentiable, so outer gradients flow through the hand-written inner backward
 ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
-    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad),
-    "gelu": (F.gelu, _gelu_grad),
-    "silu": (F.silu, _silu_grad),
-    "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"),
+                  lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh")),
+    "gelu": (F.gelu, lambda g, z: torch.ops.aten.gelu_backward(g, z)),
+    "silu": (F.silu, torch.ops.aten.silu_backward),
+    "relu": (F.relu, lambda g, z: g * (z > 0).to(g.dtype)),
 }
 
 
-def layer_norm_backward(dy: torch.Tensor, xhat: torch.Tensor, std: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """d loss / d x for y = gamma * xhat + beta, xhat = (x - mean) / std over the last dim."""
-    g = dy * gamma
-    return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / std
+def layer_norm(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, tuple]:
+    """Affine-free LayerNorm over the last dim, and what its backward needs (fused kernels)."""
+    out, mean, rstd = torch.native_layer_norm(z, (z.shape[-1],), None, None, eps)
+    return out, (z, mean, rstd)
+
+
+def layer_norm_backward(dout: torch.Tensor, saved: tuple) -> torch.Tensor:
+    """d loss / d z from d loss / d LN(z); twice differentiable (ATen's LayerNorm double backward)."""
+    z, mean, rstd = saved
+    return torch.ops.aten.native_layer_norm_backward(dout, z, (z.shape[-1],), mean, rstd, None, None,
+                                                     (True, False, False))[0]
 
 
 class FastModel(nn.Module):
@@ -65,8 +57,16 @@ class FastModel(nn.Module):
         batch, float32, shapes (batch * heads, ...)."""
         raise NotImplementedError
 
-    def apply(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+    def core(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        """The part of f that holds fast weights, with linear layers given by `linear`."""
         raise NotImplementedError
+
+    def wrap(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The rest of f (no fast weights): f(x) = wrap(x, core(x, linear))."""
+        return h
+
+    def apply(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        return self.wrap(x, self.core(x, linear))
 
     def forward_backward(self, params: dict, x: torch.Tensor, dloss: Callable) -> list[tuple]:
         """Forward `x` at `params`, then backward ``dloss(y)``: [(name, input, delta)] per layer."""
@@ -88,7 +88,7 @@ class MLPMemory(FastModel):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown fast-model activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
         self.num_heads, self.dim, self.depth = num_heads, dim, depth
-        self.act, self.act_grad = ACTIVATIONS[activation]
+        self.act, self.act_backward = ACTIVATIONS[activation]
         self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std
         dims = [dim] + [dim * expansion] * (depth - 1) + [dim]
         self.weight_names = tuple(f"W{i + 1}" for i in range(depth))
@@ -124,19 +124,23 @@ class MLPMemory(FastModel):
         return (self.norm_weight.float().repeat(reps, 1)[:, None], self.norm_bias.float().repeat(reps, 1)[:, None])
 
     def _layer_norm(self, z: torch.Tensor):
-        mu = z.mean(-1, keepdim=True)
-        std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + self.norm_eps)
-        xhat = (z - mu) / std
+        """Per-head LN(z) = gamma * normalize(z) + beta, and what its backward needs."""
+        out, saved = layer_norm(z, self.norm_eps)
         gamma, beta = self._norm_affine(z.shape[0])
-        return gamma * xhat + beta, xhat, std, gamma
+        return gamma * out + beta, (saved, gamma)
 
-    def apply(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
-        """f(x) for x (N, T, dim) with the given linear read-out."""
+    def core(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        """g(x) for x (N, T, dim) with the given linear read-out."""
         h = x
         for i, name in enumerate(self.weight_names):
             h = linear(name, h)
             if i < self.depth - 1:
                 h = self.act(h)
+        return h
+
+    def wrap(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """f(x) from g(x): ``x + LN(g(x))`` or ``g(x)``. It holds no fast weights, so the engine
+        applies it once to all read-outs instead of chunk by chunk."""
         return x + self._layer_norm(h)[0] if self.residual_norm else h
 
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
@@ -159,8 +163,8 @@ class MLPMemory(FastModel):
             pre.append(z)
             h = self.act(z) if i < self.depth - 1 else z
         if self.residual_norm:
-            y, xhat, std, gamma = self._layer_norm(h)
-            g = layer_norm_backward(dloss(x + y), xhat, std, gamma)
+            y, (saved, gamma) = self._layer_norm(h)
+            g = layer_norm_backward(dloss(x + y) * gamma, saved)
         else:
             g = dloss(h)
         grads = []
@@ -168,5 +172,5 @@ class MLPMemory(FastModel):
             name = self.weight_names[i]
             grads.append((name, inputs[i], g))
             if i > 0:
-                g = (g @ params[name].transpose(-1, -2)) * self.act_grad(pre[i - 1])
+                g = self.act_backward(g @ params[name].transpose(-1, -2), pre[i - 1])
         return grads[::-1]

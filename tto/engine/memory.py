@@ -172,19 +172,24 @@ class Memory(nn.Module):
         G = {name: chunked(tokens["gate." + name]) for name in gates}
         slot_valid = layout.valid[:, None].expand(batch, heads, layout.length).reshape(batch * heads, n, b)
         coef = self.optimizer.coefficients(G, slot_valid)
+        # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
+        # does not depend on the weights, so it is built for all chunks at once
         qk = Q @ K.transpose(-1, -2)
+        if _bias_name(self.fast.weight_names[0]) in params:
+            qk = qk + 1.0
+        mixed_qk = coef.mix * qk
 
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
             hi = min(n, lo + group)
-            run = lambda p, m, lo=lo, hi=hi: self._chunks(p, m, lo, hi, layout.n_commit, Q, K, V, qk, coef)  # noqa: E731
+            run = lambda p, m, lo=lo, hi=hi: self._chunks(p, m, lo, hi, layout.n_commit, Q, K, V, mixed_qk, coef)  # noqa: E731
             if group < n:
                 out, params, momentum = checkpoint(run, params, momentum, use_reentrant=False)
             else:
                 out, params, momentum = run(params, momentum)
             outs.append(out)
-        out = torch.cat(outs, dim=1)  # (B*H, n, b, d)
+        out = self.fast.wrap(Q.flatten(1, 2), torch.cat(outs, dim=1).flatten(1, 2))  # (B*H, length, d)
         out = out.reshape(batch, heads, layout.length, -1).transpose(1, 2)
         out = layout.scatter(out)[:, total - new_len :]
 
@@ -194,28 +199,32 @@ class Memory(nn.Module):
             self._store(state, batch, params, momentum, pend, layout.remainder)
         return out
 
-    def _chunks(self, params, momentum, lo, hi, n_commit, Q, K, V, qk, coef: Coefficients):
+    def _chunks(self, params, momentum, lo, hi, n_commit, Q, K, V, mixed_qk, coef: Coefficients):
         outs = []
         for i in range(lo, hi):
-            out, new_params, new_momentum = self._chunk(params, momentum, Q[:, i], K[:, i], V[:, i], qk[:, i], coef.chunk(i))
+            out, new_params, new_momentum = self._chunk(params, momentum, Q[:, i], K[:, i], V[:, i], mixed_qk[:, i],
+                                                        coef.chunk(i))
             if i < n_commit:
                 params, momentum = new_params, new_momentum
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
-    def _chunk(self, params, momentum, q, k, v, qk, c: Coefficients):
-        """Read-outs of one chunk and the weights (and momentum) at its end."""
+    def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients):
+        """Read-outs g(q) of one chunk and the weights (and momentum) at its end."""
         grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v))
         by_name = {name: (x, delta) for name, x, delta in grads}
 
         def read(name: str, xq: torch.Tensor) -> torch.Tensor:
             x, delta = by_name[name]
-            att = qk if xq is q else xq @ x.transpose(-1, -2)
             z = xq @ params[name]
             bias = _bias_name(name)
             if bias in params:
                 z = z + params[bias]
-                att = att + 1.0
+            if xq is q:
+                mixed = mixed_qk
+            else:
+                att = xq @ x.transpose(-1, -2)
+                mixed = c.mix * (att + 1.0 if bias in params else att)
             if c.decay is not None:
                 z = c.decay[..., None] * z
             if c.carry is not None:
@@ -223,9 +232,9 @@ class Memory(nn.Module):
                 if bias in params:
                     s = s + momentum[bias]
                 z = z + c.carry[..., None] * s
-            return z - (c.mix * att) @ delta
+            return z - mixed @ delta
 
-        out = self.fast.apply(q, read)
+        out = self.fast.core(q, read)
 
         end = c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
         new_params, new_momentum = {}, ({} if momentum is not None else None)

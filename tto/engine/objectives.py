@@ -23,4 +23,4 @@ class SquaredError:
         return 0.5 * self.scale * (y - v).pow(2).sum(-1)
 
     def grad(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.scale * (y - v)
+        return y - v if self.scale == 1.0 else self.scale * (y - v)
