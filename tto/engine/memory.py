@@ -177,13 +177,15 @@ class Memory(nn.Module):
         qk = Q @ K.transpose(-1, -2)
         if _bias_name(self.fast.weight_names[0]) in params:
             qk = qk + 1.0
-        mixed_qk = coef.mix * qk
+        # per-chunk views via unbind: indexing Q[:, i] instead would make every chunk's backward
+        # write a zero tensor of the whole sequence's size
+        chunks = list(zip(Q.unbind(1), K.unbind(1), V.unbind(1), (coef.mix * qk).unbind(1), coef.unbind()))
 
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
             hi = min(n, lo + group)
-            run = lambda p, m, lo=lo, hi=hi: self._chunks(p, m, lo, hi, layout.n_commit, Q, K, V, mixed_qk, coef)  # noqa: E731
+            run = lambda p, m, lo=lo, hi=hi: self._chunks(p, m, chunks[lo:hi], layout.n_commit - lo)  # noqa: E731
             if group < n:
                 out, params, momentum = checkpoint(run, params, momentum, use_reentrant=False)
             else:
@@ -199,11 +201,11 @@ class Memory(nn.Module):
             self._store(state, batch, params, momentum, pend, layout.remainder)
         return out
 
-    def _chunks(self, params, momentum, lo, hi, n_commit, Q, K, V, mixed_qk, coef: Coefficients):
+    def _chunks(self, params, momentum, chunks: list, n_commit: int):
+        """Run consecutive chunks; the first `n_commit` of them update the weights."""
         outs = []
-        for i in range(lo, hi):
-            out, new_params, new_momentum = self._chunk(params, momentum, Q[:, i], K[:, i], V[:, i], mixed_qk[:, i],
-                                                        coef.chunk(i))
+        for i, chunk in enumerate(chunks):
+            out, new_params, new_momentum = self._chunk(params, momentum, *chunk)
             if i < n_commit:
                 params, momentum = new_params, new_momentum
             outs.append(out)

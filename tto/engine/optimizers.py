@@ -33,9 +33,12 @@ class Coefficients:
     s_decay: torch.Tensor | None = None  # (N, n): momentum carried to the next chunk
     s_mix: torch.Tensor | None = None  # (N, n, b): gradients into the next chunk's momentum
 
-    def chunk(self, i: int) -> "Coefficients":
-        pick = lambda t: None if t is None else t[:, i]  # noqa: E731
-        return Coefficients(pick(self.mix), pick(self.decay), pick(self.carry), pick(self.s_decay), pick(self.s_mix))
+    def unbind(self) -> list["Coefficients"]:
+        """Per-chunk coefficients (views whose backward is one stack, not a copy per chunk)."""
+        n = self.mix.shape[1]
+        split = lambda t: [None] * n if t is None else t.unbind(1)  # noqa: E731
+        parts = zip(*(split(t) for t in (self.mix, self.decay, self.carry, self.s_decay, self.s_mix)))
+        return [Coefficients(*p) for p in parts]
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
