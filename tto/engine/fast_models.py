@@ -147,8 +147,7 @@ class MLPMemory(FastModel):
         """``linear`` that evaluates the layers at fixed `params`."""
 
         def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-            z = x @ params[name]
-            return z + params["b" + name[1:]] if self.has_bias else z
+            return torch.baddbmm(params["b" + name[1:]], x, params[name]) if self.has_bias else x @ params[name]
 
         return linear
 
@@ -157,9 +156,7 @@ class MLPMemory(FastModel):
         h = x
         for i, name in enumerate(self.weight_names):
             inputs.append(h)
-            z = h @ params[name]
-            if self.has_bias:
-                z = z + params["b" + name[1:]]
+            z = torch.baddbmm(params["b" + name[1:]], h, params[name]) if self.has_bias else h @ params[name]
             pre.append(z)
             h = self.act(z) if i < self.depth - 1 else z
         if self.residual_norm:

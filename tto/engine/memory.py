@@ -218,10 +218,8 @@ class Memory(nn.Module):
 
         def read(name: str, xq: torch.Tensor) -> torch.Tensor:
             x, delta = by_name[name]
-            z = xq @ params[name]
             bias = _bias_name(name)
-            if bias in params:
-                z = z + params[bias]
+            z = torch.baddbmm(params[bias], xq, params[name]) if bias in params else xq @ params[name]
             if xq is q:
                 mixed = mixed_qk
             else:
@@ -234,24 +232,25 @@ class Memory(nn.Module):
                 if bias in params:
                     s = s + momentum[bias]
                 z = z + c.carry[..., None] * s
-            return z - mixed @ delta
+            return torch.baddbmm(z, mixed, delta, alpha=-1.0)
 
         out = self.fast.core(q, read)
 
         end = c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
         new_params, new_momentum = {}, ({} if momentum is not None else None)
         for name, x, delta in grads:
-            updates = {name: x.transpose(-1, -2) @ (end * delta)}
+            weighted = end * delta
+            updates = {name: (x.transpose(-1, -2), weighted)}
             bias = _bias_name(name)
             if bias in params:
-                updates[bias] = (end * delta).sum(1, keepdim=True)
-            for p, upd in updates.items():
+                updates[bias] = (torch.ones_like(end.transpose(-1, -2)), weighted)
+            for p, (left, right) in updates.items():
                 w = params[p]
                 if c.decay is not None:
                     w = c.decay[:, -1, None, None] * w
                 if momentum is not None:
                     w = w + c.carry[:, -1, None, None] * momentum[p]
-                new_params[p] = w - upd
+                new_params[p] = torch.baddbmm(w, left, right, alpha=-1.0)
             if momentum is not None:
                 s_end = c.s_mix[..., None] * delta
                 s_updates = {name: x.transpose(-1, -2) @ s_end}
