@@ -6,7 +6,9 @@
 from . import mixers  # noqa: F401  (registers every type)
 from .cache import TTOCache
 from .config import TTOConfig
+from .convert import convert_official_ttt
 from .modeling import TTOForCausalLM, TTOModel
 from .registry import available, build_config, get
 
-__all__ = ["TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "available", "build_config", "get"]
+__all__ = ["TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "available", "build_config",
+           "convert_official_ttt", "get"]
