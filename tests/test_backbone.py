@@ -1,0 +1,109 @@
+"""The generic backbone: loss, checkpointing, hybrids, the cache object, HF integration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import tto
+from tto import TTOCache
+
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             mini_batch_size=4)
+
+
+def ttt(**fields):
+    torch.manual_seed(0)
+    return tto.get("ttt").model_class(tto.build_config("ttt", **{**SIZES, **fields}))
+
+
+def test_loss_ignores_minus_100_labels():
+    model = ttt()
+    x = torch.randint(0, 64, (2, 10))
+    labels = x.clone()
+    labels[:, :5] = -100
+    logits = model(x).logits
+    expect = torch.nn.functional.cross_entropy(logits[:, 4:-1].reshape(-1, 64), x[:, 5:].reshape(-1))
+    torch.testing.assert_close(model(x, labels=labels).loss, expect)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = ttt(scan_checkpoint_group_size=2).train()
+    x = torch.randint(0, 64, (2, 19))
+    model(x, labels=x).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(x, labels=x).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_hybrid_layers_are_declared_in_config():
+    model = ttt(num_hidden_layers=4, layer_types=["transformer", "transformer", "ttt", "ttt"])
+    kinds = [type(layer.mixer).__name__ for layer in model.model.layers]
+    assert kinds == ["AttentionMixer", "AttentionMixer", "TTTMixer", "TTTMixer"]
+
+
+def test_untied_embeddings_are_separate_parameters():
+    tied, untied = ttt(), ttt(tie_word_embeddings=False)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_cache_persists_across_calls_and_resets():
+    model = ttt().eval()
+    x = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        cache = model(x[:, :7], use_cache=True).past_key_values
+        cont = model(x[:, 7:], past_key_values=cache, use_cache=True).logits
+        full = model(x).logits
+        torch.testing.assert_close(cont, full[:, 7:], atol=2e-5, rtol=0)
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        fresh = model(x[:, 7:], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(fresh, model(x[:, 7:]).logits, atol=2e-5, rtol=0)
+
+
+def test_beam_search_and_sampling_run_with_the_cache():
+    model = ttt().eval()
+    x = torch.randint(0, 64, (2, 6))
+    beams = model.generate(x, num_beams=3, num_return_sequences=2, max_new_tokens=5, min_new_tokens=5)
+    assert beams.shape == (4, 11)
+    sampled = model.generate(x, do_sample=True, num_return_sequences=2, max_new_tokens=5, min_new_tokens=5)
+    assert sampled.shape == (4, 11)
+
+
+def test_auto_classes_know_every_type(tmp_path):
+    for name in tto.available():
+        cfg = tto.build_config(name, **{k: v for k, v in SIZES.items() if k in tto.get(name).config_class.field_names()})
+        assert type(AutoConfig.for_model(cfg.model_type)) is type(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
+        assert type(model) is tto.get(name).model_class
+        model.save_pretrained(tmp_path / name)
+        assert type(AutoModel.from_pretrained(tmp_path / name)) is tto.get(name).base_model_class
+
+
+def test_wrong_cache_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="TTOCache"):
+        ttt()(torch.zeros(1, 3, dtype=torch.long), past_key_values=object())
+
+
+def test_bf16_autocast_forward_is_finite():
+    model = ttt(ttt_layer_type="mlp").train()
+    x = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cache_is_a_hf_cache_with_batch_first_state():
+    model = ttt().eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 64, (3, 9)), use_cache=True).past_key_values
+    assert isinstance(cache, TTOCache) and len(cache) == 2
+    for state in cache.states:
+        assert state and all(t.shape[0] == 3 for t in state.values() if isinstance(t, torch.Tensor))
