@@ -158,8 +158,9 @@ class Memory(nn.Module):
         if pending is not None:
             tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
             old = torch.arange(pending["q"].shape[1], device=q.device)[None, :] < n_pending[:, None]
-            new = mask if mask is not None else torch.ones(batch, new_len, dtype=torch.bool, device=q.device)
-            valid = torch.cat([old, new], dim=1)
+            if mask is not None or not bool(old.all()):
+                new = mask if mask is not None else torch.ones(batch, new_len, dtype=torch.bool, device=q.device)
+                valid = torch.cat([old, new], dim=1)
         total = next(iter(tokens.values())).shape[1]
         layout = Layout.build(valid, total, batch, b, q.device)
         n = layout.length // b
@@ -196,7 +197,7 @@ class Memory(nn.Module):
         out = layout.scatter(out)[:, total - new_len :]
 
         if state is not None:
-            tail = slice(layout.n_commit * b, layout.length)
+            tail = slice(layout.n_commit * b, layout.n_commit * b + int(layout.remainder.max()))
             pend = {name: layout.gather(t)[:, tail] for name, t in tokens.items()}
             self._store(state, batch, params, momentum, pend, layout.remainder)
         return out
