@@ -20,3 +20,10 @@ def test_every_variant_is_named_in_the_table():
         row = next(line for line in README.splitlines() if line.startswith(f"| `{name}` |"))
         for variant in variants:
             assert f"`{variant}`" in row, f"variant {variant!r} of {name!r} missing from the README table"
+
+
+def test_python_snippet_runs(tmp_path, monkeypatch):
+    snippet = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "ttt-mlp-tiny" / "model.safetensors").exists()
