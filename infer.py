@@ -1,0 +1,152 @@
+"""Generate text with a trained model, or with a random-init model of any registered type.
+
+    python infer.py --model runs/quickstart --prompt "The assert statement"
+    python infer.py --model runs/quickstart --chat            # multi-turn; the memory state carries over
+    python infer.py --config-type titans --variant mag --prompt "hello"
+
+Output is streamed; a tokens/s line goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tto.cli import OneLineErrors
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+#: sizes of the random-init model built by --config-type (the type's own fields keep their defaults)
+RANDOM_INIT_SIZES = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4)
+
+
+def parse_args(argv):
+    p = OneLineErrors(description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--model", help="directory of a trained model (config.json + model.safetensors)")
+    src.add_argument("--config-type", help="registered type to build with random weights")
+    src.add_argument("--variant", help="variant of --config-type")
+    p.add_argument("--tokenizer", help="builtin:bytes, a directory or a hub name (default: the model's own, else builtin:bytes)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--min_p", type=float, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--prompt", help="generate once from this prompt (otherwise it asks)")
+    p.add_argument("--chat", action="store_true", help="multi-turn: the model's state persists across turns")
+    p.add_argument("--history", type=int, default=None,
+                   help="with --chat: re-read only the last N turns as text each turn (for models without a persistent state)")
+    args = p.parse_args(argv)
+
+    import tto
+
+    if (args.model is None) == (args.config_type is None):
+        p.error("give exactly one of --model DIR and --config-type TYPE")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model!r}: no config.json there (a directory written by train.py or save_pretrained)")
+    if args.variant is not None and args.config_type is None:
+        p.error("--variant needs --config-type")
+    if args.config_type is not None:
+        try:
+            entry = tto.get(args.config_type)
+        except ValueError as err:
+            p.error(str(err))
+        if args.variant is not None and args.variant not in entry.variants:
+            p.error(f"unknown variant {args.variant!r} of {args.config_type!r}; valid: {list(entry.variants) or 'none'}")
+    if args.history is not None and not args.chat:
+        p.error("--history only applies with --chat")
+    for name in ("max_new_tokens",):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    return args, p
+
+
+def load(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import tto
+    from tto.data import load_tokenizer
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    tok_spec = args.tokenizer
+    if tok_spec is None:
+        has_own = args.model is not None and (Path(args.model) / "tokenizer_config.json").exists()
+        tok_spec = args.model if has_own else "builtin:bytes"
+    tokenizer = load_tokenizer(tok_spec)
+    if args.model is not None:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    else:
+        torch.manual_seed(args.seed)
+        config = tto.build_config(args.config_type, variant=args.variant, vocab_size=len(tokenizer),
+                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, **RANDOM_INIT_SIZES)
+        model = tto.get(args.config_type).model_class(config).to(dtype)
+    return model.to(device).eval(), tokenizer, device
+
+
+def generate(model, tokenizer, ids, cache, args):
+    """Stream a continuation of `ids` (the cache holds what was already read); returns the new ids."""
+    import torch
+    from transformers import TextStreamer
+
+    sampling = args.temperature > 0
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling, repetition_penalty=args.repetition_penalty,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if sampling:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, use_cache=True,
+                             streamer=TextStreamer(tokenizer, skip_prompt=True), **kwargs)
+    new = out.shape[1] - ids.shape[1]
+    print(f"[{new} tokens, {new / (time.perf_counter() - start):.1f} tokens/s]", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    args, parser = parse_args(argv)
+    import torch
+
+    from tto import TTOCache
+
+    torch.manual_seed(args.seed)
+    model, tokenizer, device = load(args)
+    encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)  # noqa: E731
+    if not args.chat:
+        prompt = args.prompt if args.prompt is not None else input("prompt> ")
+        generate(model, tokenizer, encode(prompt), None, args)
+        print()
+        return 0
+    cache, ids, turns = TTOCache(model.config.num_hidden_layers), None, []
+    first = args.prompt
+    while True:
+        try:
+            text = first if first is not None else input("you> ")
+        except EOFError:
+            return 0
+        first = None
+        turn = f"User: {text}\nAssistant:"
+        if args.history is not None:  # re-read the last N turns from scratch
+            turns = (turns + [turn])[-args.history :]
+            cache.reset()
+            ids = encode("\n".join(turns))
+        else:  # the state already holds everything said so far: feed only the new turn
+            new = encode(("\n" if ids is not None else "") + turn)
+            ids = new if ids is None else torch.cat([ids, new], dim=1)
+        out = generate(model, tokenizer, ids, cache, args)
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        if args.history is not None:
+            turns[-1] += reply
+        ids = out
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""train.py and its recipes: validation before work, every type's tiny config, resume, DDP, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+import tto
+from tto.training import load_recipe, parse_recipe, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+
+
+def recipe_for(name: str, tmp_path: Path, *overrides: str):
+    return load_recipe(TINY / f"{name}.yml", [f"training_args.output_dir={tmp_path / 'out'}", *overrides])
+
+
+@pytest.mark.parametrize("name", list(tto.available()))
+def test_every_type_has_a_tiny_config_that_trains(name, tmp_path):
+    assert (TINY / f"{name}.yml").exists(), f"configs/tiny/{name}.yml is missing"
+    metrics = train(recipe_for(name, tmp_path, "training_args.max_steps=4"))
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    out = tmp_path / "out"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "train_metrics.json"):
+        assert (out / f).exists(), f
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model) is tto.get(name).model_class
+
+
+def test_loss_falls_on_pydoc(tmp_path):
+    """A few dozen steps are enough for the byte-level model to learn something of English."""
+    metrics = train(recipe_for("ttt", tmp_path, "training_args.max_steps=40", "training_args.eval_on_start=true",
+                               "training_args.eval_strategy=steps", "training_args.eval_steps=40"))
+    history = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert history["eval_loss"] < 3.0 < 5.0  # ln(260) = 5.56 at init
+    assert metrics["eval_loss"] == history["eval_loss"]
+
+
+def test_recipe_errors_name_the_key_before_any_work():
+    base = {"model": {"type": "ttt"}}
+    cases = [({**base, "datasets": {}}, "'datasets' \\(did you mean 'dataset'\\?\\)"),
+             ({**base, "dataset": {"max_seq_len": 8}}, "did you mean 'max_seq_length'"),
+             ({**base, "training_args": {"learning_rat": 1.0}}, "did you mean 'learning_rate'"),
+             ({"model": {"type": "tt"}}, "did you mean 'ttt'"),
+             ({"model": {"type": "ttt", "mini_batch": 4}}, "did you mean 'mini_batch_size'"),
+             ({"model": {"hidden_size": 4}}, "needs a type")]
+    for raw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            parse_recipe(raw)
+
+
+def test_original_tto_training_arg_names_are_accepted():
+    recipe = parse_recipe({"model": {"type": "ttt"}, "training_args": {"warmup_ratio": 0.01, "gradient_checkpointing": True}})
+    assert recipe.training_args == {"warmup_steps": 0.01, "activation_checkpointing": True}
+
+
+def test_dotted_overrides(tmp_path):
+    recipe = recipe_for("ttt", tmp_path, "model.hidden_size=96", "training_args.max_steps=3", "dataset.options={}")
+    assert recipe.model["hidden_size"] == 96 and recipe.training_args["max_steps"] == 3
+
+
+def test_non_empty_output_dir_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        train(recipe_for("ttt", tmp_path))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+class StopAt(TrainerCallback):
+    """Simulates a crash: training ends right after the checkpoint at `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def _losses(out: Path) -> dict[int, float]:
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    common = ["training_args.max_steps=12", "training_args.save_strategy=steps", "training_args.save_steps=6",
+              "training_args.logging_steps=1"]
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    train(load_recipe(TINY / "ttt.yml", [f"training_args.output_dir={full_dir}", *common]))
+    train(load_recipe(TINY / "ttt.yml", [f"training_args.output_dir={cut_dir}", *common]), callbacks=[StopAt(6)])
+    assert sorted(p.name for p in cut_dir.glob("checkpoint-*")) == ["checkpoint-6"]
+    train(load_recipe(TINY / "ttt.yml", [f"training_args.output_dir={cut_dir}", *common,
+                                        "training_args.resume_from_checkpoint=true"]))
+    full, resumed = _losses(full_dir), _losses(cut_dir)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_two_process_ddp(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'ddp'}",
+           "training_args.max_steps=4", "training_args.eval_strategy=no"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = sorted(line for line in result.stdout.splitlines() if ": done " in line)
+    assert [line.split(":")[0] for line in done] == ["rank 0", "rank 1"]
+    eval_losses = {line.split("eval_loss=")[1].split()[0] for line in done}
+    assert len(eval_losses) == 1, done  # both ranks hold the same model
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp") is not None
+
+
+def test_unreachable_hub_name_fails_fast_with_advice(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'o'}",
+           "dataset.name=someone/not-a-local-dataset"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "https://hub.invalid"  # never resolves, whatever the network
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert time.perf_counter() - start < 30
+    assert "not reachable" in result.stderr and "builtin:pydoc" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wandb_without_credentials_logs_offline(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(WANDB_DIR=str(tmp_path), HOME=str(tmp_path))
+    cmd = [sys.executable, str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'o'}",
+           "training_args.max_steps=2", "training_args.report_to=wandb", "training_args.project=tto-test"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

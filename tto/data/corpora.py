@@ -1,0 +1,69 @@
+"""Built-in corpora: nothing to download.
+
+* ``builtin:pydoc``: the English prose CPython ships as ``pydoc_data.topics`` (79 documents, ~466 KB).
+* ``builtin:recall``: associative recall: ``key=value`` pairs, then the same keys asked again in a
+  shuffled order, each followed by its value. A model can only predict the answers by remembering
+  the pairs it read.
+* ``builtin:passkey``: a five-digit pass key hidden at a random depth in filler text, asked for at
+  the end.
+
+Synthetic corpora are deterministic given their ``seed`` (options of the dataset section).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def pydoc_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def recall_documents(num_documents: int = 4000, pairs: int = 8, key_length: int = 3, value_digits: int = 2,
+                     seed: int = 0) -> list[str]:
+    """Each document: ``k1=v1 k2=v2 ... | kπ1=vπ1 kπ2=vπ2 ...`` with distinct keys."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(num_documents):
+        keys = set()
+        while len(keys) < pairs:
+            keys.add("".join(rng.choices(string.ascii_lowercase, k=key_length)))
+        table = {k: "".join(rng.choices(string.digits, k=value_digits)) for k in keys}
+        asked = list(table)
+        rng.shuffle(asked)
+        docs.append(" ".join(f"{k}={v}" for k, v in table.items()) + " | " + " ".join(f"{k}={table[k]}" for k in asked))
+    return docs
+
+
+def passkey_documents(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0) -> list[str]:
+    """Each document: filler, ``The pass key is NNNNN.`` at a random depth, filler, the question."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(num_documents):
+        key = "".join(rng.choices(string.digits, k=5))
+        depth = rng.randint(0, filler_repeats)
+        needle = f"The pass key is {key}. Remember it. "
+        body = FILLER * depth + needle + FILLER * (filler_repeats - depth)
+        docs.append(body + f"What is the pass key? The pass key is {key}.")
+    return docs
+
+
+BUILTIN_CORPORA = {
+    "builtin:pydoc": pydoc_documents,
+    "builtin:recall": recall_documents,
+    "builtin:passkey": passkey_documents,
+}
+
+
+def builtin_documents(name: str, **options) -> list[str]:
+    if name not in BUILTIN_CORPORA:
+        from ..config import suggest
+
+        raise ValueError(f"unknown built-in corpus {name!r}{suggest(name, BUILTIN_CORPORA)}; "
+                         f"valid: {sorted(BUILTIN_CORPORA)}")
+    return BUILTIN_CORPORA[name](**options)

@@ -1,0 +1,44 @@
+"""Tokenizers: the built-in byte-level one (no download), a local directory, or a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .hub import hub_error, hub_reachable
+
+BYTE_TOKENIZER = "builtin:bytes"
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; the 256 bytes follow
+
+
+def byte_tokenizer(model_max_length: int = 1 << 20) -> PreTrainedTokenizerFast:
+    """UTF-8 bytes as tokens: 4 specials + 256 byte symbols = 260 ids. Any text round-trips."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for symbol in pre_tokenizers.ByteLevel.alphabet():
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=model_max_length)
+
+
+def load_tokenizer(spec: str):
+    """`builtin:bytes`, a local directory, or a hub name (failing fast when the hub is unreachable)."""
+    if spec == BYTE_TOKENIZER:
+        return byte_tokenizer()
+    if spec.startswith("builtin:"):
+        raise ValueError(f"unknown built-in tokenizer {spec!r}; valid: [{BYTE_TOKENIZER!r}]")
+    if not Path(spec).is_dir():
+        hub_reachable()
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except OSError as err:
+        if Path(spec).is_dir():
+            raise
+        raise hub_error("tokenizer", spec, err) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
