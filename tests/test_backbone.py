@@ -41,7 +41,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_hybrid_layers_are_declared_in_config():
-    model = ttt(num_hidden_layers=4, layer_types=["transformer", "transformer", "ttt", "ttt"])
+    model = ttt(num_hidden_layers=4, layer_mixers=["transformer", "transformer", "ttt", "ttt"])
     kinds = [type(layer.mixer).__name__ for layer in model.model.layers]
     assert kinds == ["AttentionMixer", "AttentionMixer", "TTTMixer", "TTTMixer"]
 

@@ -35,7 +35,7 @@ def _cases():
                 cases.append(pytest.param(name, fields, id=f"{name}-{preset}"))
         if name != "transformer":
             variant, fields = entry.variant_configs()[0]
-            fields = {**fields, "layer_types": ["transformer", name]}
+            fields = {**fields, "layer_mixers": ["transformer", name]}
             cases.append(pytest.param(name, fields, id=f"{name}-{variant or ''}-hybrid"))
     return cases
 
@@ -219,8 +219,8 @@ def test_config_errors_name_the_problem(name):
         tto.build_config(name, hidden_size=0)
     with pytest.raises(ValueError, match="num_attention_heads"):
         tto.build_config(name, hidden_size=30, num_attention_heads=4)
-    with pytest.raises(ValueError, match="layer_types"):
-        tto.build_config(name, num_hidden_layers=2, layer_types=["transformer", "nope"])
+    with pytest.raises(ValueError, match="layer_mixers"):
+        tto.build_config(name, num_hidden_layers=2, layer_mixers=["transformer", "nope"])
     if entry.variants:
         with pytest.raises(ValueError, match=str(list(sorted(entry.variants)))[1:-1].split(",")[0]):
             tto.build_config(name, variant=entry.variants[0] + "z")

@@ -40,9 +40,10 @@ def test_loss_falls_on_pydoc(tmp_path):
     """A few dozen steps are enough for the byte-level model to learn something of English."""
     metrics = train(recipe_for("ttt", tmp_path, "training_args.max_steps=40", "training_args.eval_on_start=true",
                                "training_args.eval_strategy=steps", "training_args.eval_steps=40"))
-    history = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
-    assert history["eval_loss"] < 3.0 < 5.0  # ln(260) = 5.56 at init
-    assert metrics["eval_loss"] == history["eval_loss"]
+    saved = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert saved["eval_loss"] == metrics["eval_loss"]
+    # an untrained byte model sits at ln(260) = 5.56 nats; 40 steps take it well below
+    assert metrics["eval_loss"] < 4.0
 
 
 def test_recipe_errors_name_the_key_before_any_work():
@@ -89,7 +90,8 @@ class StopAt(TrainerCallback):
 
 
 def _losses(out: Path) -> dict[int, float]:
-    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 

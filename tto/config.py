@@ -56,7 +56,7 @@ class TTOConfig(PreTrainedConfig):
 
     A model is ``embed_tokens -> num_hidden_layers x Block -> norm -> lm_head``. Each block is
     pre-norm: ``h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h))``. The mixer of layer ``i`` is
-    ``layer_types[i]``: the config's own type or ``"transformer"`` (softmax attention), so hybrids
+    ``layer_mixers[i]``: the config's own type or ``"transformer"`` (softmax attention), so hybrids
     need no code.
     """
 
@@ -94,7 +94,7 @@ class TTOConfig(PreTrainedConfig):
     initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
     tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
     mlp_bias: bool = False  # biases in the SwiGLU MLP projections
-    layer_types: list[str] | None = None  # per-layer mixer: this type or "transformer" (None: all this type)
+    layer_mixers: list[str] | None = None  # per-layer mixer: this type or "transformer" (None: all this type)
     pre_conv: bool = False  # Mamba-style branch before the mixer: h += ShortConv(RMSNorm(h))
     conv_kernel: int = 4  # kernel size of the pre_conv branch (and of mixers' short convs unless they say otherwise)
     # --- attention layers ---
@@ -120,8 +120,8 @@ class TTOConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.layer_types is None:
-            self.layer_types = [self.tto_type] * self.num_hidden_layers
+        if self.layer_mixers is None:
+            self.layer_mixers = [self.tto_type] * self.num_hidden_layers
         self.validate()
         super().__post_init__(**kwargs)
 
@@ -157,13 +157,13 @@ class TTOConfig(PreTrainedConfig):
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise config_error("sliding_window", self.sliding_window, "must be a positive integer or None")
-        if len(self.layer_types) != self.num_hidden_layers:
+        if len(self.layer_mixers) != self.num_hidden_layers:
             raise config_error(
-                "layer_types",
-                self.layer_types,
+                "layer_mixers",
+                self.layer_mixers,
                 f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})",
             )
         valid_layers = {self.tto_type, "transformer"}
-        for kind in self.layer_types:
+        for kind in self.layer_mixers:
             if kind not in valid_layers:
-                raise config_error("layer_types", kind, "unknown layer mixer", valid_layers)
+                raise config_error("layer_mixers", kind, "unknown layer mixer", valid_layers)

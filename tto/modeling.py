@@ -37,7 +37,7 @@ class ConvBranch(nn.Module):
 class Block(GradientCheckpointingLayer):
     def __init__(self, config: TTOConfig, layer_idx: int):
         super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = config.layer_mixers[layer_idx]
         self.pre_conv = ConvBranch(config) if config.pre_conv else None
         self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = registry.get(self.layer_type).mixer_class(config, layer_idx)

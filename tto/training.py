@@ -71,7 +71,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        # YAML 1.1 reads yes/no/on/off as booleans; on the command line they are words ("eval_strategy=no")
+        node[leaf] = value if isinstance(parsed, bool) and value.lower() not in ("true", "false") else parsed
     return raw
 
 
@@ -151,7 +153,7 @@ def save_atomically(model, tokenizer, output_dir: Path) -> None:
 def train(recipe: Recipe, callbacks=()) -> dict:
     """Run a recipe with the HF Trainer; returns the final metrics."""
     import torch
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
     import tto
 
@@ -163,6 +165,7 @@ def train(recipe: Recipe, callbacks=()) -> dict:
     overwrite = bool(args.pop("overwrite_output_dir", False))
     args.setdefault("output_dir", "runs/" + recipe.model["type"])
     args.setdefault("report_to", "none")
+    args.setdefault("data_seed", args.get("seed", 42))  # else the sampler may draw its seed from the clock
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         args["use_cpu"] = True
     output_dir = Path(args["output_dir"])
@@ -190,8 +193,8 @@ def train(recipe: Recipe, callbacks=()) -> dict:
         raise ValueError(f"dataset {ds.name!r} has fewer than max_seq_length={ds.max_seq_length} tokens")
 
     training_args = TrainingArguments(**args)
-    with training_args.main_process_first():
-        model = tto.get(recipe.model["type"]).model_class(config)
+    set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
+    model = tto.get(recipe.model["type"]).model_class(config)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
                       data_collator=default_data_collator, processing_class=tokenizer, callbacks=list(callbacks))

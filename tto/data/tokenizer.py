@@ -13,11 +13,17 @@ BYTE_TOKENIZER = "builtin:bytes"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; the 256 bytes follow
 
 
+def byte_symbols() -> list[str]:
+    """The printable stand-in of each byte 0..255 used by byte-level BPE (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
 def byte_tokenizer(model_max_length: int = 1 << 20) -> PreTrainedTokenizerFast:
-    """UTF-8 bytes as tokens: 4 specials + 256 byte symbols = 260 ids. Any text round-trips."""
+    """UTF-8 bytes as tokens: ids 0-3 are specials, byte b is id 4 + b. Any text round-trips."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for symbol in pre_tokenizers.ByteLevel.alphabet():
-        vocab[symbol] = len(vocab)
+    vocab.update({symbol: len(SPECIALS) + b for b, symbol in enumerate(byte_symbols())})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
