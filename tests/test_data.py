@@ -1,0 +1,96 @@
+"""Tokenizer, built-in corpora, local files and packing."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from datasets import Dataset
+
+from tto.data import builtin_documents, load_documents, load_tokenizer, pack_documents
+
+
+def test_byte_tokenizer_ids_are_bytes_and_round_trip(tmp_path):
+    tok = load_tokenizer("builtin:bytes")
+    text = "Aé\n✓ tabs\tand emoji 🙂"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == [4 + b for b in text.encode()]
+    assert tok.decode(ids) == text
+    assert len(tok) == 260 and tok.eos_token_id == 2 and tok.pad_token_id == 0
+    tok.save_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path))(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_unknown_builtins_are_named():
+    with pytest.raises(ValueError, match="builtin:bytes"):
+        load_tokenizer("builtin:bites")
+    with pytest.raises(ValueError, match="did you mean 'builtin:pydoc'"):
+        builtin_documents("builtin:pydocs")
+
+
+def test_pydoc_is_english_prose():
+    docs = builtin_documents("builtin:pydoc")
+    assert len(docs) > 50 and sum(map(len, docs)) > 400_000
+    assert any("assert" in d for d in docs)
+
+
+def test_recall_documents_ask_back_every_unique_key():
+    docs = builtin_documents("builtin:recall", num_documents=20, pairs=6, seed=3)
+    assert docs == builtin_documents("builtin:recall", num_documents=20, pairs=6, seed=3)
+    for doc in docs:
+        written, asked = doc.split(" | ")
+        table = dict(pair.split("=") for pair in written.split())
+        assert len(table) == 6  # keys unique within a document
+        assert dict(pair.split("=") for pair in asked.split()) == table
+
+
+def test_passkey_appears_once_and_is_asked_for():
+    for doc in builtin_documents("builtin:passkey", num_documents=20, seed=1):
+        keys = re.findall(r"The pass key is (\d{5})\. Remember it", doc)
+        assert len(keys) == 1
+        assert doc.endswith(f"What is the pass key? The pass key is {keys[0]}.")
+
+
+def test_packing_fills_every_block_with_eos_separators():
+    tok = load_tokenizer("builtin:bytes")
+    ds = Dataset.from_dict({"text": ["ab", "cde", "fghij"]})
+    packed = pack_documents(ds, tok, max_seq_length=4)
+    eos = tok.eos_token_id
+    flat = [4 + ord(c) for c in "ab"] + [eos] + [4 + ord(c) for c in "cde"] + [eos] + [4 + ord(c) for c in "fghij"] + [eos]
+    assert packed["input_ids"] == [flat[0:4], flat[4:8], flat[8:12]]
+    assert packed["labels"] == packed["input_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "parquet", "glob", "saved"])
+def test_local_sources(fmt, tmp_path):
+    texts = ["first document", "second one"]
+    ds = Dataset.from_dict({"text": texts})
+    if fmt == "txt":
+        (tmp_path / "a.txt").write_text("\n".join(texts))
+        name = str(tmp_path / "a.txt")
+    elif fmt == "jsonl":
+        (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)))
+        name = str(tmp_path / "a.jsonl")
+    elif fmt == "csv":
+        ds.to_csv(str(tmp_path / "a.csv"))
+        name = str(tmp_path / "a.csv")
+    elif fmt == "parquet":
+        ds.to_parquet(str(tmp_path / "a.parquet"))
+        name = str(tmp_path / "a.parquet")
+    elif fmt == "glob":
+        for i, t in enumerate(texts):
+            (tmp_path / f"part{i}.txt").write_text(t)
+        name = str(tmp_path / "part*.txt")
+    else:
+        ds.save_to_disk(str(tmp_path / "saved"))
+        name = str(tmp_path / "saved")
+    loaded = load_documents(name)
+    assert loaded.column_names == ["text"]
+    assert sorted(loaded["text"]) == sorted(texts)
+
+
+def test_missing_text_column_is_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(ValueError, match="no column 'text'.*body"):
+        load_documents(str(tmp_path / "a.jsonl"))

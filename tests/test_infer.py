@@ -1,0 +1,80 @@
+"""infer.py: every type offline, trained models, chat with a persistent state, clear usage errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tto
+from tto.data import load_tokenizer
+from tto.training import load_recipe, train
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
+infer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(infer)
+
+CASES = [(name, variant) for name, entry in ((n, tto.get(n)) for n in tto.available())
+         for variant in (entry.variants or [None])]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    train(load_recipe(ROOT / "configs/tiny/ttt.yml", [f"training_args.output_dir={out}", "training_args.max_steps=10"]))
+    return out
+
+
+@pytest.mark.parametrize("name,variant", CASES)
+def test_random_init_model_of_every_type(name, variant, capsys):
+    argv = ["--config-type", name, "--prompt", "hello", "--max_new_tokens", "5", "--temperature", "0"]
+    assert infer.main(argv + (["--variant", variant] if variant else [])) == 0
+    assert "tokens/s" in capsys.readouterr().err
+
+
+def test_trained_model_greedy_output_matches_generate(trained, capsys):
+    assert infer.main(["--model", str(trained), "--prompt", "The assert", "--max_new_tokens", "12",
+                       "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    model, tok = AutoModelForCausalLM.from_pretrained(trained), load_tokenizer(str(trained))
+    ids = tok("The assert", return_tensors="pt", add_special_tokens=False).input_ids
+    expect = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:])
+    assert printed.strip() == expect.strip()
+
+
+def test_chat_keeps_the_state_instead_of_rereading(trained, capsys, monkeypatch):
+    """The second reply, produced from the carried state plus the new turn only, equals a greedy
+    continuation of the whole conversation read from scratch."""
+    answers = iter(["second turn"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    with pytest.raises(StopIteration):
+        infer.main(["--model", str(trained), "--chat", "--prompt", "first turn", "--max_new_tokens", "6",
+                    "--temperature", "0"])
+    model, tok = AutoModelForCausalLM.from_pretrained(trained), load_tokenizer(str(trained))
+    enc = lambda s: tok(s, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
+    with torch.no_grad():
+        first = model.generate(enc("User: first turn\nAssistant:"), max_new_tokens=6, do_sample=False)
+        history = torch.cat([first, enc("\nUser: second turn\nAssistant:")], dim=1)
+        second = model.generate(history, max_new_tokens=6, do_sample=False)
+    expect = tok.decode(second[0, history.shape[1]:])
+    assert capsys.readouterr().out.split("\n\n")[1].strip() == expect.strip()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "x", "--config-type", "ttt"], "exactly one of"),
+    ([], "exactly one of"),
+    (["--config-type", "tt"], "did you mean 'ttt'"),
+    (["--config-type", "ttt", "--variant", "mlpp"], "unknown variant"),
+    (["--model", "/no/such/dir"], "no config.json"),
+    (["--config-type", "ttt", "--history", "2"], "--history only applies with --chat"),
+])
+def test_bad_usage_is_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
