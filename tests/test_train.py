@@ -145,3 +145,13 @@ def test_wandb_without_credentials_logs_offline(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.yml") if p.name != "quickstart.yml"))
+def test_paper_scale_recipes_parse_and_build(path):
+    """Every paper-scale recipe is valid, and its model builds (on the meta device: no memory)."""
+    recipe = load_recipe(path)
+    fields = {k: v for k, v in recipe.model.items() if k != "type"}
+    with torch.device("meta"):
+        model = tto.get(recipe.model["type"]).model_class(tto.build_config(recipe.model["type"], **fields))
+    assert sum(p.numel() for p in model.parameters()) > 50e6
