@@ -121,8 +121,15 @@ def test_activation_backward_matches_autograd(name):
     fn, backward = ACTIVATIONS[name]
     z = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_(True)
     g = torch.randn(101, dtype=torch.float64)
-    (auto,) = torch.autograd.grad((fn(z) * g).sum(), z)
-    torch.testing.assert_close(backward(g, z.detach()), auto, atol=1e-10, rtol=1e-10)
+    (auto,) = torch.autograd.grad((fn(z) * g).sum(), z, create_graph=True)
+    mine = backward(g, z)
+    torch.testing.assert_close(mine, auto, atol=1e-10, rtol=1e-10)
+    # outer gradients differentiate the inner backward once more
+    w = torch.randn(101, dtype=torch.float64)
+    second = [torch.autograd.grad((y * w).sum(), z, allow_unused=True)[0] if y.requires_grad else None
+              for y in (mine, auto)]
+    second = [torch.zeros_like(z) if s is None else s for s in second]  # relu: identically zero
+    torch.testing.assert_close(second[0], second[1], atol=1e-10, rtol=1e-10)
 
 
 def test_layer_norm_backward_matches_autograd_twice():

@@ -28,7 +28,7 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"),
                   lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh")),
     "gelu": (F.gelu, lambda g, z: torch.ops.aten.gelu_backward(g, z)),
-    "silu": (F.silu, torch.ops.aten.silu_backward),
+    "silu": (F.silu, lambda g, z: g * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))),  # ATen's has no double backward
     "relu": (F.relu, lambda g, z: g * (z > 0).to(g.dtype)),
 }
 

@@ -1,5 +1,6 @@
-"""Causal softmax attention (SDPA) with RoPE, grouped-query heads, an optional sliding window and
-a KV cache that stays bounded by the window when one is set."""
+"""Causal softmax attention (SDPA) with RoPE, grouped-query heads, an optional sliding window, an
+optional prefix of learned persistent tokens, and a KV cache that stays bounded by the window when
+one is set."""
 
 from __future__ import annotations
 
@@ -18,11 +19,19 @@ def attention_mask(
     k_valid: torch.Tensor | None,
     n_cached: int,
     window: int | None,
+    n_prefix: int = 0,
 ) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask: key slot s is visible to query t when it is not after t (slot
-    order), is a real token, and lies within `window` positions. None when plain causal suffices."""
+    """Boolean (B, 1, T, n_prefix + S) mask: key slot s is visible to query t when it is not after
+    t (slot order), is a real token, and lies within `window` positions; the `n_prefix` persistent
+    slots in front are always visible. None when plain causal suffices."""
     b, t = q_pos.shape
     s = k_pos.shape[1]
+    if n_prefix:
+        inner = attention_mask(q_pos, k_pos, k_valid, n_cached, window)
+        if inner is None:
+            inner = torch.ones(t, s, dtype=torch.bool, device=q_pos.device).tril(n_cached)[None, None]
+        front = torch.ones(*inner.shape[:3], n_prefix, dtype=torch.bool, device=q_pos.device)
+        return torch.cat([front, inner], dim=-1).expand(b, 1, t, n_prefix + s)
     if k_valid is None and window is None:
         if n_cached == 0:
             return None  # is_causal path
@@ -36,23 +45,27 @@ def attention_mask(
         allowed = allowed & (q_pos[:, :, None] - k_pos[:, None, :] < window)
     # a pad query may see nothing; let it see everything so softmax stays finite (its output is unused)
     allowed = allowed | ~allowed.any(-1, keepdim=True)
+    if n_prefix:
+        allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], n_prefix), allowed], dim=-1)
     return allowed[:, None]
 
 
-def naive_attention(q, k, v, q_pos, k_pos, k_valid, n_cached: int, window: int | None) -> torch.Tensor:
+def naive_attention(q, k, v, q_pos, k_pos, k_valid, n_cached: int, window: int | None,
+                    n_prefix: int = 0) -> torch.Tensor:
     """Reference softmax attention with the mask spelled out, one query at a time."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = torch.zeros_like(q)
     for t in range(q.shape[2]):
         for row in range(q.shape[0]):
-            keep = torch.arange(k.shape[2]) <= n_cached + t
+            keep = torch.arange(k.shape[2] - n_prefix) <= n_cached + t
             if k_valid is not None:
                 keep &= k_valid[row].cpu()
             if window is not None:
                 keep &= (q_pos[row, t] - k_pos[row]).cpu() < window
             if not keep.any():
                 keep[:] = True
+            keep = torch.cat([torch.ones(n_prefix, dtype=torch.bool), keep])
             scores = (k[row][:, keep] @ q[row, :, t, :, None])[..., 0] / q.shape[-1] ** 0.5
             out[row, :, t] = (scores.softmax(-1)[..., None] * v[row][:, keep]).sum(1)
     return out
@@ -62,10 +75,12 @@ class Attention(nn.Module):
     """Multi-head causal attention: q/k/v projections, RoPE, SDPA, output projection.
 
     x: (B, T, hidden) -> (B, T, hidden). With a state dict, keys/values/positions of past tokens are
-    kept in it (the last `window - 1` only, under a sliding window).
+    kept in it (the last `window - 1` only, under a sliding window). ``qk_norm`` RMS-normalizes q
+    and k per head. ``forward(..., prefix=P)`` prepends persistent tokens P (N_p, hidden): their
+    keys and values (without RoPE: they have no position) are visible to every query.
     """
 
-    def __init__(self, config, window: int | None = None):
+    def __init__(self, config, window: int | None = None, qk_norm: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
@@ -75,11 +90,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         cos, sin = rope_cos_sin(ctx.positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
@@ -101,10 +119,17 @@ class Attention(nn.Module):
             state["k"], state["v"] = k[:, :, k.shape[2] - keep :].detach(), v[:, :, v.shape[2] - keep :].detach()
             state["pos"] = k_pos[:, k_pos.shape[1] - keep :]
             state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
-        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window)
+        n_prefix = 0
+        if prefix is not None:
+            n_prefix = prefix.shape[0]
+            pk = self.k_norm(self.k_proj(prefix).view(n_prefix, self.num_kv_heads, self.head_dim)).transpose(0, 1)
+            pv = self.v_proj(prefix).view(n_prefix, self.num_kv_heads, self.head_dim).transpose(0, 1)
+            k = torch.cat([pk.expand(b, -1, -1, -1).to(k.dtype), k], dim=2)
+            v = torch.cat([pv.expand(b, -1, -1, -1).to(v.dtype), v], dim=2)
+        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, n_prefix)
         gqa = self.num_kv_heads != self.num_heads
         if in_reference_mode():
-            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window)
+            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix)
         elif mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
