@@ -76,11 +76,12 @@ class Attention(nn.Module):
 
     x: (B, T, hidden) -> (B, T, hidden). With a state dict, keys/values/positions of past tokens are
     kept in it (the last `window - 1` only, under a sliding window). ``qk_norm`` RMS-normalizes q
-    and k per head. ``forward(..., prefix=P)`` prepends persistent tokens P (N_p, hidden): their
-    keys and values (without RoPE: they have no position) are visible to every query.
+    and k per head. Persistent tokens P (N_p, hidden), learned here (``num_persistent``) or passed
+    as ``forward(..., prefix=P)``, are prepended to the keys and values (without RoPE: they have no
+    position) and visible to every query; they are never cached or evicted.
     """
 
-    def __init__(self, config, window: int | None = None, qk_norm: bool = False):
+    def __init__(self, config, window: int | None = None, qk_norm: bool = False, num_persistent: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
@@ -92,6 +93,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
+        self.persistent = nn.Parameter(torch.empty(num_persistent, width)) if num_persistent else None
+
+    def _tto_init(self, std: float, init) -> None:
+        if self.persistent is not None:
+            init.normal_(self.persistent, mean=0.0, std=std)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None,
                 prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,6 +126,7 @@ class Attention(nn.Module):
             state["pos"] = k_pos[:, k_pos.shape[1] - keep :]
             state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
         n_prefix = 0
+        prefix = prefix if prefix is not None else self.persistent
         if prefix is not None:
             n_prefix = prefix.shape[0]
             pk = self.k_norm(self.k_proj(prefix).view(n_prefix, self.num_kv_heads, self.head_dim)).transpose(0, 1)
