@@ -1,3 +1,3 @@
 """One file per paper. Importing this package registers every mixer."""
 
-from . import transformer, ttt  # noqa: F401  (registration side effects)
+from . import titans, transformer, ttt  # noqa: F401  (registration side effects)

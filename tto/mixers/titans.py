@@ -1,0 +1,280 @@
+"""Titans: "Titans: Learning to Memorize at Test Time" (Behrouz, Zhong, Mirrokni; arXiv:2501.00663).
+
+**Neural long-term memory (Sec. 3).** Per head, a deep MLP ``M`` (``mem_depth`` layers, hidden width
+``mem_expansion_factor`` x head_dim) is trained online on the associative loss
+``l(M; x_t) = ||M(k_t) - v_t||^2`` (``mem_loss_scale`` = 2: the unhalved square) with momentum and
+a forget gate (Eqs. 13-14)::
+
+    S_t = eta_t S_{t-1} - theta_t grad l(M_{t-1}; x_t)      (past and momentary surprise)
+    M_t = (1 - alpha_t) M_{t-1} + S_t                       (retention)
+    y_t = M_t(q_t)                                          (retrieval: a forward pass, no update)
+
+theta (``lr_gate``: ``mem_max_lr * sigmoid``), eta (``momentum_gate``: sigmoid) and alpha
+(``forget_gate``: sigmoid) are data-dependent, per token and per head: linear maps of the
+mixer input. Tokens are processed in chunks of ``chunk_size`` with every gradient taken at the
+chunk-start weights (Sec. 3.2, "parallelizing"), by the shared engine (:class:`tto.engine.Memory`
+with :class:`tto.engine.MomentumGD`) in its dual form: no per-token weights are ever built.
+
+**Read order.** The engine is update-then-read inside a chunk: token t reads ``M_t``, the weights
+that already contain its own write (and every earlier write of its chunk, all at chunk-start
+gradients). That is Eq. 15's ``y_t = M*_t(q_t)`` and titans-pytorch's order at chunk 1.
+
+**Memory layer (Sec. 4.4).** q, k, v are linear maps of the input followed by a short causal
+depthwise conv and SiLU; q and k are then l2-normalised (``rms_qk_norm``: a learned RMSNorm
+instead, as the original TTO code allows). The read-out (B, T, heads x head_dim) is normalised
+(RMSNorm), optionally gated by ``silu(gate_proj(x))`` (``use_gate``) and projected back to the
+hidden size (``use_output_proj``).
+
+**Persistent memory (Sec. 3.3).** ``num_persistent_mem_tokens`` learned vectors P are the
+paper's ``x~ = [P] || x``. They are placed as a prefix of the *attention's* keys and values
+(:class:`tto.layers.attention.Attention` with ``num_persistent``), not as extra sequence
+positions: outputs need no stripping, the sliding window and the cache never drop them, and a
+decoding step costs nothing extra.
+
+**Variants (Sec. 4)**, one small class each, chosen by ``variant``:
+
+* ``lmm``: the memory layer alone is the mixer.
+* ``mag``: memory as a gate. A sliding-window attention over [P || x] and the memory layer over x
+  run in parallel and are combined as ``RMSNorm(mem) * silu(RMSNorm(attn))`` (the paper's
+  "normalise both branches with learnable vector-valued weights, then a non-linearity").
+* ``mal``: memory as a layer. ``o = SWA([P] || M(x))``: the memory layer's output is the input of a
+  sliding-window attention.
+* ``mac`` (memory as context) is not implemented yet.
+
+Caches: LMM keeps the memory state (fast weights, momentum, pending tokens of an incomplete
+chunk) and the conv tails; MAG and MAL add the attention's keys/values of the last
+``sliding_window - 1`` tokens, so their cache is bounded.
+
+Differences from the paper, each a choice the paper leaves open or a decoding necessity:
+
+* persistent tokens live in the attention only. LMM has no attention, so it has none: a fixed,
+  data-independent prefix written into the memory would only move its initial weights, which
+  are already learned parameters. In MAG/MAL the memory branch reads x, not [P] || x.
+* persistent keys carry no RoPE (they have no position).
+* the memory's q/k/v have no RoPE (the original TTO code rotates them; the paper does not).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import Context
+from ..config import TTOConfig, config_error
+from ..engine import ACTIVATIONS, MLPMemory, Memory, MomentumGD, SquaredError
+from ..layers.attention import Attention
+from ..layers.conv import ShortConv
+from ..registry import register
+
+#: the original TTO recipes' model fields (configs/titans_lmm_300m.yml, configs/titans_mag_335m.yml)
+_RECIPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2736, num_hidden_layers=16,
+               hidden_act="silu", chunk_size=8, num_mem_heads=16, num_persistent_mem_tokens=4,
+               use_output_proj=True)
+TITANS_PRESETS = {
+    "300m": dict(_RECIPE, variant="lmm", use_gate=False, scan_checkpoint_group_size=16),
+    "335m": dict(_RECIPE, variant="mal", num_attention_heads=16, num_key_value_heads=4, use_gate=True,
+                 scan_checkpoint_group_size=8, sliding_window=256, rms_qk_norm=True),
+    # small chunks and windows, so 13 tokens cross every boundary (tests, smoke runs)
+    "tiny": dict(num_mem_heads=2, chunk_size=2, sliding_window=5, num_persistent_mem_tokens=2,
+                 num_key_value_heads=1, forget_gate_bias_init=-4.0),
+    # the other branch of every option: RMSNorm q/k, no gate, no output projection, linear memory
+    "tiny-rms-linear": dict(num_mem_heads=2, chunk_size=2, sliding_window=5,
+                            num_persistent_mem_tokens=1, rms_qk_norm=True, use_gate=False,
+                            use_output_proj=False, mem_depth=1, variant="mal"),
+}
+
+
+class TitansConfig(TTOConfig):
+    """Titans fields; the names of the original TTO Titans configs, and its defaults."""
+
+    model_type: ClassVar[str] = "tto_titans"
+    choices: ClassVar[dict[str, tuple]] = {
+        **TTOConfig.choices,
+        "variant": ("lmm", "mag", "mal"),
+        "mem_activation": tuple(ACTIVATIONS),
+    }
+    variant_field: ClassVar[str] = "variant"
+    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
+        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor")
+
+    # --- backbone defaults of the original code ---
+    hidden_size: int = 2048
+    intermediate_size: int = 5504
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32  # heads of the attention branch (MAC/MAG/MAL)
+    num_key_value_heads: int | None = None  # KV heads of the attention branch (None: num_attention_heads)
+    sliding_window: int | None = 2048  # MAG/MAL attention window (None: full causal attention)
+    tie_word_embeddings: bool = False  # the original recipes keep a separate LM head
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    # --- Titans ---
+    variant: str = "lmm"  # "lmm": memory alone; "mag": memory as a gate; "mal": memory as a layer
+    chunk_size: int = 8  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
+    num_mem_heads: int = 32  # memory heads; each has its own MLP memory of width hidden_size // num_mem_heads
+    mem_depth: int = 2  # L_M: layers of the memory MLP (1: a matrix memory)
+    mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
+    mem_activation: str = "silu"  # activation between the memory MLP's layers
+    mem_residual_norm: bool = False  # memory is x + LayerNorm(MLP(x)) (titans-pytorch) instead of MLP(x)
+    mem_loss_scale: float = 2.0  # inner loss scale/2 * ||M(k) - v||^2: 2 is the paper's unhalved square
+    mem_max_lr: float = 0.1  # theta_t = mem_max_lr * sigmoid(.): bound of the inner step (titans-pytorch train_mac: 0.1; 1.0 diverges)
+    lr_gate_bias_init: float = 0.0  # initial bias of the theta gate (pre-sigmoid)
+    momentum_gate_bias_init: float = 0.0  # initial bias of the eta gate (pre-sigmoid)
+    forget_gate_bias_init: float = 0.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
+    num_persistent_mem_tokens: int = 4  # N_p learned persistent tokens, a prefix of the attention's keys/values
+    use_gate: bool = True  # memory output gated by silu(gate_proj(x)) (GSS-style, Sec. 4.4)
+    use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
+    rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the paper's l2 norm (and on attention q/k)
+    scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_size % self.num_mem_heads:
+            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
+        for name in ("num_persistent_mem_tokens", "scan_checkpoint_group_size"):
+            if getattr(self, name) < 0:
+                raise config_error(name, getattr(self, name), "must be >= 0")
+
+
+class Gate(nn.Module):
+    """A data-dependent gate per token and head: ``scale * sigmoid(x W^T + b)``, (B, T, heads)."""
+
+    def __init__(self, width: int, heads: int, scale: float, bias_init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, width))
+        self.bias = nn.Parameter(torch.empty(heads))
+        self.scale, self.bias_init = scale, bias_init
+
+    def _tto_init(self, std: float, init) -> None:
+        init.normal_(self.weight, mean=0.0, std=std)
+        init.constant_(self.bias, self.bias_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.sigmoid(F.linear(x, self.weight, self.bias))
+
+
+class NeuralMemory(nn.Module):
+    """The memory layer: x (B, T, hidden) -> (B, T, hidden), reading and writing the same stream.
+
+    State keys: the engine's ``<name>.W.*``, ``<name>.S.*``, ``<name>.pending.*`` (fast weights,
+    momentum, tokens of an incomplete chunk) and the conv tails ``<name>_conv_{q,k,v}``.
+    """
+
+    def __init__(self, config: TitansConfig, name: str = "memory"):
+        super().__init__()
+        self.name = name
+        self.num_heads = config.num_mem_heads
+        self.head_dim = config.hidden_size // config.num_mem_heads
+        width, inner = config.hidden_size, config.num_mem_heads * self.head_dim
+        self.q_proj = nn.Linear(width, inner, bias=False)
+        self.k_proj = nn.Linear(width, inner, bias=False)
+        self.v_proj = nn.Linear(width, inner, bias=False)
+        self.conv_q = ShortConv(inner, config.conv_kernel)
+        self.conv_k = ShortConv(inner, config.conv_kernel)
+        self.conv_v = ShortConv(inner, config.conv_kernel)
+        norm = lambda: nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.rms_qk_norm else None  # noqa: E731
+        self.q_norm, self.k_norm = norm(), norm()
+        self.lr_gate = Gate(width, self.num_heads, config.mem_max_lr, config.lr_gate_bias_init)  # theta_t
+        self.momentum_gate = Gate(width, self.num_heads, 1.0, config.momentum_gate_bias_init)  # eta_t
+        self.forget_gate = Gate(width, self.num_heads, 1.0, config.forget_gate_bias_init)  # alpha_t
+        fast = MLPMemory(self.num_heads, self.head_dim, depth=config.mem_depth, expansion=config.mem_expansion_factor,
+                         activation=config.mem_activation, bias=False, residual_norm=config.mem_residual_norm,
+                         norm_eps=config.rms_norm_eps, init_std=config.initializer_range)
+        self.memory = Memory(fast, SquaredError(config.mem_loss_scale), MomentumGD(), config.chunk_size,
+                             checkpoint_group=config.scan_checkpoint_group_size, state_prefix=name)
+        self.out_norm = nn.RMSNorm(inner, eps=config.rms_norm_eps)
+        self.gate_proj = nn.Linear(width, inner, bias=False) if config.use_gate else None
+        self.o_proj = nn.Linear(inner, width, bias=False) if config.use_output_proj else None
+
+    def _view(self, proj: nn.Linear, conv: ShortConv, x, ctx: Context, state, key: str) -> torch.Tensor:
+        """SiLU(conv(proj(x))) per head: (B, T, heads, head_dim)."""
+        h = F.silu(conv(proj(x), ctx.mask, state, f"{self.name}_{key}"))
+        return h.view(*x.shape[:2], self.num_heads, self.head_dim)
+
+    def _normalize(self, h: torch.Tensor, norm: nn.RMSNorm | None) -> torch.Tensor:
+        return F.normalize(h, dim=-1) if norm is None else norm(h)
+
+    def qkv(self, x: torch.Tensor, ctx: Context, state: dict | None):
+        """q, k, v (B, T, heads, head_dim) of the memory layer."""
+        q = self._normalize(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q"), self.q_norm)
+        k = self._normalize(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k"), self.k_norm)
+        v = self._view(self.v_proj, self.conv_v, x, ctx, state, "conv_v")
+        return q, k, v
+
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """theta, eta, alpha (B, T, heads) as the engine's MomentumGD gates."""
+        return {"lr": self.lr_gate(x), "momentum": self.momentum_gate(x), "forget": self.forget_gate(x)}
+
+    def output(self, read: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Read-outs (B, T, heads, head_dim) -> (B, T, hidden): RMSNorm, gate by x, projection."""
+        out = self.out_norm(read.flatten(2))
+        if self.gate_proj is not None:
+            out = out * F.silu(self.gate_proj(x))
+        return out if self.o_proj is None else self.o_proj(out)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        q, k, v = self.qkv(x, ctx, state)
+        return self.output(self.memory(q, k, v, self.gates(x), ctx.mask, state), x)
+
+
+def persistent_attention(config: TitansConfig) -> Attention:
+    """The attention branch: sliding window, persistent tokens as a key/value prefix, RMSNorm q/k
+    when ``rms_qk_norm``."""
+    return Attention(config, window=config.sliding_window, qk_norm=config.rms_qk_norm,
+                     num_persistent=config.num_persistent_mem_tokens)
+
+
+class LMM(nn.Module):
+    """Titans LMM: the memory layer alone."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.memory = NeuralMemory(config)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        return self.memory(x, ctx, state)
+
+
+class MAG(nn.Module):
+    """Titans MAG: ``o = RMSNorm(M(x)) * silu(RMSNorm(SWA([P] || x)))``."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.memory = NeuralMemory(config)
+        self.attention = persistent_attention(config)
+        self.memory_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        y = self.attention(x, ctx, state)
+        return self.memory_norm(self.memory(x, ctx, state)) * F.silu(self.attention_norm(y))
+
+
+class MAL(nn.Module):
+    """Titans MAL: ``o = SWA([P] || M(x))``."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.memory = NeuralMemory(config)
+        self.attention = persistent_attention(config)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        return self.attention(self.memory(x, ctx, state), ctx, state)
+
+
+#: variant -> block wiring
+VARIANTS: dict[str, type[nn.Module]] = {"lmm": LMM, "mag": MAG, "mal": MAL}
+
+
+@register("titans", config=TitansConfig, presets=TITANS_PRESETS, paper="arXiv:2501.00663 (Behrouz et al., 2025)")
+class TitansMixer(nn.Module):
+    """Titans mixer: x (B, T, hidden) -> (B, T, hidden), wired as `config.variant`."""
+
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__()
+        self.wiring = VARIANTS[config.variant](config)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
+        return self.wiring(x, ctx, state)
