@@ -17,8 +17,8 @@ from tto.cli import OneLineErrors
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-#: sizes of the random-init model built by --config-type (the type's own fields keep their defaults)
-RANDOM_INIT_SIZES = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4)
+#: --config-type T builds the model of configs/tiny/T.yml (every registered type has one; CI checks)
+TINY_CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 
 
 def parse_args(argv):
@@ -72,6 +72,7 @@ def load(args):
 
     import tto
     from tto.data import load_tokenizer
+    from tto.training import load_recipe
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -83,11 +84,14 @@ def load(args):
     if args.model is not None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:
+        entry = tto.get(args.config_type)
+        fields = {k: v for k, v in load_recipe(TINY_CONFIGS / f"{args.config_type}.yml").model.items() if k != "type"}
+        if args.variant is not None:
+            fields[entry.config_class.variant_field] = args.variant
+        fields.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(args.seed)
-        config = tto.build_config(args.config_type, variant=args.variant, vocab_size=len(tokenizer),
-                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, **RANDOM_INIT_SIZES)
-        model = tto.get(args.config_type).model_class(config).to(dtype)
+        model = entry.model_class(tto.build_config(args.config_type, **fields)).to(dtype)
     return model.to(device).eval(), tokenizer, device
 
 
@@ -117,7 +121,10 @@ def main(argv=None) -> int:
     from tto import TTOCache
 
     torch.manual_seed(args.seed)
-    model, tokenizer, device = load(args)
+    try:  # a tokenizer or model that cannot be loaded: one line, like a usage error
+        model, tokenizer, device = load(args)
+    except (OSError, ValueError) as err:
+        parser.error(str(err).splitlines()[0])
     encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)  # noqa: E731
     if not args.chat:
         prompt = args.prompt if args.prompt is not None else input("prompt> ")

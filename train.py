@@ -19,21 +19,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("config", help="YAML recipe (dataset, model, tokenizer, training_args)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=128")
     args = parser.parse_args(argv)
-    from tto.training import load_recipe, train
+    from tto.training import build_trainer, load_recipe, run
 
-    try:
-        recipe = load_recipe(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
+    try:  # problems with the recipe or its inputs: one line, before any training
+        trainer, resume = build_trainer(load_recipe(args.config, args.overrides))
+    except (ValueError, OSError) as err:
         parser.exit(2, f"train.py: error: {err}\n")
-    try:
-        metrics = train(recipe)
-    except (FileExistsError, OSError, ValueError) as err:
-        parser.exit(2, f"train.py: error: {err}\n")
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k in ("train_loss", "eval_loss"))
-    print(f"rank {rank}: done {summary}", flush=True)
+    metrics = run(trainer, resume)
+    if trainer.is_world_process_zero():
+        summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k in ("train_loss", "eval_loss"))
+        print(f"done: {summary}; model saved in {trainer.args.output_dir}", flush=True)
     return metrics
 
 

@@ -94,3 +94,11 @@ def test_missing_text_column_is_named(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}))
     with pytest.raises(ValueError, match="no column 'text'.*body"):
         load_documents(str(tmp_path / "a.jsonl"))
+
+
+def test_missing_local_path_is_not_taken_for_a_hub_name(tmp_path):
+    for name in (str(tmp_path / "nope.jsonl"), str(tmp_path / "*.txt"), "data/train.parquet"):
+        with pytest.raises(FileNotFoundError, match="no such file"):
+            load_documents(name)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_tokenizer(str(tmp_path / "tok"))

@@ -44,6 +44,7 @@ class DatasetSection:
     num_proc: int | None = None  # tokenization processes
     options: dict = field(default_factory=dict)  # arguments of a built-in corpus (e.g. num_documents, seed)
     seed: int = 0  # seed of the held-out split
+    max_eval_samples: int | None = None  # evaluate on at most this many held-out blocks (None: all)
 
 
 @dataclass(kw_only=True)
@@ -116,13 +117,20 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return parse_recipe(apply_overrides(raw, list(overrides)))
 
 
-def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse to write into a non-empty directory unless resuming or explicitly allowed."""
-    if output_dir.exists() and any(output_dir.iterdir()) and not (resuming or overwrite):
+def check_output_dir(output_dir: Path, resume, overwrite: bool) -> None:
+    """Refuse to write into a non-empty directory unless resuming or explicitly allowed, and make
+    sure there is a checkpoint to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
         raise FileExistsError(
             f"output_dir {str(output_dir)!r} is not empty; resume with training_args.resume_from_checkpoint=true "
             f"(or a checkpoint path), allow it with training_args.overwrite_output_dir=true, or pick another dir"
         )
+    if resume is True and not (output_dir.is_dir() and get_last_checkpoint(str(output_dir))):
+        raise FileNotFoundError(f"resume_from_checkpoint=true, but output_dir {str(output_dir)!r} has no checkpoint-*")
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={resume!r}: no such checkpoint directory")
 
 
 def configure_wandb(report_to) -> None:
@@ -130,10 +138,10 @@ def configure_wandb(report_to) -> None:
     wanted = report_to == "wandb" or (isinstance(report_to, (list, tuple)) and "wandb" in report_to)
     if not wanted or os.environ.get("WANDB_MODE"):
         return
-    from .data.hub import hub_reachable
+    from .data.offline import host_reachable
 
     has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().exists()
-    if not has_key or not hub_reachable():
+    if not has_key or not host_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
         os.environ["WANDB_MODE"] = "offline"
 
 
@@ -150,8 +158,12 @@ def save_atomically(model, tokenizer, output_dir: Path) -> None:
     tmp.rmdir()
 
 
-def train(recipe: Recipe, callbacks=()) -> dict:
-    """Run a recipe with the HF Trainer; returns the final metrics."""
+def build_trainer(recipe: Recipe, callbacks=()):
+    """Everything before the first step: output dir check, tokenizer, data, model, Trainer.
+
+    Returns ``(trainer, resume_from_checkpoint)``. Problems with the recipe or its inputs raise
+    ValueError / OSError here, before any training.
+    """
     import torch
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
@@ -168,8 +180,7 @@ def train(recipe: Recipe, callbacks=()) -> dict:
     args.setdefault("data_seed", args.get("seed", 42))  # else the sampler may draw its seed from the clock
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         args["use_cpu"] = True
-    output_dir = Path(args["output_dir"])
-    check_output_dir(output_dir, bool(resume), overwrite)
+    check_output_dir(Path(args["output_dir"]), resume, overwrite)
     configure_wandb(args["report_to"])
 
     tokenizer = load_tokenizer(recipe.tokenizer)
@@ -186,8 +197,10 @@ def train(recipe: Recipe, callbacks=()) -> dict:
     eval_set = None
     if ds.eval_fraction > 0:
         parts = docs.train_test_split(test_size=ds.eval_fraction, seed=ds.seed)
-        docs, eval_docs = parts["train"], parts["test"]
-        eval_set = pack_documents(eval_docs, tokenizer, ds.max_seq_length, ds.num_proc)
+        docs = parts["train"]
+        eval_set = pack_documents(parts["test"], tokenizer, ds.max_seq_length, ds.num_proc)
+        if ds.max_eval_samples is not None:
+            eval_set = eval_set.select(range(min(ds.max_eval_samples, len(eval_set))))
     train_set = pack_documents(docs, tokenizer, ds.max_seq_length, ds.num_proc)
     if len(train_set) == 0:
         raise ValueError(f"dataset {ds.name!r} has fewer than max_seq_length={ds.max_seq_length} tokens")
@@ -198,11 +211,25 @@ def train(recipe: Recipe, callbacks=()) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
                       data_collator=default_data_collator, processing_class=tokenizer, callbacks=list(callbacks))
+    return trainer, resume
+
+
+def run(trainer, resume=None) -> dict:
+    """Train, evaluate the final model (unless that was just done) and save it; returns the metrics."""
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        if last is None or last["step"] != trainer.state.global_step:
+            last = trainer.evaluate()
+        metrics.update({k: v for k, v in last.items() if k.startswith("eval_")})
     if trainer.is_world_process_zero():
-        save_atomically(trainer.model, tokenizer, output_dir)
+        output_dir = Path(trainer.args.output_dir)
+        save_atomically(trainer.model, trainer.processing_class, output_dir)
         (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def train(recipe: Recipe, callbacks=()) -> dict:
+    """Run a recipe with the HF Trainer; returns the final metrics."""
+    return run(*build_trainer(recipe, callbacks))

@@ -17,7 +17,7 @@ import datasets
 from datasets import Dataset, load_dataset, load_from_disk
 
 from .corpora import builtin_documents
-from .hub import hub_error, hub_reachable
+from .offline import hub_error, hub_reachable, looks_like_hub_id
 
 FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -46,6 +46,8 @@ def load_documents(name: str, *, split: str = "train", subset: str | None = None
         if len(kinds) != 1 or None in kinds:
             raise ValueError(f"dataset {name!r}: files must share one format of {sorted(FORMATS)}, got {files[:5]}")
         ds = load_dataset(kinds.pop(), data_files=files, split="train")
+    elif not looks_like_hub_id(name) or Path(name).suffix in FORMATS:
+        raise FileNotFoundError(f"dataset {name!r}: no such file or directory, and no file matches it as a glob")
     else:
         hub_reachable()
         try:

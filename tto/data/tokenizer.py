@@ -7,7 +7,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .hub import hub_error, hub_reachable
+from .offline import hub_error, hub_reachable, looks_like_hub_id
 
 BYTE_TOKENIZER = "builtin:bytes"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; the 256 bytes follow
@@ -38,6 +38,8 @@ def load_tokenizer(spec: str):
     if spec.startswith("builtin:"):
         raise ValueError(f"unknown built-in tokenizer {spec!r}; valid: [{BYTE_TOKENIZER!r}]")
     if not Path(spec).is_dir():
+        if not looks_like_hub_id(spec):
+            raise FileNotFoundError(f"tokenizer {spec!r}: no such directory")
         hub_reachable()
     try:
         tok = AutoTokenizer.from_pretrained(spec)

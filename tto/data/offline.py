@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 from urllib.parse import urlparse
 
@@ -18,18 +19,26 @@ OFFLINE_HINT = (
 )
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """`name` or `owner/name` (not a path such as ./x, /x, ~/x or a/b/c)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def host_reachable(url: str, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the host of `url` (port 443) opens within `timeout` seconds."""
+    try:
+        socket.create_connection((urlparse(url).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 2.0) -> bool:
+def hub_reachable() -> bool:
     """Whether the hub answers; when it does not, put huggingface_hub and datasets offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        reachable = False
-    else:
-        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            reachable = True
-        except OSError:
-            reachable = False
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    reachable = not offline and host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     if not reachable:
         import datasets
         import huggingface_hub
