@@ -45,7 +45,7 @@ def test_quickstart_commands_as_written(tmp_path):
         assert argv[0] == "python"
         script, args = root / argv[1], [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', line.split("#")[0])[2:]]
         result = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=600)
+                                timeout=1500)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs.append(result.stdout)
     metrics = json.loads((tmp_path / "runs" / "quickstart" / "train_metrics.json").read_text())
