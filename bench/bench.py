@@ -1,240 +1,394 @@
-"""Speed and memory of every registered type against a same-size HF Llama, in one process.
+"""Speed and memory of every registered tto type against a same-size HF Llama, in one process.
 
     python bench/bench.py                      # full run: seq 512 and 2048, decode at 1K/4K/16K
     python bench/bench.py --quick              # smoke run, < 1 minute
-    python bench/bench.py --types ttt --seq 2048 --decode-contexts 1024 16384
+    python bench/bench.py --types ttt --variants linear --seq 2048 --decode-contexts 1024 16384
 
-Every case is measured round-robin (order reversed each round) so machine noise hits all of
-them alike, and reported as a ratio to the Llama measured in the same run. Figures:
+Method (as in shared/design/PEERS-CPU.md): float32, 2 threads; for each measure every case runs
+once untimed (warm-up), once under the FLOP counter, then `--iters` timed rounds round-robin with
+the order reversed every other round, a 1024^3 matmul "ceiling" sample in every round; the median
+is reported with the worst and best rounds. Ratios are to the baseline measured in the same run.
 
-* train tok/s: forward + backward of the LM loss (no optimizer step), as in PEERS-CPU.md;
-* prefill tok/s: one forward without cache;
-* decode tok/s: after an untimed prefill, 32 greedy tokens one at a time with the model's own
-  cache (both sequences of the batch counted);
-* peak MB: the rise of the process's resident memory during one training iteration, sampled
-  every millisecond after ``malloc_trim``.
+* train: forward + backward of the loss (no optimizer step), batch x seq tokens;
+* prefill: one forward without cache (no grad);
+* decode: after an untimed prefill of `context` tokens, 32 greedy tokens one at a time with the
+  model's own cache (both rows of the batch counted);
+* peak RSS: process high-water mark during one untimed train/prefill iteration, and its rise
+  over the resident memory just before (after ``malloc_trim``).
 
-Results are printed as a markdown table and written as JSON to ``bench/results/``.
+A case that fails is reported as an error (row or cell) and the run goes on. The markdown
+report is printed; everything, including each timed sample, goes to ``bench/results/<time>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
+import copy
 import json
+import os
+import platform
 import statistics
-import threading
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
 
-import tto
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, wherever this is run from
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tto from this checkout
 
-SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
-DECODE_TOKENS = 32
-PREFILL_PIECE = 2048  # long contexts are prefilled in pieces of this many tokens (untimed)
+import tto  # noqa: E402
+from measure import (CEILING_FLOPS, ForeignCPU, PeakRSS, count_flops, matmul_ceiling, timed, trim,  # noqa: E402
+                     wait_idle)
+from models import (DECODE_TOKENS, LAYER_BASELINE, LM_BASELINE, SMALL, Case, baseline_cases, peer_cases,  # noqa: E402
+                    titans_pytorch_version, tto_cases)
+
+BASELINE = {"lm": LM_BASELINE, "layer": LAYER_BASELINE}
+CEILING = "mm1024"
+FAILED = object()  # what Run.attempt returns when the call raised
+
+# Acceptance figures of the tracker's issues 2 (item 8) and 3 (item 5), checked when both cases ran:
+# (what, (group, case, measure), (group, case, measure), metric, "min"/"max", bound on the ratio).
+TARGETS = [
+    ("TTT-Linear train >= 0.6x Llama @2048", ("lm", "ttt-linear", "train@2048"), ("lm", "llama", "train@2048"),
+     "tok_s", "min", 0.6),
+    ("TTT-MLP train >= 0.4x Llama @2048", ("lm", "ttt-mlp", "train@2048"), ("lm", "llama", "train@2048"),
+     "tok_s", "min", 0.4),
+    ("titans memory layer train >= 3x titans-pytorch NeuralMemory @2048", ("layer", "titans-lmm", "train@2048"),
+     ("layer", "titans-pytorch-nm", "train@2048"), "tok_s", "min", 3.0),
+    ("titans memory layer train peak rise <= 0.5x NeuralMemory's @2048", ("layer", "titans-lmm", "train@2048"),
+     ("layer", "titans-pytorch-nm", "train@2048"), "peak_rise_mb", "max", 0.5),
+    ("titans MAC train >= 3x titans-pytorch MAC @2048", ("lm", "titans-mac", "train@2048"),
+     ("lm", "titans-pytorch-mac", "train@2048"), "tok_s", "min", 3.0),
+    ("titans MAC train peak rise <= 0.5x titans-pytorch MAC's @2048", ("lm", "titans-mac", "train@2048"),
+     ("lm", "titans-pytorch-mac", "train@2048"), "peak_rise_mb", "max", 0.5),
+]
 
 
 @dataclass
-class Case:
-    name: str
-    build: callable
-    times: dict = field(default_factory=dict)  # measure -> [seconds]
-    peak_mb: float | None = None
-    error: str | None = None
+class Measure:
+    label: str  # "train@512", "prefill@2048", "decode@16384"
+    group: str  # "lm" or "layer"
+    kind: str  # "train", "prefill" or "decode"
+    seq: int  # sequence length, or decode context
+    tokens: int  # tokens processed by one sample
 
 
-def cases(types: list[str] | None) -> list[Case]:
-    out = [Case("llama", lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True,
-                                                            attn_implementation="sdpa")))]
-    for name in tto.available():
-        if name == "transformer" or (types and name not in types):
-            continue
-        entry = tto.get(name)
-        for variant, fields in entry.variant_configs():
-            label = f"{name}-{variant}" if variant else name
-            out.append(Case(label, lambda e=entry, f=fields: e.model_class(tto.build_config(e.name, **SMALL, **f))))
-    if not types or "transformer" in types:
-        out.append(Case("transformer", lambda: tto.get("transformer").model_class(tto.build_config("transformer", **SMALL))))
+def plan(args) -> list[Measure]:
+    """Measures in run order: per seq LM train/prefill then layer train/prefill; then decode by context."""
+    out = []
+    for seq in args.seq:
+        for group in ("lm", "layer") if args.layers else ("lm",):
+            out += [Measure(f"{kind}@{seq}", group, kind, seq, args.batch * seq) for kind in ("train", "prefill")]
+    for ctx in sorted(set(args.seq) | set(args.decode_contexts)):
+        out.append(Measure(f"decode@{ctx}", "lm", "decode", ctx, args.batch * DECODE_TOKENS))
     return out
 
 
-def trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+class Run:
+    """Builds the cases, measures them, and collects everything into a JSON-ready dict."""
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
-class PeakRSS:
-    """Highest resident memory while the block runs, sampled every millisecond."""
-
-    def __enter__(self):
-        trim()
-        self.base = self.peak = rss_mb()
-        self._run = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while self._run:
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._run = False
-        self._thread.join()
-        self.rise = self.peak - self.base
-
-
-def train_step(model, x) -> None:
-    model.train()
-    model(x, labels=x).loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-@torch.no_grad()
-def prefill(model, x) -> None:
-    model.eval()
-    model(x, use_cache=False)
-
-
-@torch.no_grad()
-def prefill_cache(model, x):
-    """Prefill `x` in pieces (bounded memory) and return (cache, next token)."""
-    model.eval()
-    cache, out = None, None
-    for start in range(0, x.shape[1], PREFILL_PIECE):
-        out = model(x[:, start : start + PREFILL_PIECE], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-    return cache, out.logits[:, -1:].argmax(-1)
-
-
-@torch.no_grad()
-def decode(model, cache, token) -> None:
-    for _ in range(DECODE_TOKENS):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
-def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    all_cases = cases(args.types)
-    models = {}
-    for case in all_cases:
-        try:
-            models[case.name] = case.build()
-        except Exception as err:  # a broken entry is reported, not fatal
-            case.error = f"build: {type(err).__name__}: {err}"
-    live = [c for c in all_cases if c.error is None]
-    batch = args.batch
-    measures = []
-    for seq in args.seq:
-        x = torch.randint(0, SMALL["vocab_size"], (batch, seq))
-        measures.append((f"train@{seq}", batch * seq, lambda m, x=x: timed(train_step, m, x)))
-        measures.append((f"prefill@{seq}", batch * seq, lambda m, x=x: timed(prefill, m, x)))
-    for ctx in sorted(set(args.seq) | set(args.decode_contexts)):
-        x = torch.randint(0, SMALL["vocab_size"], (batch, ctx))
-
-        def dec(m, x=x):
-            cache, token = prefill_cache(m, x)
-            trim()  # release what the long prefill left behind, so only decoding is measured
-            return timed(decode, m, cache, token)
-
-        measures.append((f"decode@{ctx}", batch * DECODE_TOKENS, dec))
-
-    for label, _, fn in measures:
-        for case in live:  # warm-up
+    def __init__(self, args, cases: list[Case]):
+        self.args = args
+        self.cases, self.adapters = cases, {}
+        self.ceiling_s: list[float] = []
+        self.noise: dict[str, list[float]] = {}
+        self.results = {"lm": {}, "layer": {}}
+        for case in cases:
+            entry = self.entry(case)
+            entry.update(config=case.config, params=None, errors={}, measures={})
             try:
-                fn(models[case.name])
-            except Exception as err:
-                case.error = f"{label}: {type(err).__name__}: {err}"
-        order = [c for c in live if c.error is None]
-        for r in range(args.iters):
+                adapter = case.build()
+                entry["params"] = sum(p.numel() for p in adapter.module.parameters())
+                self.adapters[case.group, case.name] = adapter
+            except Exception as err:  # a broken entry is reported, not fatal
+                self.fail(case, "build", err)
+
+    def entry(self, case: Case) -> dict:
+        return self.results[case.group].setdefault(case.name, {})
+
+    def fail(self, case: Case, label: str, err: Exception) -> None:
+        msg = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
+        self.entry(case)["errors"][label] = msg
+        print(f"  ERROR {case.group}/{case.name} {label}: {msg}", file=sys.stderr, flush=True)
+        if self.args.verbose:
+            traceback.print_exc()
+
+    def attempt(self, case: Case, label: str, fn, *args):
+        """fn(*args); on an exception record it against (case, label) and return FAILED."""
+        try:
+            return fn(*args)
+        except Exception as err:
+            self.fail(case, label, err)
+            return FAILED
+
+    def measure(self, m: Measure) -> None:
+        """Warm-up, FLOP count, round-robin timed rounds and peak memory of one measure."""
+        started = time.monotonic()
+        steps = {}  # case name -> (setup() -> args, run(*args)); only `run` is timed
+        for case in self.cases:
+            adapter = self.adapters.get((case.group, case.name))
+            if case.group != m.group or adapter is None:
+                continue
+            if m.kind != "decode":
+                steps[case.name] = (lambda: (self.args.batch, m.seq), getattr(adapter, m.kind))
+            elif adapter.can_decode:
+                prefilled = self.attempt(case, m.label, adapter.start_decode, self.args.batch, m.seq)
+                if prefilled is not FAILED:
+                    steps[case.name] = (lambda p=prefilled: (copy.deepcopy(p),), adapter.decode)
+        live = [c for c in self.cases if c.group == m.group and c.name in steps]
+        live = [c for c in live if self.attempt(c, m.label, self.call, steps[c.name]) is not FAILED]  # warm-up
+        if m.kind != "decode" and self.args.flops:
+            for case in live:
+                flops = self.attempt(case, f"{m.label} flops", count_flops, self.call, steps[case.name])
+                self.sample(case, m)["flops"] = None if flops is FAILED else flops
+
+        for r in range(self.args.iters):
+            wait_idle(self.args.idle_wait)
+            order = live + [None]  # None: the matmul ceiling sample
             for case in order if r % 2 == 0 else order[::-1]:
-                case.times.setdefault(label, []).append(fn(models[case.name]))
-        print(f"  measured {label}", flush=True)
+                if case is None:
+                    trim()
+                    self.ceiling_s.append(matmul_ceiling())
+                elif m.label not in self.entry(case)["errors"]:
+                    setup, run = steps[case.name]
+                    inputs = setup()
+                    trim()
+                    with ForeignCPU() as foreign:
+                        seconds = self.attempt(case, m.label, timed, run, *inputs)
+                    if seconds is not FAILED:
+                        self.sample(case, m).setdefault("seconds", []).append(seconds)
+                        self.noise.setdefault(f"{m.group} {m.label}", []).append(foreign.share)
 
-    train_seq = max(args.seq)
-    x = torch.randint(0, SMALL["vocab_size"], (batch, train_seq))
-    for case in live:
-        if case.error is None:
-            with PeakRSS() as peak:
-                train_step(models[case.name], x)
-            case.peak_mb = peak.rise
+        if m.kind != "decode":
+            for case in live:
+                if m.label not in self.entry(case)["errors"]:
+                    with PeakRSS() as peak:
+                        result = self.attempt(case, f"{m.label} peak", self.call, steps[case.name])
+                    if result is not FAILED:
+                        self.sample(case, m).update(peak_mb=peak.peak, peak_rise_mb=peak.rise)
+        steps.clear()
+        trim()
+        print(f"  {m.group:5s} {m.label:14s} {len(live)} cases, {time.monotonic() - started:6.1f} s", flush=True)
 
-    results = {"settings": {**SMALL, "batch": batch, "threads": args.threads, "iters": args.iters,
-                            "torch": torch.__version__, "peak_at_seq": train_seq}, "cases": {}}
-    for label, tokens, _ in measures:
-        base = statistics.median(all_cases[0].times[label]) if label in all_cases[0].times else None
-        for case in all_cases:
-            entry = results["cases"].setdefault(case.name, {"error": case.error, "peak_train_mb": case.peak_mb,
-                                                            "params": None})
-            if label in case.times:
-                t = case.times[label]
-                entry[label] = {"tok_s": tokens / statistics.median(t), "worst": tokens / max(t),
-                                "best": tokens / min(t), "ratio_to_llama": base / statistics.median(t) if base else None}
-    for case in all_cases:
-        if case.name in models:
-            results["cases"][case.name]["params"] = sum(p.numel() for p in models[case.name].parameters())
-    return results
+    @staticmethod
+    def call(step) -> None:
+        """One untimed iteration: run(*setup())."""
+        setup, run = step
+        run(*setup())
+
+    def sample(self, case: Case, m: Measure) -> dict:
+        return self.entry(case)["measures"].setdefault(m.label, {"tokens": m.tokens})
+
+    def summarize(self) -> None:
+        """Median tok/s, worst/best, ratio to the group's baseline, GFLOP/s and % of the ceiling."""
+        ceiling = statistics.median(CEILING_FLOPS / s / 1e9 for s in self.ceiling_s) if self.ceiling_s else None
+        for group, cases in self.results.items():
+            for name, entry in cases.items():
+                for label, s in entry["measures"].items():
+                    if s.get("seconds"):
+                        median = statistics.median(s["seconds"])
+                        s.update(tok_s=s["tokens"] / median, worst=s["tokens"] / max(s["seconds"]),
+                                 best=s["tokens"] / min(s["seconds"]))
+                        if s.get("flops"):
+                            s.update(gflop_s=s["flops"] / median / 1e9, flop_per_token=s["flops"] / s["tokens"])
+                            if ceiling:
+                                s["pct_ceiling"] = 100 * s["gflop_s"] / ceiling
+            base = cases.get(BASELINE[group], {}).get("measures", {})
+            for entry in cases.values():
+                for label, s in entry["measures"].items():
+                    ref = base.get(label, {}).get("tok_s")
+                    if "tok_s" in s and ref:
+                        s["ratio"] = s["tok_s"] / ref
+        gflops = [CEILING_FLOPS / s / 1e9 for s in self.ceiling_s]
+        self.results["ceiling"] = {"what": "8 x fp32 mm 1024^3 per sample, interleaved with the cases",
+                                   "gflop_s_median": statistics.median(gflops) if gflops else None,
+                                   "gflop_s_best": max(gflops, default=None), "gflop_s_worst": min(gflops, default=None)}
+        self.results["foreign_cpu"] = {label: {"mean": statistics.fmean(v), "max": max(v)}
+                                       for label, v in self.noise.items()}
+        self.results["targets"] = check_targets(self.results)
 
 
-def table(results: dict) -> str:
-    labels = sorted({k for c in results["cases"].values() for k in c if "@" in k},
-                    key=lambda s: (s.split("@")[0], int(s.split("@")[1])))
-    lines = ["| model | params | " + " | ".join(labels) + f" | peak train MB (seq {results['settings']['peak_at_seq']}) |",
-             "|---|---:|" + "---:|" * len(labels) + "---:|"]
-    for name, c in results["cases"].items():
-        if c["error"]:
-            lines.append(f"| {name} | error: {c['error']} |")
-            continue
-        cells = [f"{c[k]['tok_s']:,.0f} ({c[k]['ratio_to_llama']:.2f}x)" if k in c else "" for k in labels]
-        lines.append(f"| {name} | {c['params'] / 1e6:.2f}M | " + " | ".join(cells) + f" | {c['peak_train_mb']:,.0f} |")
+def check_targets(results: dict) -> list[dict]:
+    out = []
+    for what, num, den, metric, bound_kind, bound in TARGETS:
+        a = results[num[0]].get(num[1], {}).get("measures", {}).get(num[2], {}).get(metric)
+        b = results[den[0]].get(den[1], {}).get("measures", {}).get(den[2], {}).get(metric)
+        ratio = a / b if a is not None and b else None
+        ok = None if ratio is None else (ratio >= bound if bound_kind == "min" else ratio <= bound)
+        out.append({"target": what, "ratio": ratio, "met": ok})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _speed(entry: dict, label: str) -> str:
+    if label in entry["errors"]:
+        return "error"
+    s = entry["measures"].get(label, {})
+    if "tok_s" not in s:
+        return "—"
+    ratio = f" ({s['ratio']:.2f}x)" if "ratio" in s else ""
+    return f"{_num(s['tok_s'])}{ratio}"
+
+
+def _peak(entry: dict, label: str) -> str:
+    s = entry["measures"].get(label, {})
+    return f"{s['peak_mb']:,.0f} ({s['peak_rise_mb']:,.0f})" if "peak_mb" in s else "—"
+
+
+def _compute(entry: dict, label: str) -> str:
+    s = entry["measures"].get(label, {})
+    if "gflop_s" not in s:
+        return "—"
+    pct = f" ({s['pct_ceiling']:.0f}%)" if "pct_ceiling" in s else ""
+    return f"{s['gflop_s']:.1f}{pct}, {s['flop_per_token'] / 1e6:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def report(results: dict, args) -> str:
+    seqs, contexts = args.seq, sorted(set(args.seq) | set(args.decode_contexts))
+    base = {"lm": LM_BASELINE, "layer": LAYER_BASELINE}
+    st = results["settings"]
+    lines = [f"## tto bench — {st['started']}, torch {st['torch']}, {st['threads']} threads, fp32, batch {args.batch}, "
+             f"median of {args.iters} (ratio to {LM_BASELINE} / {LAYER_BASELINE} of the same run)", ""]
+    lm, layer = results["lm"], results["layer"]
+    peak_cols = [f"peak train MB (rise) @{s}" for s in seqs]
+    lines += ["### Whole models: tokens/s", ""]
+    lines += _table(["model", "params"] + [f"train@{s}" for s in seqs] + [f"prefill@{s}" for s in seqs] + peak_cols,
+                    [[n, f"{e['params'] / 1e6:.2f}M" if e["params"] else "—"]
+                     + [_speed(e, f"train@{s}") for s in seqs] + [_speed(e, f"prefill@{s}") for s in seqs]
+                     + [_peak(e, f"train@{s}") for s in seqs] for n, e in lm.items()])
+    lines += ["", f"### Decode tokens/s ({DECODE_TOKENS} greedy tokens after an untimed prefill of the context)", ""]
+    lines += _table(["model"] + [f"decode@{c}" for c in contexts] + [f"@{contexts[-1]} / @{contexts[0]}"],
+                    [[n] + [_speed(e, f"decode@{c}") for c in contexts] + [_flatness(e, contexts)]
+                     for n, e in lm.items() if any(k.startswith("decode@") for k in e["measures"])])
+    if args.flops:
+        lines += ["", "### Compute: GFLOP/s (% of the in-process matmul ceiling), MFLOP/token", ""]
+        labels = [f"{k}@{s}" for s in seqs for k in ("train", "prefill")]
+        lines += _table(["model"] + labels, [[n] + [_compute(e, lb) for lb in labels] for n, e in lm.items()])
+    if layer:
+        lines += ["", f"### Single layers (hidden {SMALL['hidden_size']}, train = fwd+bwd incl. input grad): tokens/s", ""]
+        lines += _table(["layer", "params"] + [f"train@{s}" for s in seqs] + [f"prefill@{s}" for s in seqs] + peak_cols,
+                        [[n, f"{e['params'] / 1e3:.0f}k" if e["params"] else "—"]
+                         + [_speed(e, f"train@{s}") for s in seqs] + [_speed(e, f"prefill@{s}") for s in seqs]
+                         + [_peak(e, f"train@{s}") for s in seqs] for n, e in layer.items()])
+    ceiling = results["ceiling"]
+    if ceiling["gflop_s_median"]:
+        lines += ["", f"Matmul ceiling (in-process, {CEILING}): {ceiling['gflop_s_median']:.0f} GFLOP/s median "
+                      f"({ceiling['gflop_s_worst']:.0f}–{ceiling['gflop_s_best']:.0f})."]
+    noisy = {k: v for k, v in results["foreign_cpu"].items() if v["max"] > 0.05}
+    lines += ["", "Other processes' CPU share while timing: " +
+              (", ".join(f"{k} mean {v['mean']:.2f} max {v['max']:.2f}" for k, v in noisy.items())
+               if noisy else "≤ 0.05 in every sample (clean run).")]
+    targets = [t for t in results["targets"] if t["ratio"] is not None]
+    if targets:
+        lines += ["", "### Targets", ""]
+        lines += _table(["target", "ratio", "met"],
+                        [[t["target"], f"{t['ratio']:.2f}", "yes" if t["met"] else "NO"] for t in targets])
+    errors = [(g, n, lb, msg) for g in ("lm", "layer") for n, e in results[g].items() for lb, msg in e["errors"].items()]
+    if errors:
+        lines += ["", "### Errors", ""] + [f"- {g}/{n} {lb}: {msg}" for g, n, lb, msg in errors]
+    missing = [f"{g}/{b}" for g, b in base.items() if results[g] and b not in results[g]]
+    if missing:
+        lines += ["", f"No baseline {missing}: ratios omitted."]
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[512, 2048], help="training/prefill lengths")
-    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--types", nargs="+", help="registered types to include (default: all)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per case (median reported)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="seq 128, 1 iteration, decode at 256: a smoke run")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    if args.types:
-        unknown = [t for t in args.types if t not in tto.available()]
-        if unknown:
-            parser.error(f"unknown type(s) {unknown}; registered: {sorted(tto.available())}")
+def _flatness(entry: dict, contexts: list[int]) -> str:
+    first = entry["measures"].get(f"decode@{contexts[0]}", {}).get("tok_s")
+    last = entry["measures"].get(f"decode@{contexts[-1]}", {}).get("tok_s")
+    return f"{last / first:.2f}" if first and last else "—"
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def settings(args) -> dict:
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
+    return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], **SMALL, "batch": args.batch,
+            "seq": args.seq, "decode_contexts": args.decode_contexts, "decode_tokens": DECODE_TOKENS,
+            "iters": args.iters, "threads": args.threads, "dtype": "float32", "torch": torch.__version__,
+            "transformers": transformers.__version__, "titans_pytorch": titans_pytorch_version(),
+            "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "loadavg_start": os.getloadavg(), "tto_commit": git("rev-parse", "HEAD"),
+            "tto_dirty": bool(git("status", "--porcelain", "--", "tto")), "registered": tto.available()}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 2048], help="train/prefill lengths")
+    p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096, 16384],
+                   help="decode contexts besides --seq")
+    p.add_argument("--types", nargs="+", help="registered types to include (default: all)")
+    p.add_argument("--variants", nargs="+", help="variants to include, e.g. linear lmm (types without variants stay)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5, help="timed rounds per measure (median reported)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--idle-wait", type=float, default=5.0,
+                   help="before each round, wait up to this many seconds for other processes to leave the CPUs")
+    p.add_argument("--no-layers", dest="layers", action="store_false", help="skip the single-layer cases")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip titans-pytorch even if installed")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    p.add_argument("--quick", action="store_true", help="smoke run: seq 128, 1 round, decode at 256, no idle wait")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the traceback of every failing case")
+    args = p.parse_args(argv)
+    registered = tto.available()
+    if args.types and (unknown := [t for t in args.types if t not in registered]):
+        p.error(f"unknown type(s) {unknown}; registered: {sorted(registered)}")
+    known_variants = {v for vs in registered.values() for v in vs}
+    if args.variants and (unknown := [v for v in args.variants if v not in known_variants]):
+        p.error(f"unknown variant(s) {unknown}; registered: {sorted(known_variants)}")
     if args.quick:
-        args.seq, args.decode_contexts, args.iters = [128], [256], 1
-    results = run(args)
-    print(table(results))
+        args.seq, args.decode_contexts, args.iters, args.idle_wait = [128], [256], 1, 0.0
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cases = baseline_cases() + tto_cases(args.types, args.variants) + (peer_cases() if args.peers else [])
+    if not args.layers:
+        cases = [c for c in cases if c.group != "layer"]
+    info = settings(args)
+    print(f"tto bench: {len(cases)} cases, registered {info['registered']}, titans-pytorch {info['titans_pytorch']}",
+          flush=True)
+    run = Run(args, cases)
+    for m in plan(args):
+        run.measure(m)
+    run.summarize()
+    results = {"settings": {**info, "loadavg_end": os.getloadavg(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")},
+               **run.results}
+    print()
+    print(report(results, args))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nwrote {path}")
+    return results
 
 
 if __name__ == "__main__":

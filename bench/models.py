@@ -1,0 +1,250 @@
+"""What is benchmarked: every registered tto type/variant, the same-size HF Llama, and the optional
+``titans-pytorch`` peers, each wrapped in a small adapter that knows how to train, prefill and
+decode it.
+
+Cases come in two groups. ``lm``: whole language models, compared with ``llama``. ``layer``: one
+mixer alone on hidden states (batch, seq, hidden), compared with ``sdpa-attention``, a plain causal
+SDPA attention layer (q/k/v and output projections, no RoPE).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tto
+from tto.cache import Context
+
+#: The "small" configuration of PEERS-CPU.md, passed to every model.
+SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+             tie_word_embeddings=True)
+#: Fields set only on configs that have them, so that every model has 4 heads x 64 (a memory's
+#: own head count would otherwise keep its paper-scale default, e.g. 32 heads x 8 at this width).
+MATCH_IF_PRESENT = dict(num_mem_heads=4)
+DECODE_TOKENS = 32  # greedy tokens timed per decode sample
+PREFILL_PIECE = 2048  # long decode contexts are prefilled (untimed) in pieces of this many tokens
+LM_BASELINE, LAYER_BASELINE = "llama", "sdpa-attention"
+
+
+@functools.lru_cache(maxsize=None)
+def token_ids(batch: int, seq: int) -> torch.Tensor:
+    """Fixed random token ids (batch, seq), shared by every LM case."""
+    return torch.randint(0, SMALL["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seq))
+
+
+@functools.lru_cache(maxsize=None)
+def hidden_states(batch: int, seq: int) -> torch.Tensor:
+    """Fixed random layer inputs (batch, seq, hidden), shared by every layer case."""
+    return torch.randn(batch, seq, SMALL["hidden_size"], generator=torch.Generator().manual_seed(seq))
+
+
+class CausalLM:
+    """A Hugging Face causal LM (Llama or a tto model): loss from labels, decoding with its own cache."""
+
+    can_decode = True
+
+    def __init__(self, model: nn.Module):
+        self.module = model
+
+    def train(self, batch: int, seq: int) -> None:
+        """Forward + backward of the LM loss (no optimizer step)."""
+        x = token_ids(batch, seq)
+        self.module.train()
+        self.module(x, labels=x).loss.backward()
+        self.module.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def prefill(self, batch: int, seq: int) -> None:
+        """One forward over the whole sequence, no cache."""
+        self.module.eval()
+        self.module(token_ids(batch, seq), use_cache=False)
+
+    @torch.no_grad()
+    def start_decode(self, batch: int, context: int):
+        """Prefill `context` tokens in pieces; returns (cache, first greedy token) to decode from."""
+        self.module.eval()
+        x, cache, out = token_ids(batch, context), None, None
+        for start in range(0, context, PREFILL_PIECE):
+            out = self.module(x[:, start : start + PREFILL_PIECE], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        return cache, out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def decode(self, state) -> None:
+        """DECODE_TOKENS greedy tokens one at a time from `state` (which it advances)."""
+        cache, token = state
+        for _ in range(DECODE_TOKENS):
+            out = self.module(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+class TitansPytorchMAC:
+    """titans-pytorch's MemoryAsContextTransformer: its own loss (`return_loss`), no decode here."""
+
+    can_decode = False
+
+    def __init__(self, model: nn.Module):
+        self.module = model
+
+    def train(self, batch: int, seq: int) -> None:
+        x = token_ids(batch, seq + 1)  # return_loss predicts x[:, 1:] from x[:, :-1]: seq positions
+        self.module.train()
+        self.module(x, return_loss=True).backward()
+        self.module.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def prefill(self, batch: int, seq: int) -> None:
+        self.module.eval()
+        self.module(token_ids(batch, seq))
+
+
+class Layer:
+    """One mixer on hidden states; training is forward + backward of sum(output), input grad included."""
+
+    can_decode = False
+
+    def __init__(self, module: nn.Module, call: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        self.module, self._call = module, call
+
+    def train(self, batch: int, seq: int) -> None:
+        x = hidden_states(batch, seq).detach().requires_grad_(True)
+        self.module.train()
+        self._call(self.module, x).sum().backward()
+        self.module.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def prefill(self, batch: int, seq: int) -> None:
+        self.module.eval()
+        self._call(self.module, hidden_states(batch, seq))
+
+
+@dataclass
+class Case:
+    """One benchmarked model. `build` returns its adapter; `config` records how it was configured."""
+
+    name: str
+    group: str  # "lm" or "layer"
+    build: Callable[[], object]
+    config: dict = field(default_factory=dict)
+
+
+class SDPAAttention(nn.Module):
+    """Baseline layer: causal softmax attention, 4 heads x 64, fused q/k/v and an output projection."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(b, t, d))
+
+
+def _tto_mixer_call(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    b, t = x.shape[:2]
+    return mixer(x, Context(mask=None, positions=torch.arange(t).expand(b, t)), None)
+
+
+def _tto_config(entry, variant_fields: dict, **overrides):
+    matched = {k: v for k, v in MATCH_IF_PRESENT.items() if k in entry.config_class.field_names()}
+    fields = {**SMALL, **matched, **variant_fields, **overrides}
+    return fields, tto.build_config(entry.name, **fields)
+
+
+def _build_tto_lm(entry, variant_fields: dict) -> CausalLM:
+    return CausalLM(entry.model_class(_tto_config(entry, variant_fields)[1]))
+
+
+def _build_tto_layer(entry, variant_fields: dict) -> Layer:
+    # A one-layer model initializes the mixer exactly as the full model does; keep only its mixer.
+    model = entry.model_class(_tto_config(entry, variant_fields, num_hidden_layers=1)[1])
+    return Layer(model.model.layers[0].mixer, _tto_mixer_call)
+
+
+def tto_cases(types: list[str] | None, variants: list[str] | None) -> list[Case]:
+    """An `lm` and a `layer` case for every registered type and variant passing the filters."""
+    out = []
+    for name in tto.available():
+        if types and name not in types:
+            continue
+        entry = tto.get(name)
+        for variant, variant_fields in entry.variant_configs():
+            if variants and variant is not None and variant not in variants:
+                continue
+            label = f"{name}-{variant}" if variant else name
+            fields = _tto_config(entry, variant_fields)[0]
+            out.append(Case(label, "lm", functools.partial(_build_tto_lm, entry, variant_fields),
+                            {"type": name, **fields}))
+            out.append(Case(label, "layer", functools.partial(_build_tto_layer, entry, variant_fields),
+                            {"type": name, **fields, "num_hidden_layers": 1}))
+    return out
+
+
+def baseline_cases() -> list[Case]:
+    """The same-size HF Llama (SDPA) and the plain SDPA attention layer."""
+    llama = dict(SMALL, attn_implementation="sdpa")
+    return [
+        Case(LM_BASELINE, "lm", lambda: CausalLM(LlamaForCausalLM(LlamaConfig(**llama))),
+             {"class": "transformers.LlamaForCausalLM", **llama}),
+        Case(LAYER_BASELINE, "layer",
+             lambda: Layer(SDPAAttention(SMALL["hidden_size"], SMALL["num_attention_heads"]), lambda m, x: m(x)),
+             {"class": "bench.models.SDPAAttention", "hidden": SMALL["hidden_size"],
+              "heads": SMALL["num_attention_heads"]}),
+    ]
+
+
+def titans_pytorch_version() -> str | None:
+    try:
+        return importlib.metadata.version("titans-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _matched_chunk_size() -> int:
+    """The chunk size of tto's titans memory at the small config (the peer layer is matched to it)."""
+    entry = tto.get("titans")
+    return _tto_config(entry, {})[1].chunk_size
+
+
+def peer_cases() -> list[Case]:
+    """titans-pytorch's NeuralMemory (layer) and MAC transformer (lm), when the package is installed.
+
+    NeuralMemory: dim 256, 4 heads x 64, its default MLP memory (depth 2, expansion 4), chunk size
+    of tto's titans entry. MAC: the PEERS-CPU.md settings (README values with 4 heads x 64;
+    everything else library default), so it is not parameter-matched (about 9M parameters).
+    """
+    if titans_pytorch_version() is None:
+        return []
+    heads, hidden = SMALL["num_attention_heads"], SMALL["hidden_size"]
+    mac = dict(num_tokens=SMALL["vocab_size"], dim=hidden, depth=SMALL["num_hidden_layers"], heads=heads,
+               dim_head=hidden // heads, segment_len=128, num_persist_mem_tokens=4, num_longterm_mem_tokens=16)
+
+    def build_mac():
+        from titans_pytorch import MemoryAsContextTransformer
+
+        return TitansPytorchMAC(MemoryAsContextTransformer(**mac))
+
+    out = [Case("titans-pytorch-mac", "lm", build_mac, {"class": "titans_pytorch.MemoryAsContextTransformer", **mac})]
+    if "titans" in tto.available():
+        memory = dict(dim=hidden, heads=heads, dim_head=hidden // heads, chunk_size=_matched_chunk_size(),
+                      default_model_kwargs=dict(depth=2, expansion_factor=4.0))
+
+        def build_memory():
+            from titans_pytorch import NeuralMemory
+
+            return Layer(NeuralMemory(**memory), lambda m, x: m(x)[0])
+
+        out.append(Case("titans-pytorch-nm", "layer", build_memory, {"class": "titans_pytorch.NeuralMemory", **memory}))
+    return out
