@@ -212,6 +212,21 @@ def test_batch_rows_are_independent(name, fields):
 
 
 @pytest.mark.parametrize("name", list(tto.available()))
+@pytest.mark.parametrize("check", [True, False])
+def test_nonfinite_layer_output_is_named(name, check):
+    """DESIGN section 7: NaN/Inf in a layer (e.g. a diverged inner loop) is an error naming the layer."""
+    model = build(name, tto.get(name).variant_configs()[0][1], check_finite=check)
+    with torch.no_grad():
+        for p in model.model.layers[1].mixer.parameters():
+            p.fill_(float("nan"))
+        if check:
+            with pytest.raises(FloatingPointError, match=rf"layer 1 \({name}\)"):
+                model(tokens())
+        else:
+            assert model(tokens()).logits.isnan().all()
+
+
+@pytest.mark.parametrize("name", list(tto.available()))
 def test_config_errors_name_the_problem(name):
     entry = tto.get(name)
     field = sorted(entry.config_class.field_names())[0]

@@ -97,6 +97,7 @@ class TTOConfig(PreTrainedConfig):
     layer_mixers: list[str] | None = None  # per-layer mixer: this type or "transformer" (None: all this type)
     pre_conv: bool = False  # Mamba-style branch before the mixer: h += ShortConv(RMSNorm(h))
     conv_kernel: int = 4  # kernel size of the pre_conv branch (and of mixers' short convs unless they say otherwise)
+    check_finite: bool = True  # raise naming the layer whose output holds NaN/Inf (one reduction + host sync per layer)
     # --- attention layers ---
     rope_theta: float = 10000.0  # RoPE base
     sliding_window: int | None = None  # attention sees the last `sliding_window` tokens (None: all)

@@ -120,6 +120,11 @@ class TTOModel(TTOPreTrainedModel):
         for i, layer in enumerate(self.layers):
             state = past_key_values.states[i] if past_key_values is not None else None
             h = layer(h, ctx, past_key_values=state)
+            if self.config.check_finite and not bool(torch.isfinite(h).all()):
+                raise FloatingPointError(
+                    f"layer {i} ({self.config.layer_mixers[i]}) produced NaN/Inf; the layers below it were finite "
+                    "(set check_finite=False to skip this check)"
+                )
         h = self.norm(h)
 
         if past_key_values is not None:
