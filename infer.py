@@ -118,7 +118,10 @@ def main(argv=None) -> int:
     args, parser = parse_args(argv)
     import torch
 
+    from transformers import DynamicCache
+
     from tto import TTOCache
+    from tto.modeling import TTOPreTrainedModel
 
     torch.manual_seed(args.seed)
     try:  # a tokenizer or model that cannot be loaded: one line, like a usage error
@@ -131,7 +134,11 @@ def main(argv=None) -> int:
         generate(model, tokenizer, encode(prompt), None, args)
         print()
         return 0
-    cache, ids, turns = TTOCache(model.config.num_hidden_layers), None, []
+    if isinstance(model, TTOPreTrainedModel):  # fast weights + bounded KV: the state of the whole conversation
+        new_cache = lambda: TTOCache(model.config.num_hidden_layers)  # noqa: E731
+    else:  # any other causal LM keeps its own (growing) KV cache across turns
+        new_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+    cache, ids, turns = new_cache(), None, []
     first = args.prompt
     while True:
         try:
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
         turn = f"User: {text}\nAssistant:"
         if args.history is not None:  # re-read the last N turns from scratch
             turns = (turns + [turn])[-args.history :]
-            cache.reset()
+            cache = new_cache()
             ids = encode("\n".join(turns))
         else:  # the state already holds everything said so far: feed only the new turn
             new = encode(("\n" if ids is not None else "") + turn)

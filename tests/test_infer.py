@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import tto
 from tto.data import load_tokenizer
@@ -56,14 +56,39 @@ def test_trained_model_greedy_output_matches_generate(trained, capsys):
     assert printed.strip() == expect.strip()
 
 
-def test_chat_keeps_the_state_instead_of_rereading(trained, capsys, monkeypatch):
-    """The second reply, produced from the carried state plus the new turn only, equals a greedy
-    continuation of the whole conversation read from scratch."""
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A random tiny HF Llama with the byte tokenizer: infer.py is not only for tto models."""
+    out = tmp_path_factory.mktemp("llama")
+    tok = load_tokenizer("builtin:bytes")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model_dir", ["trained", "llama"])
+def test_chat_keeps_the_state_instead_of_rereading(model_dir, capsys, monkeypatch, request):
+    """The second reply, produced from the carried state (tto: fast weights; Llama: its KV cache)
+    plus the new turn only, equals a greedy continuation of the whole conversation read from scratch."""
+    trained = request.getfixturevalue(model_dir)
     answers = iter(["second turn"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    already_read = []  # per turn: (tokens the cache holds, tokens of the conversation so far)
+    generate = infer.generate
+
+    def recording(model, tok, ids, cache, args):
+        already_read.append((cache.get_seq_length(), ids.shape[1]))
+        return generate(model, tok, ids, cache, args)
+
+    monkeypatch.setattr(infer, "generate", recording)
     with pytest.raises(StopIteration):
         infer.main(["--model", str(trained), "--chat", "--prompt", "first turn", "--max_new_tokens", "6",
                     "--temperature", "0"])
+    (first_cached, first_len), (second_cached, second_len) = already_read
+    assert first_cached == 0 and 0 < second_cached < second_len  # turn 2 reads only what is new
     model, tok = AutoModelForCausalLM.from_pretrained(trained), load_tokenizer(str(trained))
     enc = lambda s: tok(s, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
     with torch.no_grad():
