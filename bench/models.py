@@ -27,8 +27,9 @@ from tto.cache import Context
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              tie_word_embeddings=True)
 #: Fields set only on configs that have them, so that every model has 4 heads x 64 (a memory's
-#: own head count would otherwise keep its paper-scale default, e.g. 32 heads x 8 at this width).
-MATCH_IF_PRESENT = dict(num_mem_heads=4)
+#: own head count would otherwise keep its paper-scale default, e.g. 32 heads x 8 at this width),
+#: and Titans MAC attends over segments of 128 tokens like the titans-pytorch MAC peer.
+MATCH_IF_PRESENT = dict(num_mem_heads=4, segment_size=128)
 DECODE_TOKENS = 32  # greedy tokens timed per decode sample
 PREFILL_PIECE = 2048  # long decode contexts are prefilled (untimed) in pieces of this many tokens
 LM_BASELINE, LAYER_BASELINE = "llama", "sdpa-attention"

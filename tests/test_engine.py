@@ -56,7 +56,7 @@ def test_scan_matches_naive(depth, optimizer, residual_norm, activation):
     # without the normalizing wrapper, large steps on |k|^2 ~ 8 diverge; keep the weights O(1)
     q, k, v, gates = make_inputs(optimizer=optimizer, max_lr=0.5 if residual_norm else 0.05)
     out = mem(q, k, v, gates)
-    ref, _ = naive_memory(mem, q, k, v, gates)
+    ref = naive_memory(mem, q, k, v, gates)[0]
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
@@ -70,7 +70,7 @@ def test_scan_padding_and_streaming_match_naive(optimizer):
     mask[0, :3] = False
     mask[1, :6] = False
     out = mem(q, k, v, gates, mask)
-    ref, committed = naive_memory(mem, q, k, v, gates, mask)
+    ref, _, committed = naive_memory(mem, q, k, v, gates, mask)
     torch.testing.assert_close(out * mask[..., None, None], ref, atol=ATOL, rtol=0)
 
     state: dict = {}
@@ -83,6 +83,32 @@ def test_scan_padding_and_streaming_match_naive(optimizer):
             torch.testing.assert_close(state["memory.W." + name][row], w, atol=ATOL, rtol=0)
     real = mask.sum(1)
     assert state["memory.n_pending"].tolist() == (real % mem.chunk_size).tolist()
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "momentum"])
+def test_chunk_start_reads_match_naive(optimizer):
+    """read_start: f(q_t; W_c), the weights before t's chunk, in one call, left-padded, and streamed
+    in pieces (tokens of an incomplete chunk read the committed weights); gradients as the naive ones."""
+    mem = make_memory(2, optimizer)
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=13, requires_grad=True)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[1, :5] = False
+    out, start = mem(q, k, v, gates, mask, read_start=True)
+    ref, ref_start, _ = naive_memory(mem, q, k, v, gates, mask)
+    keep = mask[..., None, None]
+    torch.testing.assert_close(out * keep, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(start * keep, ref_start, atol=ATOL, rtol=0)
+    assert (start - out).mul(keep).abs().max() > 1e-3  # the two reads differ: in-chunk writes are seen by one only
+    w = torch.randn_like(start)
+    fast = torch.autograd.grad((start * keep * w).sum(), [q, k, v])
+    naive = torch.autograd.grad((ref_start * w).sum(), [q, k, v])
+    for a, b in zip(fast, naive):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    state: dict = {}
+    pieces = [(0, 3), (3, 4), (4, 11), (11, 13)]
+    streamed = [mem(*(x[:, a:b] for x in (q, k, v)), {n: g[:, a:b] for n, g in gates.items()}, mask[:, a:b], state,
+                    read_start=True)[1] for a, b in pieces]
+    torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref_start, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "momentum"])

@@ -8,7 +8,9 @@ the dual form (update-then-read: token t sees its own write)::
           - sum_{s<=t} mix[t, s] * (x_t . x_s + 1) * delta_s
 
 one masked (b x b) matmul per fast linear layer, never a per-token weight tensor. The end of the
-chunk commits ``W_b`` (and the momentum) as the next chunk's start.
+chunk commits ``W_b`` (and the momentum) as the next chunk's start. On request
+(``read_start=True``) the queries also read the chunk-start weights, ``f(q_t; W_c)``: retrieval
+from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
 
 Ragged lengths, padding and decoding share one mechanism. Each row's real tokens are laid out so
 that its complete chunks end at the same chunk index; leading whole chunks of pads are identity
@@ -94,7 +96,8 @@ class Memory(nn.Module):
     """A fast model trained online by an inner optimizer, chunk by chunk (see module docstring).
 
     forward(q, k, v, gates, mask, state) with q, k, v (B, T, H, d) and gates {name: (B, T, H)}
-    returns the read-outs (B, T, H, d). Inner arithmetic runs in float32, autocast off.
+    returns the read-outs (B, T, H, d); with ``read_start=True`` the pair (read-outs, reads of the
+    chunk-start weights). Inner arithmetic runs in float32, autocast off.
     """
 
     def __init__(self, fast_model: FastModel, objective: SquaredError, optimizer: InnerOptimizer,
@@ -137,18 +140,18 @@ class Memory(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
-                state: dict | None = None) -> torch.Tensor:
+                state: dict | None = None, read_start: bool = False):
         out_dtype = q.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
             if in_reference_mode():
                 if state is not None:
                     raise RuntimeError("the naive reference does not keep a decoding state")
-                out = naive_memory(self, q, k, v, gates, mask)[0]
+                out, start, _ = naive_memory(self, q, k, v, gates, mask)
             else:
-                out = self._forward(q, k, v, gates, mask, state)
-        return out.to(out_dtype)
+                out, start = self._forward(q, k, v, gates, mask, state, read_start)
+        return (out.to(out_dtype), start.to(out_dtype)) if read_start else out.to(out_dtype)
 
-    def _forward(self, q, k, v, gates, mask, state):
+    def _forward(self, q, k, v, gates, mask, state, read_start: bool):
         batch, new_len, heads = q.shape[:3]
         b = self.chunk_size
         tokens = {"q": q.float(), "k": k.float(), "v": v.float()}
@@ -186,27 +189,36 @@ class Memory(nn.Module):
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
             hi = min(n, lo + group)
-            run = lambda p, m, lo=lo, hi=hi: self._chunks(p, m, chunks[lo:hi], layout.n_commit - lo)  # noqa: E731
+            run = lambda p, m, lo=lo, hi=hi: self._chunks(  # noqa: E731
+                p, m, chunks[lo:hi], layout.n_commit - lo, read_start)
             if group < n:
                 out, params, momentum = checkpoint(run, params, momentum, use_reentrant=False)
             else:
                 out, params, momentum = run(params, momentum)
             outs.append(out)
-        out = self.fast.wrap(Q.flatten(1, 2), torch.cat(outs, dim=1).flatten(1, 2))  # (B*H, length, d)
-        out = out.reshape(batch, heads, layout.length, -1).transpose(1, 2)
-        out = layout.scatter(out)[:, total - new_len :]
+
+        def unchunk(h):  # (B*H, n, [reads,] b, d) chunk read-outs -> (B, new_len, H, d) token outputs
+            out = self.fast.wrap(Q.flatten(1, 2), h.flatten(1, 2)).reshape(batch, heads, layout.length, -1)
+            return layout.scatter(out.transpose(1, 2))[:, total - new_len :]
+
+        reads = torch.cat(outs, dim=1)
+        out = unchunk(reads[:, :, 0]) if read_start else unchunk(reads)
+        start = unchunk(reads[:, :, 1]) if read_start else None
 
         if state is not None:
             tail = slice(layout.n_commit * b, layout.n_commit * b + int(layout.remainder.max()))
             pend = {name: layout.gather(t)[:, tail] for name, t in tokens.items()}
             self._store(state, batch, params, momentum, pend, layout.remainder)
-        return out
+        return out, start
 
-    def _chunks(self, params, momentum, chunks: list, n_commit: int):
-        """Run consecutive chunks; the first `n_commit` of them update the weights."""
+    def _chunks(self, params, momentum, chunks: list, n_commit: int, read_start: bool):
+        """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
+        (N, chunks, b, d), or (N, chunks, 2, b, d) with the chunk-start reads second."""
         outs = []
         for i, chunk in enumerate(chunks):
             out, new_params, new_momentum = self._chunk(params, momentum, *chunk)
+            if read_start:
+                out = torch.stack([out, self.fast.core(chunk[0], self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
                 params, momentum = new_params, new_momentum
             outs.append(out)
@@ -265,10 +277,12 @@ class Memory(nn.Module):
 def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     """Slow reference for :class:`Memory`: per row, per real token, autograd gradients at the
     chunk-start weights and the optimizer's per-token recurrence. Returns (outputs (B, T, H, d),
-    per row the weights committed after its last complete chunk)."""
+    reads of the chunk-start weights (B, T, H, d), per row the weights committed after its last
+    complete chunk)."""
     fast, opt, b = memory.fast, memory.optimizer, memory.chunk_size
     batch, length, heads = q.shape[:3]
     outs = q.new_zeros(batch, length, heads, q.shape[-1], dtype=torch.float32)
+    starts = torch.zeros_like(outs)
     committed = []
     for row in range(batch):
         idx = torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]
@@ -286,10 +300,10 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
                 g = torch.autograd.grad(loss, list(start.values()), create_graph=True)
             grads = dict(zip(start.keys(), g))
             read = opt.naive_step(state, grads, {n: gates[n][row, t].float() for n in gates}, pos)
-            row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0]))
+            row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
             if pos == b - 1:
                 last_commit = dict(read)
-        for t, o in row_out:
-            outs[row, t] = o
+        for t, o, o_start in row_out:
+            outs[row, t], starts[row, t] = o, o_start
         committed.append(last_commit)
-    return outs, committed
+    return outs, starts, committed

@@ -1,6 +1,6 @@
-"""Causal softmax attention (SDPA) with RoPE, grouped-query heads, an optional sliding window, an
-optional prefix of learned persistent tokens, and a KV cache that stays bounded by the window when
-one is set."""
+"""Causal softmax attention (SDPA) with RoPE, grouped-query heads, an optional sliding window or
+fixed segments, an optional prefix of learned persistent tokens, and a KV cache that stays bounded
+by the window or segment when one is set."""
 
 from __future__ import annotations
 
@@ -20,19 +20,21 @@ def attention_mask(
     n_cached: int,
     window: int | None,
     n_prefix: int = 0,
+    segment: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean (B, 1, T, n_prefix + S) mask: key slot s is visible to query t when it is not after
-    t (slot order), is a real token, and lies within `window` positions; the `n_prefix` persistent
-    slots in front are always visible. None when plain causal suffices."""
+    t (slot order), is a real token, lies within `window` positions and in the same `segment`
+    (positions // segment); the `n_prefix` persistent slots in front are always visible. None when
+    plain causal suffices."""
     b, t = q_pos.shape
     s = k_pos.shape[1]
     if n_prefix:
-        inner = attention_mask(q_pos, k_pos, k_valid, n_cached, window)
+        inner = attention_mask(q_pos, k_pos, k_valid, n_cached, window, segment=segment)
         if inner is None:
             inner = torch.ones(t, s, dtype=torch.bool, device=q_pos.device).tril(n_cached)[None, None]
         front = torch.ones(*inner.shape[:3], n_prefix, dtype=torch.bool, device=q_pos.device)
         return torch.cat([front, inner], dim=-1).expand(b, 1, t, n_prefix + s)
-    if k_valid is None and window is None:
+    if k_valid is None and window is None and segment is None:
         if n_cached == 0:
             return None  # is_causal path
         if t == 1:
@@ -43,6 +45,8 @@ def attention_mask(
         allowed = allowed & k_valid[:, None, :]
     if window is not None:
         allowed = allowed & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+    if segment is not None:
+        allowed = allowed & (q_pos[:, :, None] // segment == k_pos[:, None, :] // segment)
     # a pad query may see nothing; let it see everything so softmax stays finite (its output is unused)
     allowed = allowed | ~allowed.any(-1, keepdim=True)
     if n_prefix:
@@ -51,7 +55,7 @@ def attention_mask(
 
 
 def naive_attention(q, k, v, q_pos, k_pos, k_valid, n_cached: int, window: int | None,
-                    n_prefix: int = 0) -> torch.Tensor:
+                    n_prefix: int = 0, segment: int | None = None) -> torch.Tensor:
     """Reference softmax attention with the mask spelled out, one query at a time."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -63,6 +67,8 @@ def naive_attention(q, k, v, q_pos, k_pos, k_valid, n_cached: int, window: int |
                 keep &= k_valid[row].cpu()
             if window is not None:
                 keep &= (q_pos[row, t] - k_pos[row]).cpu() < window
+            if segment is not None:
+                keep &= (q_pos[row, t] // segment == k_pos[row] // segment).cpu()
             if not keep.any():
                 keep[:] = True
             keep = torch.cat([torch.ones(n_prefix, dtype=torch.bool), keep])
@@ -75,17 +81,22 @@ class Attention(nn.Module):
     """Multi-head causal attention: q/k/v projections, RoPE, SDPA, output projection.
 
     x: (B, T, hidden) -> (B, T, hidden). With a state dict, keys/values/positions of past tokens are
-    kept in it (the last `window - 1` only, under a sliding window). ``qk_norm`` RMS-normalizes q
-    and k per head. Persistent tokens P (N_p, hidden), learned here (``num_persistent``) or passed
+    kept in it: the last ``max_cached`` slots (default: ``window - 1`` under a sliding window,
+    ``segment - 1`` with segments, else all). ``segment``: tokens attend only within their segment
+    of positions (``position // segment``). ``qk_norm`` RMS-normalizes q and k per head. Persistent tokens P (N_p, hidden), learned here (``num_persistent``) or passed
     as ``forward(..., prefix=P)``, are prepended to the keys and values (without RoPE: they have no
     position) and visible to every query; they are never cached or evicted.
     """
 
-    def __init__(self, config, window: int | None = None, qk_norm: bool = False, num_persistent: int = 0):
+    def __init__(self, config, window: int | None = None, qk_norm: bool = False, num_persistent: int = 0,
+                 segment: int | None = None, max_cached: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
-        self.window = window if window is not None else config.sliding_window
+        self.segment = segment
+        self.window = None if segment is not None else (window if window is not None else config.sliding_window)
+        bound = self.window if segment is None else segment
+        self.max_cached = max_cached if max_cached is not None else (None if bound is None else bound - 1)
         width, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
@@ -121,7 +132,7 @@ class Attention(nn.Module):
                 new = valid if valid is not None else torch.ones_like(q_pos, dtype=torch.bool)
                 valid = torch.cat([old, new], dim=1)
         if state is not None:
-            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+            keep = k.shape[2] if self.max_cached is None else min(k.shape[2], self.max_cached)
             state["k"], state["v"] = k[:, :, k.shape[2] - keep :].detach(), v[:, :, v.shape[2] - keep :].detach()
             state["pos"] = k_pos[:, k_pos.shape[1] - keep :]
             state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
@@ -133,10 +144,10 @@ class Attention(nn.Module):
             pv = self.v_proj(prefix).view(n_prefix, self.num_kv_heads, self.head_dim).transpose(0, 1)
             k = torch.cat([pk.expand(b, -1, -1, -1).to(k.dtype), k], dim=2)
             v = torch.cat([pv.expand(b, -1, -1, -1).to(v.dtype), v], dim=2)
-        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, n_prefix)
+        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment)
         gqa = self.num_kv_heads != self.num_heads
         if in_reference_mode():
-            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix)
+            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment)
         elif mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:

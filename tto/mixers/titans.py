@@ -39,11 +39,17 @@ decoding step costs nothing extra.
   "normalise both branches with learnable vector-valued weights, then a non-linearity").
 * ``mal``: memory as a layer. ``o = SWA([P] || M(x))``: the memory layer's output is the input of a
   sliding-window attention.
-* ``mac`` (memory as context) is not implemented yet.
+* ``mac``: memory as context. The sequence is cut into segments of ``segment_size`` tokens. Each
+  token's query first reads the memory as it was before its chunk, ``h_t = M*_{t-1}(q_t)`` (the
+  engine's chunk-start read); attention then runs within the segment over ``[P] || h || S``, laid
+  out as pairs ``(h_1, x_1), (h_2, x_2), ...`` so that a token sees the persistent tokens, the
+  read-outs and the tokens of its segment up to itself; finally ``o_t = y_t * M*_t(q_t)``, the
+  attention output gated by the memory after the update (update-then-read).
 
 Caches: LMM keeps the memory state (fast weights, momentum, pending tokens of an incomplete
 chunk) and the conv tails; MAG and MAL add the attention's keys/values of the last
-``sliding_window - 1`` tokens, so their cache is bounded.
+``sliding_window - 1`` tokens, MAC those of the current segment (2 x (segment_size - 1) slots),
+so every cache is bounded.
 
 Differences from the paper, each a choice the paper leaves open or a decoding necessity:
 
@@ -52,6 +58,13 @@ Differences from the paper, each a choice the paper leaves open or a decoding ne
   are already learned parameters. In MAG/MAL the memory branch reads x, not [P] || x.
 * persistent keys carry no RoPE (they have no position).
 * the memory's q/k/v have no RoPE (the original TTO code rotates them; the paper does not).
+* MAC writes the memory with the block input x and gates with ``M*_t(q_t)``, where the paper
+  writes the attention output y and gates with ``M*_t(y_t)`` (Eqs. 23-25). Writing y would make
+  each segment wait for the previous segment's attention, a sequential loop over segments;
+  titans-pytorch's MAC makes the same choice (its memory stores the layer input). ``h`` is read
+  from the weights before each memory *chunk* (the paper: before each segment); with
+  ``segment_size = chunk_size`` (the default, as titans-pytorch's default memory chunk = segment)
+  the two coincide, a longer segment reads fresher, still causal, weights.
 """
 
 from __future__ import annotations
@@ -84,6 +97,9 @@ TITANS_PRESETS = {
     "tiny-rms-linear": dict(num_mem_heads=2, chunk_size=2, sliding_window=5,
                             num_persistent_mem_tokens=1, rms_qk_norm=True, use_gate=False,
                             use_output_proj=False, mem_depth=1, variant="mal"),
+    # MAC with attention segments longer than (and not a multiple of) the memory chunks
+    "tiny-mac-segments": dict(num_mem_heads=2, chunk_size=2, segment_size=5, num_persistent_mem_tokens=2,
+                              num_key_value_heads=1, forget_gate_bias_init=-4.0, variant="mac"),
 }
 
 
@@ -93,7 +109,7 @@ class TitansConfig(TTOConfig):
     model_type: ClassVar[str] = "tto_titans"
     choices: ClassVar[dict[str, tuple]] = {
         **TTOConfig.choices,
-        "variant": ("lmm", "mag", "mal"),
+        "variant": ("lmm", "mac", "mag", "mal"),
         "mem_activation": tuple(ACTIVATIONS),
     }
     variant_field: ClassVar[str] = "variant"
@@ -111,7 +127,7 @@ class TitansConfig(TTOConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     # --- Titans ---
-    variant: str = "lmm"  # "lmm": memory alone; "mag": memory as a gate; "mal": memory as a layer
+    variant: str = "lmm"  # "lmm": memory alone; "mac": memory as context; "mag": memory as a gate; "mal": memory as a layer
     chunk_size: int = 8  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
     num_mem_heads: int = 32  # memory heads; each has its own MLP memory of width hidden_size // num_mem_heads
     mem_depth: int = 2  # L_M: layers of the memory MLP (1: a matrix memory)
@@ -128,6 +144,7 @@ class TitansConfig(TTOConfig):
     use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
     rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the paper's l2 norm (and on attention q/k)
     scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
+    segment_size: int | None = None  # MAC: tokens per attention segment (None: chunk_size)
 
     def validate(self) -> None:
         super().validate()
@@ -136,6 +153,8 @@ class TitansConfig(TTOConfig):
         for name in ("num_persistent_mem_tokens", "scan_checkpoint_group_size"):
             if getattr(self, name) < 0:
                 raise config_error(name, getattr(self, name), "must be >= 0")
+        if self.segment_size is not None and self.segment_size <= 0:
+            raise config_error("segment_size", self.segment_size, "must be a positive integer or None")
 
 
 class Gate(nn.Module):
@@ -237,6 +256,27 @@ class LMM(nn.Module):
         return self.memory(x, ctx, state)
 
 
+class MAC(nn.Module):
+    """Titans MAC: ``o_t = Attn_segment([P] || h || S)_t * M*_t(q_t)`` with ``h_t = M*_{t-1}(q_t)``."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        segment = config.segment_size or config.chunk_size
+        self.memory = NeuralMemory(config)
+        # two slots (h_t, x_t) per position: a segment's past is 2 x (segment - 1) cached slots
+        self.attention = Attention(config, qk_norm=config.rms_qk_norm, num_persistent=config.num_persistent_mem_tokens,
+                                   segment=segment, max_cached=2 * (segment - 1))
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        q, k, v = self.memory.qkv(x, ctx, state)
+        read, before = self.memory.memory(q, k, v, self.memory.gates(x), ctx.mask, state, read_start=True)
+        h = self.memory.output(before, x)  # h_t = M*_{t-1}(q_t), in the residual stream's width
+        pairs = torch.stack([h, x], dim=2).flatten(1, 2)  # h_1, x_1, h_2, x_2, ...
+        twice = lambda t: None if t is None else t.repeat_interleave(2, dim=1)  # noqa: E731
+        y = self.attention(pairs, Context(mask=twice(ctx.mask), positions=twice(ctx.positions)), state)[:, 1::2]
+        return y * self.memory.output(read, x)
+
+
 class MAG(nn.Module):
     """Titans MAG: ``o = RMSNorm(M(x)) * silu(RMSNorm(SWA([P] || x)))``."""
 
@@ -265,7 +305,7 @@ class MAL(nn.Module):
 
 
 #: variant -> block wiring
-VARIANTS: dict[str, type[nn.Module]] = {"lmm": LMM, "mag": MAG, "mal": MAL}
+VARIANTS: dict[str, type[nn.Module]] = {"lmm": LMM, "mac": MAC, "mag": MAG, "mal": MAL}
 
 
 @register("titans", config=TitansConfig, presets=TITANS_PRESETS, paper="arXiv:2501.00663 (Behrouz et al., 2025)")
