@@ -27,9 +27,11 @@ from tto.cache import Context
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              tie_word_embeddings=True)
 #: Fields set only on configs that have them, so that every model has 4 heads x 64 (a memory's
-#: own head count would otherwise keep its paper-scale default, e.g. 32 heads x 8 at this width),
-#: and Titans MAC attends over segments of 128 tokens like the titans-pytorch MAC peer.
-MATCH_IF_PRESENT = dict(num_mem_heads=4, segment_size=128)
+#: own head count would otherwise keep its paper-scale default, e.g. 32 heads x 8 at this width).
+MATCH_IF_PRESENT = dict(num_mem_heads=4)
+#: Per (type, variant) settings matched to a peer: Titans MAC as titans-pytorch's MAC case, whose
+#: memory chunk is its attention segment (128 tokens + its 16 long-term memory tokens).
+MATCH_VARIANT = {("titans", "mac"): dict(chunk_size=128)}
 DECODE_TOKENS = 32  # greedy tokens timed per decode sample
 PREFILL_PIECE = 2048  # long decode contexts are prefilled (untimed) in pieces of this many tokens
 LM_BASELINE, LAYER_BASELINE = "llama", "sdpa-attention"
@@ -160,7 +162,8 @@ def _tto_mixer_call(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _tto_config(entry, variant_fields: dict, **overrides):
     matched = {k: v for k, v in MATCH_IF_PRESENT.items() if k in entry.config_class.field_names()}
-    fields = {**SMALL, **matched, **variant_fields, **overrides}
+    variant = next(iter(variant_fields.values()), None)
+    fields = {**SMALL, **matched, **variant_fields, **MATCH_VARIANT.get((entry.name, variant), {}), **overrides}
     return fields, tto.build_config(entry.name, **fields)
 
 

@@ -136,20 +136,41 @@ class Attention(nn.Module):
             state["k"], state["v"] = k[:, :, k.shape[2] - keep :].detach(), v[:, :, v.shape[2] - keep :].detach()
             state["pos"] = k_pos[:, k_pos.shape[1] - keep :]
             state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
-        n_prefix = 0
         prefix = prefix if prefix is not None else self.persistent
         if prefix is not None:
-            n_prefix = prefix.shape[0]
-            pk = self.k_norm(self.k_proj(prefix).view(n_prefix, self.num_kv_heads, self.head_dim)).transpose(0, 1)
-            pv = self.v_proj(prefix).view(n_prefix, self.num_kv_heads, self.head_dim).transpose(0, 1)
-            k = torch.cat([pk.expand(b, -1, -1, -1).to(k.dtype), k], dim=2)
-            v = torch.cat([pv.expand(b, -1, -1, -1).to(v.dtype), v], dim=2)
+            n = prefix.shape[0]
+            pk = self.k_norm(self.k_proj(prefix).view(n, self.num_kv_heads, self.head_dim)).transpose(0, 1)
+            pv = self.v_proj(prefix).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+            prefix = (pk.expand(b, -1, -1, -1).to(k.dtype), pv.expand(b, -1, -1, -1).to(v.dtype))
+        if in_reference_mode():
+            n_prefix = 0 if prefix is None else prefix[0].shape[2]
+            if prefix is not None:
+                k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment)
+        else:
+            # A bounded look-back (window or segment) is evaluated in query blocks that see only
+            # their own slots and the `step` slots before them: cost linear in the length.
+            step = t if self.max_cached is None else self.max_cached + 1
+            blocks = []
+            for lo in range(0, t, step):
+                hi = min(t, lo + step)
+                k_lo = 0 if self.max_cached is None else max(0, n_cached + lo - step)
+                k_hi = n_cached + hi
+                blocks.append(self._sdpa(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], q_pos[:, lo:hi],
+                                         k_pos[:, k_lo:k_hi], None if valid is None else valid[:, k_lo:k_hi],
+                                         n_cached + lo - k_lo, prefix))
+            o = torch.cat(blocks, dim=2)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _sdpa(self, q, k, v, q_pos, k_pos, valid, n_cached: int, prefix) -> torch.Tensor:
+        """SDPA of queries (B, H, T, E) over keys (B, H_kv, S, E) of which the first `n_cached`
+        precede the queries, with the persistent (keys, values) prefix in front."""
+        n_prefix = 0
+        if prefix is not None:
+            n_prefix = prefix[0].shape[2]
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment)
         gqa = self.num_kv_heads != self.num_heads
-        if in_reference_mode():
-            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment)
-        elif mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
