@@ -19,14 +19,7 @@ infer = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(infer)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose 50-100x when the cores are shared
-    (measured: 10 tiny steps 0.6 s on 1 thread, 55 s on 2 beside another busy process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [(name, variant) for name, entry in ((n, tto.get(n)) for n in tto.available())
          for variant in (entry.variants or [None])]

@@ -1,5 +1,5 @@
 """Titans-specific checks the generic suite cannot see: the recipes' sizes, the bounded cache of
-the attention variants, persistent tokens, config errors, and test-time memorization."""
+the attention variants (MAC included), persistent tokens, config errors, and test-time memorization."""
 
 from __future__ import annotations
 
@@ -36,19 +36,20 @@ def test_recipes_have_the_paper_sizes(recipe, variant, target):
     assert abs(count - target) / target < 0.10, f"{count / 1e6:.1f}M"
 
 
-@pytest.mark.parametrize("variant", ["mag", "mal"])
-def test_attention_variants_keep_a_window_bounded_cache(variant):
-    """After 40 tokens the attention cache holds window - 1 keys (no persistent tokens), next to
-    the memory state; decoding on from it equals the full forward."""
-    model = build(variant=variant)
-    window = model.config.sliding_window
+@pytest.mark.parametrize("variant,fields", [("mag", {}), ("mal", {}), ("mac", {"segment_size": 6})])
+def test_attention_variants_keep_a_bounded_cache(variant, fields):
+    """After 40 tokens the attention cache holds window - 1 keys (MAC: the 2 x (segment - 1) slots
+    of h and x a segment can still see; no persistent tokens), next to the memory state; decoding
+    on from it equals the full forward."""
+    model = build(variant=variant, **fields)
+    bound = 2 * (6 - 1) if variant == "mac" else model.config.sliding_window - 1
     x = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(x).logits
         cache = model(x[:, :36], use_cache=True).past_key_values
         steps = [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(36, 40)]
     for state in cache.states:
-        assert state["k"].shape[2] == window - 1 and state["pos"].shape[1] == window - 1
+        assert state["k"].shape[2] == bound and state["pos"].shape[1] == bound
         assert any(key.startswith("memory.W.") for key in state)
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 36:], atol=2e-5, rtol=0)
 

@@ -21,14 +21,7 @@ TINY = ROOT / "configs" / "tiny"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # for train.py subprocesses (see one_thread)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose 50-100x when the cores are shared
-    (measured: 10 tiny steps 0.6 s on 1 thread, 55 s on 2 beside another busy process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe_for(name: str, tmp_path: Path, *overrides: str):
