@@ -51,7 +51,7 @@ chunk) and the conv tails; MAG and MAL add the attention's keys/values of the la
 ``sliding_window - 1`` tokens, MAC those of the current segment (2 x (segment_size - 1) slots),
 so every cache is bounded.
 
-Differences from the paper, each a choice the paper leaves open or a decoding necessity:
+Differences from the paper: choices it leaves open, decoding necessities, and (MAC) parallelism:
 
 * persistent tokens live in the attention only. LMM has no attention, so it has none: a fixed,
   data-independent prefix written into the memory would only move its initial weights, which
