@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tto
-from tto.engine import Memory
+from tto.engine import DeltaRule, Memory
 from tto.reference import reference_mode
 
 ATOL = 2e-5
@@ -51,7 +51,7 @@ def build(name: str, fields: dict, seed: int = 0, **extra):
 
 
 def has_memory(model) -> bool:
-    return any(isinstance(m, Memory) for m in model.modules())
+    return any(isinstance(m, (Memory, DeltaRule)) for m in model.modules())
 
 
 def tokens(batch=2, length=LENGTH, seed=1):

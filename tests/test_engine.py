@@ -1,6 +1,7 @@
 """The memory engine against its references: the dual-form scan vs the per-token autograd loop,
 hand-written backward passes vs autograd, optimizer coefficients vs their recurrences, and the
-reductions to known rules (per-token GD, the delta rule).
+reductions to known rules (per-token GD, the delta rule); the exact chunkwise delta rule vs its
+per-token recurrence.
 
 Tolerances: fp32 with O(10) accumulated matmuls of unit-scale values gives ~1e-6 agreement; we
 allow 2e-5 (absolute on outputs of scale ~1)."""
@@ -11,7 +12,8 @@ import pytest
 import torch
 from transformers import initialization as init
 
-from tto.engine import ACTIVATIONS, MiniBatchGD, MLPMemory, Memory, MomentumGD, SquaredError, naive_memory
+from tto.engine import (ACTIVATIONS, DeltaRule, MiniBatchGD, MLPMemory, Memory, MomentumGD, SquaredError,
+                        naive_delta_rule, naive_memory)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
 from tto.engine.optimizers import segsum
 
@@ -263,3 +265,85 @@ def test_inner_state_is_float32_under_bf16_autocast():
     assert out.dtype == torch.bfloat16
     fast_weights = [t for key, t in state.items() if ".W." in key or ".S." in key]
     assert fast_weights and all(t.dtype == torch.float32 for t in fast_weights)
+
+
+# ---------------------------------------------------------------------------- delta rule
+
+
+def delta_inputs(batch=2, length=13, heads=2, dk=6, dv=5, decay=True, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, dk, generator=g, dtype=dtype)
+    k = torch.nn.functional.normalize(torch.randn(batch, length, heads, dk, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(batch, length, heads, dv, generator=g, dtype=dtype)
+    beta = torch.rand(batch, length, heads, generator=g, dtype=dtype)
+    log_decay = -torch.rand(batch, length, heads, generator=g, dtype=dtype) if decay else torch.zeros_like(beta)
+    s0 = torch.randn(batch, heads, dk, dv, generator=g, dtype=dtype)
+    return [t.requires_grad_(True) for t in (q, k, v, beta, log_decay, s0)]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 16])
+@pytest.mark.parametrize("decay", [False, True])
+def test_chunkwise_delta_rule_matches_recurrence(chunk, decay):
+    """Outputs, final state and the gradients of all inputs (initial state included), float64:
+    the chunkwise form is exact, so they agree to rounding (1e-10) at any chunk size."""
+    inputs = delta_inputs(decay=decay)
+    out, state = DeltaRule(chunk)._chunked(*inputs)
+    ref_out, ref_state = naive_delta_rule(*inputs)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
+    torch.testing.assert_close(state, ref_state, atol=1e-10, rtol=0)
+    probe = [torch.randn_like(out), torch.randn_like(state)]
+    loss = lambda o, s: (o * probe[0]).sum() + (s * probe[1]).sum()  # noqa: E731
+    grads = torch.autograd.grad(loss(out, state), inputs)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_state), inputs)
+    for name, g, r in zip(["q", "k", "v", "beta", "log_decay", "s0"], grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_delta_rule_step_is_gradient_descent_after_decay():
+    """One token of the recurrence = decay the state, then one GD step of size beta on
+    1/2 ||S^T k - v||^2 at the decayed state, the gradient taken by autograd."""
+    q, k, v, beta, log_decay, s0 = (t.detach() for t in delta_inputs(length=1))
+    decayed = (log_decay[:, 0].exp()[..., None, None] * s0).requires_grad_(True)
+    loss = 0.5 * ((decayed.transpose(-1, -2) @ k[:, 0, :, :, None])[..., 0] - v[:, 0]).pow(2).sum()
+    expect = decayed - beta[:, 0][..., None, None] * torch.autograd.grad(loss, decayed)[0]
+    out, state = naive_delta_rule(q, k, v, beta, log_decay, s0)
+    torch.testing.assert_close(state, expect, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[:, 0], (expect.transpose(-1, -2) @ q[:, 0, :, :, None])[..., 0], atol=1e-12, rtol=0)
+
+
+def test_delta_rule_without_decay_is_the_chunk_one_memory():
+    """DeltaNet is the general engine at chunk 1 with a linear memory (zero init), no momentum or
+    forgetting and the unhalved loss ||S^T k - v||^2 at lr = beta / 2: two engines, one rule."""
+    q, k, v, beta, _, _ = (t.detach().float() for t in delta_inputs(batch=1, heads=1, dk=6, dv=6))
+    fast = MLPMemory(1, 6, depth=1, bias=False, residual_norm=False)
+    with torch.no_grad():
+        fast.W1.zero_()
+    memory = Memory(fast, SquaredError(2.0), MomentumGD(), chunk_size=1)
+    zeros = torch.zeros_like(beta)
+    general = memory(q, k, v, {"lr": beta / 2, "momentum": zeros, "forget": zeros})
+    torch.testing.assert_close(DeltaRule(4)(q, k, v, beta), general, atol=1e-5, rtol=0)
+
+
+def test_delta_rule_zero_beta_and_pads_keep_the_state():
+    q, k, v, beta, _, s0 = (t.detach() for t in delta_inputs(decay=False))
+    state = {"memory.W.S": s0.float()}
+    DeltaRule(4)(q.float(), k.float(), v.float(), torch.zeros_like(beta).float(), state=state)
+    torch.testing.assert_close(state["memory.W.S"], s0.float(), atol=0, rtol=0)
+    state = {"memory.W.S": s0.float()}
+    mask = torch.zeros(q.shape[:2], dtype=torch.bool)
+    DeltaRule(4)(q.float(), k.float(), v.float(), beta.float(), -torch.ones_like(beta).float(), mask=mask, state=state)
+    torch.testing.assert_close(state["memory.W.S"], s0.float(), atol=0, rtol=0)
+
+
+def test_delta_rule_overwrites_orthonormal_keys():
+    """beta = 1 with orthonormal keys stores each pair exactly: reading k_j returns v_j, even when
+    a key is rewritten with a new value."""
+    dk, dv = 8, 3
+    keys = torch.linalg.qr(torch.randn(dk, dk))[0].T  # rows orthonormal
+    order = [0, 1, 2, 3, 1]  # key 1 is written twice: the second value must win
+    k = keys[order][None, :, None]
+    v = torch.randn(1, len(order), 1, dv)
+    state: dict = {}
+    DeltaRule(2)(k, k, v, torch.ones(1, len(order), 1), state=state)
+    read = keys[:4] @ state["memory.W.S"][0, 0]
+    torch.testing.assert_close(read, v[0, [0, 4, 2, 3], 0], atol=1e-5, rtol=0)  # float32 state

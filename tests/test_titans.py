@@ -1,17 +1,13 @@
-"""Titans-specific checks the generic suite cannot see: the recipes' sizes, the bounded cache of
-the attention variants (MAC included), persistent tokens, config errors, and test-time memorization."""
+"""Titans-specific checks the generic suite cannot see: the bounded cache of the attention
+variants (MAC included), persistent tokens, config errors, and test-time memorization."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 import tto
-from tto.training import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
@@ -19,21 +15,6 @@ def build(seed: int = 0, **fields):
     torch.manual_seed(seed)
     cfg = tto.build_config("titans", preset="tiny", **{**TINY, **fields})
     return tto.get("titans").model_class(cfg).eval()
-
-
-@pytest.mark.parametrize("recipe,variant,target", [
-    ("titans_lmm_300m.yml", None, 300e6),
-    ("titans_mag_335m.yml", None, 335e6),  # the original sets variant: mal
-    ("titans_mag_335m.yml", "mag", 335e6),
-])
-def test_recipes_have_the_paper_sizes(recipe, variant, target):
-    fields = {k: v for k, v in load_recipe(ROOT / "configs" / recipe).model.items() if k != "type"}
-    if variant:
-        fields["variant"] = variant
-    with torch.device("meta"):
-        model = tto.get("titans").model_class(tto.build_config("titans", **fields))
-    count = sum(p.numel() for p in model.parameters())
-    assert abs(count - target) / target < 0.10, f"{count / 1e6:.1f}M"
 
 
 @pytest.mark.parametrize("variant,fields", [("mag", {}), ("mal", {}), ("mac", {"segment_size": 6})])

@@ -80,6 +80,7 @@ from ..config import TTOConfig, config_error
 from ..engine import ACTIVATIONS, MLPMemory, Memory, MomentumGD, SquaredError
 from ..layers.attention import Attention
 from ..layers.conv import ShortConv
+from ..layers.gates import Gate
 from ..registry import register
 
 #: the original TTO recipes' model fields (configs/titans_lmm_300m.yml, configs/titans_mag_335m.yml)
@@ -155,23 +156,6 @@ class TitansConfig(TTOConfig):
                 raise config_error(name, getattr(self, name), "must be >= 0")
         if self.segment_size is not None and self.segment_size <= 0:
             raise config_error("segment_size", self.segment_size, "must be a positive integer or None")
-
-
-class Gate(nn.Module):
-    """A data-dependent gate per token and head: ``scale * sigmoid(x W^T + b)``, (B, T, heads)."""
-
-    def __init__(self, width: int, heads: int, scale: float, bias_init: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(heads, width))
-        self.bias = nn.Parameter(torch.empty(heads))
-        self.scale, self.bias_init = scale, bias_init
-
-    def _tto_init(self, std: float, init) -> None:
-        init.normal_(self.weight, mean=0.0, std=std)
-        init.constant_(self.bias, self.bias_init)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * torch.sigmoid(F.linear(x, self.weight, self.bias))
 
 
 class NeuralMemory(nn.Module):

@@ -1,0 +1,53 @@
+"""Data-dependent gates: per token and head, a linear map of the mixer input squashed to a range."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Gate(nn.Module):
+    """``scale * sigmoid(x W^T + b)``: (B, T, width) -> (B, T, heads), in (0, scale)."""
+
+    def __init__(self, width: int, heads: int, scale: float, bias_init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, width))
+        self.bias = nn.Parameter(torch.empty(heads))
+        self.scale, self.bias_init = scale, bias_init
+
+    def _tto_init(self, std: float, init) -> None:
+        init.normal_(self.weight, mean=0.0, std=std)
+        init.constant_(self.bias, self.bias_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.sigmoid(F.linear(x, self.weight, self.bias))
+
+
+class DecayGate(nn.Module):
+    """Mamba2's decay in log space: ``log a_t = -exp(A_log) * softplus(x W^T + dt_bias)`` (B, T, heads), <= 0.
+
+    Initialised as Mamba2: ``A ~ U(0, a_init_max]`` per head and ``dt_bias = softplus^{-1}(dt)`` with
+    ``dt`` log-uniform in [dt_min, dt_max] (at least dt_init_floor).
+    """
+
+    def __init__(self, width: int, heads: int, a_init_max: float, dt_min: float, dt_max: float, dt_init_floor: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, width))
+        self.A_log = nn.Parameter(torch.empty(heads))
+        self.dt_bias = nn.Parameter(torch.empty(heads))
+        self.a_init_max, self.dt_range, self.dt_init_floor = a_init_max, (dt_min, dt_max), dt_init_floor
+
+    def _tto_init(self, std: float, init) -> None:
+        init.normal_(self.weight, mean=0.0, std=std)
+        with torch.no_grad():
+            a = torch.empty_like(self.A_log).uniform_(0.0, self.a_init_max).clamp_min(torch.finfo(torch.float32).tiny)
+            init.copy_(self.A_log, a.log())
+            lo, hi = (math.log(v) for v in self.dt_range)
+            dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(lo, hi)).clamp_min(self.dt_init_floor)
+            init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.A_log.float().exp() * F.softplus(F.linear(x, self.weight).float() + self.dt_bias.float())

@@ -1,0 +1,159 @@
+"""DeltaNet and Gated DeltaNet: a linear memory written with the delta rule.
+
+DeltaNet: "Parallelizing Linear Transformers with the Delta Rule over Sequence Length" (Yang et
+al., arXiv:2406.06484). Gated DeltaNet: "Gated Delta Networks: Improving Mamba2 with Delta Rule"
+(Yang, Kautz, Hatamizadeh; arXiv:2412.06464). Layers as in flash-linear-attention
+(``fla/layers/delta_net.py``, ``fla/layers/gated_deltanet.py``).
+
+Per head, the memory is a matrix ``S`` (head_k_dim x head_v_dim) and each token takes one exact
+gradient step on ``1/2 ||S^T k_t - v_t||^2`` with step ``beta_t`` (the inner lr), Gated DeltaNet
+after a decay ``a_t`` (the forget gate)::
+
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = S_t^T q_t / sqrt(d_k)
+
+computed by the engine's :class:`tto.engine.DeltaRule` in its exact chunkwise (WY) form, with the
+per-token recurrence as the reference.
+
+* views: q, k, v are linear maps of x, each followed by a short causal conv and SiLU; q and k are
+  l2-normalised per head;
+* inner lr (``lr_gate``): ``beta_t = sigmoid(x . w_h + b_h)`` per head;
+* forget gate (Gated DeltaNet, ``forget_gate``): Mamba2's ``a_t = exp(-exp(A_log) softplus(x . w_h
+  + dt_bias))``;
+* output: per-head RMSNorm of o, times ``silu(g_proj(x))`` when ``use_gate``, then ``o_proj``.
+
+Differences from fla: the beta projection has a bias (init 0: sigmoid 0.5, as fla's bias-free
+start); fla's optional ``allow_neg_eigval`` (beta in (0, 2)) and its non-SiLU/non-l2 q/k options
+are not offered.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import Context
+from ..config import TTOConfig, config_error
+from ..engine import DeltaRule
+from ..layers.conv import ShortConv
+from ..layers.gates import DecayGate, Gate
+from ..registry import register
+
+#: sizes of the papers' tables: 340M (DeltaNet Table 2, fla configs/delta_net_340M), 1.3B
+#: (DeltaNet Table 2 and Gated DeltaNet Table 1; fla gated_deltanet_1B: head_dim 256, expand_v 2)
+DELTANET_PRESETS = {
+    "340m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_heads=8, num_attention_heads=16),
+    "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_heads=16, num_attention_heads=32),
+    "tiny": dict(num_heads=2, chunk_size=4),
+}
+GATED_DELTANET_PRESETS = {
+    "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=21, num_heads=6,
+                 head_k_dim=256, expand_v=2.0, num_attention_heads=32),
+    "tiny": dict(num_heads=2, chunk_size=4, expand_v=2.0),
+}
+
+
+class DeltaNetConfig(TTOConfig):
+    """DeltaNet fields (fla's names where it has them)."""
+
+    model_type: ClassVar[str] = "tto_deltanet"
+    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("num_heads", "chunk_size")
+
+    num_heads: int = 16  # memory heads
+    head_k_dim: int | None = None  # key/query width per head (None: hidden_size // num_heads)
+    expand_v: float = 1.0  # value width per head = expand_v * head_k_dim
+    use_gate: bool = False  # output gated by silu(g_proj(x)) (fla DeltaNet: off; Gated DeltaNet: on)
+    lr_gate_bias_init: float = 0.0  # initial bias of the beta gate (pre-sigmoid)
+    chunk_size: int = 64  # tokens per chunk of the exact chunkwise form (changes speed, not results)
+
+    @property
+    def key_dim(self) -> int:
+        return self.head_k_dim or self.hidden_size // self.num_heads
+
+    @property
+    def value_dim(self) -> int:
+        return int(self.key_dim * self.expand_v)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.head_k_dim is None and self.hidden_size % self.num_heads:
+            raise config_error("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size} (or set head_k_dim)")
+        if self.head_k_dim is not None and self.head_k_dim <= 0:
+            raise config_error("head_k_dim", self.head_k_dim, "must be a positive integer or None")
+        if self.expand_v <= 0 or (self.key_dim * self.expand_v) % 1:
+            raise config_error("expand_v", self.expand_v, f"must be > 0 and make expand_v * head_k_dim ({self.key_dim}) whole")
+
+
+class GatedDeltaNetConfig(DeltaNetConfig):
+    """DeltaNet fields plus the Mamba2 decay gate's initialisation."""
+
+    model_type: ClassVar[str] = "tto_gated_deltanet"
+
+    use_gate: bool = True
+    a_init_max: float = 16.0  # A ~ U(0, a_init_max] per head (Mamba2)
+    dt_min: float = 0.001  # dt ~ log-uniform [dt_min, dt_max] at init (Mamba2)
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4  # smallest initial dt
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.dt_min <= self.dt_max:
+            raise config_error("dt_min", self.dt_min, f"must satisfy 0 < dt_min <= dt_max={self.dt_max}")
+        if self.a_init_max <= 0:
+            raise config_error("a_init_max", self.a_init_max, "must be > 0")
+
+
+@register("deltanet", config=DeltaNetConfig, presets=DELTANET_PRESETS, paper="arXiv:2406.06484 (Yang et al., 2024)")
+class DeltaNetMixer(nn.Module):
+    """DeltaNet layer: x (B, T, hidden) -> (B, T, hidden). State: ``memory.W.S`` and the conv tails."""
+
+    def __init__(self, config: DeltaNetConfig, layer_idx: int):
+        super().__init__()
+        width, heads = config.hidden_size, config.num_heads
+        self.num_heads, self.head_k_dim, self.head_v_dim = heads, config.key_dim, config.value_dim
+        key_width, value_width = heads * self.head_k_dim, heads * self.head_v_dim
+        self.q_proj = nn.Linear(width, key_width, bias=False)
+        self.k_proj = nn.Linear(width, key_width, bias=False)
+        self.v_proj = nn.Linear(width, value_width, bias=False)
+        self.conv_q = ShortConv(key_width, config.conv_kernel, bias=False)
+        self.conv_k = ShortConv(key_width, config.conv_kernel, bias=False)
+        self.conv_v = ShortConv(value_width, config.conv_kernel, bias=False)
+        self.lr_gate = Gate(width, heads, 1.0, config.lr_gate_bias_init)  # beta_t
+        self.memory = DeltaRule(config.chunk_size)
+        self.out_norm = nn.RMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.g_proj = nn.Linear(width, value_width, bias=False) if config.use_gate else None
+        self.o_proj = nn.Linear(value_width, width, bias=False)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
+        """log a_t (B, T, heads); None: no decay (DeltaNet)."""
+        return None
+
+    def _view(self, proj: nn.Linear, conv: ShortConv, x, ctx: Context, state, key: str, dim: int) -> torch.Tensor:
+        """SiLU(conv(proj(x))) per head: (B, T, heads, dim)."""
+        return F.silu(conv(proj(x), ctx.mask, state, key)).view(*x.shape[:2], self.num_heads, dim)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
+        q = F.normalize(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q", self.head_k_dim), dim=-1)
+        k = F.normalize(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k", self.head_k_dim), dim=-1)
+        v = self._view(self.v_proj, self.conv_v, x, ctx, state, "conv_v", self.head_v_dim)
+        o = self.memory(q * self.head_k_dim**-0.5, k, v, self.lr_gate(x), self.log_decay(x), ctx.mask, state)
+        o = self.out_norm(o).flatten(2)
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(x))
+        return self.o_proj(o)
+
+
+@register("gated_deltanet", config=GatedDeltaNetConfig, presets=GATED_DELTANET_PRESETS,
+          paper="arXiv:2412.06464 (Yang, Kautz, Hatamizadeh, 2024)")
+class GatedDeltaNetMixer(DeltaNetMixer):
+    """Gated DeltaNet layer: DeltaNet with the decay ``a_t`` (its only difference)."""
+
+    def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.forget_gate = DecayGate(config.hidden_size, config.num_heads, config.a_init_max, config.dt_min,
+                                     config.dt_max, config.dt_init_floor)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forget_gate(x)
