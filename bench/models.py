@@ -9,7 +9,6 @@ SDPA attention layer (q/k/v and output projections, no RoPE).
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.metadata
 from dataclasses import dataclass, field

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import initialization as init
 
-from tto.engine import (ACTIVATIONS, DeltaRule, MiniBatchGD, MLPMemory, Memory, MomentumGD, SquaredError,
-                        naive_delta_rule, naive_memory)
+from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, Huber, LpError, LqNormalization, MiniBatchGD, MLPMemory,
+                        Memory, MomentumGD, SoftmaxRetention, SquaredError, naive_delta_rule, naive_memory)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
 from tto.engine.optimizers import segsum
 
@@ -21,9 +21,10 @@ ATOL = 2e-5
 
 
 def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim: int = 8, residual_norm=True,
-                activation="gelu_tanh", seed=0) -> Memory:
+                activation="gelu_tanh", seed=0, objective=None, retention=None) -> Memory:
     torch.manual_seed(seed)
-    fast = MLPMemory(heads, dim, depth=depth, expansion=2, residual_norm=residual_norm, activation=activation)
+    fast = MLPMemory(heads, dim, depth=depth, expansion=2, residual_norm=residual_norm, activation=activation,
+                     bias=retention is None)
     fast._tto_init(0.02, init)
     with torch.no_grad():  # move away from the trivial init so every term matters
         for p in fast.parameters():
@@ -34,17 +35,23 @@ def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim:
         with torch.no_grad():
             opt.token_offset.add_(torch.randn(chunk) * 0.1)
     else:
-        opt = MomentumGD()
-    return Memory(fast, SquaredError(1.0), opt, chunk)
+        opt = {"momentum": MomentumGD, "decay": DecayGD}[optimizer]()
+    if isinstance(retention, SoftmaxRetention):  # its initial weights are logits: keep them spread out
+        with torch.no_grad():
+            for p in fast.parameters():
+                p.mul_(3.0)
+    return Memory(fast, objective or SquaredError(1.0), opt, chunk, retention=retention)
 
 
 def make_inputs(batch=3, length=11, heads=2, dim=8, optimizer="gd", seed=1, requires_grad=False, max_lr=0.5):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, length, heads, dim, generator=g, requires_grad=requires_grad) for _ in range(3))
     gates = {"lr": torch.rand(batch, length, heads, generator=g) * max_lr}
+    if optimizer in ("momentum", "decay"):
+        gates["forget"] = torch.rand(batch, length, heads, generator=g) * 0.2
     if optimizer == "momentum":
         gates["momentum"] = torch.rand(batch, length, heads, generator=g) * 0.9
-        gates["forget"] = torch.rand(batch, length, heads, generator=g) * 0.2
+    gates["huber_delta"] = 0.5 + torch.rand(batch, length, heads, generator=g)  # read by Huber only
     return q, k, v, gates
 
 
@@ -347,3 +354,106 @@ def test_delta_rule_overwrites_orthonormal_keys():
     DeltaRule(2)(k, k, v, torch.ones(1, len(order), 1), state=state)
     read = keys[:4] @ state["memory.W.S"][0, 0]
     torch.testing.assert_close(read, v[0, [0, 4, 2, 3], 0], atol=1e-5, rtol=0)  # float32 state
+
+
+# ---------------------------------------------------------------------------- Miras' parts
+
+
+@pytest.mark.parametrize("objective", [SquaredError(2.0), LpError(3.0), LpError(3.0, eps=1e-3), LpError(1.5, eps=1e-2),
+                                       Huber()], ids=["l2", "l3", "l3-smooth", "l1.5-smooth", "huber"])
+def test_objective_gradient_is_autograd_of_its_loss(objective):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(4, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, 5, 8, generator=g, dtype=torch.float64)
+    gates = {"huber_delta": 0.7 + 0.6 * torch.rand(4, 5, generator=g, dtype=torch.float64)}
+    if isinstance(objective, Huber):  # both regimes present
+        rms = (y - v).detach().pow(2).mean(-1).sqrt()
+        assert (rms <= gates["huber_delta"]).any() and (rms > gates["huber_delta"]).any()
+    expect = torch.autograd.grad(objective.loss(y, v, gates).sum(), y)[0]
+    torch.testing.assert_close(objective.grad(y, v, gates), expect, atol=1e-12, rtol=1e-12)
+
+
+def test_decay_gd_coefficients_match_recurrence():
+    g = torch.Generator().manual_seed(4)
+    b = 6
+    gates = {"lr": torch.rand(1, 1, b, generator=g), "forget": torch.rand(1, 1, b, generator=g) * 0.5}
+    valid = torch.tensor([[[True, False, True, True, True, True]]])
+    c = DecayGD().coefficients(gates, valid)
+    grads, w0 = torch.randn(b, generator=g), 0.7
+    w = torch.tensor(w0)
+    for t in range(b):
+        if valid[0, 0, t]:
+            w = (1 - gates["forget"][0, 0, t]) * w - gates["lr"][0, 0, t] * grads[t]
+        torch.testing.assert_close(c.decay[0, 0, t] * w0 - (c.mix[0, 0, t] * grads).sum(), w, atol=1e-6, rtol=0)
+
+
+def test_decay_gd_is_momentum_gd_without_momentum():
+    q, k, v, gates = make_inputs(optimizer="decay")
+    decay, momentum = make_memory(2, "decay"), make_memory(2, "momentum")
+    torch.testing.assert_close(decay(q, k, v, gates), momentum(q, k, v, {**gates, "momentum": torch.zeros_like(gates["lr"])}),
+                               atol=1e-6, rtol=0)
+
+
+def test_lq_normalization_is_the_accumulator_rule():
+    """Moneta: from an accumulator A_c, reading W_c = A_c / ||A_c||_q^(q-2), one chunk of linear
+    steps on A (gradients g at W_c) renormalised at the end equals the retention's chunk_end of
+    the engine's steps on W with its gradient scale, with no A stored."""
+    g = torch.Generator().manual_seed(5)
+    q_norm, keep = 4.0, torch.tensor([0.8, 0.9])
+    a_c = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    step = 0.1 * torch.randn(2, 3, 5, generator=g, dtype=torch.float64)  # sum_s c_s g_s
+    norm = lambda a: a.abs().pow(q_norm).sum((-2, -1), keepdim=True).pow(1 / q_norm)  # noqa: E731
+    w_c = a_c / norm(a_c).pow(q_norm - 2)
+    a_b = keep[:, None, None] * a_c - step
+    expect = a_b / norm(a_b).pow(q_norm - 2)
+    retention = LqNormalization(q_norm)
+    w_b = keep[:, None, None] * w_c - retention.grad_scale({"W": w_c})["W"] * step
+    torch.testing.assert_close(retention.chunk_end({"W": w_c}, {"W": w_b}, keep)["W"], expect, atol=1e-12, rtol=0)
+
+
+def test_softmax_retention_is_the_mirror_descent_step():
+    """Memora: the chunk end applies the accumulated step in log space, scale * softmax(keep * log(W_c
+    / scale) - step / scale): rows stay positive and sum to scale."""
+    g = torch.Generator().manual_seed(6)
+    scale, keep = 4.0, torch.tensor([0.9, 0.7])
+    retention = SoftmaxRetention(scale)
+    w_c = retention.start({"W": torch.randn(2, 3, 5, generator=g, dtype=torch.float64)})["W"]
+    step = 0.1 * torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    out = retention.chunk_end({"W": w_c}, {"W": keep[:, None, None] * w_c - step}, keep)["W"]
+    logits = keep[:, None, None] * torch.log(w_c / scale) - step / scale
+    torch.testing.assert_close(out, scale * logits.exp() / logits.exp().sum(-1, keepdim=True), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.sum(-1), torch.full((2, 3), scale, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+MIRAS_PARTS = [(LpError(3.0, eps=1e-6), LqNormalization(4.0)), (Huber(), None), (SquaredError(1.0), SoftmaxRetention(2.0))]
+
+
+@pytest.mark.parametrize("objective,retention", MIRAS_PARTS, ids=["moneta", "yaad", "memora"])
+def test_miras_scan_matches_naive(objective, retention):
+    """Objectives with gates and chunk-boundary retentions: outputs (padded and streamed), committed
+    weights and outer gradients of the dual-form scan equal the naive loop's. In float64: the
+    l_q norms and log-softmax steps amplify float32 rounding to ~1e-4 over a few chunks, which would
+    hide a real error of that size; float64 keeps the two forms at rounding distance (< 1e-9)."""
+    mem = make_memory(2, "decay", objective=objective, retention=retention).double()
+    q, k, v, gates = make_inputs(optimizer="decay", length=13)
+    q, k, v = (x.double().requires_grad_(True) for x in (q, k, v))
+    gates = {n: g.double() for n, g in gates.items()}
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[1, :5] = False
+    keep = mask[..., None, None]
+    close = dict(atol=1e-9, rtol=0)
+    ref, _, committed = naive_memory(mem, q, k, v, gates, mask)
+    torch.testing.assert_close(mem(q, k, v, gates, mask) * keep, ref, **close)
+    state: dict = {}
+    pieces = [(0, 3), (3, 4), (4, 11), (11, 13)]
+    streamed = [mem(*(x[:, a:b] for x in (q, k, v)), {n: t[:, a:b] for n, t in gates.items()}, mask[:, a:b], state)
+                for a, b in pieces]
+    torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref, **close)
+    for row in range(3):
+        for name, w in committed[row].items():
+            torch.testing.assert_close(state["memory.W." + name][row], w, **close)
+    w = torch.randn_like(ref)
+    fast = torch.autograd.grad((mem(q, k, v, gates, mask) * keep * w).sum(), [q, k, v, *mem.parameters()])
+    naive = torch.autograd.grad((ref * w).sum(), [q, k, v, *mem.parameters()])
+    for a, b in zip(fast, naive):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)

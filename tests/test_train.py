@@ -197,6 +197,7 @@ PAPER_SIZES = {
     "titans_mag_335m.yml": 335e6,  # the original recipe sets variant: mal
     "deltanet_340m.yml": 340e6,
     "gated_deltanet_1.3b.yml": 1.3e9,
+    "miras_moneta_340m.yml": 340e6,
 }
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yml") if p.name != "quickstart.yml")
 

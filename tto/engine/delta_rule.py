@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference import in_reference_mode
+from .fast_models import inner
 
 
 class DeltaRule(nn.Module):
     """forward(q, k (B, T, H, d_k), v (B, T, H, d_v), beta (B, T, H), log_decay (B, T, H) or None,
     mask (B, T) or None, state) -> outputs (B, T, H, d_v). The state holds ``<prefix>.W.S``
-    (B, H, d_k, d_v) in float32; inner arithmetic runs in float32, autocast off."""
+    (B, H, d_k, d_v) in float32; inner arithmetic runs in float32 (float64 for float64 inputs), autocast off."""
 
     def __init__(self, chunk_size: int, state_prefix: str = "memory"):
         super().__init__()
@@ -46,8 +47,8 @@ class DeltaRule(nn.Module):
     def forward(self, q, k, v, beta, log_decay=None, mask=None, state: dict | None = None):
         out_dtype = q.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
-            q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
-            log_decay = torch.zeros_like(beta) if log_decay is None else log_decay.float()
+            q, k, v, beta = inner(q), inner(k), inner(v), inner(beta)
+            log_decay = torch.zeros_like(beta) if log_decay is None else inner(log_decay)
             if mask is not None:  # pads: beta = 0 and a = 1, the identity step
                 beta = beta * mask[..., None]
                 log_decay = log_decay * mask[..., None]

@@ -22,6 +22,11 @@ from torch import nn
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+def inner(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the dtype of inner (fast-weight) arithmetic: float32, or float64 when `t` is float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 #: activation name -> (function, backward(g, z) = g * function'(z)); fused ATen backward kernels,
 #: themselves differentiable, so outer gradients flow through the hand-written inner backward
 ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -54,7 +59,7 @@ class FastModel(nn.Module):
 
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
         """Fast weights at the start of a sequence: the learned initial weights tiled over the
-        batch, float32, shapes (batch * heads, ...)."""
+        batch, float32 (float64 for a float64 model), shapes (batch * heads, ...)."""
         raise NotImplementedError
 
     def core(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
@@ -113,15 +118,15 @@ class MLPMemory(FastModel):
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
         params = {}
         for i, name in enumerate(self.weight_names):
-            params[name] = getattr(self, name).float().repeat(batch, 1, 1)
+            params[name] = inner(getattr(self, name)).repeat(batch, 1, 1)
             if self.has_bias:
-                params[f"b{i + 1}"] = getattr(self, f"b{i + 1}").float().repeat(batch, 1, 1)
+                params[f"b{i + 1}"] = inner(getattr(self, f"b{i + 1}")).repeat(batch, 1, 1)
         return params
 
     def _norm_affine(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """LayerNorm gamma, beta broadcast to (N, 1, dim) for N = batch * heads rows."""
         reps = n // self.num_heads
-        return (self.norm_weight.float().repeat(reps, 1)[:, None], self.norm_bias.float().repeat(reps, 1)[:, None])
+        return (inner(self.norm_weight).repeat(reps, 1)[:, None], inner(self.norm_bias).repeat(reps, 1)[:, None])
 
     def _layer_norm(self, z: torch.Tensor):
         """Per-head LN(z) = gamma * normalize(z) + beta, and what its backward needs."""

@@ -32,9 +32,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..reference import in_reference_mode
-from .fast_models import FastModel
-from .objectives import SquaredError
+from .fast_models import FastModel, inner
+from .objectives import Objective
 from .optimizers import Coefficients, InnerOptimizer
+from .retention import Retention
 
 
 def _bias_name(weight_name: str) -> str:
@@ -97,15 +98,19 @@ class Memory(nn.Module):
 
     forward(q, k, v, gates, mask, state) with q, k, v (B, T, H, d) and gates {name: (B, T, H)}
     returns the read-outs (B, T, H, d); with ``read_start=True`` the pair (read-outs, reads of the
-    chunk-start weights). Inner arithmetic runs in float32, autocast off.
+    chunk-start weights). Inner arithmetic runs in float32 (float64 for float64 inputs), autocast off.
     """
 
-    def __init__(self, fast_model: FastModel, objective: SquaredError, optimizer: InnerOptimizer,
-                 chunk_size: int, checkpoint_group: int = 0, state_prefix: str = "memory"):
+    def __init__(self, fast_model: FastModel, objective: Objective, optimizer: InnerOptimizer,
+                 chunk_size: int, checkpoint_group: int = 0, state_prefix: str = "memory",
+                 retention: Retention | None = None):
         super().__init__()
         self.fast = fast_model
         self.objective = objective
         self.optimizer = optimizer
+        self.retention = retention or Retention()
+        if retention is not None and set(self._param_names()) != set(fast_model.weight_names):
+            raise ValueError(f"{type(retention).__name__} acts on weight matrices; use a fast model without biases")
         self.chunk_size = chunk_size
         self.checkpoint_group = checkpoint_group
         self.prefix = state_prefix + "."
@@ -114,7 +119,7 @@ class Memory(nn.Module):
     def _load(self, state: dict | None, batch: int):
         heads = self.fast.num_heads
         if state is None or self.prefix + "n_pending" not in state:
-            params = self.fast.initial_params(batch)
+            params = self.retention.start(self.fast.initial_params(batch))
             momentum = {k: torch.zeros_like(v) for k, v in params.items()} if self.optimizer.has_momentum else None
             return params, momentum, None, None
         unpack = lambda key: state[key].reshape(batch * heads, *state[key].shape[2:])  # noqa: E731
@@ -154,8 +159,8 @@ class Memory(nn.Module):
     def _forward(self, q, k, v, gates, mask, state, read_start: bool):
         batch, new_len, heads = q.shape[:3]
         b = self.chunk_size
-        tokens = {"q": q.float(), "k": k.float(), "v": v.float()}
-        tokens.update({"gate." + n: g.float() for n, g in gates.items()})
+        tokens = {"q": inner(q), "k": inner(k), "v": inner(v)}
+        tokens.update({"gate." + n: inner(g) for n, g in gates.items()})
         params, momentum, pending, n_pending = self._load(state, batch)
         valid = mask
         if pending is not None:
@@ -183,7 +188,10 @@ class Memory(nn.Module):
             qk = qk + 1.0
         # per-chunk views via unbind: indexing Q[:, i] instead would make every chunk's backward
         # write a zero tensor of the whole sequence's size
-        chunks = list(zip(Q.unbind(1), K.unbind(1), V.unbind(1), (coef.mix * qk).unbind(1), coef.unbind()))
+        objective_gates = [dict(zip(self.objective.gate_names, g))
+                           for g in zip(*(G[n].unbind(1) for n in self.objective.gate_names))] or [{}] * n
+        chunks = list(zip(Q.unbind(1), K.unbind(1), V.unbind(1), (coef.mix * qk).unbind(1), coef.unbind(),
+                          objective_gates))
 
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
@@ -220,13 +228,17 @@ class Memory(nn.Module):
             if read_start:
                 out = torch.stack([out, self.fast.core(chunk[0], self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
-                params, momentum = new_params, new_momentum
+                keep = chunk[4].decay[:, -1] if chunk[4].decay is not None else None
+                params, momentum = self.retention.chunk_end(params, new_params, keep), new_momentum
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
-    def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients):
-        """Read-outs g(q) of one chunk and the weights (and momentum) at its end."""
-        grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v))
+    def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, objective_gates: dict):
+        """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention."""
+        grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v, objective_gates))
+        scale = self.retention.grad_scale(params)
+        if scale is not None:
+            grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         by_name = {name: (x, delta) for name, x, delta in grads}
 
         def read(name: str, xq: torch.Tensor) -> torch.Tensor:
@@ -276,33 +288,41 @@ class Memory(nn.Module):
 
 def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     """Slow reference for :class:`Memory`: per row, per real token, autograd gradients at the
-    chunk-start weights and the optimizer's per-token recurrence. Returns (outputs (B, T, H, d),
-    reads of the chunk-start weights (B, T, H, d), per row the weights committed after its last
-    complete chunk)."""
-    fast, opt, b = memory.fast, memory.optimizer, memory.chunk_size
+    chunk-start weights and the optimizer's per-token recurrence, the retention at chunk ends.
+    Returns (outputs (B, T, H, d), reads of the chunk-start weights (B, T, H, d), per row the
+    weights committed after its last complete chunk)."""
+    fast, opt, b, retention = memory.fast, memory.optimizer, memory.chunk_size, memory.retention
     batch, length, heads = q.shape[:3]
-    outs = q.new_zeros(batch, length, heads, q.shape[-1], dtype=torch.float32)
+    outs = inner(q.new_zeros(batch, length, heads, q.shape[-1]))
     starts = torch.zeros_like(outs)
     committed = []
     for row in range(batch):
         idx = torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]
-        state = opt.naive_init(fast.initial_params(1))
-        row_out, start, last_commit = [], None, dict(state["W"])
+        state = opt.naive_init(retention.start(fast.initial_params(1)))
+        row_out, start, keep, last_commit = [], None, None, dict(state["W"])
         for j, t in enumerate(idx.tolist()):
             pos = j % b
             if pos == 0:
-                if j > 0:
-                    opt.naive_chunk_end(state)
                 start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
-            kt, vt, qt = (x[row, t].float()[:, None, :] for x in (k, v, q))
+                keep = torch.ones(heads, dtype=outs.dtype)
+            kt, vt, qt = (inner(x[row, t])[:, None, :] for x in (k, v, q))
+            token_gates = {n: inner(g[row, t]) for n, g in gates.items()}
             with torch.enable_grad():
-                loss = memory.objective.loss(fast.apply(kt, fast.plain_linear(start)), vt).sum()
+                y = fast.apply(kt, fast.plain_linear(start))
+                loss = memory.objective.loss(y, vt, {n: g[:, None] for n, g in token_gates.items()}).sum()
                 g = torch.autograd.grad(loss, list(start.values()), create_graph=True)
             grads = dict(zip(start.keys(), g))
-            read = opt.naive_step(state, grads, {n: gates[n][row, t].float() for n in gates}, pos)
+            scale = retention.grad_scale(start)
+            if scale is not None:
+                grads = {n: grad * scale[n] for n, grad in grads.items()}
+            read = opt.naive_step(state, grads, token_gates, pos)
+            if "forget" in token_gates:
+                keep = keep * (1 - token_gates["forget"])
             row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
             if pos == b - 1:
-                last_commit = dict(read)
+                opt.naive_chunk_end(state)
+                state["W"] = retention.chunk_end(start, state["W"], keep if "forget" in token_gates else None)
+                last_commit = dict(state["W"])
         for t, o, o_start in row_out:
             outs[row, t], starts[row, t] = o, o_start
         committed.append(last_commit)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fast_models import inner
+
 
 @dataclass
 class Coefficients:
@@ -89,8 +91,9 @@ class MiniBatchGD(InnerOptimizer):
         init.zeros_(self.token_offset)
 
     def position_scale(self) -> torch.Tensor:
-        base = 1.0 / torch.arange(1, self.chunk_size + 1, device=self.token_offset.device, dtype=torch.float32)
-        return (base + self.token_offset.float()).clamp_min(0.0)
+        offset = inner(self.token_offset)
+        base = 1.0 / torch.arange(1, self.chunk_size + 1, device=offset.device, dtype=offset.dtype)
+        return (base + offset).clamp_min(0.0)
 
     def coefficients(self, gates, valid):
         lr = gates["lr"] * valid
@@ -111,6 +114,34 @@ class MiniBatchGD(InnerOptimizer):
     def naive_chunk_end(self, state):
         state["W"] = state["read"]
         state["G"] = {k: torch.zeros_like(v) for k, v in state["W"].items()}
+
+
+class DecayGD(InnerOptimizer):
+    """Gradient descent with a forget gate and no momentum (Miras' Yaad, Moneta, Memora)::
+
+        W_t = (1 - forget_t) * W_{t-1} - lr_t * g_t
+
+    Gates (N, T): ``lr`` (eta) and ``forget`` (alpha) in [0, 1]. With valid = False a token is skipped.
+    """
+
+    gate_names = ("lr", "forget")
+
+    def coefficients(self, gates, valid):
+        v = valid.to(gates["lr"].dtype)
+        log_keep = torch.log1p(-gates["forget"] * v)  # 0 at pads
+        retain = torch.exp(segsum(log_keep))  # retain[i, j] = prod_{r=j+1..i} (1 - alpha_r)
+        return Coefficients(mix=retain * (gates["lr"] * v)[..., None, :], decay=torch.exp(log_keep.cumsum(-1)))
+
+    def naive_init(self, params):
+        return {"W": dict(params)}
+
+    def naive_step(self, state, grads, gates, t):
+        lr, keep = gates["lr"][..., None, None], 1 - gates["forget"][..., None, None]
+        state["W"] = {k: keep * state["W"][k] - lr * grads[k] for k in grads}
+        return state["W"]
+
+    def naive_chunk_end(self, state):
+        pass
 
 
 class MomentumGD(InnerOptimizer):

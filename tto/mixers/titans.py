@@ -19,11 +19,11 @@ with :class:`tto.engine.MomentumGD`) in its dual form: no per-token weights are 
 that already contain its own write (and every earlier write of its chunk, all at chunk-start
 gradients). That is Eq. 15's ``y_t = M*_t(q_t)`` and titans-pytorch's order at chunk 1.
 
-**Memory layer (Sec. 4.4).** q, k, v are linear maps of the input followed by a short causal
-depthwise conv and SiLU; q and k are then l2-normalised (``rms_qk_norm``: a learned RMSNorm
-instead, as the original TTO code allows). The read-out (B, T, heads x head_dim) is normalised
-(RMSNorm), optionally gated by ``silu(gate_proj(x))`` (``use_gate``) and projected back to the
-hidden size (``use_output_proj``).
+**Memory layer (Sec. 4.4;** :class:`tto.layers.memory_layer.MemoryLayer`, shared with Miras). q,
+k, v are linear maps of the input followed by a short causal depthwise conv and SiLU; q and k are
+then l2-normalised (``rms_qk_norm``: a learned RMSNorm instead, as the original TTO code allows).
+The read-out (B, T, heads x head_dim) is normalised (RMSNorm), optionally gated by
+``silu(gate_proj(x))`` (``use_gate``) and projected back to the hidden size (``use_output_proj``).
 
 **Persistent memory (Sec. 3.3).** ``num_persistent_mem_tokens`` learned vectors P are the
 paper's ``x~ = [P] || x``. They are placed as a prefix of the *attention's* keys and values
@@ -79,8 +79,8 @@ from ..cache import Context
 from ..config import TTOConfig, config_error
 from ..engine import ACTIVATIONS, MLPMemory, Memory, MomentumGD, SquaredError
 from ..layers.attention import Attention
-from ..layers.conv import ShortConv
 from ..layers.gates import Gate
+from ..layers.memory_layer import MemoryLayer
 from ..registry import register
 
 #: the original TTO recipes' model fields (configs/titans_lmm_300m.yml, configs/titans_mag_335m.yml)
@@ -158,68 +158,21 @@ class TitansConfig(TTOConfig):
             raise config_error("segment_size", self.segment_size, "must be a positive integer or None")
 
 
-class NeuralMemory(nn.Module):
-    """The memory layer: x (B, T, hidden) -> (B, T, hidden), reading and writing the same stream.
-
-    State keys: the engine's ``<name>.W.*``, ``<name>.S.*``, ``<name>.pending.*`` (fast weights,
-    momentum, tokens of an incomplete chunk) and the conv tails ``<name>_conv_{q,k,v}``.
-    """
-
-    def __init__(self, config: TitansConfig, name: str = "memory"):
-        super().__init__()
-        self.name = name
-        self.num_heads = config.num_mem_heads
-        self.head_dim = config.hidden_size // config.num_mem_heads
-        width, inner = config.hidden_size, config.num_mem_heads * self.head_dim
-        self.q_proj = nn.Linear(width, inner, bias=False)
-        self.k_proj = nn.Linear(width, inner, bias=False)
-        self.v_proj = nn.Linear(width, inner, bias=False)
-        self.conv_q = ShortConv(inner, config.conv_kernel)
-        self.conv_k = ShortConv(inner, config.conv_kernel)
-        self.conv_v = ShortConv(inner, config.conv_kernel)
-        norm = lambda: nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.rms_qk_norm else None  # noqa: E731
-        self.q_norm, self.k_norm = norm(), norm()
-        self.lr_gate = Gate(width, self.num_heads, config.mem_max_lr, config.lr_gate_bias_init)  # theta_t
-        self.momentum_gate = Gate(width, self.num_heads, 1.0, config.momentum_gate_bias_init)  # eta_t
-        self.forget_gate = Gate(width, self.num_heads, 1.0, config.forget_gate_bias_init)  # alpha_t
-        fast = MLPMemory(self.num_heads, self.head_dim, depth=config.mem_depth, expansion=config.mem_expansion_factor,
-                         activation=config.mem_activation, bias=False, residual_norm=config.mem_residual_norm,
-                         norm_eps=config.rms_norm_eps, init_std=config.initializer_range)
-        self.memory = Memory(fast, SquaredError(config.mem_loss_scale), MomentumGD(), config.chunk_size,
-                             checkpoint_group=config.scan_checkpoint_group_size, state_prefix=name)
-        self.out_norm = nn.RMSNorm(inner, eps=config.rms_norm_eps)
-        self.gate_proj = nn.Linear(width, inner, bias=False) if config.use_gate else None
-        self.o_proj = nn.Linear(inner, width, bias=False) if config.use_output_proj else None
-
-    def _view(self, proj: nn.Linear, conv: ShortConv, x, ctx: Context, state, key: str) -> torch.Tensor:
-        """SiLU(conv(proj(x))) per head: (B, T, heads, head_dim)."""
-        h = F.silu(conv(proj(x), ctx.mask, state, f"{self.name}_{key}"))
-        return h.view(*x.shape[:2], self.num_heads, self.head_dim)
-
-    def _normalize(self, h: torch.Tensor, norm: nn.RMSNorm | None) -> torch.Tensor:
-        return F.normalize(h, dim=-1) if norm is None else norm(h)
-
-    def qkv(self, x: torch.Tensor, ctx: Context, state: dict | None):
-        """q, k, v (B, T, heads, head_dim) of the memory layer."""
-        q = self._normalize(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q"), self.q_norm)
-        k = self._normalize(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k"), self.k_norm)
-        v = self._view(self.v_proj, self.conv_v, x, ctx, state, "conv_v")
-        return q, k, v
-
-    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """theta, eta, alpha (B, T, heads) as the engine's MomentumGD gates."""
-        return {"lr": self.lr_gate(x), "momentum": self.momentum_gate(x), "forget": self.forget_gate(x)}
-
-    def output(self, read: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Read-outs (B, T, heads, head_dim) -> (B, T, hidden): RMSNorm, gate by x, projection."""
-        out = self.out_norm(read.flatten(2))
-        if self.gate_proj is not None:
-            out = out * F.silu(self.gate_proj(x))
-        return out if self.o_proj is None else self.o_proj(out)
-
-    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
-        q, k, v = self.qkv(x, ctx, state)
-        return self.output(self.memory(q, k, v, self.gates(x), ctx.mask, state), x)
+def neural_memory(config: TitansConfig) -> MemoryLayer:
+    """The neural long-term memory: a deep MLP memory trained with momentum and forgetting,
+    theta = ``mem_max_lr * sigmoid``, eta and alpha sigmoids of the input (Eqs. 13-14)."""
+    fast = MLPMemory(config.num_mem_heads, config.hidden_size // config.num_mem_heads, depth=config.mem_depth,
+                     expansion=config.mem_expansion_factor, activation=config.mem_activation, bias=False,
+                     residual_norm=config.mem_residual_norm, norm_eps=config.rms_norm_eps,
+                     init_std=config.initializer_range)
+    memory = Memory(fast, SquaredError(config.mem_loss_scale), MomentumGD(), config.chunk_size,
+                    checkpoint_group=config.scan_checkpoint_group_size)
+    width, heads = config.hidden_size, config.num_mem_heads
+    return MemoryLayer(config, memory, {
+        "lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init),  # theta_t
+        "momentum": Gate(width, heads, 1.0, config.momentum_gate_bias_init),  # eta_t
+        "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init),  # alpha_t
+    })
 
 
 def persistent_attention(config: TitansConfig) -> Attention:
@@ -234,7 +187,7 @@ class LMM(nn.Module):
 
     def __init__(self, config: TitansConfig):
         super().__init__()
-        self.memory = NeuralMemory(config)
+        self.memory = neural_memory(config)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
         return self.memory(x, ctx, state)
@@ -246,7 +199,7 @@ class MAC(nn.Module):
     def __init__(self, config: TitansConfig):
         super().__init__()
         segment = config.segment_size or config.chunk_size
-        self.memory = NeuralMemory(config)
+        self.memory = neural_memory(config)
         # two slots (h_t, x_t) per position: a segment's past is 2 x (segment - 1) cached slots
         self.attention = Attention(config, qk_norm=config.rms_qk_norm, num_persistent=config.num_persistent_mem_tokens,
                                    segment=segment, max_cached=2 * (segment - 1))
@@ -266,7 +219,7 @@ class MAG(nn.Module):
 
     def __init__(self, config: TitansConfig):
         super().__init__()
-        self.memory = NeuralMemory(config)
+        self.memory = neural_memory(config)
         self.attention = persistent_attention(config)
         self.memory_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -281,7 +234,7 @@ class MAL(nn.Module):
 
     def __init__(self, config: TitansConfig):
         super().__init__()
-        self.memory = NeuralMemory(config)
+        self.memory = neural_memory(config)
         self.attention = persistent_attention(config)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""Nonlinear retention (Miras' "retention gate" beyond l2 decay), applied at chunk boundaries.
+
+The optimizers' retention (``forget`` gate) is linear and runs token by token inside a chunk. The
+retentions here are nonlinear in the weights, so, as in Miras' parallel training, they act only
+where a chunk commits its weights; inside a chunk the update stays linear (the engine's dual form):
+
+* :meth:`Retention.start` maps the learned initial weights to the first chunk's weights;
+* :meth:`Retention.grad_scale` scales the chunk's gradients, from its start weights;
+* :meth:`Retention.chunk_end` maps (start weights, linearly updated end weights, the chunk's
+  total linear decay) to the next chunk's start weights.
+
+The base class is the identity (every optimizer without a nonlinear retention).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+class Retention:
+    def start(self, params: Params) -> Params:
+        return params
+
+    def grad_scale(self, params: Params) -> dict[str, torch.Tensor] | None:
+        """Per-weight factor (N, 1, 1) on the chunk's gradients; None: 1."""
+        return None
+
+    def chunk_end(self, start: Params, end: Params, keep: torch.Tensor | None) -> Params:
+        """keep (N,): the product of the chunk's linear decays (None: 1)."""
+        return end
+
+
+def _entry_norm(w: torch.Tensor, q: float) -> torch.Tensor:
+    """Entrywise l_q norm of each head's matrix: (N, a, b) -> (N, 1, 1)."""
+    return w.abs().pow(q).sum((-2, -1), keepdim=True).pow(1 / q)
+
+
+class LqNormalization(Retention):
+    """Moneta's l_q retention: the memory accumulates ``A`` and reads ``W = A / ||A||_q^(q-2)``.
+
+    With ``n_c = ||A_c||_q^(q-2)`` held at its chunk-start value inside a chunk, the read weights
+    ``W_t = A_t / n_c`` take the optimizer's linear steps with gradients scaled by ``1 / n_c``; at the
+    chunk end ``A_b = n_c W_b`` is renormalised exactly. Since ``||W|| = ||A||^(3-q)``, ``n_c`` is
+    recovered from ``W_c`` alone (q != 3), so the state is just W.
+    """
+
+    def __init__(self, q: float, eps: float = 1e-12):
+        if q == 3:
+            raise ValueError("LqNormalization needs q != 3 (W alone does not determine ||A|| at q = 3)")
+        self.q, self.eps = q, eps
+
+    def _n(self, w: torch.Tensor) -> torch.Tensor:
+        return _entry_norm(w, self.q).clamp_min(self.eps).pow((self.q - 2) / (3 - self.q))
+
+    def grad_scale(self, params):
+        return {name: 1.0 / self._n(w) for name, w in params.items()}
+
+    def chunk_end(self, start, end, keep):
+        out = {}
+        for name, w in end.items():
+            a = self._n(start[name]) * w
+            out[name] = a / _entry_norm(a, self.q).clamp_min(self.eps).pow(self.q - 2)
+        return out
+
+
+class SoftmaxRetention(Retention):
+    """Memora's KL retention: every row of a weight matrix is ``scale`` times a probability vector,
+    updated by the mirror-descent step ``W <- scale * softmax(keep * log(W / scale) - sum_s c_s g_s / scale)``.
+
+    Inside a chunk the weights take the optimizer's linear steps ``W_t = keep_t W_c - sum_s c_s g_s``;
+    at the chunk end the accumulated step ``sum_s c_s g_s = keep W_c - W_b`` is applied in log
+    space instead. The learned initial weights are logits: ``W_0 = scale * softmax(W_init)``.
+    """
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def start(self, params):
+        return {name: self.scale * torch.softmax(w, dim=-1) for name, w in params.items()}
+
+    def chunk_end(self, start, end, keep):
+        keep = 1.0 if keep is None else keep[:, None, None]
+        out = {}
+        for name, w in end.items():
+            step = keep * start[name] - w
+            out[name] = self.scale * torch.softmax(keep * torch.log(start[name] / self.scale) - step / self.scale, dim=-1)
+        return out

@@ -1,0 +1,80 @@
+"""The memory layer shared by Titans (Sec. 4.4) and Miras: x -> q, k, v -> memory engine -> read-out.
+
+q, k, v are linear maps of the input, each followed by a short causal depthwise conv and SiLU; q
+and k are then l2-normalised per head (``rms_qk_norm``: a learned RMSNorm instead). The engine
+(:class:`tto.engine.Memory`: fast model, objective, optimizer, retention) writes (k, v) and reads
+q with per-token, per-head gates, each a linear map of x. The read-out (B, T, heads x head_dim) is
+normalised (RMSNorm), optionally gated by ``silu(gate_proj(x))`` (``use_gate``) and projected back
+to the hidden size (``use_output_proj``).
+
+Config fields read: ``hidden_size, num_mem_heads, conv_kernel, rms_qk_norm, rms_norm_eps,
+use_gate, use_output_proj``. State keys: the engine's ``<name>.*`` and the conv tails
+``<name>_conv_{q,k,v}``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import Context
+from ..engine import Memory
+from .conv import ShortConv
+
+
+class MemoryLayer(nn.Module):
+    """x (B, T, hidden) -> (B, T, hidden). ``gates`` maps each engine gate name (``lr``,
+    ``forget``, ...) to its module, kept as the attribute ``<name>_gate``."""
+
+    def __init__(self, config, memory: Memory, gates: dict[str, nn.Module], name: str = "memory"):
+        super().__init__()
+        self.name = name
+        self.num_heads = config.num_mem_heads
+        self.head_dim = config.hidden_size // config.num_mem_heads
+        width, inner = config.hidden_size, config.num_mem_heads * self.head_dim
+        self.q_proj = nn.Linear(width, inner, bias=False)
+        self.k_proj = nn.Linear(width, inner, bias=False)
+        self.v_proj = nn.Linear(width, inner, bias=False)
+        self.conv_q = ShortConv(inner, config.conv_kernel)
+        self.conv_k = ShortConv(inner, config.conv_kernel)
+        self.conv_v = ShortConv(inner, config.conv_kernel)
+        norm = lambda: nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.rms_qk_norm else None  # noqa: E731
+        self.q_norm, self.k_norm = norm(), norm()
+        self.gate_names = tuple(gates)
+        for gate, module in gates.items():
+            setattr(self, f"{gate}_gate", module)
+        self.memory = memory
+        self.out_norm = nn.RMSNorm(inner, eps=config.rms_norm_eps)
+        self.gate_proj = nn.Linear(width, inner, bias=False) if config.use_gate else None
+        self.o_proj = nn.Linear(inner, width, bias=False) if config.use_output_proj else None
+
+    def _view(self, proj: nn.Linear, conv: ShortConv, x, ctx: Context, state, key: str) -> torch.Tensor:
+        """SiLU(conv(proj(x))) per head: (B, T, heads, head_dim)."""
+        h = F.silu(conv(proj(x), ctx.mask, state, f"{self.name}_{key}"))
+        return h.view(*x.shape[:2], self.num_heads, self.head_dim)
+
+    def _normalize(self, h: torch.Tensor, norm: nn.RMSNorm | None) -> torch.Tensor:
+        return F.normalize(h, dim=-1) if norm is None else norm(h)
+
+    def qkv(self, x: torch.Tensor, ctx: Context, state: dict | None):
+        """q, k, v (B, T, heads, head_dim) of the memory layer."""
+        q = self._normalize(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q"), self.q_norm)
+        k = self._normalize(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k"), self.k_norm)
+        v = self._view(self.v_proj, self.conv_v, x, ctx, state, "conv_v")
+        return q, k, v
+
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The engine's gates {name: (B, T, heads)}."""
+        return {gate: getattr(self, f"{gate}_gate")(x) for gate in self.gate_names}
+
+    def output(self, read: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Read-outs (B, T, heads, head_dim) -> (B, T, hidden): RMSNorm, gate by x, projection."""
+        out = self.out_norm(read.flatten(2))
+        if self.gate_proj is not None:
+            out = out * F.silu(self.gate_proj(x))
+        return out if self.o_proj is None else self.o_proj(out)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        q, k, v = self.qkv(x, ctx, state)
+        return self.output(self.memory(q, k, v, self.gates(x), ctx.mask, state), x)

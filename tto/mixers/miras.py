@@ -1,0 +1,139 @@
+"""Miras: "It's All Connected: A Journey Through Test-Time Memorization, Attentional Bias,
+Retention, and Online Optimization" (Behrouz, Razaviyayn, Zhong, Mirrokni; arXiv:2504.13173).
+
+Miras describes a memory by four choices: its architecture, its attentional bias (the inner
+objective), its retention (how strongly it keeps its past) and its memory learning algorithm. Its
+three models share the architecture, a per-head 2-layer MLP memory ``x + LN(MLP(x))`` (expansion
+4, GELU), and the learning algorithm, gradient descent with a data-dependent step ``eta_t``
+(``lr_gate``) and retention ``alpha_t`` (``forget_gate``) on gradients at the chunk-start weights
+(chunks of ``chunk_size``). They differ in bias and retention, chosen by ``variant``:
+
+* ``moneta``: l_p bias ``||M(k) - v||_p^p`` (``lp_p`` = 3) and l_q retention (``lq_q`` = 4): the memory
+  accumulates ``A_t = alpha_t A_{t-1} - eta_t grad`` and reads ``W = A / ||A||_q^(q-2)``
+  (:class:`tto.engine.LpError`, :class:`tto.engine.LqNormalization`);
+* ``yaad``: Huber bias, the l2 gradient while the error's RMS ``||M(k) - v|| / sqrt(d) <= delta_t``
+  and ``delta_t`` times the l1 gradient beyond (``huber_delta_gate``: ``huber_delta_max * sigmoid``), with l2 retention
+  (:class:`tto.engine.Huber`);
+* ``memora``: l2 bias with KL retention: each row of each memory weight is ``memora_scale`` times a
+  probability vector, updated in log space, ``W_t = softmax(alpha_t log W_{t-1} - eta_t grad)``
+  (:class:`tto.engine.SoftmaxRetention`).
+
+The layer around the memory is the Titans/Miras memory layer (:class:`tto.layers.memory_layer.MemoryLayer`):
+q, k, v linear maps + short conv + SiLU, l2-normalised q and k, RMSNorm and ``silu`` output gate,
+output projection.
+
+Differences from the paper (which has no public code): the nonlinear retentions act at chunk
+boundaries only, as the paper's parallel training does; inside a chunk Moneta holds the
+normaliser at its chunk-start value and Memora takes linear steps whose sum is applied in log
+space at the chunk end (the paper's "lag token" scheme is not reproduced). Gates are scalar per
+head and token (linear maps of x), where the paper allows channel-wise gates from low-rank
+projections; the hybrid "-H" models (with sliding-window attention) are the backbone's
+``layer_mixers`` hybrids with ``transformer`` layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..cache import Context
+from ..config import TTOConfig, config_error
+from ..engine import (ACTIVATIONS, DecayGD, Huber, LpError, LqNormalization, MLPMemory, Memory, Objective, Retention,
+                      SoftmaxRetention, SquaredError)
+from ..layers.gates import Gate
+from ..layers.memory_layer import MemoryLayer
+from ..registry import register
+
+MIRAS_PRESETS = {
+    # the paper's 340M / 760M rows (Table 2): 24 layers of 1024 / 1536; at 340M the MLP is 2560 wide
+    # (not 2816) so that the output gate and the memories' initial weights fit the size
+    "340m": dict(hidden_size=1024, intermediate_size=2560, num_hidden_layers=24, num_mem_heads=16,
+                 num_attention_heads=16),
+    "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_mem_heads=16,
+                 num_attention_heads=16),
+    # small chunks; Yaad's threshold at 1, inside the spread of unit-scale errors, so both regimes occur
+    "tiny": dict(num_mem_heads=2, chunk_size=2, huber_delta_bias_init=0.0),
+}
+
+
+class MirasConfig(TTOConfig):
+    """Miras fields (the memory layer's fields are named as Titans')."""
+
+    model_type: ClassVar[str] = "tto_miras"
+    choices: ClassVar[dict[str, tuple]] = {
+        **TTOConfig.choices,
+        "variant": ("moneta", "yaad", "memora"),
+        "mem_activation": tuple(ACTIVATIONS),
+    }
+    variant_field: ClassVar[str] = "variant"
+    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
+        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor")
+
+    variant: str = "moneta"  # "moneta": l_p bias + l_q retention; "yaad": Huber bias; "memora": KL retention
+    chunk_size: int = 16  # b: tokens per memory chunk (the paper: 16 or 64)
+    num_mem_heads: int = 16  # memory heads; each has its own MLP memory of width hidden_size // num_mem_heads
+    mem_depth: int = 2  # layers of the memory MLP
+    mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
+    mem_activation: str = "gelu"  # activation between the memory MLP's layers
+    mem_residual_norm: bool = True  # memory is x + LayerNorm(MLP(x))
+    mem_max_lr: float = 0.1  # eta_t = mem_max_lr * sigmoid(.): bound of the inner step
+    lr_gate_bias_init: float = 0.0  # initial bias of the eta gate (pre-sigmoid)
+    forget_gate_bias_init: float = -4.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
+    lp_p: float = 3.0  # Moneta: p of the l_p attentional bias (the paper's best: 3)
+    lp_eps: float = 1e-6  # Moneta: |e| is smoothed to sqrt(e^2 + lp_eps) (0: exact)
+    lq_q: float = 4.0  # Moneta: q of the l_q retention (must not be 3)
+    huber_delta_max: float = 2.0  # Yaad: delta_t = huber_delta_max * sigmoid(.), the Huber threshold on the error's RMS
+    huber_delta_bias_init: float = 2.0  # Yaad: initial bias of the delta gate (pre-sigmoid: delta starts at 1.76, above unit errors)
+    memora_scale: float = 8.0  # Memora: every memory weight row sums to this
+    memora_logit_std: float = 1.0  # Memora: std of the initial weights' logits (near-uniform rows make x + LN(MLP(x)) ill-conditioned)
+    use_gate: bool = True  # memory output gated by silu(gate_proj(x))
+    use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
+    rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the l2 norm
+    scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_size % self.num_mem_heads:
+            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.lq_q == 3 or self.lq_q < 2:
+            raise config_error("lq_q", self.lq_q, "must be >= 2 and != 3 (at q = 3 the read weights do not determine ||A||)")
+        for name in ("lp_p", "memora_scale", "memora_logit_std", "huber_delta_max"):
+            if getattr(self, name) <= 0:
+                raise config_error(name, getattr(self, name), "must be > 0")
+        if self.scan_checkpoint_group_size < 0:
+            raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
+
+
+#: variant -> (attentional bias, retention, the bias's own gates, init std of the memory weights)
+VARIANTS: dict[str, Callable[[MirasConfig], tuple[Objective, Retention, dict[str, nn.Module], float]]] = {
+    "moneta": lambda c: (LpError(c.lp_p, c.lp_eps), LqNormalization(c.lq_q), {}, c.initializer_range),
+    "yaad": lambda c: (Huber(), Retention(), {
+        "huber_delta": Gate(c.hidden_size, c.num_mem_heads, c.huber_delta_max, c.huber_delta_bias_init)},
+        c.initializer_range),
+    "memora": lambda c: (SquaredError(1.0), SoftmaxRetention(c.memora_scale), {}, c.memora_logit_std),
+}
+
+
+@register("miras", config=MirasConfig, presets=MIRAS_PRESETS, paper="arXiv:2504.13173 (Behrouz et al., 2025)")
+class MirasMixer(nn.Module):
+    """Miras memory layer: x (B, T, hidden) -> (B, T, hidden), with the bias and retention of `config.variant`."""
+
+    def __init__(self, config: MirasConfig, layer_idx: int):
+        super().__init__()
+        objective, retention, bias_gates, init_std = VARIANTS[config.variant](config)
+        heads, width = config.num_mem_heads, config.hidden_size
+        fast = MLPMemory(heads, width // heads, depth=config.mem_depth, expansion=config.mem_expansion_factor,
+                         activation=config.mem_activation, bias=False, residual_norm=config.mem_residual_norm,
+                         norm_eps=config.rms_norm_eps, init_std=init_std)
+        memory = Memory(fast, objective, DecayGD(), config.chunk_size, retention=retention,
+                        checkpoint_group=config.scan_checkpoint_group_size)
+        gates = {"lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init),  # eta_t
+                 "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init),  # alpha_t
+                 **bias_gates}
+        self.memory = MemoryLayer(config, memory, gates)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
+        return self.memory(x, ctx, state)
