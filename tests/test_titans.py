@@ -68,7 +68,9 @@ def test_config_errors_name_the_field():
 
 # ---------------------------------------------------------------------------- test-time memorization
 KEYS, VALUES, PAIRS = 16, 16, 6
-STEPS = 1000  # outer training steps on the task (~30 s on one core)
+# outer training steps on the task (~35 s on one core) at lr 3e-2: over seeds 0-4 the second-read
+# loss falls below 0.7 x the first by step 600 (0.12-0.52 x; lr 1e-2 left seed 0 unlearned at 1200)
+STEPS = 800
 
 
 def pairs_twice(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -99,7 +101,7 @@ def test_lmm_memorizes_at_test_time(request):
                            mem_residual_norm=False, mem_max_lr=0.5, lr_gate_bias_init=2.0, forget_gate_bias_init=-6.0,
                            momentum_gate_bias_init=-6.0, num_persistent_mem_tokens=0, tie_word_embeddings=True)
     model = tto.get("titans").model_class(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(STEPS):
         x = pairs_twice(32, gen)
