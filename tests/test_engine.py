@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import initialization as init
 
-from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, Huber, LpError, LqNormalization, MiniBatchGD, MLPMemory,
-                        Memory, MomentumGD, SoftmaxRetention, SquaredError, naive_delta_rule, naive_memory)
+from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, LargeChunkMemory, LpError, LqNormalization,
+                        MiniBatchGD, MLPMemory, Memory, MomentumGD, SoftmaxRetention, SquaredError, SwiGLUMemory,
+                        naive_delta_rule, naive_large_chunk, naive_memory, newton_schulz5)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
 from tto.engine.optimizers import segsum
 
@@ -359,8 +360,8 @@ def test_delta_rule_overwrites_orthonormal_keys():
 # ---------------------------------------------------------------------------- Miras' parts
 
 
-@pytest.mark.parametrize("objective", [SquaredError(2.0), LpError(3.0), LpError(3.0, eps=1e-3), LpError(1.5, eps=1e-2),
-                                       Huber()], ids=["l2", "l3", "l3-smooth", "l1.5-smooth", "huber"])
+@pytest.mark.parametrize("objective", [SquaredError(2.0), DotProduct(), LpError(3.0), LpError(3.0, eps=1e-3), LpError(1.5, eps=1e-2),
+                                       Huber()], ids=["l2", "dot", "l3", "l3-smooth", "l1.5-smooth", "huber"])
 def test_objective_gradient_is_autograd_of_its_loss(objective):
     g = torch.Generator().manual_seed(0)
     y = torch.randn(4, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -457,3 +458,96 @@ def test_miras_scan_matches_naive(objective, retention):
     naive = torch.autograd.grad((ref * w).sum(), [q, k, v, *mem.parameters()])
     for a, b in zip(fast, naive):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------- LaCT's parts
+
+
+def test_swiglu_backward_matches_autograd():
+    torch.manual_seed(0)
+    fast = SwiGLUMemory(2, 6, expansion=2.0)
+    fast._tto_init(0.02, init)
+    params = {n: w.detach().double().requires_grad_(True) for n, w in fast.initial_params(1).items()}
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    probe = torch.randn(2, 5, 6, dtype=torch.float64)
+    loss = (fast.apply(x, fast.plain_linear(params)) * probe).sum()
+    expect = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    for name, inp, delta in fast.forward_backward(params, x, lambda y: probe):
+        torch.testing.assert_close(inp.transpose(-1, -2) @ delta, expect[name], atol=1e-12, rtol=0)
+
+
+def test_newton_schulz_orthogonalises():
+    """NS5 keeps the singular vectors and maps every singular value into about [0.7, 1.2]
+    (LaCT's quintic coefficients), for wide and tall matrices and singular values over 2 decades (5 steps cannot lift much smaller ones)."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 8, 24), (3, 24, 8)]:
+        u, _, vh = torch.linalg.svd(torch.randn(*shape, generator=g, dtype=torch.float64), full_matrices=False)
+        s = torch.logspace(0, -2, u.shape[-1], dtype=torch.float64).expand(3, -1)
+        out = newton_schulz5(u @ torch.diag_embed(s) @ vh)
+        core = u.transpose(-1, -2) @ out @ vh.transpose(-1, -2)  # diagonal if the singular vectors are kept
+        diag = torch.diagonal(core, dim1=-2, dim2=-1)
+        torch.testing.assert_close(core, torch.diag_embed(diag), atol=1e-10, rtol=0)
+        assert diag.min() > 0.6 and diag.max() < 1.25, diag
+
+
+def make_large_chunk(momentum=True, muon=True, weight_norm=True, chunk=4):
+    torch.manual_seed(0)
+    fast = SwiGLUMemory(2, 6, expansion=1.0, init_gain=0.5)
+    fast._tto_init(0.02, init)
+    return LargeChunkMemory(fast, DotProduct(), chunk, use_momentum=momentum, use_muon=muon,
+                            weight_norm=weight_norm).double()
+
+
+def large_chunk_inputs(batch=3, length=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, length, 2, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    gates = {"lr": 0.3 * torch.rand(batch, length, 2, 3, generator=g, dtype=torch.float64),
+             "momentum": torch.rand(batch, length, 2, generator=g, dtype=torch.float64)}
+    return q, k, v, gates
+
+
+@pytest.mark.parametrize("momentum,muon,weight_norm", [(True, True, True), (True, False, False), (False, True, False),
+                                                       (False, False, True)])
+def test_large_chunk_matches_naive(momentum, muon, weight_norm):
+    """Apply-then-update chunks vs per-token autograd gradients summed per chunk (float64): one
+    call, left padding, streamed pieces (decoding reads only), and outer gradients."""
+    mem = make_large_chunk(momentum, muon, weight_norm)
+    q, k, v, gates = large_chunk_inputs()
+    q.requires_grad_(True)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[1, :5] = False
+    keep = mask[..., None, None]
+    ref = naive_large_chunk(mem, q, k, v, gates, mask)
+    close = dict(atol=1e-10, rtol=0)
+    torch.testing.assert_close(mem(q, k, v, gates, mask) * keep, ref, **close)
+    state: dict = {}
+    pieces = [(0, 3), (3, 4), (4, 11), (11, 13)]
+    streamed = [mem(*(x[:, a:b] for x in (q, k, v)), {n: t[:, a:b] for n, t in gates.items()}, mask[:, a:b], state)
+                for a, b in pieces]
+    torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref, **close)
+    w = torch.randn_like(ref)
+    leaves = [q, *mem.parameters()]
+    fast = torch.autograd.grad((mem(q, k, v, gates, mask) * keep * w).sum(), leaves)
+    naive = torch.autograd.grad((ref * w).sum(), leaves)
+    for a, b in zip(fast, naive):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_large_chunk_reads_chunk_start_weights_and_keeps_norms():
+    """A chunk's outputs do not depend on its own keys/values (apply-then-update), the first chunk
+    reads the initial weights, and with weight norm every column keeps its initial norm."""
+    mem = make_large_chunk()
+    q, k, v, gates = large_chunk_inputs(batch=1, length=8)
+    out = mem(q, k, v, gates)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 4:], v2[:, 4:] = torch.randn(1, 4, 2, 6, dtype=torch.float64), torch.randn(1, 4, 2, 6, dtype=torch.float64)
+    torch.testing.assert_close(mem(q, k2, v2, gates), out, atol=0, rtol=0)
+    initial = mem.fast.initial_params(1)
+    torch.testing.assert_close(out[0, :4].transpose(0, 1), mem.fast.apply(q[0, :4].transpose(0, 1),
+                               mem.fast.plain_linear(initial)), atol=1e-12, rtol=0)
+    state: dict = {}
+    mem(q, k, v, gates, state=state)
+    for name, w in initial.items():
+        after = state["memory.W." + name][0]
+        assert (after - w).abs().max() > 1e-3  # the weights moved
+        torch.testing.assert_close(after.norm(dim=-2), w.norm(dim=-2), atol=1e-12, rtol=0)

@@ -176,3 +176,43 @@ class MLPMemory(FastModel):
             if i > 0:
                 g = self.act_backward(g @ params[name].transpose(-1, -2), pre[i - 1])
         return grads[::-1]
+
+
+class SwiGLUMemory(FastModel):
+    """Per-head SwiGLU ``f(x) = (silu(x W0) * (x W2)) W1`` (LaCT's fast weights), no biases, no
+    wrapper. W0, W2: (heads, dim, hidden), W1: (heads, hidden, dim), hidden = ``expansion * dim``.
+
+    Initialised as LaCT: entries ~ N(0, 1 / fan_in) times ``init_gain``."""
+
+    weight_names = ("W0", "W2", "W1")
+
+    def __init__(self, num_heads: int, dim: int, *, expansion: float = 1.0, init_gain: float = 1.0):
+        super().__init__()
+        self.num_heads, self.dim, self.init_gain = num_heads, dim, init_gain
+        hidden = int(dim * expansion)
+        self.W0 = nn.Parameter(torch.empty(num_heads, dim, hidden))
+        self.W2 = nn.Parameter(torch.empty(num_heads, dim, hidden))
+        self.W1 = nn.Parameter(torch.empty(num_heads, hidden, dim))
+
+    def _tto_init(self, std: float, init) -> None:
+        for name in self.weight_names:
+            w = getattr(self, name)
+            init.normal_(w, mean=0.0, std=self.init_gain / w.shape[1] ** 0.5)
+
+    def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
+        return {name: inner(getattr(self, name)).repeat(batch, 1, 1) for name in self.weight_names}
+
+    def core(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        return linear("W1", F.silu(linear("W0", x)) * linear("W2", x))
+
+    def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
+        return lambda name, x: x @ params[name]
+
+    def forward_backward(self, params: dict, x: torch.Tensor, dloss: Callable) -> list[tuple]:
+        gate, up = x @ params["W0"], x @ params["W2"]
+        act = F.silu(gate)
+        hidden = act * up
+        g = dloss(hidden @ params["W1"])
+        dhidden = g @ params["W1"].transpose(-1, -2)
+        dgate = ACTIVATIONS["silu"][1](dhidden * up, gate)
+        return [("W0", x, dgate), ("W2", x, dhidden * act), ("W1", hidden, g)]

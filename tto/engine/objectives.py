@@ -43,6 +43,17 @@ class SquaredError(Objective):
         return y - v if self.scale == 1.0 else self.scale * (y - v)
 
 
+class DotProduct(Objective):
+    """LaCT's (and Hebbian linear attention's) bias ``l(y, v) = -<y, v>``: descent raises the memory's
+    alignment with the value; its gradient ``-v`` does not depend on y."""
+
+    def loss(self, y, v, gates=None):
+        return -(y * v).sum(-1)
+
+    def grad(self, y, v, gates=None):
+        return -v
+
+
 class LpError(Objective):
     """Moneta's l_p bias ``l(y, v) = sum_i |y_i - v_i|^p``, with ``|e|`` smoothed to
     ``sqrt(e^2 + eps)`` so that p < 2 has a gradient at 0 (eps = 0: the exact bias)::

@@ -116,6 +116,20 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        prefix = prefix if prefix is not None else self.persistent
+        if prefix is not None:
+            n = prefix.shape[0]
+            pk = self.k_norm(self.k_proj(prefix).view(n, self.num_kv_heads, self.head_dim)).transpose(0, 1)
+            pv = self.v_proj(prefix).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+            prefix = (pk.expand(b, -1, -1, -1).to(k.dtype), pv.expand(b, -1, -1, -1).to(v.dtype))
+        return self.o_proj(self.attend(q, k, v, ctx, state, prefix))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context, state: dict | None = None,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The attention itself, for projected q (B, T, H, E) and k, v (B, T, H_kv, E) before RoPE:
+        RoPE, the KV cache in `state`, the mask, SDPA. ``prefix``: persistent (keys, values)
+        (B, H_kv, N_p, E). Returns (B, T, H * E), before the output projection."""
+        b, t = q.shape[:2]
         cos, sin = rope_cos_sin(ctx.positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
@@ -136,12 +150,6 @@ class Attention(nn.Module):
             state["k"], state["v"] = k[:, :, k.shape[2] - keep :].detach(), v[:, :, v.shape[2] - keep :].detach()
             state["pos"] = k_pos[:, k_pos.shape[1] - keep :]
             state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
-        prefix = prefix if prefix is not None else self.persistent
-        if prefix is not None:
-            n = prefix.shape[0]
-            pk = self.k_norm(self.k_proj(prefix).view(n, self.num_kv_heads, self.head_dim)).transpose(0, 1)
-            pv = self.v_proj(prefix).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
-            prefix = (pk.expand(b, -1, -1, -1).to(k.dtype), pv.expand(b, -1, -1, -1).to(v.dtype))
         if in_reference_mode():
             n_prefix = 0 if prefix is None else prefix[0].shape[2]
             if prefix is not None:
@@ -160,7 +168,7 @@ class Attention(nn.Module):
                                          k_pos[:, k_lo:k_hi], None if valid is None else valid[:, k_lo:k_hi],
                                          n_cached + lo - k_lo, prefix))
             o = torch.cat(blocks, dim=2)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
     def _sdpa(self, q, k, v, q_pos, k_pos, valid, n_cached: int, prefix) -> torch.Tensor:
         """SDPA of queries (B, H, T, E) over keys (B, H_kv, S, E) of which the first `n_cached`

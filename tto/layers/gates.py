@@ -50,4 +50,6 @@ class DecayGate(nn.Module):
             init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.A_log.float().exp() * F.softplus(F.linear(x, self.weight).float() + self.dt_bias.float())
+        """In float32 at least (the decay compounds over the sequence), float64 for float64 inputs."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return -self.A_log.to(dtype).exp() * F.softplus(F.linear(x, self.weight).to(dtype) + self.dt_bias.to(dtype))

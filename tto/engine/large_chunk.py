@@ -1,0 +1,174 @@
+"""Large-chunk, apply-then-update memory (LaCT: "Test-Time Training Done Right", arXiv:2505.23884).
+
+Tokens are cut into chunks of ``chunk_size`` (thousands in LaCT). Chunk i's queries read the
+weights ``W_i`` left by the chunks before it; then the chunk's gradients, all taken at ``W_i``,
+update every fast weight once::
+
+    U_i = - sum_t lr_t^(W) grad_W l(f(k_t; W_i), v_t)      each weight W its own per-token lr
+    U_i <- U_i + mean_t(momentum_t) U_{i-1}                 momentum (optional)
+    U_i <- NS5(U_i)                                         Muon: Newton-Schulz orthogonalisation (optional)
+    W_{i+1} = W_i + U_i, each column rescaled to its norm in the initial weights (weight norm, optional)
+
+so a chunk costs a few large batched matmuls and no (chunk x chunk) term. Within a chunk the
+memory is not causal by itself: LaCT pairs it with sliding-window attention.
+
+Padding and decoding share :class:`tto.engine.memory.Layout` with :class:`tto.engine.Memory`: real
+tokens are laid out so that complete chunks end together, an incomplete last chunk is only read
+and kept pending until a later call completes it. :func:`naive_large_chunk` is the reference:
+per row and token, autograd gradients accumulated over each chunk, then the same chunk update.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..reference import in_reference_mode
+from .fast_models import FastModel, inner
+from .memory import Layout
+from .objectives import Objective
+
+#: (a, b, c) of each Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T (LaCT's values)
+NS5_COEFFICIENTS = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                    (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+
+
+def newton_schulz5(g: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate orthogonalisation of each matrix of g (N, a, b): the singular vectors of g with
+    singular values pushed into about [0.7, 1.2] (Muon's zeroth power). Runs in g's dtype."""
+    x = g.transpose(-1, -2) if g.shape[-2] > g.shape[-1] else g
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for a, b, c in NS5_COEFFICIENTS:
+        gram = x @ x.transpose(-1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.transpose(-1, -2) if g.shape[-2] > g.shape[-1] else x
+
+
+def chunk_update(params: dict, update: dict, previous: dict | None, momentum: torch.Tensor | None,
+                 norms: dict | None, muon: bool) -> tuple[dict, dict]:
+    """Apply one chunk's summed update: momentum (mean gate (N,)), Muon, weight norm (column norms
+    of the initial weights, (N, 1, d_out)). Returns (new params, the update kept for momentum)."""
+    if momentum is not None:
+        update = {n: u + momentum[:, None, None] * previous[n] for n, u in update.items()}
+    step = {n: newton_schulz5(u) for n, u in update.items()} if muon else update
+    new = {n: params[n] + step[n] for n in params}
+    if norms is not None:
+        new = {n: w * (norms[n] / w.norm(dim=-2, keepdim=True)) for n, w in new.items()}
+    return new, update
+
+
+class LargeChunkMemory(nn.Module):
+    """forward(q, k, v, gates, mask, state) -> reads (B, T, H, d). gates: ``lr`` (B, T, H, n_weights),
+    one inner lr per fast weight in ``fast.weight_names`` order, and ``momentum`` (B, T, H) when
+    ``use_momentum``. State keys ``<prefix>.W.*``, ``<prefix>.S.*`` (last update), pending tokens."""
+
+    def __init__(self, fast: FastModel, objective: Objective, chunk_size: int, *, use_momentum: bool,
+                 use_muon: bool, weight_norm: bool, state_prefix: str = "memory"):
+        super().__init__()
+        self.fast, self.objective, self.chunk_size = fast, objective, chunk_size
+        self.use_momentum, self.use_muon, self.weight_norm = use_momentum, use_muon, weight_norm
+        self.prefix = state_prefix + "."
+
+    def _norms(self, params: dict) -> dict | None:
+        return {n: w.norm(dim=-2, keepdim=True) for n, w in params.items()} if self.weight_norm else None
+
+    def forward(self, q, k, v, gates: dict, mask=None, state: dict | None = None):
+        out_dtype = q.dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            if in_reference_mode():
+                if state is not None:
+                    raise RuntimeError("the naive reference does not keep a decoding state")
+                out = naive_large_chunk(self, q, k, v, gates, mask)
+            else:
+                out = self._forward(q, k, v, gates, mask, state)
+        return out.to(out_dtype)
+
+    def _forward(self, q, k, v, gates, mask, state):
+        batch, new_len, heads = q.shape[:3]
+        c, names = self.chunk_size, self.fast.weight_names
+        tokens = {"q": inner(q), "k": inner(k), "v": inner(v), **{"gate." + n: inner(g) for n, g in gates.items()}}
+        initial = self.fast.initial_params(batch)
+        norms = self._norms(initial)
+        params, previous, valid = initial, None, mask
+        if state is not None and self.prefix + "n_pending" in state:
+            unpack = lambda key: state[key].flatten(0, 1)  # noqa: E731
+            params = {n: unpack(self.prefix + "W." + n) for n in names}
+            if self.use_momentum:
+                previous = {n: unpack(self.prefix + "S." + n) for n in names}
+            pending = {n: state[self.prefix + "pending." + n] for n in tokens}
+            tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
+            old = torch.arange(pending["q"].shape[1], device=q.device)[None] < state[self.prefix + "n_pending"][:, None]
+            new = mask if mask is not None else torch.ones(batch, new_len, dtype=torch.bool, device=q.device)
+            valid = torch.cat([old, new], dim=1)
+        if previous is None and self.use_momentum:
+            previous = {n: torch.zeros_like(w) for n, w in params.items()}
+        total = tokens["q"].shape[1]
+        layout = Layout.build(valid, total, batch, c, q.device)
+        n = layout.length // c
+
+        def chunked(x):  # (B, T, H, ...) -> (B*H, n, c, ...)
+            x = layout.gather(x).transpose(1, 2)
+            return x.reshape(batch * heads, n, c, *x.shape[3:])
+
+        slot_valid = layout.valid[:, None].expand(batch, heads, layout.length).reshape(batch * heads, n, c)
+        Q, K, V = chunked(tokens["q"]), chunked(tokens["k"]), chunked(tokens["v"])
+        lr = chunked(tokens["gate.lr"]) * slot_valid[..., None]
+        momentum = chunked(tokens["gate.momentum"]) if self.use_momentum else None
+        reads = []
+        for i in range(n):
+            reads.append(self.fast.apply(Q[:, i], self.fast.plain_linear(params)))
+            if i >= layout.n_commit:
+                continue
+            grads = self.fast.forward_backward(params, K[:, i], lambda y, i=i: self.objective.grad(y, V[:, i], {}))
+            update = {name: -x.transpose(-1, -2) @ (lr[:, i, :, names.index(name), None] * delta)
+                      for name, x, delta in grads}
+            real = slot_valid[:, i].sum(-1).clamp_min(1)
+            mean = None if momentum is None else (momentum[:, i] * slot_valid[:, i]).sum(-1) / real
+            params, previous = chunk_update(params, update, previous, mean, norms, self.use_muon)
+        out = torch.stack(reads, 1).reshape(batch, heads, layout.length, -1).transpose(1, 2)
+        out = layout.scatter(out)[:, total - new_len:]
+        if state is not None:
+            for key in [key for key in state if key.startswith(self.prefix)]:
+                del state[key]
+            split = lambda t: t.detach().reshape(batch, heads, *t.shape[1:])  # noqa: E731
+            for name in names:
+                state[self.prefix + "W." + name] = split(params[name])
+                if previous is not None:
+                    state[self.prefix + "S." + name] = split(previous[name])
+            tail = slice(layout.n_commit * c, layout.n_commit * c + int(layout.remainder.max()))
+            for name, t in tokens.items():
+                state[self.prefix + "pending." + name] = layout.gather(t)[:, tail].detach()
+            state[self.prefix + "n_pending"] = layout.remainder
+        return out
+
+
+def naive_large_chunk(memory: LargeChunkMemory, q, k, v, gates, mask=None):
+    """Reference for :class:`LargeChunkMemory`: per row, chunks of its real tokens; each token reads
+    the chunk-start weights; autograd gradients of each token's loss, weighted by its lrs and summed
+    over the chunk, then :func:`chunk_update`. Returns outputs (B, T, H, d)."""
+    fast, c, names = memory.fast, memory.chunk_size, memory.fast.weight_names
+    batch, length, heads = q.shape[:3]
+    outs = inner(q.new_zeros(batch, length, heads, v.shape[-1]))
+    for row in range(batch):
+        idx = (torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]).tolist()
+        params = fast.initial_params(1)
+        norms = memory._norms(params)
+        previous = {n: torch.zeros_like(w) for n, w in params.items()} if memory.use_momentum else None
+        for lo in range(0, len(idx), c):
+            chunk = idx[lo: lo + c]
+            start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in params.items()}
+            for t in chunk:
+                outs[row, t] = fast.apply(inner(q[row, t])[:, None], fast.plain_linear(start))[:, 0]
+            if len(chunk) < c:
+                break
+            update = {n: torch.zeros_like(w) for n, w in start.items()}
+            for t in chunk:
+                with torch.enable_grad():
+                    y = fast.apply(inner(k[row, t])[:, None], fast.plain_linear(start))
+                    loss = memory.objective.loss(y, inner(v[row, t])[:, None], {}).sum()
+                    g = torch.autograd.grad(loss, [start[n] for n in names], create_graph=True)
+                for j, name in enumerate(names):
+                    update[name] = update[name] - inner(gates["lr"][row, t, :, j])[:, None, None] * g[j]
+            mean = inner(gates["momentum"][row, chunk]).mean(0) if memory.use_momentum else None
+            params, previous = chunk_update(start, update, previous, mean, norms, memory.use_muon)
+    return outs
