@@ -45,8 +45,13 @@ def recall_pair(key: str, value: str) -> str:
 RECALL_SEPARATOR = " | "
 
 
-def recall_documents(num_documents: int = 4000, pairs: int = 8, key_length: int = 3, value_digits: int = 2,
-                     seed: int = 0) -> list[str]:
+#: builtin:recall's default key and value sizes (the mqar eval task uses the same)
+RECALL_KEY_LENGTH = 3
+RECALL_VALUE_DIGITS = 2
+
+
+def recall_documents(num_documents: int = 4000, pairs: int = 8, key_length: int = RECALL_KEY_LENGTH,
+                     value_digits: int = RECALL_VALUE_DIGITS, seed: int = 0) -> list[str]:
     """Each document: ``k1=v1 k2=v2 ... | kπ1=vπ1 kπ2=vπ2 ...`` with distinct keys."""
     rng = random.Random(seed)
     docs = []
