@@ -172,8 +172,8 @@ class SentenceStream:
         return cls([ids for ids in (lm.encode(p) for p in parts) if ids])
 
     def take(self, rng: random.Random, n: int) -> tuple[list[int], list[int]]:
-        """`n` tokens from a random sentence on, and the indices in them where sentences start
-        (always including 0 and `n`)."""
+        """`n` tokens ending at the end of a sentence (whole sentences from a random one on, the first
+        one cut at its start to fit), and the indices in them where sentences start (with 0 and `n`)."""
         ids: list[int] = []
         starts = []
         i = rng.randrange(len(self.sentences))
@@ -181,7 +181,8 @@ class SentenceStream:
             starts.append(len(ids))
             ids.extend(self.sentences[i])
             i = (i + 1) % len(self.sentences)
-        return ids[:n], sorted(set(starts) | {n})
+        cut = len(ids) - n
+        return ids[cut:], sorted({s - cut for s in starts if s >= cut} | {0, n})
 
 
 class Task:
