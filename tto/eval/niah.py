@@ -152,8 +152,8 @@ class NIAH(Task):
                 for (i, j), a in np.ndenumerate(grid):
                     ax.text(j, i, "-" if np.isnan(a) else f"{a:.2f}", ha="center", va="center", fontsize=7)
                 ax.set_xlabel("context length (tokens)")
-                ax.set_ylabel("needle depth")
                 ax.set_title(kind, fontsize=9)
+            axes[0][0].set_ylabel("needle depth")
             fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
             fig.suptitle(f"needle in a haystack: {name}", fontsize=10)
             path = out_dir / f"niah_{safe_name(name)}.png"
