@@ -137,19 +137,22 @@ def test_memory_example_repeats_the_passage_after_a_disjoint_distractor():
 
 
 def test_generators_are_deterministic_across_processes():
-    """Same seed, same prompts, whatever the process's hash seed (a set's order would differ)."""
-    code = ("from tto.data import load_tokenizer; from tto.eval import LM, get_task; import json;"
-            "t = get_task('mqar'); task = t(t.Options(pairs=[8], lengths=[128], samples=2), seed=3);"
-            "lm = LM('x', '-', None, load_tokenizer('builtin:bytes'), 'cpu');"
-            "print(json.dumps([e.ids for es in task.examples(lm).values() for e in es]))")
+    """Same seed, same pairs, whatever the process's hash seed (a set's order would differ). The
+    child loads only corpora.py (no torch import), which mqar and builtin:recall share."""
+    from tto.data.corpora import recall_documents
+
+    code = ("import importlib.util, json, sys; s = importlib.util.spec_from_file_location('c', sys.argv[1]);"
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m);"
+            "print(json.dumps(m.recall_documents(50, pairs=16, seed=3)))")
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+    child = subprocess.run([sys.executable, "-c", code, str(ROOT / "tto/data/corpora.py")], env=env,
+                           capture_output=True, text=True, check=True)
+    assert json.loads(child.stdout) == recall_documents(50, pairs=16, seed=3)
     t = task("mqar", pairs=[8], lengths=[128], samples=2)
-    t.seed = 3
-    here = [e.ids for es in t.examples(lm(UniformLM())).values() for e in es]
-    assert json.loads(child.stdout) == here
+    first = [e.ids for es in t.examples(lm(UniformLM())).values() for e in es]
+    assert first == [e.ids for es in t.examples(lm(UniformLM())).values() for e in es]
     t.seed = 4
-    assert [e.ids for es in t.examples(lm(UniformLM())).values() for e in es] != here
+    assert [e.ids for es in t.examples(lm(UniformLM())).values() for e in es] != first
 
 
 # --- scoring on models with known behaviour ---------------------------------------------------
