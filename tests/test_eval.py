@@ -290,6 +290,19 @@ def test_unreadable_model_directory_is_named(models, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("recipe", ["mqar", "passkey"])
+@pytest.mark.parametrize("name", list(tto.available()))
+def test_task_recipes_build_every_type(recipe, name):
+    """configs/tasks/*.yml hold only backbone fields, so `model.type=<any type>` trains the same size."""
+    from tto.training import load_recipe
+
+    r = load_recipe(ROOT / "configs" / "tasks" / f"{recipe}.yml", [f"model.type={name}"])
+    assert r.dataset.name == f"builtin:{'recall' if recipe == 'mqar' else recipe}"
+    fields = {k: v for k, v in r.model.items() if k != "type"}
+    with torch.device("meta"):
+        tto.get(name).model_class(tto.build_config(name, **fields, vocab_size=V))
+
+
 # --- lm-evaluation-harness ------------------------------------------------------------------------
 
 def test_harness_runs_lm_eval_on_a_tto_checkpoint_offline(models, tmp_path):
