@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from tto.cli import OneLineErrors
+from tto.cli import DTYPES, OneLineErrors, resolve_device, tokenizer_spec
 
 
-DTYPES = ("float32", "bfloat16", "float16")
 #: --config-type T builds the model of configs/tiny/T.yml (every registered type has one; CI checks)
 TINY_CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 
@@ -74,13 +73,9 @@ def load(args):
     from tto.data import load_tokenizer
     from tto.training import load_recipe
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    tok_spec = args.tokenizer
-    if tok_spec is None:
-        has_own = args.model is not None and (Path(args.model) / "tokenizer_config.json").exists()
-        tok_spec = args.model if has_own else "builtin:bytes"
-    tokenizer = load_tokenizer(tok_spec)
+    tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
     if args.model is not None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:

@@ -158,6 +158,21 @@ def save_atomically(model, tokenizer, output_dir: Path) -> None:
     tmp.rmdir()
 
 
+def split_documents(ds: DatasetSection):
+    """The dataset's documents as ``(train, held_out)`` (held_out None when ``eval_fraction`` is 0).
+
+    The split depends only on the section (``eval_fraction``, ``seed``), so an evaluation given the same
+    dataset section reads exactly the documents training held out.
+    """
+    from .data import load_documents
+
+    docs = load_documents(ds.name, split=ds.split, subset=ds.subset, text_field=ds.text_field, options=ds.options)
+    if ds.eval_fraction <= 0:
+        return docs, None
+    parts = docs.train_test_split(test_size=ds.eval_fraction, seed=ds.seed)
+    return parts["train"], parts["test"]
+
+
 def build_trainer(recipe: Recipe, callbacks=()):
     """Everything before the first step: output dir check, tokenizer, data, model, Trainer.
 
@@ -169,7 +184,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
 
     import tto
 
-    from .data import load_documents, load_tokenizer, pack_documents
+    from .data import load_tokenizer, pack_documents
 
     args = dict(recipe.training_args)
     device = args.pop("device", "auto")
@@ -193,12 +208,10 @@ def build_trainer(recipe: Recipe, callbacks=()):
     config = tto.build_config(recipe.model["type"], **fields_)
 
     ds = recipe.dataset
-    docs = load_documents(ds.name, split=ds.split, subset=ds.subset, text_field=ds.text_field, options=ds.options)
+    docs, held_out = split_documents(ds)
     eval_set = None
-    if ds.eval_fraction > 0:
-        parts = docs.train_test_split(test_size=ds.eval_fraction, seed=ds.seed)
-        docs = parts["train"]
-        eval_set = pack_documents(parts["test"], tokenizer, ds.max_seq_length, ds.num_proc)
+    if held_out is not None:
+        eval_set = pack_documents(held_out, tokenizer, ds.max_seq_length, ds.num_proc)
         if ds.max_eval_samples is not None:
             eval_set = eval_set.select(range(min(ds.max_eval_samples, len(eval_set))))
     train_set = pack_documents(docs, tokenizer, ds.max_seq_length, ds.num_proc)

@@ -1,0 +1,122 @@
+"""Check everything, then run every task on every model and write the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from .base import LM, Task, apply_grid, get_task
+
+
+def parse_grid(items, tasks: list[str]) -> dict[str, dict[str, str]]:
+    """``["niah.lengths=256,512", ...]`` -> ``{"niah": {"lengths": "256,512"}}``; the task must be selected."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        task_name, dot, key = name.partition(".")
+        if not sep or not dot or not key or not value:
+            raise ValueError(f"--grid {item!r}: expected TASK.OPTION=VALUE[,VALUE...] (e.g. niah.lengths=256,512)")
+        get_task(task_name)
+        if task_name not in tasks:
+            raise ValueError(f"--grid {item!r}: task {task_name!r} is not among --tasks {','.join(tasks)}")
+        out.setdefault(task_name, {})[key] = value
+    return out
+
+
+def build_tasks(names: list[str], grid: dict, *, seed: int, limit: int | None, batch_size: int) -> dict[str, Task]:
+    """The selected tasks with their options (defaults + --grid), checked; text sources loaded."""
+    options = {n: apply_grid(get_task(n).Options(), n, grid.get(n, {})) for n in names}
+    return {n: get_task(n)(options[n], seed=seed, limit=limit, batch_size=batch_size) for n in names}
+
+
+def model_names(paths: list[str]) -> list[str]:
+    """Short unique names: the directory name, or the path as given when two share a name."""
+    short = [Path(p).resolve().name for p in paths]
+    return [s if short.count(s) == 1 else p for s, p in zip(short, paths)]
+
+
+def check_model(path: str, tokenizer_spec_: str | None):
+    """The model's config and tokenizer, or a one-line error naming the problem."""
+    from transformers import AutoConfig
+
+    from ..cli import tokenizer_spec
+    from ..data import load_tokenizer
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path!r}: no config.json there (a directory written by train.py or save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model {path!r}: unreadable config ({str(err).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(tokenizer_spec(path, tokenizer_spec_))
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(f"--model {path!r}: its tokenizer has {len(tokenizer)} tokens but the model only {vocab}; "
+                         f"pass the tokenizer it was trained with (--tokenizer)")
+    return config, tokenizer
+
+
+def load_lm(name: str, path: str, tokenizer, device: str, dtype: str) -> LM:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return LM(name, path, model.to(device).eval(), tokenizer, device)
+
+
+def evaluate(models: list[str], tasks: list[str], out: str | Path, *, grid=(), seed: int = 0, limit: int | None = None,
+             device: str = "auto", dtype: str = "float32", batch_size: int = 8, tokenizer: str | None = None,
+             progress: bool = True, echo=print) -> dict:
+    """Run `tasks` on every model directory; writes ``out/results.json`` and the plots, returns the results.
+
+    Everything that can be wrong with the inputs (task names, --grid, model directories, tokenizers,
+    datasets) raises ValueError / OSError before any model is run.
+    """
+    import datasets
+    from tqdm.auto import tqdm
+
+    import tto  # noqa: F401  (registers the tto types with the Auto classes)
+
+    from ..cli import resolve_device
+    from . import report
+
+    if not models:
+        raise ValueError("give at least one --model DIR")
+    for name in tasks:
+        get_task(name)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit {limit} must be positive")
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size {batch_size} must be positive")
+    parsed = parse_grid(grid, tasks)
+    checked = [check_model(p, tokenizer) for p in models]
+    built = build_tasks(tasks, parsed, seed=seed, limit=limit, batch_size=batch_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    datasets.disable_progress_bars()  # tokenizing the held-out text is not worth a bar per task and model
+
+    names = model_names(models)
+    results: dict = {"seed": seed, "limit": limit, "device": device, "dtype": dtype,
+                     "options": {n: dataclasses.asdict(t.options) for n, t in built.items()},
+                     "models": {}, "results": {n: {} for n in tasks}, "summary": {}}
+    for name, path, (config, tok) in zip(names, models, checked):
+        lm = load_lm(name, path, tok, device, dtype)
+        results["models"][name] = {"path": str(path), "model_type": config.model_type,
+                                   "parameters": sum(p.numel() for p in lm.model.parameters())}
+        results["summary"][name] = {}
+        for task_name, task in built.items():
+            with tqdm(desc=f"{task_name} {name}", unit="seq", disable=not progress, file=sys.stderr) as bar:
+                result = task.run(lm, bar)
+            results["results"][task_name][name] = result
+            results["summary"][name].update(task.summary(result))
+        del lm
+    plots = []
+    for task_name, task in built.items():
+        plots += task.plot(results["results"][task_name], out)
+    results["plots"] = [str(p) for p in plots]
+    path = report.write_json(results, out)
+    echo(report.table(results["summary"]))
+    echo(f"results: {path}; plots: {', '.join(p.name for p in plots) or 'none'}")
+    return results
