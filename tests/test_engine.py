@@ -8,13 +8,16 @@ allow 2e-5 (absolute on outputs of scale ~1)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import initialization as init
 
 from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, LargeChunkMemory, LpError, LqNormalization,
-                        MiniBatchGD, MLPMemory, Memory, MomentumGD, SoftmaxRetention, SquaredError, SwiGLUMemory,
-                        naive_delta_rule, naive_large_chunk, naive_memory, newton_schulz5)
+                        MiniBatchGD, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow, PolynomialFeatures,
+                        SoftmaxRetention, SquaredError, SwiGLUMemory, naive_delta_rule, naive_large_chunk,
+                        naive_memory, newton_schulz5)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
 from tto.engine.optimizers import segsum
 
@@ -36,7 +39,9 @@ def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim:
         with torch.no_grad():
             opt.token_offset.add_(torch.randn(chunk) * 0.1)
     else:
-        opt = {"momentum": MomentumGD, "decay": DecayGD}[optimizer]()
+        opt = {"momentum": MomentumGD, "decay": DecayGD,
+               "omega-decay": lambda: OmegaWindow(DecayGD(), 3), "omega-momentum": lambda: OmegaWindow(MomentumGD(), 3)
+               }[optimizer]()
     if isinstance(retention, SoftmaxRetention):  # its initial weights are logits: keep them spread out
         with torch.no_grad():
             for p in fast.parameters():
@@ -48,10 +53,11 @@ def make_inputs(batch=3, length=11, heads=2, dim=8, optimizer="gd", seed=1, requ
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, length, heads, dim, generator=g, requires_grad=requires_grad) for _ in range(3))
     gates = {"lr": torch.rand(batch, length, heads, generator=g) * max_lr}
-    if optimizer in ("momentum", "decay"):
+    if optimizer != "gd":
         gates["forget"] = torch.rand(batch, length, heads, generator=g) * 0.2
-    if optimizer == "momentum":
+    if optimizer.endswith("momentum"):
         gates["momentum"] = torch.rand(batch, length, heads, generator=g) * 0.9
+    gates["omega"] = torch.rand(batch, length, heads, generator=g)  # read by OmegaWindow only
     gates["huber_delta"] = 0.5 + torch.rand(batch, length, heads, generator=g)  # read by Huber only
     return q, k, v, gates
 
@@ -426,17 +432,22 @@ def test_softmax_retention_is_the_mirror_descent_step():
     torch.testing.assert_close(out.sum(-1), torch.full((2, 3), scale, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
-MIRAS_PARTS = [(LpError(3.0, eps=1e-6), LqNormalization(4.0)), (Huber(), None), (SquaredError(1.0), SoftmaxRetention(2.0))]
+#: (optimizer, objective, retention): Miras' Moneta, Yaad, Memora and ATLAS' OmegaNet, ATLAS
+SCAN_PARTS = [("decay", LpError(3.0, eps=1e-6), LqNormalization(4.0)), ("decay", Huber(), None),
+              ("decay", SquaredError(1.0), SoftmaxRetention(2.0)), ("omega-decay", SquaredError(2.0), None),
+              ("omega-momentum", SquaredError(2.0), MuonRetention(0.05))]
 
 
-@pytest.mark.parametrize("objective,retention", MIRAS_PARTS, ids=["moneta", "yaad", "memora"])
-def test_miras_scan_matches_naive(objective, retention):
-    """Objectives with gates and chunk-boundary retentions: outputs (padded and streamed), committed
-    weights and outer gradients of the dual-form scan equal the naive loop's. In float64: the
-    l_q norms and log-softmax steps amplify float32 rounding to ~1e-4 over a few chunks, which would
-    hide a real error of that size; float64 keeps the two forms at rounding distance (< 1e-9)."""
-    mem = make_memory(2, "decay", objective=objective, retention=retention).double()
-    q, k, v, gates = make_inputs(optimizer="decay", length=13)
+@pytest.mark.parametrize("optimizer,objective,retention", SCAN_PARTS,
+                         ids=["moneta", "yaad", "memora", "omeganet", "atlas"])
+def test_composed_scan_matches_naive(optimizer, objective, retention):
+    """Objectives with gates, the Omega window and chunk-boundary retentions: outputs (padded and
+    streamed), committed weights and outer gradients of the dual-form scan equal the naive loop's.
+    In float64: the l_q norms, log-softmax and Newton-Schulz steps amplify float32 rounding to ~1e-4
+    over a few chunks, which would hide a real error of that size; float64 keeps the two forms at
+    rounding distance (< 1e-9)."""
+    mem = make_memory(2, optimizer, objective=objective, retention=retention).double()
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=13)
     q, k, v = (x.double().requires_grad_(True) for x in (q, k, v))
     gates = {n: g.double() for n, g in gates.items()}
     mask = torch.ones(3, 13, dtype=torch.bool)
@@ -551,3 +562,65 @@ def test_large_chunk_reads_chunk_start_weights_and_keeps_norms():
         after = state["memory.W." + name][0]
         assert (after - w).abs().max() > 1e-3  # the weights moved
         torch.testing.assert_close(after.norm(dim=-2), w.norm(dim=-2), atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------- ATLAS' parts
+
+
+def test_omega_window_coefficients_match_windowed_recurrence():
+    """mix @ band equals stepping the wrapped optimizer with g~_t = sum_{t-c<i<=t} gamma_i g_i."""
+    g = torch.Generator().manual_seed(7)
+    b, window = 6, 3
+    gates = {"lr": torch.rand(1, 1, b, generator=g), "forget": torch.rand(1, 1, b, generator=g) * 0.5,
+             "momentum": torch.rand(1, 1, b, generator=g), "omega": torch.rand(1, 1, b, generator=g)}
+    valid = torch.ones(1, 1, b, dtype=torch.bool)
+    c = OmegaWindow(MomentumGD(), window).coefficients(gates, valid)
+    grads, w, s = torch.randn(b, generator=g), torch.tensor(0.7), torch.tensor(-0.3)
+    w0, s0 = w.clone(), s.clone()
+    for t in range(b):
+        windowed = sum(gates["omega"][0, 0, i] * grads[i] for i in range(max(0, t - window + 1), t + 1))
+        s = gates["momentum"][0, 0, t] * s - gates["lr"][0, 0, t] * windowed
+        w = (1 - gates["forget"][0, 0, t]) * w + s
+        unrolled = c.decay[0, 0, t] * w0 + c.carry[0, 0, t] * s0 - (c.mix[0, 0, t] * grads).sum()
+        torch.testing.assert_close(unrolled, w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c.s_decay[0, 0] * s0 - (c.s_mix[0, 0] * grads).sum(), s, atol=1e-6, rtol=0)
+
+
+def test_omega_window_of_one_is_the_wrapped_optimizer():
+    q, k, v, gates = make_inputs(optimizer="momentum")
+    plain, windowed = make_memory(2, "momentum"), make_memory(2, "momentum")
+    windowed.optimizer = OmegaWindow(windowed.optimizer, 1)
+    torch.testing.assert_close(windowed(q, k, v, {**gates, "omega": torch.ones_like(gates["lr"])}),
+                               plain(q, k, v, gates), atol=1e-6, rtol=0)
+
+
+def test_polynomial_features_are_a_taylor_kernel():
+    """<phi(q), phi(k)> = sum_i a_i^2 (q.k)^i for learned a; at init, the Taylor polynomial of exp."""
+    features = PolynomialFeatures(5, 3).double()
+    features._tto_init(0.02, init)
+    q, k = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    dot = (q * k).sum(-1)
+    taylor = sum(dot**i / math.factorial(i) for i in range(4))
+    torch.testing.assert_close((features(q) * features(k)).sum(-1), taylor, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        features.coefficients.copy_(torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=torch.float64))
+    expect = sum(a**2 * dot**i for i, a in enumerate([0.5, -1.0, 2.0, 0.3]))
+    torch.testing.assert_close((features(q) * features(k)).sum(-1), expect, atol=1e-12, rtol=0)
+    assert features(q).shape[-1] == features.out_dim == 1 + 5 + 15 + 35
+
+
+def test_muon_retention_orthogonalises_the_chunk_step():
+    """The committed step is scale x an orthogonalised version of the chunk's linear step (singular
+    values ~scale, same singular vectors); a chunk without updates commits its start weights."""
+    g = torch.Generator().manual_seed(8)
+    start = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    step = 0.01 * torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0.9, 1.0], dtype=torch.float64)
+    out = MuonRetention(0.05).chunk_end({"W": start}, {"W": keep[:, None, None] * start - step}, keep)["W"]
+    applied = (keep[:, None, None] * start - out) / 0.05
+    u, sv, vh = torch.linalg.svd(step, full_matrices=False)
+    core = u.transpose(-1, -2) @ applied @ vh.transpose(-1, -2)
+    torch.testing.assert_close(core, torch.diag_embed(torch.diagonal(core, dim1=-2, dim2=-1)), atol=1e-10, rtol=0)
+    assert torch.linalg.svdvals(applied).min() > 0.6 and torch.linalg.svdvals(applied).max() < 1.25
+    same = MuonRetention(0.05).chunk_end({"W": start}, {"W": start}, None)["W"]
+    torch.testing.assert_close(same, start, atol=0, rtol=0)

@@ -199,6 +199,7 @@ PAPER_SIZES = {
     "gated_deltanet_1.3b.yml": 1.3e9,
     "miras_moneta_340m.yml": 340e6,
     "lact_760m.yml": 760e6,
+    "atlas_340m.yml": 340e6,
 }
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yml") if p.name != "quickstart.yml")
 

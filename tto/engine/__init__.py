@@ -1,20 +1,22 @@
 """The memory engine shared by every memory mixer: fast models, inner objectives, inner
 optimizers, chunk-boundary retentions and the chunked dual-form scan (with its naive per-token
 reference); the exact per-token delta rule of linear memories (with its recurrence as reference);
-large-chunk apply-then-update memories with Muon and weight norm (LaCT)."""
+large-chunk apply-then-update memories with Muon and weight norm (LaCT); feature maps (ATLAS)."""
 
 from .delta_rule import DeltaRule, naive_delta_rule
 from .fast_models import ACTIVATIONS, FastModel, MLPMemory, SwiGLUMemory
-from .large_chunk import LargeChunkMemory, naive_large_chunk, newton_schulz5
+from .feature_maps import PolynomialFeatures
+from .large_chunk import LargeChunkMemory, naive_large_chunk
+from .muon import newton_schulz5
 from .memory import Memory, naive_memory
 from .objectives import DotProduct, Huber, LpError, Objective, SquaredError
-from .optimizers import Coefficients, DecayGD, InnerOptimizer, MiniBatchGD, MomentumGD
-from .retention import LqNormalization, Retention, SoftmaxRetention
+from .optimizers import Coefficients, DecayGD, InnerOptimizer, MiniBatchGD, MomentumGD, OmegaWindow
+from .retention import LqNormalization, MuonRetention, Retention, SoftmaxRetention
 
 #: every kind of inner-loop memory (a layer holding one keeps fast weights in its state)
 MEMORIES = (Memory, DeltaRule, LargeChunkMemory)
 
 __all__ = ["ACTIVATIONS", "MEMORIES", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel", "Huber",
            "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MLPMemory", "Memory", "MiniBatchGD",
-           "MomentumGD", "Objective", "Retention", "SoftmaxRetention", "SquaredError", "SwiGLUMemory",
+           "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "PolynomialFeatures", "Retention", "SoftmaxRetention", "SquaredError", "SwiGLUMemory",
            "naive_delta_rule", "naive_large_chunk", "naive_memory", "newton_schulz5"]

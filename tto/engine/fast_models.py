@@ -84,18 +84,22 @@ class MLPMemory(FastModel):
 
     depth 1 is a matrix memory (TTT-Linear, Titans L_M = 1); depth 2 with ``expansion`` 4 is the
     TTT-MLP / Titans memory. Weights are ``W{l}`` (heads, d_in, d_out) and ``b{l}`` (heads, 1, d_out).
+    ``in_dim`` (default ``dim``) reads inputs of another width, e.g. ATLAS' polynomial features of keys.
     """
 
     def __init__(self, num_heads: int, dim: int, *, depth: int = 1, expansion: int = 4,
                  activation: str = "gelu_tanh", bias: bool = True, residual_norm: bool = True,
-                 norm_eps: float = 1e-6, init_std: float = 0.02):
+                 norm_eps: float = 1e-6, init_std: float = 0.02, in_dim: int | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown fast-model activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
         self.num_heads, self.dim, self.depth = num_heads, dim, depth
         self.act, self.act_backward = ACTIVATIONS[activation]
         self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std
-        dims = [dim] + [dim * expansion] * (depth - 1) + [dim]
+        in_dim = dim if in_dim is None else in_dim
+        if residual_norm and in_dim != dim:
+            raise ValueError(f"x + LN(g(x)) needs equal input and output widths (got {in_dim} -> {dim})")
+        dims = [in_dim] + [dim * expansion] * (depth - 1) + [dim]
         self.weight_names = tuple(f"W{i + 1}" for i in range(depth))
         self.has_bias = bias
         for i, name in enumerate(self.weight_names):

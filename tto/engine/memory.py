@@ -191,7 +191,7 @@ class Memory(nn.Module):
         objective_gates = [dict(zip(self.objective.gate_names, g))
                            for g in zip(*(G[n].unbind(1) for n in self.objective.gate_names))] or [{}] * n
         chunks = list(zip(Q.unbind(1), K.unbind(1), V.unbind(1), (coef.mix * qk).unbind(1), coef.unbind(),
-                          objective_gates))
+                          objective_gates, slot_valid.any(-1).unbind(1)))
 
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
@@ -224,12 +224,16 @@ class Memory(nn.Module):
         (N, chunks, b, d), or (N, chunks, 2, b, d) with the chunk-start reads second."""
         outs = []
         for i, chunk in enumerate(chunks):
-            out, new_params, new_momentum = self._chunk(params, momentum, *chunk)
+            *inputs, active = chunk
+            out, new_params, new_momentum = self._chunk(params, momentum, *inputs)
             if read_start:
                 out = torch.stack([out, self.fast.core(chunk[0], self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
                 keep = chunk[4].decay[:, -1] if chunk[4].decay is not None else None
-                params, momentum = self.retention.chunk_end(params, new_params, keep), new_momentum
+                retained = self.retention.chunk_end(params, new_params, keep)
+                # a row's chunk of pads (left padding) is an identity step: no retention either
+                params = {n: torch.where(active[:, None, None], w, new_params[n]) for n, w in retained.items()}
+                momentum = new_momentum
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
@@ -293,7 +297,7 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     weights committed after its last complete chunk)."""
     fast, opt, b, retention = memory.fast, memory.optimizer, memory.chunk_size, memory.retention
     batch, length, heads = q.shape[:3]
-    outs = inner(q.new_zeros(batch, length, heads, q.shape[-1]))
+    outs = inner(q.new_zeros(batch, length, heads, v.shape[-1]))
     starts = torch.zeros_like(outs)
     committed = []
     for row in range(batch):

@@ -183,3 +183,46 @@ class MomentumGD(InnerOptimizer):
 
     def naive_chunk_end(self, state):
         pass
+
+
+class OmegaWindow(InnerOptimizer):
+    """ATLAS' Omega rule on top of another optimizer: the gradient at token t is that of the
+    weighted loss over the last ``window`` tokens, ``sum_{i=t-window+1..t} gamma_i grad l_i``, all at
+    the chunk-start weights. Gate ``omega`` (N, T): gamma_i in [0, 1] (0 drops a token).
+
+    Because every gradient is taken at the chunk start, the window is a banded matrix G on the
+    gradients (``G[s, i] = gamma_i`` for ``s - window < i <= s``) and the wrapped optimizer's
+    coefficients become ``mix @ G`` and ``s_mix @ G``. The window does not reach back across a chunk
+    boundary (the previous chunk's gradients were taken at other weights). window = 1 with
+    gamma = 1 is the wrapped optimizer.
+    """
+
+    def __init__(self, base: InnerOptimizer, window: int):
+        super().__init__()
+        self.base, self.window = base, window
+        self.has_momentum = base.has_momentum
+        self.gate_names = base.gate_names + ("omega",)
+
+    def coefficients(self, gates, valid):
+        c = self.base.coefficients(gates, valid)
+        b = valid.shape[-1]
+        pos = torch.arange(b, device=valid.device)
+        band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < self.window)
+        window = band.to(gates["omega"].dtype) * (gates["omega"] * valid)[..., None, :]  # (N, n, b, b)
+        s_mix = None if c.s_mix is None else (c.s_mix[..., None, :] @ window)[..., 0, :]
+        return Coefficients(mix=c.mix @ window, decay=c.decay, carry=c.carry, s_decay=c.s_decay, s_mix=s_mix)
+
+    def naive_init(self, params):
+        state = self.base.naive_init(params)
+        state["window"] = []
+        return state
+
+    def naive_step(self, state, grads, gates, t):
+        state["window"] = (state["window"] + [{k: gates["omega"][..., None, None] * g for k, g in grads.items()}])
+        state["window"] = state["window"][-self.window:]
+        summed = {k: sum(step[k] for step in state["window"]) for k in grads}
+        return self.base.naive_step(state, summed, gates, t)
+
+    def naive_chunk_end(self, state):
+        self.base.naive_chunk_end(state)
+        state["window"] = []

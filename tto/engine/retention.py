@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .muon import newton_schulz5
+
 Params = dict[str, torch.Tensor]
 
 
@@ -87,3 +89,17 @@ class SoftmaxRetention(Retention):
             step = keep * start[name] - w
             out[name] = self.scale * torch.softmax(keep * torch.log(start[name] / self.scale) - step / self.scale, dim=-1)
         return out
+
+
+class MuonRetention(Retention):
+    """ATLAS' Muon update at chunk granularity: inside a chunk the weights take the optimizer's
+    linear steps (momentum and Omega window included); at the chunk end the chunk's accumulated
+    step ``keep W_c - W_b`` is replaced by its Newton-Schulz orthogonalisation times ``scale``:
+    ``W_{c+1} = keep W_c - scale * NS5(keep W_c - W_b)``."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def chunk_end(self, start, end, keep):
+        keep = 1.0 if keep is None else keep[:, None, None]
+        return {name: keep * start[name] - self.scale * newton_schulz5(keep * start[name] - w) for name, w in end.items()}

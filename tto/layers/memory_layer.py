@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Context
-from ..engine import Memory
 from .conv import ShortConv
 
 
@@ -27,7 +26,8 @@ class MemoryLayer(nn.Module):
     """x (B, T, hidden) -> (B, T, hidden). ``gates`` maps each engine gate name (``lr``,
     ``forget``, ...) to its module, kept as the attribute ``<name>_gate``."""
 
-    def __init__(self, config, memory: Memory, gates: dict[str, nn.Module], name: str = "memory"):
+    def __init__(self, config, memory: nn.Module, gates: dict[str, nn.Module], name: str = "memory",
+                 feature_map: nn.Module | None = None):
         super().__init__()
         self.name = name
         self.num_heads = config.num_mem_heads
@@ -45,6 +45,7 @@ class MemoryLayer(nn.Module):
         for gate, module in gates.items():
             setattr(self, f"{gate}_gate", module)
         self.memory = memory
+        self.feature_map = feature_map  # applied to the normalised q and k (ATLAS' polynomial features)
         self.out_norm = nn.RMSNorm(inner, eps=config.rms_norm_eps)
         self.gate_proj = nn.Linear(width, inner, bias=False) if config.use_gate else None
         self.o_proj = nn.Linear(inner, width, bias=False) if config.use_output_proj else None
@@ -62,6 +63,8 @@ class MemoryLayer(nn.Module):
         q = self._normalize(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q"), self.q_norm)
         k = self._normalize(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k"), self.k_norm)
         v = self._view(self.v_proj, self.conv_v, x, ctx, state, "conv_v")
+        if self.feature_map is not None:
+            q, k = self.feature_map(q), self.feature_map(k)
         return q, k, v
 
     def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

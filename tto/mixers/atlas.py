@@ -1,0 +1,129 @@
+"""ATLAS: "ATLAS: Learning to Optimally Memorize the Context at Test Time" (Behrouz et al.,
+arXiv:2505.23735). There is no official code; this follows the paper.
+
+ATLAS keeps the Titans memory layer (:class:`tto.layers.memory_layer.MemoryLayer`: q, k, v
+projections, short conv + SiLU, l2-normalised q and k, RMSNorm and ``silu`` output gate, output
+projection) and changes what the memory learns and how:
+
+* **polynomial features** (``poly_degree`` p): keys and queries enter the memory as
+  ``phi_p(x)``, all monomials of degree <= p with learned per-degree coefficients initialised so
+  that ``phi(q) . phi(k)`` is the Taylor polynomial of ``exp(q . k)``
+  (:class:`tto.engine.PolynomialFeatures`); the memory MLP reads ``phi(k)`` (its input width)
+  and writes values of the head width;
+* **Omega rule** (``omega_window`` c): each step minimises the loss over the last c tokens,
+  ``sum_i gamma_i ||M(phi(k_i)) - v_i||^2``, with data-dependent ``gamma_i`` (``omega_gate``)
+  (:class:`tto.engine.OmegaWindow`); c = 1 is the online rule;
+* **optimizer**, chosen by ``variant``: ``omeganet``, gradient descent with forgetting,
+  ``M_t = (1 - alpha_t) M_{t-1} - eta_t g~_t``; ``atlas``, momentum ``S_t = theta_t S_{t-1} - eta_t g~_t``
+  with forgetting and the Muon (Newton-Schulz) orthogonalisation of the update
+  (:class:`tto.engine.MuonRetention`, post-Muon step ``muon_scale``).
+
+Gradients are taken at the chunk-start weights (chunks of ``chunk_size``), as in Titans.
+
+Differences from the paper: the Omega window does not reach back across a chunk boundary; Muon
+is applied to each chunk's accumulated update at the chunk end (inside a chunk the reads see the
+linear momentum steps), the chunk-level simplification of the per-token ``NS5(S_t)``; gates are
+scalar per head and token. The DeepTransformer/Dot variants (exponential kernels with
+dot-product bias) and the MAG/MAL hybrids are not separate variants here (hybrids with attention
+layers come from ``layer_mixers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..cache import Context
+from ..config import TTOConfig, config_error
+from ..engine import (ACTIVATIONS, DecayGD, InnerOptimizer, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow,
+                      PolynomialFeatures, Retention, SquaredError)
+from ..layers.gates import Gate
+from ..layers.memory_layer import MemoryLayer
+from ..registry import register
+
+ATLAS_PRESETS = {
+    # a 24 x 1024 model of the paper's 340M class: degree-2 features of 64-wide heads (2145 features)
+    # make the memories' initial weights large, so the MLP is narrower and the memory one layer
+    "340m": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=24, num_mem_heads=16,
+                 num_attention_heads=16, mem_depth=1),
+    "tiny": dict(num_mem_heads=2, chunk_size=4, omega_window=2),
+}
+
+
+class AtlasConfig(TTOConfig):
+    """ATLAS fields (the memory layer's fields are named as Titans')."""
+
+    model_type: ClassVar[str] = "tto_atlas"
+    choices: ClassVar[dict[str, tuple]] = {
+        **TTOConfig.choices,
+        "variant": ("omeganet", "atlas"),
+        "mem_activation": tuple(ACTIVATIONS),
+    }
+    variant_field: ClassVar[str] = "variant"
+    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
+        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor", "omega_window")
+
+    variant: str = "atlas"  # "atlas": momentum + Muon; "omeganet": gradient descent with forgetting
+    chunk_size: int = 16  # b: tokens per memory chunk; gradients at the chunk-start weights
+    num_mem_heads: int = 16  # memory heads, each with its own memory of width hidden_size // num_mem_heads
+    mem_depth: int = 2  # layers of the memory MLP (1: a matrix memory on the features)
+    mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
+    mem_activation: str = "silu"  # activation between the memory MLP's layers
+    poly_degree: int = 2  # p: degree of the polynomial feature map of keys and queries (1: identity plus a constant)
+    omega_window: int = 4  # c: tokens in the Omega rule's loss window (1: the online rule)
+    omega_gate_bias_init: float = 4.0  # initial bias of the gamma gate (pre-sigmoid: gamma starts near 1)
+    mem_max_lr: float = 0.1  # eta_t = mem_max_lr * sigmoid(.): bound of the inner step
+    lr_gate_bias_init: float = 0.0  # initial bias of the eta gate (pre-sigmoid)
+    momentum_gate_bias_init: float = 0.0  # atlas: initial bias of the theta gate (pre-sigmoid)
+    forget_gate_bias_init: float = -4.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
+    muon_scale: float = 0.01  # atlas: step size of the orthogonalised chunk update (singular values ~1)
+    use_gate: bool = True  # memory output gated by silu(gate_proj(x))
+    use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
+    rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the l2 norm
+    scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_size % self.num_mem_heads:
+            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.poly_degree < 1:
+            raise config_error("poly_degree", self.poly_degree, "must be >= 1")
+        if self.muon_scale <= 0:
+            raise config_error("muon_scale", self.muon_scale, "must be > 0")
+        if self.scan_checkpoint_group_size < 0:
+            raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
+
+
+#: variant -> (inner optimizer, chunk-boundary retention, its gates beyond lr / forget / omega)
+VARIANTS: dict[str, Callable[[AtlasConfig], tuple[InnerOptimizer, Retention | None, dict[str, nn.Module]]]] = {
+    "omeganet": lambda c: (DecayGD(), None, {}),
+    "atlas": lambda c: (MomentumGD(), MuonRetention(c.muon_scale), {
+        "momentum": Gate(c.hidden_size, c.num_mem_heads, 1.0, c.momentum_gate_bias_init)}),  # theta_t
+}
+
+
+@register("atlas", config=AtlasConfig, presets=ATLAS_PRESETS, paper="arXiv:2505.23735 (Behrouz et al., 2025)")
+class AtlasMixer(nn.Module):
+    """ATLAS memory layer: x (B, T, hidden) -> (B, T, hidden), optimizer of `config.variant`."""
+
+    def __init__(self, config: AtlasConfig, layer_idx: int):
+        super().__init__()
+        optimizer, retention, extra_gates = VARIANTS[config.variant](config)
+        heads, width = config.num_mem_heads, config.hidden_size
+        features = PolynomialFeatures(width // heads, config.poly_degree)
+        fast = MLPMemory(heads, width // heads, depth=config.mem_depth, expansion=config.mem_expansion_factor,
+                         activation=config.mem_activation, bias=False, residual_norm=False,
+                         init_std=config.initializer_range, in_dim=features.out_dim)
+        memory = Memory(fast, SquaredError(2.0), OmegaWindow(optimizer, config.omega_window), config.chunk_size,
+                        retention=retention, checkpoint_group=config.scan_checkpoint_group_size)
+        gates = {"lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init),  # eta_t
+                 "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init),  # alpha_t
+                 "omega": Gate(width, heads, 1.0, config.omega_gate_bias_init),  # gamma_t
+                 **extra_gates}
+        self.memory = MemoryLayer(config, memory, gates, feature_map=features)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
+        return self.memory(x, ctx, state)
