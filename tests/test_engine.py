@@ -432,6 +432,18 @@ def test_softmax_retention_is_the_mirror_descent_step():
     torch.testing.assert_close(out.sum(-1), torch.full((2, 3), scale, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+def call_and_stream_match(mem, q, k, v, gates, mask, ref, atol: float) -> dict:
+    """One call, and the same 13 tokens streamed in pieces (a prefill, a single token, a block
+    crossing chunk boundaries), give `ref` at the real tokens. Returns the streamed state."""
+    keep = mask[..., None, None]
+    torch.testing.assert_close(mem(q, k, v, gates, mask) * keep, ref, atol=atol, rtol=0)
+    state: dict = {}
+    streamed = [mem(*(x[:, a:b] for x in (q, k, v)), {n: t[:, a:b] for n, t in gates.items()}, mask[:, a:b], state)
+                for a, b in [(0, 3), (3, 4), (4, 11), (11, 13)]]
+    torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref, atol=atol, rtol=0)
+    return state
+
+
 #: (optimizer, objective, retention): Miras' Moneta, Yaad, Memora and ATLAS' OmegaNet, ATLAS
 SCAN_PARTS = [("decay", LpError(3.0, eps=1e-6), LqNormalization(4.0)), ("decay", Huber(), None),
               ("decay", SquaredError(1.0), SoftmaxRetention(2.0)), ("omega-decay", SquaredError(2.0), None),
@@ -455,12 +467,7 @@ def test_composed_scan_matches_naive(optimizer, objective, retention):
     keep = mask[..., None, None]
     close = dict(atol=1e-9, rtol=0)
     ref, _, committed = naive_memory(mem, q, k, v, gates, mask)
-    torch.testing.assert_close(mem(q, k, v, gates, mask) * keep, ref, **close)
-    state: dict = {}
-    pieces = [(0, 3), (3, 4), (4, 11), (11, 13)]
-    streamed = [mem(*(x[:, a:b] for x in (q, k, v)), {n: t[:, a:b] for n, t in gates.items()}, mask[:, a:b], state)
-                for a, b in pieces]
-    torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref, **close)
+    state = call_and_stream_match(mem, q, k, v, gates, mask, ref, atol=1e-9)
     for row in range(3):
         for name, w in committed[row].items():
             torch.testing.assert_close(state["memory.W." + name][row], w, **close)
@@ -529,13 +536,7 @@ def test_large_chunk_matches_naive(momentum, muon, weight_norm):
     mask[1, :5] = False
     keep = mask[..., None, None]
     ref = naive_large_chunk(mem, q, k, v, gates, mask)
-    close = dict(atol=1e-10, rtol=0)
-    torch.testing.assert_close(mem(q, k, v, gates, mask) * keep, ref, **close)
-    state: dict = {}
-    pieces = [(0, 3), (3, 4), (4, 11), (11, 13)]
-    streamed = [mem(*(x[:, a:b] for x in (q, k, v)), {n: t[:, a:b] for n, t in gates.items()}, mask[:, a:b], state)
-                for a, b in pieces]
-    torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref, **close)
+    call_and_stream_match(mem, q, k, v, gates, mask, ref, atol=1e-10)
     w = torch.randn_like(ref)
     leaves = [q, *mem.parameters()]
     fast = torch.autograd.grad((mem(q, k, v, gates, mask) * keep * w).sum(), leaves)

@@ -50,7 +50,10 @@ def test_quickstart_commands_as_written(tmp_path):
         outputs.append(result.stdout)
     metrics = json.loads((tmp_path / "runs" / "quickstart" / "train_metrics.json").read_text())
     assert metrics["eval_loss"] < 1.6  # from ln(260) = 5.56 at initialization
+    # English-shaped: the corpus is prose with some ASCII tables, so the text is printable ASCII,
+    # mostly letters and spaces, with common words (a random-init model writes ~37% printable bytes)
     text = outputs[-1]
-    letters = sum(c.isalpha() or c in " \n.,'" for c in text) / max(len(text), 1)
-    assert letters > 0.85 and len(text) > 100, text
+    printable = sum(32 <= ord(c) < 127 or c == "\n" for c in text) / max(len(text), 1)
+    letters = sum(c.isalpha() or c.isspace() for c in text) / max(len(text), 1)
+    assert printable > 0.95 and letters > 0.6 and len(text) > 100, text
     assert len(re.findall(r"\b(the|is|of|a|to|and|in)\b", text)) >= 3, text

@@ -98,7 +98,7 @@ class Memory(Task):
         return {"mem.rel": result["relative"]}
 
     def plot(self, results: dict[str, dict], out_dir: Path) -> list[Path]:
-        from .report import pyplot
+        from .report import pyplot, save_figure
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -111,8 +111,4 @@ class Memory(Task):
         ax.set_title("memory: (first - second) / first")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        path = out_dir / "memory.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, out_dir / "memory.png")]

@@ -93,7 +93,7 @@ class MQAR(Task):
         return {"mqar": result["mean"]}
 
     def plot(self, results: dict[str, dict], out_dir: Path) -> list[Path]:
-        from .report import pyplot
+        from .report import pyplot, save_figure
 
         plt = pyplot()
         lengths = next(iter(results.values()))["lengths"]
@@ -109,7 +109,4 @@ class MQAR(Task):
         axes[0][0].set_ylabel("query accuracy (exact)")
         axes[0][-1].legend(fontsize=7)
         fig.suptitle("multi-query associative recall", fontsize=10)
-        path = out_dir / "mqar.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, out_dir / "mqar.png")]

@@ -136,7 +136,7 @@ class NIAH(Task):
         return {"niah": result["accuracy"]}
 
     def plot(self, results: dict[str, dict], out_dir: Path) -> list[Path]:
-        from .report import pyplot, safe_name
+        from .report import pyplot, safe_name, save_figure
 
         plt = pyplot()
         paths = []
@@ -156,8 +156,5 @@ class NIAH(Task):
             axes[0][0].set_ylabel("needle depth")
             fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
             fig.suptitle(f"needle in a haystack: {name}", fontsize=10)
-            path = out_dir / f"niah_{safe_name(name)}.png"
-            fig.savefig(path, dpi=110, bbox_inches="tight")
-            plt.close(fig)
-            paths.append(path)
+            paths.append(save_figure(fig, out_dir / f"niah_{safe_name(name)}.png"))
         return paths

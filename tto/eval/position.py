@@ -65,7 +65,7 @@ class Position(Task):
         return {"loss@start": result["loss"][0], "loss@end": result["loss"][-1]}
 
     def plot(self, results: dict[str, dict], out_dir: Path) -> list[Path]:
-        from .report import pyplot
+        from .report import pyplot, save_figure
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -77,11 +77,7 @@ class Position(Task):
         ax.set_title("loss by position")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = out_dir / "position.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, out_dir / "position.png")]
 
 
 def mean_over_sequences(rows) -> np.ndarray:

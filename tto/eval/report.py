@@ -18,6 +18,17 @@ def pyplot():
     return plt
 
 
+#: resolution of every saved plot
+PLOT_DPI = 110
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` to `path` (tight bounding box) and release it."""
+    fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
 def safe_name(name: str) -> str:
     """A model name usable in a file name."""
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"

@@ -7,9 +7,9 @@ q with per-token, per-head gates, each a linear map of x. The read-out (B, T, he
 normalised (RMSNorm), optionally gated by ``silu(gate_proj(x))`` (``use_gate``) and projected back
 to the hidden size (``use_output_proj``).
 
-Config fields read: ``hidden_size, num_mem_heads, conv_kernel, rms_qk_norm, rms_norm_eps,
-use_gate, use_output_proj``. State keys: the engine's ``<name>.*`` and the conv tails
-``<name>_conv_{q,k,v}``.
+:class:`MemoryLayerConfig` holds the fields every type built on this layer shares (Titans, Miras,
+ATLAS); each paper's config subclasses it, changing defaults where the paper does. State keys: the
+engine's ``<name>.*`` and the conv tails ``<name>_conv_{q,k,v}``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import ClassVar
+
 from ..cache import Context
+from ..config import TTOConfig, config_error
+from ..engine import ACTIVATIONS
 from .conv import ShortConv
+
+
+class MemoryLayerConfig(TTOConfig):
+    """Fields of the memory layer and its deep MLP memory, shared by the types built on it."""
+
+    choices: ClassVar[dict[str, tuple]] = {**TTOConfig.choices, "mem_activation": tuple(ACTIVATIONS)}
+    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
+        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor")
+
+    chunk_size: int = 16  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
+    num_mem_heads: int = 16  # memory heads; each has its own memory of width hidden_size // num_mem_heads
+    mem_depth: int = 2  # layers of the memory MLP (1: a matrix memory)
+    mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
+    mem_activation: str = "silu"  # activation between the memory MLP's layers
+    mem_max_lr: float = 0.1  # the inner step is mem_max_lr * sigmoid(.): its bound
+    lr_gate_bias_init: float = 0.0  # initial bias of the inner-step gate (pre-sigmoid)
+    forget_gate_bias_init: float = 0.0  # initial bias of the forget gate (pre-sigmoid; negative: remember)
+    use_gate: bool = True  # memory output gated by silu(gate_proj(x))
+    use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
+    rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the l2 norm
+    scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_size % self.num_mem_heads:
+            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.scan_checkpoint_group_size < 0:
+            raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
 
 
 class MemoryLayer(nn.Module):

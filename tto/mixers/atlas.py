@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from ..cache import Context
-from ..config import TTOConfig, config_error
-from ..engine import (ACTIVATIONS, DecayGD, InnerOptimizer, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow,
+from ..config import config_error
+from ..engine import (DecayGD, InnerOptimizer, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow,
                       PolynomialFeatures, Retention, SquaredError)
 from ..layers.gates import Gate
-from ..layers.memory_layer import MemoryLayer
+from ..layers.memory_layer import MemoryLayer, MemoryLayerConfig
 from ..registry import register
 
 ATLAS_PRESETS = {
@@ -53,48 +53,26 @@ ATLAS_PRESETS = {
 }
 
 
-class AtlasConfig(TTOConfig):
-    """ATLAS fields (the memory layer's fields are named as Titans')."""
+class AtlasConfig(MemoryLayerConfig):
+    """ATLAS fields, beside the memory layer's (:class:`MemoryLayerConfig`)."""
 
     model_type: ClassVar[str] = "tto_atlas"
-    choices: ClassVar[dict[str, tuple]] = {
-        **TTOConfig.choices,
-        "variant": ("omeganet", "atlas"),
-        "mem_activation": tuple(ACTIVATIONS),
-    }
+    choices: ClassVar[dict[str, tuple]] = {**MemoryLayerConfig.choices, "variant": ("omeganet", "atlas")}
     variant_field: ClassVar[str] = "variant"
-    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
-        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor", "omega_window")
+    positive_fields: ClassVar[tuple[str, ...]] = MemoryLayerConfig.positive_fields + ("omega_window", "poly_degree")
 
     variant: str = "atlas"  # "atlas": momentum + Muon; "omeganet": gradient descent with forgetting
-    chunk_size: int = 16  # b: tokens per memory chunk; gradients at the chunk-start weights
-    num_mem_heads: int = 16  # memory heads, each with its own memory of width hidden_size // num_mem_heads
-    mem_depth: int = 2  # layers of the memory MLP (1: a matrix memory on the features)
-    mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
-    mem_activation: str = "silu"  # activation between the memory MLP's layers
     poly_degree: int = 2  # p: degree of the polynomial feature map of keys and queries (1: identity plus a constant)
     omega_window: int = 4  # c: tokens in the Omega rule's loss window (1: the online rule)
     omega_gate_bias_init: float = 4.0  # initial bias of the gamma gate (pre-sigmoid: gamma starts near 1)
-    mem_max_lr: float = 0.1  # eta_t = mem_max_lr * sigmoid(.): bound of the inner step
-    lr_gate_bias_init: float = 0.0  # initial bias of the eta gate (pre-sigmoid)
     momentum_gate_bias_init: float = 0.0  # atlas: initial bias of the theta gate (pre-sigmoid)
     forget_gate_bias_init: float = -4.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
     muon_scale: float = 0.01  # atlas: step size of the orthogonalised chunk update (singular values ~1)
-    use_gate: bool = True  # memory output gated by silu(gate_proj(x))
-    use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
-    rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the l2 norm
-    scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
 
     def validate(self) -> None:
         super().validate()
-        if self.hidden_size % self.num_mem_heads:
-            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
-        if self.poly_degree < 1:
-            raise config_error("poly_degree", self.poly_degree, "must be >= 1")
         if self.muon_scale <= 0:
             raise config_error("muon_scale", self.muon_scale, "must be > 0")
-        if self.scan_checkpoint_group_size < 0:
-            raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
 
 
 #: variant -> (inner optimizer, chunk-boundary retention, its gates beyond lr / forget / omega)

@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 from ..cache import Context
-from ..config import TTOConfig, config_error
-from ..engine import (ACTIVATIONS, DecayGD, Huber, LpError, LqNormalization, MLPMemory, Memory, Objective, Retention,
+from ..config import config_error
+from ..engine import (DecayGD, Huber, LpError, LqNormalization, MLPMemory, Memory, Objective, Retention,
                       SoftmaxRetention, SquaredError)
 from ..layers.gates import Gate
-from ..layers.memory_layer import MemoryLayer
+from ..layers.memory_layer import MemoryLayer, MemoryLayerConfig
 from ..registry import register
 
 MIRAS_PRESETS = {
@@ -59,28 +59,16 @@ MIRAS_PRESETS = {
 }
 
 
-class MirasConfig(TTOConfig):
-    """Miras fields (the memory layer's fields are named as Titans')."""
+class MirasConfig(MemoryLayerConfig):
+    """Miras fields, beside the memory layer's (:class:`MemoryLayerConfig`)."""
 
     model_type: ClassVar[str] = "tto_miras"
-    choices: ClassVar[dict[str, tuple]] = {
-        **TTOConfig.choices,
-        "variant": ("moneta", "yaad", "memora"),
-        "mem_activation": tuple(ACTIVATIONS),
-    }
+    choices: ClassVar[dict[str, tuple]] = {**MemoryLayerConfig.choices, "variant": ("moneta", "yaad", "memora")}
     variant_field: ClassVar[str] = "variant"
-    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
-        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor")
 
     variant: str = "moneta"  # "moneta": l_p bias + l_q retention; "yaad": Huber bias; "memora": KL retention
-    chunk_size: int = 16  # b: tokens per memory chunk (the paper: 16 or 64)
-    num_mem_heads: int = 16  # memory heads; each has its own MLP memory of width hidden_size // num_mem_heads
-    mem_depth: int = 2  # layers of the memory MLP
-    mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
-    mem_activation: str = "gelu"  # activation between the memory MLP's layers
+    mem_activation: str = "gelu"  # activation between the memory MLP's layers (the paper: GELU)
     mem_residual_norm: bool = True  # memory is x + LayerNorm(MLP(x))
-    mem_max_lr: float = 0.1  # eta_t = mem_max_lr * sigmoid(.): bound of the inner step
-    lr_gate_bias_init: float = 0.0  # initial bias of the eta gate (pre-sigmoid)
     forget_gate_bias_init: float = -4.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
     lp_p: float = 3.0  # Moneta: p of the l_p attentional bias (the paper's best: 3)
     lp_eps: float = 1e-6  # Moneta: |e| is smoothed to sqrt(e^2 + lp_eps) (0: exact)
@@ -89,22 +77,14 @@ class MirasConfig(TTOConfig):
     huber_delta_bias_init: float = 2.0  # Yaad: initial bias of the delta gate (pre-sigmoid: delta starts at 1.76, above unit errors)
     memora_scale: float = 8.0  # Memora: every memory weight row sums to this
     memora_logit_std: float = 1.0  # Memora: std of the initial weights' logits (near-uniform rows make x + LN(MLP(x)) ill-conditioned)
-    use_gate: bool = True  # memory output gated by silu(gate_proj(x))
-    use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
-    rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the l2 norm
-    scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
 
     def validate(self) -> None:
         super().validate()
-        if self.hidden_size % self.num_mem_heads:
-            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
         if self.lq_q == 3 or self.lq_q < 2:
             raise config_error("lq_q", self.lq_q, "must be >= 2 and != 3 (at q = 3 the read weights do not determine ||A||)")
         for name in ("lp_p", "memora_scale", "memora_logit_std", "huber_delta_max"):
             if getattr(self, name) <= 0:
                 raise config_error(name, getattr(self, name), "must be > 0")
-        if self.scan_checkpoint_group_size < 0:
-            raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
 
 
 #: variant -> (attentional bias, retention, the bias's own gates, init std of the memory weights)

@@ -76,11 +76,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Context
-from ..config import TTOConfig, config_error
-from ..engine import ACTIVATIONS, MLPMemory, Memory, MomentumGD, SquaredError
+from ..config import config_error
+from ..engine import MLPMemory, Memory, MomentumGD, SquaredError
 from ..layers.attention import Attention
 from ..layers.gates import Gate
-from ..layers.memory_layer import MemoryLayer
+from ..layers.memory_layer import MemoryLayer, MemoryLayerConfig
 from ..registry import register
 
 #: the original TTO recipes' model fields (configs/titans_lmm_300m.yml, configs/titans_mag_335m.yml)
@@ -104,18 +104,13 @@ TITANS_PRESETS = {
 }
 
 
-class TitansConfig(TTOConfig):
-    """Titans fields; the names of the original TTO Titans configs, and its defaults."""
+class TitansConfig(MemoryLayerConfig):
+    """Titans fields; the names of the original TTO Titans configs, and its defaults (the memory
+    layer's fields shared with Miras and ATLAS are defined in :class:`MemoryLayerConfig`)."""
 
     model_type: ClassVar[str] = "tto_titans"
-    choices: ClassVar[dict[str, tuple]] = {
-        **TTOConfig.choices,
-        "variant": ("lmm", "mac", "mag", "mal"),
-        "mem_activation": tuple(ACTIVATIONS),
-    }
+    choices: ClassVar[dict[str, tuple]] = {**MemoryLayerConfig.choices, "variant": ("lmm", "mac", "mag", "mal")}
     variant_field: ClassVar[str] = "variant"
-    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
-        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor")
 
     # --- backbone defaults of the original code ---
     hidden_size: int = 2048
@@ -131,29 +126,17 @@ class TitansConfig(TTOConfig):
     variant: str = "lmm"  # "lmm": memory alone; "mac": memory as context; "mag": memory as a gate; "mal": memory as a layer
     chunk_size: int = 8  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
     num_mem_heads: int = 32  # memory heads; each has its own MLP memory of width hidden_size // num_mem_heads
-    mem_depth: int = 2  # L_M: layers of the memory MLP (1: a matrix memory)
-    mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
-    mem_activation: str = "silu"  # activation between the memory MLP's layers
     mem_residual_norm: bool = False  # memory is x + LayerNorm(MLP(x)) (titans-pytorch) instead of MLP(x)
     mem_loss_scale: float = 2.0  # inner loss scale/2 * ||M(k) - v||^2: 2 is the paper's unhalved square
     mem_max_lr: float = 0.1  # theta_t = mem_max_lr * sigmoid(.): bound of the inner step (titans-pytorch train_mac: 0.1; 1.0 diverges)
-    lr_gate_bias_init: float = 0.0  # initial bias of the theta gate (pre-sigmoid)
     momentum_gate_bias_init: float = 0.0  # initial bias of the eta gate (pre-sigmoid)
-    forget_gate_bias_init: float = 0.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
     num_persistent_mem_tokens: int = 4  # N_p learned persistent tokens, a prefix of the attention's keys/values
-    use_gate: bool = True  # memory output gated by silu(gate_proj(x)) (GSS-style, Sec. 4.4)
-    use_output_proj: bool = True  # linear projection of the memory output back to hidden_size
-    rms_qk_norm: bool = False  # learned RMSNorm on memory q/k instead of the paper's l2 norm (and on attention q/k)
-    scan_checkpoint_group_size: int = 0  # memory chunks per activation-checkpoint group in training (0: none)
     segment_size: int | None = None  # MAC: tokens per attention segment (None: chunk_size)
 
     def validate(self) -> None:
         super().validate()
-        if self.hidden_size % self.num_mem_heads:
-            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
-        for name in ("num_persistent_mem_tokens", "scan_checkpoint_group_size"):
-            if getattr(self, name) < 0:
-                raise config_error(name, getattr(self, name), "must be >= 0")
+        if self.num_persistent_mem_tokens < 0:
+            raise config_error("num_persistent_mem_tokens", self.num_persistent_mem_tokens, "must be >= 0")
         if self.segment_size is not None and self.segment_size <= 0:
             raise config_error("segment_size", self.segment_size, "must be a positive integer or None")
 
