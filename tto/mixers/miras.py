@@ -69,7 +69,9 @@ class MirasConfig(MemoryLayerConfig):
     variant: str = "moneta"  # "moneta": l_p bias + l_q retention; "yaad": Huber bias; "memora": KL retention
     mem_activation: str = "gelu"  # activation between the memory MLP's layers (the paper: GELU)
     mem_residual_norm: bool = True  # memory is x + LayerNorm(MLP(x))
-    forget_gate_bias_init: float = -4.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
+    # initial bias of the alpha gate (pre-sigmoid; negative: remember). Moneta reads W = A / ||A||_4^2,
+    # which grows as the decay shrinks A: at -4 (alpha ~ 0.018) it overflows after ~1900 tokens
+    forget_gate_bias_init: float = -8.0
     lp_p: float = 3.0  # Moneta: p of the l_p attentional bias (the paper's best: 3)
     lp_eps: float = 1e-6  # Moneta: |e| is smoothed to sqrt(e^2 + lp_eps) (0: exact)
     lq_q: float = 4.0  # Moneta: q of the l_q retention (must not be 3)
