@@ -71,6 +71,9 @@ class AtlasConfig(MemoryLayerConfig):
     # a chunk's gradients, all at its start, act as one step of mem_max_lr x chunk x window on a
     # loss whose curvature grows with ||phi(k)||^2 (2.5 at degree 2): 0.1 diverges at chunk 16
     mem_max_lr: float = 0.01
+    # the memory's first layer is phi-width (2145 x 256 per 64-wide head at degree 2): keeping every
+    # chunk's weights for the backward pass takes GBs per layer, so chunks are recomputed in groups
+    scan_checkpoint_group_size: int = 16
 
     def validate(self) -> None:
         super().validate()
