@@ -109,6 +109,7 @@ class Memory(nn.Module):
         self.objective = objective
         self.optimizer = optimizer
         self.retention = retention or Retention()
+        self.has_retention = retention is not None
         if retention is not None and set(self._param_names()) != set(fast_model.weight_names):
             raise ValueError(f"{type(retention).__name__} acts on weight matrices; use a fast model without biases")
         self.chunk_size = chunk_size
@@ -229,11 +230,12 @@ class Memory(nn.Module):
             if read_start:
                 out = torch.stack([out, self.fast.core(chunk[0], self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
-                keep = chunk[4].decay[:, -1] if chunk[4].decay is not None else None
-                retained = self.retention.chunk_end(params, new_params, keep)
-                # a row's chunk of pads (left padding) is an identity step: no retention either
-                params = {n: torch.where(active[:, None, None], w, new_params[n]) for n, w in retained.items()}
-                momentum = new_momentum
+                if self.has_retention:
+                    keep = chunk[4].decay[:, -1] if chunk[4].decay is not None else None
+                    retained = self.retention.chunk_end(params, new_params, keep)
+                    # a row's chunk of pads (left padding) is an identity step: no retention either
+                    new_params = {n: torch.where(active[:, None, None], w, new_params[n]) for n, w in retained.items()}
+                params, momentum = new_params, new_momentum
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
