@@ -25,9 +25,10 @@ from torch import nn
 
 from ..reference import in_reference_mode
 from .fast_models import FastModel, inner
-from .memory import Layout
+from .memory import Layout, load_state, prepend_pending, store_state
 from .muon import newton_schulz5
 from .objectives import Objective
+
 
 def chunk_update(params: dict, update: dict, previous: dict | None, momentum: torch.Tensor | None,
                  norms: dict | None, muon: bool) -> tuple[dict, dict]:
@@ -75,17 +76,11 @@ class LargeChunkMemory(nn.Module):
         initial = self.fast.initial_params(batch)
         norms = self._norms(initial)
         params, previous, valid = initial, None, mask
-        if state is not None and self.prefix + "n_pending" in state:
-            unpack = lambda key: state[key].flatten(0, 1)  # noqa: E731
-            params = {n: unpack(self.prefix + "W." + n) for n in names}
-            if self.use_momentum:
-                previous = {n: unpack(self.prefix + "S." + n) for n in names}
-            pending = {n: state[self.prefix + "pending." + n] for n in tokens}
-            tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
-            old = torch.arange(pending["q"].shape[1], device=q.device)[None] < state[self.prefix + "n_pending"][:, None]
-            new = mask if mask is not None else torch.ones(batch, new_len, dtype=torch.bool, device=q.device)
-            valid = torch.cat([old, new], dim=1)
-        if previous is None and self.use_momentum:
+        loaded = load_state(state, self.prefix, batch, names, self.use_momentum)
+        if loaded is not None:
+            params, previous, pending, n_pending = loaded
+            tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
+        elif self.use_momentum:
             previous = {n: torch.zeros_like(w) for n, w in params.items()}
         total = tokens["q"].shape[1]
         layout = Layout.build(valid, total, batch, c, q.device)
@@ -113,17 +108,7 @@ class LargeChunkMemory(nn.Module):
         out = torch.stack(reads, 1).reshape(batch, heads, layout.length, -1).transpose(1, 2)
         out = layout.scatter(out)[:, total - new_len:]
         if state is not None:
-            for key in [key for key in state if key.startswith(self.prefix)]:
-                del state[key]
-            split = lambda t: t.detach().reshape(batch, heads, *t.shape[1:])  # noqa: E731
-            for name in names:
-                state[self.prefix + "W." + name] = split(params[name])
-                if previous is not None:
-                    state[self.prefix + "S." + name] = split(previous[name])
-            tail = slice(layout.n_commit * c, layout.n_commit * c + int(layout.remainder.max()))
-            for name, t in tokens.items():
-                state[self.prefix + "pending." + name] = layout.gather(t)[:, tail].detach()
-            state[self.prefix + "n_pending"] = layout.remainder
+            store_state(state, self.prefix, heads, params, previous, tokens, layout, c)
         return out
 
 

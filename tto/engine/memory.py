@@ -93,6 +93,48 @@ class Layout:
         return y.gather(1, idx)
 
 
+def load_state(state: dict | None, prefix: str, batch: int, names, with_momentum: bool):
+    """What a previous call left in `state` under `prefix`: (params, momentum or None, pending
+    tokens, pending counts (B,)), params as (batch * heads, ...); None when the sequence is new."""
+    if state is None or prefix + "n_pending" not in state:
+        return None
+    unpack = lambda key: state[key].flatten(0, 1)  # noqa: E731
+    params = {n: unpack(prefix + "W." + n) for n in names}
+    momentum = {n: unpack(prefix + "S." + n) for n in names} if with_momentum else None
+    pending = {k[len(prefix + "pending."):]: v for k, v in state.items() if k.startswith(prefix + "pending.")}
+    return params, momentum, pending, state[prefix + "n_pending"]
+
+
+def prepend_pending(tokens: dict, pending: dict, n_pending: torch.Tensor, mask: torch.Tensor | None):
+    """The pending tokens of an incomplete chunk in front of the new ones: (tokens, validity of the
+    joined sequence (B, pending + new), None when every slot is real)."""
+    first = next(iter(tokens.values()))
+    tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
+    old = torch.arange(pending["q"].shape[1], device=first.device)[None, :] < n_pending[:, None]
+    if mask is None and bool(old.all()):
+        return tokens, None
+    new = mask if mask is not None else torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
+    return tokens, torch.cat([old, new], dim=1)
+
+
+def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
+                layout: Layout, chunk: int) -> None:
+    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
+    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    batch = layout.valid.shape[0]
+    split = lambda t: t.detach().reshape(batch, heads, *t.shape[1:])  # noqa: E731
+    for n, p in params.items():
+        state[prefix + "W." + n] = split(p)
+        if momentum is not None:
+            state[prefix + "S." + n] = split(momentum[n])
+    tail = slice(layout.n_commit * chunk, layout.n_commit * chunk + int(layout.remainder.max()))
+    for n, t in tokens.items():
+        state[prefix + "pending." + n] = layout.gather(t)[:, tail].detach()
+    state[prefix + "n_pending"] = layout.remainder
+
+
 class Memory(nn.Module):
     """A fast model trained online by an inner optimizer, chunk by chunk (see module docstring).
 
@@ -118,31 +160,15 @@ class Memory(nn.Module):
 
     # ------------------------------------------------------------------ state
     def _load(self, state: dict | None, batch: int):
-        heads = self.fast.num_heads
-        if state is None or self.prefix + "n_pending" not in state:
-            params = self.retention.start(self.fast.initial_params(batch))
-            momentum = {k: torch.zeros_like(v) for k, v in params.items()} if self.optimizer.has_momentum else None
-            return params, momentum, None, None
-        unpack = lambda key: state[key].reshape(batch * heads, *state[key].shape[2:])  # noqa: E731
-        params = {n: unpack(self.prefix + "W." + n) for n in self._param_names()}
-        momentum = {n: unpack(self.prefix + "S." + n) for n in self._param_names()} if self.optimizer.has_momentum else None
-        pending = {k[len(self.prefix + "pending.") :]: v for k, v in state.items() if k.startswith(self.prefix + "pending.")}
-        return params, momentum, pending, state[self.prefix + "n_pending"]
+        loaded = load_state(state, self.prefix, batch, self._param_names(), self.optimizer.has_momentum)
+        if loaded is not None:
+            return loaded
+        params = self.retention.start(self.fast.initial_params(batch))
+        momentum = {k: torch.zeros_like(v) for k, v in params.items()} if self.optimizer.has_momentum else None
+        return params, momentum, None, None
 
     def _param_names(self) -> list[str]:
         return list(self.fast.initial_params(1).keys())
-
-    def _store(self, state: dict, batch: int, params, momentum, pending: dict, n_pending) -> None:
-        for key in [k for k in state if k.startswith(self.prefix)]:
-            del state[key]
-        split = lambda t: t.detach().reshape(batch, self.fast.num_heads, *t.shape[1:])  # noqa: E731
-        for n, p in params.items():
-            state[self.prefix + "W." + n] = split(p)
-            if momentum is not None:
-                state[self.prefix + "S." + n] = split(momentum[n])
-        for n, t in pending.items():
-            state[self.prefix + "pending." + n] = t.detach()
-        state[self.prefix + "n_pending"] = n_pending
 
     # ------------------------------------------------------------------ forward
     def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
@@ -165,11 +191,7 @@ class Memory(nn.Module):
         params, momentum, pending, n_pending = self._load(state, batch)
         valid = mask
         if pending is not None:
-            tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
-            old = torch.arange(pending["q"].shape[1], device=q.device)[None, :] < n_pending[:, None]
-            if mask is not None or not bool(old.all()):
-                new = mask if mask is not None else torch.ones(batch, new_len, dtype=torch.bool, device=q.device)
-                valid = torch.cat([old, new], dim=1)
+            tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
         total = next(iter(tokens.values())).shape[1]
         layout = Layout.build(valid, total, batch, b, q.device)
         n = layout.length // b
@@ -215,9 +237,7 @@ class Memory(nn.Module):
         start = unchunk(reads[:, :, 1]) if read_start else None
 
         if state is not None:
-            tail = slice(layout.n_commit * b, layout.n_commit * b + int(layout.remainder.max()))
-            pend = {name: layout.gather(t)[:, tail] for name, t in tokens.items()}
-            self._store(state, batch, params, momentum, pend, layout.remainder)
+            store_state(state, self.prefix, heads, params, momentum, tokens, layout, b)
         return out, start
 
     def _chunks(self, params, momentum, chunks: list, n_commit: int, read_start: bool):
