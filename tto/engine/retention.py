@@ -15,6 +15,7 @@ The base class is the identity (every optimizer without a nonlinear retention).
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .muon import newton_schulz5
 
@@ -102,4 +103,12 @@ class MuonRetention(Retention):
 
     def chunk_end(self, start, end, keep):
         keep = 1.0 if keep is None else keep[:, None, None]
-        return {name: keep * start[name] - self.scale * newton_schulz5(keep * start[name] - w) for name, w in end.items()}
+        return {name: keep * start[name] - self.scale * _orthogonalize(keep * start[name] - w) for name, w in end.items()}
+
+
+def _orthogonalize(step: torch.Tensor) -> torch.Tensor:
+    """NS5 of a chunk's step, recomputed in the backward pass: its five iterations would otherwise
+    keep ~15 step-sized tensors per chunk (GBs per layer for ATLAS' phi-wide first memory layer)."""
+    if not torch.is_grad_enabled():
+        return newton_schulz5(step)
+    return checkpoint(newton_schulz5, step, use_reentrant=False)
