@@ -19,7 +19,7 @@ from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, Larg
                         SoftmaxRetention, SquaredError, SwiGLUMemory, naive_delta_rule, naive_large_chunk,
                         naive_memory, newton_schulz5)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
-from tto.engine.optimizers import segsum
+from tto.engine.optimizers import NEGLIGIBLE, segsum
 
 ATOL = 2e-5
 
@@ -218,6 +218,23 @@ def test_momentum_coefficients_match_recurrence():
         torch.testing.assert_close(unrolled, w, atol=1e-6, rtol=0)
     torch.testing.assert_close(c.s_decay[0, 0] * s0 - (c.s_mix[0, 0] * grads).sum(), s, atol=1e-6, rtol=0)
 
+
+
+def test_negligible_coefficients_are_zero_not_subnormal():
+    """Products of forget gates over a long chunk underflow (0.5^128 = 3e-39, a subnormal float that
+    CPUs process slowly): such coefficients become exactly 0, every other one is unchanged."""
+    b = 128
+    gates = {"lr": torch.full((1, 1, b), 0.5), "momentum": torch.full((1, 1, b), 0.9),
+             "forget": torch.full((1, 1, b), 0.5)}
+    raw = MomentumGD().coefficients(gates, torch.ones(1, 1, b, dtype=torch.bool))
+    assert (raw.decay.abs() < torch.finfo(torch.float32).tiny).any()  # the case this guards against
+    kept = raw.without_negligible()
+    for before, after in zip(*(((c.mix, c.decay, c.carry, c.s_decay, c.s_mix)) for c in (raw, kept))):
+        small = before.abs() < NEGLIGIBLE
+        assert (after[small] == 0).all()
+        assert torch.equal(after[~small], before[~small])
+    # decay_i = 0.5^(i+1): kept up to 0.5^63, zero from 0.5^65 (0.5^64 = NEGLIGIBLE up to rounding)
+    assert (kept.decay[0, 0, :63] > 0).all() and (kept.decay[0, 0, 64:] == 0).all()
 
 def test_chunk_one_gd_is_per_token_gradient_descent():
     """Chunk size 1: every token takes a plain GD step (eta = 1) before it is read."""

@@ -203,7 +203,7 @@ class Memory(nn.Module):
         Q, K, V = chunked(tokens["q"]), chunked(tokens["k"]), chunked(tokens["v"])
         G = {name: chunked(tokens["gate." + name]) for name in gates}
         slot_valid = layout.valid[:, None].expand(batch, heads, layout.length).reshape(batch * heads, n, b)
-        coef = self.optimizer.coefficients(G, slot_valid)
+        coef = self.optimizer.coefficients(G, slot_valid).without_negligible()
         # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
         # does not depend on the weights, so it is built for all chunks at once
         qk = Q @ K.transpose(-1, -2)
