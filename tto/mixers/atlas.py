@@ -66,7 +66,6 @@ class AtlasConfig(MemoryLayerConfig):
     omega_window: int = 4  # c: tokens in the Omega rule's loss window (1: the online rule)
     omega_gate_bias_init: float = 4.0  # initial bias of the gamma gate (pre-sigmoid: gamma starts near 1)
     momentum_gate_bias_init: float = 0.0  # atlas: initial bias of the theta gate (pre-sigmoid)
-    forget_gate_bias_init: float = -4.0  # initial bias of the alpha gate (pre-sigmoid; negative: remember)
     muon_scale: float = 0.01  # atlas: step size of the orthogonalised chunk update (singular values ~1)
     # a chunk's gradients, all at its start, act as one step of mem_max_lr x chunk x window on a
     # loss whose curvature grows with ||phi(k)||^2 (2.5 at degree 2): 0.1 diverges at chunk 16

@@ -93,14 +93,14 @@ TITANS_PRESETS = {
                  scan_checkpoint_group_size=8, sliding_window=256, rms_qk_norm=True),
     # small chunks and windows, so 13 tokens cross every boundary (tests, smoke runs)
     "tiny": dict(num_mem_heads=2, chunk_size=2, sliding_window=5, num_persistent_mem_tokens=2,
-                 num_key_value_heads=1, forget_gate_bias_init=-4.0),
+                 num_key_value_heads=1),
     # the other branch of every option: RMSNorm q/k, no gate, no output projection, linear memory
     "tiny-rms-linear": dict(num_mem_heads=2, chunk_size=2, sliding_window=5,
                             num_persistent_mem_tokens=1, rms_qk_norm=True, use_gate=False,
                             use_output_proj=False, mem_depth=1, variant="mal"),
     # MAC with attention segments longer than (and not a multiple of) the memory chunks
     "tiny-mac-segments": dict(num_mem_heads=2, chunk_size=2, segment_size=5, num_persistent_mem_tokens=2,
-                              num_key_value_heads=1, forget_gate_bias_init=-4.0, variant="mac"),
+                              num_key_value_heads=1, variant="mac"),
 }
 
 
