@@ -158,15 +158,18 @@ class Attention(nn.Module):
         else:
             # A bounded look-back (window or segment) is evaluated in query blocks that see only
             # their own slots and the `step` slots before them: cost linear in the length.
+            # Block i's keys are the cached slots (i = 0) or block i - 1's, then its own. Pieces come
+            # from split, whose backward is one cat: slicing the full tensor per block would make
+            # every block's backward write a zero tensor of the whole sequence's size.
             step = t if self.max_cached is None else self.max_cached + 1
+            sizes = [n_cached] + [min(step, t - lo) for lo in range(0, t, step)]
+            k_pieces, v_pieces, kpos_pieces = k.split(sizes, 2), v.split(sizes, 2), k_pos.split(sizes, 1)
+            valid_pieces = [None] * len(sizes) if valid is None else valid.split(sizes, 1)
             blocks = []
-            for lo in range(0, t, step):
-                hi = min(t, lo + step)
-                k_lo = 0 if self.max_cached is None else max(0, n_cached + lo - step)
-                k_hi = n_cached + hi
-                blocks.append(self._sdpa(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], q_pos[:, lo:hi],
-                                         k_pos[:, k_lo:k_hi], None if valid is None else valid[:, k_lo:k_hi],
-                                         n_cached + lo - k_lo, prefix))
+            for i, (q_block, q_pos_block) in enumerate(zip(q.split(step, 2), q_pos.split(step, 1))):
+                cat = lambda pieces, dim: torch.cat(pieces[i:i + 2], dim)  # noqa: E731
+                blocks.append(self._sdpa(q_block, cat(k_pieces, 2), cat(v_pieces, 2), q_pos_block, cat(kpos_pieces, 1),
+                                         None if valid is None else cat(valid_pieces, 1), sizes[i], prefix))
             o = torch.cat(blocks, dim=2)
         return o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
