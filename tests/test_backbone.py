@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -107,3 +109,32 @@ def test_cache_is_a_hf_cache_with_batch_first_state():
     assert isinstance(cache, TTOCache) and len(cache) == 2
     for state in cache.states:
         assert state and all(t.shape[0] == 3 for t in state.values() if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("bound", [dict(segment=5, max_cached=8), dict(window=4), dict()],
+                         ids=["segments", "window", "causal"])
+def test_attention_query_subset_equals_full_attention_rows(bound):
+    """``queries=slice(...)``: only some slots ask, all are keys. Each selected output equals the
+    full attention's row for that slot, with persistent tokens, left padding and a cache."""
+    from tto.cache import Context
+    from tto.layers.attention import Attention
+    from tto.reference import reference_mode
+
+    torch.manual_seed(0)
+    config = tto.build_config("transformer", hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    attention = Attention(config, num_persistent=2, **bound).double()
+    for p in attention.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # scores far from uniform, so a wrong mask shows
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    mask[1, :4] = False
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    for queries in (slice(1, None, 2), slice(0, None, 3)):
+        for mode in (contextlib.nullcontext, reference_mode):
+            with mode():
+                full, part, state_full, state_part = [], [], {}, {}
+                for lo, hi in [(0, 9), (9, 11), (11, 23)]:  # a prefill, one step of two slots, the rest
+                    ctx = Context(mask=mask[:, lo:hi], positions=positions[:, lo:hi])
+                    full.append(attention(x[:, lo:hi], ctx, state_full)[:, queries])
+                    part.append(attention(x[:, lo:hi], ctx, state_part, queries=queries))
+            torch.testing.assert_close(torch.cat(part, 1), torch.cat(full, 1), atol=1e-12, rtol=0)

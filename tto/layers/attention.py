@@ -4,6 +4,8 @@ by the window or segment when one is set."""
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,25 +23,27 @@ def attention_mask(
     window: int | None,
     n_prefix: int = 0,
     segment: int | None = None,
+    q_slots: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean (B, 1, T, n_prefix + S) mask: key slot s is visible to query t when it is not after
     t (slot order), is a real token, lies within `window` positions and in the same `segment`
-    (positions // segment); the `n_prefix` persistent slots in front are always visible. None when
-    plain causal suffices."""
+    (positions // segment); the `n_prefix` persistent slots in front are always visible. The
+    queries are the new slots (the S - n_cached after the cached ones) or, with `q_slots` (T,), the
+    new slots of these indices. None when plain causal suffices."""
     b, t = q_pos.shape
     s = k_pos.shape[1]
     if n_prefix:
-        inner = attention_mask(q_pos, k_pos, k_valid, n_cached, window, segment=segment)
+        inner = attention_mask(q_pos, k_pos, k_valid, n_cached, window, segment=segment, q_slots=q_slots)
         if inner is None:
             inner = torch.ones(t, s, dtype=torch.bool, device=q_pos.device).tril(n_cached)[None, None]
         front = torch.ones(*inner.shape[:3], n_prefix, dtype=torch.bool, device=q_pos.device)
         return torch.cat([front, inner], dim=-1).expand(b, 1, t, n_prefix + s)
-    if k_valid is None and window is None and segment is None:
+    if k_valid is None and window is None and segment is None and q_slots is None:
         if n_cached == 0:
             return None  # is_causal path
         if t == 1:
             return torch.ones(b, 1, 1, s, dtype=torch.bool, device=q_pos.device)
-    q_slot = torch.arange(t, device=q_pos.device)[:, None] + n_cached
+    q_slot = (torch.arange(t, device=q_pos.device) if q_slots is None else q_slots)[:, None] + n_cached
     allowed = (torch.arange(s, device=q_pos.device)[None, :] <= q_slot)[None]  # (1, T, S)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, :]
@@ -55,14 +59,15 @@ def attention_mask(
 
 
 def naive_attention(q, k, v, q_pos, k_pos, k_valid, n_cached: int, window: int | None,
-                    n_prefix: int = 0, segment: int | None = None) -> torch.Tensor:
-    """Reference softmax attention with the mask spelled out, one query at a time."""
+                    n_prefix: int = 0, segment: int | None = None, q_slots: range | None = None) -> torch.Tensor:
+    """Reference softmax attention with the mask spelled out, one query at a time (query t is new
+    slot ``q_slots[t]``, default t)."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = torch.zeros_like(q)
     for t in range(q.shape[2]):
         for row in range(q.shape[0]):
-            keep = torch.arange(k.shape[2] - n_prefix) <= n_cached + t
+            keep = torch.arange(k.shape[2] - n_prefix) <= n_cached + (t if q_slots is None else q_slots[t])
             if k_valid is not None:
                 keep &= k_valid[row].cpu()
             if window is not None:
@@ -85,7 +90,9 @@ class Attention(nn.Module):
     ``segment - 1`` with segments, else all). ``segment``: tokens attend only within their segment
     of positions (``position // segment``). ``qk_norm`` RMS-normalizes q and k per head. Persistent tokens P (N_p, hidden), learned here (``num_persistent``) or passed
     as ``forward(..., prefix=P)``, are prepended to the keys and values (without RoPE: they have no
-    position) and visible to every query; they are never cached or evicted.
+    position) and visible to every query; they are never cached or evicted. ``queries`` (a slice
+    of the T slots) makes only those slots queries: every slot is still a key and value, and the
+    output has the selected slots only.
     """
 
     def __init__(self, config, window: int | None = None, qk_norm: bool = False, num_persistent: int = 0,
@@ -111,9 +118,10 @@ class Attention(nn.Module):
             init.normal_(self.persistent, mean=0.0, std=std)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None,
-                prefix: torch.Tensor | None = None) -> torch.Tensor:
+                prefix: torch.Tensor | None = None, queries: slice | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim))
+        xq = x if queries is None else x[:, queries]
+        q = self.q_norm(self.q_proj(xq).view(b, xq.shape[1], self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         prefix = prefix if prefix is not None else self.persistent
@@ -122,18 +130,22 @@ class Attention(nn.Module):
             pk = self.k_norm(self.k_proj(prefix).view(n, self.num_kv_heads, self.head_dim)).transpose(0, 1)
             pv = self.v_proj(prefix).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
             prefix = (pk.expand(b, -1, -1, -1).to(k.dtype), pv.expand(b, -1, -1, -1).to(v.dtype))
-        return self.o_proj(self.attend(q, k, v, ctx, state, prefix))
+        return self.o_proj(self.attend(q, k, v, ctx, state, prefix, queries))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context, state: dict | None = None,
-               prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The attention itself, for projected q (B, T, H, E) and k, v (B, T, H_kv, E) before RoPE:
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None, queries: slice | None = None) -> torch.Tensor:
+        """The attention itself, for projected q (B, T_q, H, E) and k, v (B, T, H_kv, E) before RoPE:
         RoPE, the KV cache in `state`, the mask, SDPA. ``prefix``: persistent (keys, values)
-        (B, H_kv, N_p, E). Returns (B, T, H * E), before the output projection."""
-        b, t = q.shape[:2]
+        (B, H_kv, N_p, E); ``queries``: the slots of q among the T (default: all, T_q = T).
+        Returns (B, T_q, H * E), before the output projection."""
+        b, t = q.shape[0], k.shape[1]
+        slots = range(t)[queries] if queries is not None else None
         cos, sin = rope_cos_sin(ctx.positions, self.head_dim, self.rope_theta)
-        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        q_pos = ctx.positions if queries is None else ctx.positions[:, queries]
+        q_rope = (cos, sin) if queries is None else (cos[:, queries], sin[:, queries])
+        q, k = apply_rope(q, *q_rope).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        q_pos, k_pos, valid = ctx.positions, ctx.positions, ctx.mask
+        k_pos, valid = ctx.positions, ctx.mask
         n_cached = 0
         if state is not None and "k" in state:
             n_cached = state["k"].shape[2]
@@ -143,7 +155,7 @@ class Attention(nn.Module):
             if valid is not None or state.get("valid") is not None:
                 old = state.get("valid")
                 old = old if old is not None else torch.ones_like(state["pos"], dtype=torch.bool)
-                new = valid if valid is not None else torch.ones_like(q_pos, dtype=torch.bool)
+                new = valid if valid is not None else torch.ones_like(ctx.positions, dtype=torch.bool)
                 valid = torch.cat([old, new], dim=1)
         if state is not None:
             keep = k.shape[2] if self.max_cached is None else min(k.shape[2], self.max_cached)
@@ -154,7 +166,7 @@ class Attention(nn.Module):
             n_prefix = 0 if prefix is None else prefix[0].shape[2]
             if prefix is not None:
                 k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment)
+            o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment, slots)
         else:
             # A bounded look-back (window or segment) is evaluated in query blocks that see only
             # their own slots and the `step` slots before them: cost linear in the length.
@@ -165,22 +177,32 @@ class Attention(nn.Module):
             sizes = [n_cached] + [min(step, t - lo) for lo in range(0, t, step)]
             k_pieces, v_pieces, kpos_pieces = k.split(sizes, 2), v.split(sizes, 2), k_pos.split(sizes, 1)
             valid_pieces = [None] * len(sizes) if valid is None else valid.split(sizes, 1)
+            # the queries among block i's own slots [lo, lo + step), and their slots among them
+            starts = range(0, t, step)
+            if slots is None:
+                q_sizes, block_slots = sizes[1:], [None] * len(starts)
+            else:
+                ends = [bisect.bisect_left(slots, lo) for lo in starts] + [len(slots)]
+                q_sizes = [z - a for a, z in zip(ends, ends[1:])]
+                block_slots = [torch.tensor(slots[a:z], device=q.device) - lo
+                               for lo, a, z in zip(starts, ends, ends[1:])]
             blocks = []
-            for i, (q_block, q_pos_block) in enumerate(zip(q.split(step, 2), q_pos.split(step, 1))):
+            for i, (q_block, q_pos_block) in enumerate(zip(q.split(q_sizes, 2), q_pos.split(q_sizes, 1))):
                 cat = lambda pieces, dim: torch.cat(pieces[i:i + 2], dim)  # noqa: E731
                 blocks.append(self._sdpa(q_block, cat(k_pieces, 2), cat(v_pieces, 2), q_pos_block, cat(kpos_pieces, 1),
-                                         None if valid is None else cat(valid_pieces, 1), sizes[i], prefix))
+                                         None if valid is None else cat(valid_pieces, 1), sizes[i], prefix,
+                                         block_slots[i]))
             o = torch.cat(blocks, dim=2)
-        return o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return o.transpose(1, 2).reshape(b, o.shape[2], self.num_heads * self.head_dim)
 
-    def _sdpa(self, q, k, v, q_pos, k_pos, valid, n_cached: int, prefix) -> torch.Tensor:
+    def _sdpa(self, q, k, v, q_pos, k_pos, valid, n_cached: int, prefix, q_slots=None) -> torch.Tensor:
         """SDPA of queries (B, H, T, E) over keys (B, H_kv, S, E) of which the first `n_cached`
-        precede the queries, with the persistent (keys, values) prefix in front."""
+        precede the queries' slots, with the persistent (keys, values) prefix in front."""
         n_prefix = 0
         if prefix is not None:
             n_prefix = prefix[0].shape[2]
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment)
+        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment, q_slots)
         gqa = self.num_kv_heads != self.num_heads
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

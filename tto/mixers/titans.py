@@ -193,7 +193,9 @@ class MAC(nn.Module):
         h = self.memory.output(before, x)  # h_t = M*_{t-1}(q_t), in the residual stream's width
         pairs = torch.stack([h, x], dim=2).flatten(1, 2)  # h_1, x_1, h_2, x_2, ...
         twice = lambda t: None if t is None else t.repeat_interleave(2, dim=1)  # noqa: E731
-        y = self.attention(pairs, Context(mask=twice(ctx.mask), positions=twice(ctx.positions)), state)[:, 1::2]
+        # the x_t slots are the queries; the h_t slots are keys and values only
+        y = self.attention(pairs, Context(mask=twice(ctx.mask), positions=twice(ctx.positions)), state,
+                           queries=slice(1, None, 2))
         return y * self.memory.output(read, x)
 
 
