@@ -301,12 +301,12 @@ def test_inner_state_is_float32_under_bf16_autocast():
 # ---------------------------------------------------------------------------- delta rule
 
 
-def delta_inputs(batch=2, length=13, heads=2, dk=6, dv=5, decay=True, seed=0, dtype=torch.float64):
+def delta_inputs(batch=2, length=13, heads=2, dk=6, dv=5, decay=True, seed=0, dtype=torch.float64, max_beta=1.0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, length, heads, dk, generator=g, dtype=dtype)
     k = torch.nn.functional.normalize(torch.randn(batch, length, heads, dk, generator=g, dtype=dtype), dim=-1)
     v = torch.randn(batch, length, heads, dv, generator=g, dtype=dtype)
-    beta = torch.rand(batch, length, heads, generator=g, dtype=dtype)
+    beta = max_beta * torch.rand(batch, length, heads, generator=g, dtype=dtype)
     log_decay = -torch.rand(batch, length, heads, generator=g, dtype=dtype) if decay else torch.zeros_like(beta)
     s0 = torch.randn(batch, heads, dk, dv, generator=g, dtype=dtype)
     return [t.requires_grad_(True) for t in (q, k, v, beta, log_decay, s0)]
@@ -314,10 +314,12 @@ def delta_inputs(batch=2, length=13, heads=2, dk=6, dv=5, decay=True, seed=0, dt
 
 @pytest.mark.parametrize("chunk", [1, 4, 5, 16])
 @pytest.mark.parametrize("decay", [False, True])
-def test_chunkwise_delta_rule_matches_recurrence(chunk, decay):
+@pytest.mark.parametrize("max_beta", [1.0, 2.0], ids=["beta<1", "neg-eigval"])
+def test_chunkwise_delta_rule_matches_recurrence(chunk, decay, max_beta):
     """Outputs, final state and the gradients of all inputs (initial state included), float64:
-    the chunkwise form is exact, so they agree to rounding (1e-10) at any chunk size."""
-    inputs = delta_inputs(decay=decay)
+    the chunkwise form is exact, so they agree to rounding (1e-10) at any chunk size, also with
+    beta up to 2 (negative eigenvalues of the transition)."""
+    inputs = delta_inputs(decay=decay, max_beta=max_beta)
     out, state = DeltaRule(chunk)._chunked(*inputs)
     ref_out, ref_state = naive_delta_rule(*inputs)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)

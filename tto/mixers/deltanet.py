@@ -16,14 +16,15 @@ per-token recurrence as the reference.
 
 * views: q, k, v are linear maps of x, each followed by a short causal conv and SiLU; q and k are
   l2-normalised per head;
-* inner lr (``lr_gate``): ``beta_t = sigmoid(x . w_h + b_h)`` per head;
+* inner lr (``lr_gate``): ``beta_t = sigmoid(x . w_h + b_h)`` per head, or twice that with
+  ``allow_neg_eigval`` (fla's option: beta in (0, 2), so the transition ``I - beta k k^T`` can have
+  the eigenvalue ``1 - beta < 0`` along k, which lets the state flip signs: state tracking);
 * forget gate (Gated DeltaNet, ``forget_gate``): Mamba2's ``a_t = exp(-exp(A_log) softplus(x . w_h
   + dt_bias))``;
 * output: per-head RMSNorm of o, times ``silu(g_proj(x))`` when ``use_gate``, then ``o_proj``.
 
 Differences from fla: the beta projection has a bias (init 0: sigmoid 0.5, as fla's bias-free
-start); fla's optional ``allow_neg_eigval`` (beta in (0, 2)) and its non-SiLU/non-l2 q/k options
-are not offered.
+start); fla's non-SiLU/non-l2 q/k options are not offered.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ DELTANET_PRESETS = {
     "340m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_heads=8, num_attention_heads=16),
     "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_heads=16, num_attention_heads=32),
     "tiny": dict(num_heads=2, chunk_size=4),
+    "tiny-neg-eigval": dict(num_heads=2, chunk_size=4, allow_neg_eigval=True),
 }
 GATED_DELTANET_PRESETS = {
     "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=21, num_heads=6,
@@ -66,6 +68,7 @@ class DeltaNetConfig(TTOConfig):
     expand_v: float = 1.0  # value width per head = expand_v * head_k_dim
     use_gate: bool = False  # output gated by silu(g_proj(x)) (fla DeltaNet: off; Gated DeltaNet: on)
     lr_gate_bias_init: float = 0.0  # initial bias of the beta gate (pre-sigmoid)
+    allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1): negative eigenvalues (fla's option)
     chunk_size: int = 64  # tokens per chunk of the exact chunkwise form (changes speed, not results)
 
     @property
@@ -120,7 +123,7 @@ class DeltaNetMixer(nn.Module):
         self.conv_q = ShortConv(key_width, config.conv_kernel, bias=False)
         self.conv_k = ShortConv(key_width, config.conv_kernel, bias=False)
         self.conv_v = ShortConv(value_width, config.conv_kernel, bias=False)
-        self.lr_gate = Gate(width, heads, 1.0, config.lr_gate_bias_init)  # beta_t
+        self.lr_gate = Gate(width, heads, 2.0 if config.allow_neg_eigval else 1.0, config.lr_gate_bias_init)  # beta_t
         self.memory = DeltaRule(config.chunk_size)
         self.out_norm = nn.RMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.g_proj = nn.Linear(width, value_width, bias=False) if config.use_gate else None
