@@ -19,6 +19,7 @@ from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, Larg
                         SoftmaxRetention, SquaredError, SwiGLUMemory, naive_delta_rule, naive_large_chunk,
                         naive_memory, newton_schulz5)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
+from tto.engine.muon import GRAM_ASPECT, NS5_COEFFICIENTS
 from tto.engine.optimizers import NEGLIGIBLE, segsum
 
 ATOL = 2e-5
@@ -525,6 +526,28 @@ def test_newton_schulz_orthogonalises():
         diag = torch.diagonal(core, dim1=-2, dim2=-1)
         torch.testing.assert_close(core, torch.diag_embed(diag), atol=1e-10, rtol=0)
         assert diag.min() > 0.6 and diag.max() < 1.25, diag
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 40), (2, 40, 8), (2, 8, 12)], ids=["wide", "tall", "near-square"])
+def test_newton_schulz_equals_the_plain_iteration(shape):
+    """Whether it iterates on the matrix or (long side >= GRAM_ASPECT x short) on its Gram matrix,
+    NS5 equals the textbook iteration X <- aX + (bA + cA^2)X, A = XX^T, written out here: outputs
+    and gradients, float64."""
+    assert (max(shape[1:]) >= GRAM_ASPECT * min(shape[1:])) == (shape != (2, 8, 12))  # both paths run
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+
+    def plain(m):
+        x = m.transpose(-1, -2) if m.shape[-2] > m.shape[-1] else m
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        for a, b, c in NS5_COEFFICIENTS:
+            x = a * x + (b * (x @ x.transpose(-1, -2)) + c * (x @ x.transpose(-1, -2)) @ (x @ x.transpose(-1, -2))) @ x
+        return x.transpose(-1, -2) if m.shape[-2] > m.shape[-1] else x
+
+    out, ref = newton_schulz5(g), plain(g)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    probe = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad((out * probe).sum(), g)[0],
+                               torch.autograd.grad((ref * probe).sum(), g)[0], atol=1e-10, rtol=0)
 
 
 def make_large_chunk(momentum=True, muon=True, weight_norm=True, chunk=4):
