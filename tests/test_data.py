@@ -102,3 +102,43 @@ def test_missing_local_path_is_not_taken_for_a_hub_name(tmp_path):
             load_documents(name)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_tokenizer(str(tmp_path / "tok"))
+
+
+# --- answer spans (dataset.loss_on: answers) and one document per block (dataset.packing: false) ---
+
+def test_recall_answers_are_the_asked_values_and_texts_are_unchanged():
+    from tto.data.corpora import recall_documents, recall_marked
+
+    marked = recall_marked(num_documents=30, pairs=5, key_length=2, value_digits=3, seed=4)
+    assert [t for t, _ in marked] == recall_documents(num_documents=30, pairs=5, key_length=2, value_digits=3, seed=4)
+    for text, spans in marked:
+        written, asked = text.split(" | ")
+        table = dict(pair.split("=") for pair in written.split())
+        at = len(written) + len(" | ")
+        expected = []
+        for pair in asked.split(" "):  # each asked value starts after its "key="
+            key = pair.split("=")[0]
+            expected.append((at + len(key) + 1, at + len(pair)))
+            assert pair == f"{key}={table[key]}"
+            at += len(pair) + 1
+        assert spans == expected
+        assert [text[s:e] for s, e in spans] == [table[p.split("=")[0]] for p in asked.split(" ")]
+
+
+def test_passkey_answer_is_the_key_after_the_question():
+    from tto.data.corpora import passkey_marked
+
+    for text, spans in passkey_marked(num_documents=20, filler_repeats=2, seed=5):
+        key = re.search(r"The pass key is (\d{5})\. Remember it", text).group(1)
+        assert spans == [(len(text) - len(key) - 1, len(text) - 1)] and text[spans[0][0] : spans[0][1]] == key
+
+
+def test_recall_pairs_range_draws_every_count_in_it():
+    docs = builtin_documents("builtin:recall", num_documents=200, pairs=[2, 5], key_length=1, value_digits=1, seed=0)
+    counts = {len(doc.split(" | ")[0].split()) for doc in docs}
+    assert counts == {2, 3, 4, 5}
+    for bad in (0, [3, 2], [1], [0, 2], "4"):
+        with pytest.raises(ValueError, match="a positive count or \\[min, max\\]"):
+            builtin_documents("builtin:recall", num_documents=1, pairs=bad)
+    with pytest.raises(ValueError, match="more than the 26 distinct keys of 1 letters"):
+        builtin_documents("builtin:recall", num_documents=1, pairs=[2, 27], key_length=1)
