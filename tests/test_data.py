@@ -102,3 +102,94 @@ def test_missing_local_path_is_not_taken_for_a_hub_name(tmp_path):
             load_documents(name)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_tokenizer(str(tmp_path / "tok"))
+
+
+# --- answer spans (dataset.loss_on: answers) and one document per block (dataset.packing: false) ---
+
+def test_recall_answers_are_the_asked_values_and_texts_are_unchanged():
+    from tto.data.corpora import recall_documents, recall_marked
+
+    marked = recall_marked(num_documents=30, pairs=5, key_length=2, value_digits=3, seed=4)
+    assert [t for t, _ in marked] == recall_documents(num_documents=30, pairs=5, key_length=2, value_digits=3, seed=4)
+    for text, spans in marked:
+        written, asked = text.split(" | ")
+        table = dict(pair.split("=") for pair in written.split())
+        at = len(written) + len(" | ")
+        expected = []
+        for pair in asked.split(" "):  # each asked value starts after its "key="
+            key = pair.split("=")[0]
+            expected.append((at + len(key) + 1, at + len(pair)))
+            assert pair == f"{key}={table[key]}"
+            at += len(pair) + 1
+        assert spans == expected
+        assert [text[s:e] for s, e in spans] == [table[p.split("=")[0]] for p in asked.split(" ")]
+
+
+def test_passkey_answer_is_the_key_after_the_question():
+    from tto.data.corpora import passkey_marked
+
+    for text, spans in passkey_marked(num_documents=20, filler_repeats=2, seed=5):
+        key = re.search(r"The pass key is (\d{5})\. Remember it", text).group(1)
+        assert spans == [(len(text) - len(key) - 1, len(text) - 1)] and text[spans[0][0] : spans[0][1]] == key
+
+
+def test_recall_pairs_range_draws_every_count_in_it():
+    docs = builtin_documents("builtin:recall", num_documents=200, pairs=[2, 5], key_length=1, value_digits=1, seed=0)
+    counts = {len(doc.split(" | ")[0].split()) for doc in docs}
+    assert counts == {2, 3, 4, 5}
+    for bad in (0, [3, 2], [1], [0, 2], "4"):
+        with pytest.raises(ValueError, match="a positive count or \\[min, max\\]"):
+            builtin_documents("builtin:recall", num_documents=1, pairs=bad)
+    with pytest.raises(ValueError, match="more than the 26 distinct keys of 1 letters"):
+        builtin_documents("builtin:recall", num_documents=1, pairs=[2, 27], key_length=1)
+
+
+def ids_of(text: str) -> list[int]:
+    return [4 + b for b in text.encode()]  # the byte tokenizer: byte b is id 4 + b
+
+
+def test_loss_on_answers_labels_only_the_answer_tokens():
+    tok = load_tokenizer("builtin:bytes")
+    eos, ignore = tok.eos_token_id, -100
+    # "é" is two bytes, so a character span covers two tokens
+    ds = Dataset.from_dict({"text": ["ab=12 cd=é", "x=9"], "answers": [[[3, 5], [9, 10]], [[2, 3]]]})
+    packed = pack_documents(ds, tok, max_seq_length=5, loss_on="answers")
+    flat_ids = ids_of("ab=12 cd=é") + [eos] + ids_of("x=9") + [eos]
+    flat_labels = ([ignore] * 3 + ids_of("12") + [ignore] * 4 + ids_of("é") + [ignore]
+                   + [ignore] * 2 + ids_of("9") + [ignore])
+    assert packed["input_ids"] == [flat_ids[0:5], flat_ids[5:10], flat_ids[10:15]]
+    assert packed["labels"] == [flat_labels[0:5], flat_labels[5:10], flat_labels[10:15]]
+
+
+def test_one_document_per_block_is_padded_and_masked():
+    tok = load_tokenizer("builtin:bytes")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ds = Dataset.from_dict({"text": ["ab=1", "c=23"], "answers": [[[3, 4]], [[2, 4]]]})
+    blocks = pack_documents(ds, tok, max_seq_length=7, loss_on="answers", packing=False)
+    assert blocks["input_ids"] == [ids_of("ab=1") + [eos, pad, pad], ids_of("c=23") + [eos, pad, pad]]
+    assert blocks["labels"] == [[-100] * 3 + ids_of("1") + [-100] * 3, [-100] * 2 + ids_of("23") + [-100] * 3]
+    assert blocks["attention_mask"] == [[1] * 5 + [0] * 2] * 2
+    whole = pack_documents(Dataset.from_dict({"text": ["ab"]}), tok, max_seq_length=4, packing=False)
+    assert whole["labels"] == [ids_of("ab") + [eos, -100]]  # loss_on=all: every real token, EOS included
+    with pytest.raises(ValueError, match="a document of 5 tokens .* longer than max_seq_length=4"):
+        pack_documents(ds, tok, max_seq_length=4, packing=False)
+
+
+@pytest.mark.parametrize("spans, problem", [([[2, 1]], "\\[2, 1\\]"), ([[0, 2], [1, 3]], "\\[1, 3\\]"),
+                                            ([[3, 9]], "\\[3, 9\\]"), ([[1, 1]], "\\[1, 1\\]")])
+def test_bad_answer_spans_are_named(spans, problem):
+    tok = load_tokenizer("builtin:bytes")
+    with pytest.raises(ValueError, match=f"must be non-empty, in order, not overlapping and inside the text; {problem}"):
+        pack_documents(Dataset.from_dict({"text": ["abcd"], "answers": [spans]}), tok, 8, loss_on="answers")
+
+
+def test_loss_on_answers_needs_marked_documents():
+    tok = load_tokenizer("builtin:bytes")
+    with pytest.raises(ValueError, match="needs documents with an 'answers' column"):
+        pack_documents(Dataset.from_dict({"text": ["abcd"]}), tok, 4, loss_on="answers")
+    with pytest.raises(ValueError, match="loss_on='answer': valid values are \\['all', 'answers'\\]"):
+        pack_documents(Dataset.from_dict({"text": ["abcd"]}), tok, 4, loss_on="answer")
+    with pytest.raises(ValueError, match="'builtin:pydoc' marks no answers.*builtin:passkey"):
+        load_documents("builtin:pydoc", answers=True)
+    with pytest.raises(ValueError, match="needs a built-in corpus that marks its answers"):
+        load_documents("data/*.txt", answers=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,10 +57,35 @@ def test_recipe_errors_name_the_key_before_any_work():
              ({**base, "training_args": {"learning_rat": 1.0}}, "did you mean 'learning_rate'"),
              ({"model": {"type": "tt"}}, "did you mean 'ttt'"),
              ({"model": {"type": "ttt", "mini_batch": 4}}, "did you mean 'mini_batch_size'"),
-             ({"model": {"hidden_size": 4}}, "needs a type")]
+             ({"model": {"hidden_size": 4}}, "needs a type"),
+             ({**base, "dataset": {"loss_on": "answer"}}, "loss_on='answer': valid values are \\['all', 'answers'\\]"),
+             ({**base, "dataset": {"loss_on": "answers"}}, "'builtin:pydoc' does not \\(use loss_on=all\\)")]
     for raw, message in cases:
         with pytest.raises(ValueError, match=message):
             parse_recipe(raw)
+
+
+def test_task_recipe_trains_on_the_asked_values_only(tmp_path):
+    """configs/tasks/mqar.yml: every block is one document from its start, and its targets are exactly
+    the values after the separator (found here by reading the text, not from the corpus's spans)."""
+    from tto.training import build_trainer, run
+
+    recipe = load_recipe(ROOT / "configs" / "tasks" / "mqar.yml",
+                         [f"training_args.output_dir={tmp_path / 'out'}", "training_args.max_steps=3",
+                          "dataset.options.num_documents=300"])
+    trainer, _ = build_trainer(recipe)
+    tok = trainer.processing_class
+    assert len(trainer.train_dataset) == 297 and len(trainer.eval_dataset) == 3
+    for block in trainer.train_dataset.select(range(20)):
+        ids, labels = block["input_ids"], block["labels"]
+        n = sum(block["attention_mask"])
+        text = tok.decode(ids[: n - 1])
+        assert ids[n - 1] == tok.eos_token_id and set(ids[n:]) <= {tok.pad_token_id}
+        asked = text.index(" | ") + len(" | ")
+        value_at = {asked + m.end() for m in re.finditer(r"[a-z]=", text[asked:])}
+        assert [i for i, label in enumerate(labels) if label != -100] == sorted(value_at)
+        assert all(labels[i] == ids[i] for i in value_at)
+    assert torch.isfinite(torch.tensor(run(trainer)["eval_loss"]))
 
 
 def test_original_tto_training_arg_names_are_accepted():

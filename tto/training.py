@@ -45,6 +45,21 @@ class DatasetSection:
     options: dict = field(default_factory=dict)  # arguments of a built-in corpus (e.g. num_documents, seed)
     seed: int = 0  # seed of the held-out split
     max_eval_samples: int | None = None  # evaluate on at most this many held-out blocks (None: all)
+    # "all": every token is a target; "answers": only the answer spans a built-in synthetic corpus
+    # marks (builtin:recall: the asked values; builtin:passkey: the key after the question)
+    loss_on: str = "all"
+    packing: bool = True  # False: one document per block, right-padded (no document cut or read after another)
+
+    def check(self) -> None:
+        """ValueError for a bad loss_on, or loss_on=answers on data that marks no answers."""
+        from .data.corpora import MARKED_CORPORA
+        from .data.datasets import LOSS_ON
+
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"dataset.loss_on={self.loss_on!r}: valid values are {list(LOSS_ON)}")
+        if self.loss_on == "answers" and self.name not in MARKED_CORPORA:
+            raise ValueError(f"dataset.loss_on=answers needs a corpus that marks its answers, of "
+                             f"{sorted(MARKED_CORPORA)}; {self.name!r} does not (use loss_on=all)")
 
 
 @dataclass(kw_only=True)
@@ -107,7 +122,9 @@ def parse_recipe(raw: dict) -> Recipe:
         raise ValueError(f"the model section needs a type; registered types: {sorted(tto.available())}")
     fields_only = {k: v for k, v in model.items() if k != "type"}
     tto.build_config(model["type"], **fields_only)  # unknown type / field / bad value -> ValueError now
-    return Recipe(dataset=DatasetSection(**data), model=model, tokenizer=raw.get("tokenizer") or "builtin:bytes",
+    dataset = DatasetSection(**data)
+    dataset.check()
+    return Recipe(dataset=dataset, model=model, tokenizer=raw.get("tokenizer") or "builtin:bytes",
                   training_args=args)
 
 
@@ -166,7 +183,8 @@ def split_documents(ds: DatasetSection):
     """
     from .data import load_documents
 
-    docs = load_documents(ds.name, split=ds.split, subset=ds.subset, text_field=ds.text_field, options=ds.options)
+    docs = load_documents(ds.name, split=ds.split, subset=ds.subset, text_field=ds.text_field, options=ds.options,
+                          answers=ds.loss_on == "answers")
     if ds.eval_fraction <= 0:
         return docs, None
     parts = docs.train_test_split(test_size=ds.eval_fraction, seed=ds.seed)
@@ -211,10 +229,12 @@ def build_trainer(recipe: Recipe, callbacks=()):
     docs, held_out = split_documents(ds)
     eval_set = None
     if held_out is not None:
-        eval_set = pack_documents(held_out, tokenizer, ds.max_seq_length, ds.num_proc)
+        eval_set = pack_documents(held_out, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.loss_on,
+                                  packing=ds.packing)
         if ds.max_eval_samples is not None:
             eval_set = eval_set.select(range(min(ds.max_eval_samples, len(eval_set))))
-    train_set = pack_documents(docs, tokenizer, ds.max_seq_length, ds.num_proc)
+    train_set = pack_documents(docs, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.loss_on,
+                               packing=ds.packing)
     if len(train_set) == 0:
         raise ValueError(f"dataset {ds.name!r} has fewer than max_seq_length={ds.max_seq_length} tokens")
 

@@ -8,6 +8,11 @@
   the end.
 
 Synthetic corpora are deterministic given their ``seed`` (options of the dataset section).
+
+The synthetic corpora also *mark their answers*: the character spans a model can only predict by
+using what it read earlier (recall: each asked value; passkey: the key after the question). The
+random keys and values themselves are unpredictable noise; with ``dataset.loss_on: answers`` the
+training loss is computed on the marked spans only (see ``tto.data.datasets.pack_documents``).
 """
 
 from __future__ import annotations
@@ -50,18 +55,48 @@ RECALL_KEY_LENGTH = 3
 RECALL_VALUE_DIGITS = 2
 
 
-def recall_documents(num_documents: int = 4000, pairs: int = 8, key_length: int = RECALL_KEY_LENGTH,
-                     value_digits: int = RECALL_VALUE_DIGITS, seed: int = 0) -> list[str]:
-    """Each document: ``k1=v1 k2=v2 ... | kπ1=vπ1 kπ2=vπ2 ...`` with distinct keys."""
+#: a document and its answers: [start, end) character spans, in order and not overlapping
+Marked = tuple[str, list[tuple[int, int]]]
+
+
+def pair_counts(pairs: int | list[int], key_length: int) -> tuple[int, int]:
+    """builtin:recall's ``pairs`` option (a count, or [min, max]: a count drawn uniformly per document)
+    as (min, max); ValueError for a bad one."""
+    lo, hi = (pairs, pairs) if isinstance(pairs, int) else tuple(pairs) if len(pairs) == 2 else (0, -1)
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise ValueError(f"builtin:recall pairs={pairs!r}: a positive count or [min, max] with 1 <= min <= max")
+    if hi > len(string.ascii_lowercase) ** key_length:
+        raise ValueError(f"builtin:recall pairs={pairs!r}: more than the {len(string.ascii_lowercase) ** key_length} "
+                         f"distinct keys of {key_length} letters")
+    return lo, hi
+
+
+def recall_marked(num_documents: int = 4000, pairs: int | list[int] = 8, key_length: int = RECALL_KEY_LENGTH,
+                  value_digits: int = RECALL_VALUE_DIGITS, seed: int = 0) -> list[Marked]:
+    """Each document: ``k1=v1 k2=v2 ... | kπ1=vπ1 kπ2=vπ2 ...`` with distinct keys; the answers are the
+    asked values (``vπ1``, ``vπ2``, ...). ``pairs=[min, max]`` draws each document's number of pairs
+    uniformly from min..max (a mix of easy and hard documents)."""
+    lo, hi = pair_counts(pairs, key_length)
     rng = random.Random(seed)
     docs = []
     for _ in range(num_documents):
-        table = recall_table(rng, pairs, key_length, value_digits)
+        table = recall_table(rng, lo if lo == hi else rng.randint(lo, hi), key_length, value_digits)
         asked = list(table)
         rng.shuffle(asked)
-        docs.append(" ".join(recall_pair(k, v) for k, v in table.items()) + RECALL_SEPARATOR
-                    + " ".join(recall_pair(k, table[k]) for k in asked))
+        text = " ".join(recall_pair(k, v) for k, v in table.items()) + RECALL_SEPARATOR
+        answers = []
+        for i, k in enumerate(asked):
+            text += (" " if i else "") + recall_pair(k, "")
+            answers.append((len(text), len(text) + len(table[k])))
+            text += table[k]
+        docs.append((text, answers))
     return docs
+
+
+def recall_documents(num_documents: int = 4000, pairs: int | list[int] = 8, key_length: int = RECALL_KEY_LENGTH,
+                     value_digits: int = RECALL_VALUE_DIGITS, seed: int = 0) -> list[str]:
+    """The texts of :func:`recall_marked`."""
+    return [text for text, _ in recall_marked(num_documents, pairs, key_length, value_digits, seed)]
 
 
 #: the pass key sentence hidden in the filler, and the question that asks for it (the key follows)
@@ -70,17 +105,23 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is "
 PASSKEY_DIGITS = 5
 
 
-def passkey_documents(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0) -> list[str]:
-    """Each document: filler, ``The pass key is NNNNN.`` at a random depth, filler, the question."""
+def passkey_marked(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0) -> list[Marked]:
+    """Each document: filler, ``The pass key is NNNNN.`` at a random depth, filler, the question, the
+    key; the answer is the key after the question."""
     rng = random.Random(seed)
     docs = []
     for _ in range(num_documents):
         key = random_digits(rng, PASSKEY_DIGITS)
         depth = rng.randint(0, filler_repeats)
         needle = PASSKEY_NEEDLE.format(key=key)
-        body = FILLER * depth + needle + FILLER * (filler_repeats - depth)
-        docs.append(body + f"{PASSKEY_QUESTION}{key}.")
+        prompt = FILLER * depth + needle + FILLER * (filler_repeats - depth) + PASSKEY_QUESTION
+        docs.append((f"{prompt}{key}.", [(len(prompt), len(prompt) + len(key))]))
     return docs
+
+
+def passkey_documents(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0) -> list[str]:
+    """The texts of :func:`passkey_marked`."""
+    return [text for text, _ in passkey_marked(num_documents, filler_repeats, seed)]
 
 
 BUILTIN_CORPORA = {
@@ -89,11 +130,29 @@ BUILTIN_CORPORA = {
     "builtin:passkey": passkey_documents,
 }
 
+#: the built-in corpora that mark answer spans (``dataset.loss_on: answers``)
+MARKED_CORPORA = {
+    "builtin:recall": recall_marked,
+    "builtin:passkey": passkey_marked,
+}
 
-def builtin_documents(name: str, **options) -> list[str]:
-    if name not in BUILTIN_CORPORA:
+
+def _check_name(name: str, valid) -> None:
+    if name not in valid:
         from ..config import suggest
 
-        raise ValueError(f"unknown built-in corpus {name!r}{suggest(name, BUILTIN_CORPORA)}; "
-                         f"valid: {sorted(BUILTIN_CORPORA)}")
+        raise ValueError(f"unknown built-in corpus {name!r}{suggest(name, valid)}; valid: {sorted(valid)}")
+
+
+def builtin_documents(name: str, **options) -> list[str]:
+    _check_name(name, BUILTIN_CORPORA)
     return BUILTIN_CORPORA[name](**options)
+
+
+def builtin_marked_documents(name: str, **options) -> list[Marked]:
+    """A built-in corpus's documents with their answer spans; ValueError for a corpus that marks none."""
+    _check_name(name, BUILTIN_CORPORA)
+    if name not in MARKED_CORPORA:
+        raise ValueError(f"built-in corpus {name!r} marks no answers (dataset.loss_on: answers); "
+                         f"corpora that do: {sorted(MARKED_CORPORA)}")
+    return MARKED_CORPORA[name](**options)
