@@ -25,13 +25,16 @@ def newton_schulz5(g: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     x = wide / (wide.norm(dim=(-2, -1), keepdim=True) + eps)
     m, n = x.shape[-2:]
     if n >= GRAM_ASPECT * m:
-        gram = x @ x.transpose(-1, -2)
+        # in float64: G squares the condition number, and float32 rounding of its small eigenvalues
+        # would be amplified by the iterations (1e-4 differences between a row alone and in a batch)
+        x64 = x.to(torch.promote_types(x.dtype, torch.float64))
+        gram = x64 @ x64.transpose(-1, -2)
         q = None  # Q_0 = I
         for a, b, c in NS5_COEFFICIENTS:
             s = gram if q is None else q @ gram @ q
             step = b * s + c * s @ s
-            q = (step + a * torch.eye(m, dtype=x.dtype, device=x.device)) if q is None else a * q + step @ q
-        x = q @ x
+            q = (step + a * torch.eye(m, dtype=gram.dtype, device=x.device)) if q is None else a * q + step @ q
+        x = q.to(x.dtype) @ x
     else:
         for a, b, c in NS5_COEFFICIENTS:
             gram = x @ x.transpose(-1, -2)
