@@ -20,7 +20,7 @@ def newton_schulz5(g: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     For n >= ``GRAM_ASPECT`` m (ATLAS' memory: 2145 x 256 per head) the same iterations run in the
     m x m space: X_k = Q_k X_0 with Q_k a polynomial in G = X_0 X_0^T, so A_k = Q_k G Q_k and
     Q_{k+1} = (a + b A_k + c A_k^2) Q_k; equal in exact arithmetic, 2 m^2 n + 40 m^3 FLOPs in all,
-    and only m x m tensors kept for the backward pass."""
+    and besides the m x m iterates only X_0 (and its float64 copy) kept for the backward pass."""
     wide = g.transpose(-1, -2) if g.shape[-2] > g.shape[-1] else g  # (N, m, n), m <= n
     x = wide / (wide.norm(dim=(-2, -1), keepdim=True) + eps)
     m, n = x.shape[-2:]
