@@ -36,6 +36,8 @@ MATCH_VARIANT = {("titans", "mac"): dict(chunk_size=128, mem_max_lr=0.01)}
 DECODE_TOKENS = 32  # greedy tokens timed per decode sample
 PREFILL_PIECE = 2048  # long decode contexts are prefilled (untimed) in pieces of this many tokens
 LM_BASELINE, LAYER_BASELINE = "llama", "sdpa-attention"
+NO_MEMORY_TYPES = ("transformer",)  # registered types without a memory: nothing to compile
+COMPILED_SUFFIX = "+compile"  # names the compile_inner_step twin of a case (bench.py --compile)
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,32 +170,37 @@ def _tto_config(entry, variant_fields: dict, **overrides):
     return fields, tto.build_config(entry.name, **fields)
 
 
-def _build_tto_lm(entry, variant_fields: dict) -> CausalLM:
-    return CausalLM(entry.model_class(_tto_config(entry, variant_fields)[1]))
+def _build_tto_lm(entry, variant_fields: dict, **overrides) -> CausalLM:
+    return CausalLM(entry.model_class(_tto_config(entry, variant_fields, **overrides)[1]))
 
 
-def _build_tto_layer(entry, variant_fields: dict) -> Layer:
+def _build_tto_layer(entry, variant_fields: dict, **overrides) -> Layer:
     # A one-layer model initializes the mixer exactly as the full model does; keep only its mixer.
-    model = entry.model_class(_tto_config(entry, variant_fields, num_hidden_layers=1)[1])
+    model = entry.model_class(_tto_config(entry, variant_fields, num_hidden_layers=1, **overrides)[1])
     return Layer(model.model.layers[0].mixer, _tto_mixer_call)
 
 
-def tto_cases(types: list[str] | None, variants: list[str] | None) -> list[Case]:
-    """An `lm` and a `layer` case for every registered type and variant passing the filters."""
+def tto_cases(types: list[str] | None, variants: list[str] | None, compiled: bool = False) -> list[Case]:
+    """An `lm` and a `layer` case for every registered type and variant passing the filters; with
+    `compiled`, also their twins built with ``compile_inner_step`` (named ``<case>+compile``) for
+    the types that have a memory."""
     out = []
     for name in tto.available():
         if types and name not in types:
             continue
         entry = tto.get(name)
+        twins = [("", {})] + ([(COMPILED_SUFFIX, {"compile_inner_step": True})]
+                              if compiled and name not in NO_MEMORY_TYPES else [])
         for variant, variant_fields in entry.variant_configs():
             if variants and variant is not None and variant not in variants:
                 continue
-            label = f"{name}-{variant}" if variant else name
-            fields = _tto_config(entry, variant_fields)[0]
-            out.append(Case(label, "lm", functools.partial(_build_tto_lm, entry, variant_fields),
-                            {"type": name, **fields}))
-            out.append(Case(label, "layer", functools.partial(_build_tto_layer, entry, variant_fields),
-                            {"type": name, **fields, "num_hidden_layers": 1}))
+            for suffix, extra in twins:
+                label = (f"{name}-{variant}" if variant else name) + suffix
+                fields = _tto_config(entry, variant_fields, **extra)[0]
+                out.append(Case(label, "lm", functools.partial(_build_tto_lm, entry, variant_fields, **extra),
+                                {"type": name, **fields}))
+                out.append(Case(label, "layer", functools.partial(_build_tto_layer, entry, variant_fields, **extra),
+                                {"type": name, **fields, "num_hidden_layers": 1}))
     return out
 
 

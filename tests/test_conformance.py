@@ -259,3 +259,48 @@ def test_available_lists_every_registered_variant():
         assert variants == entry.variants
         assert entry.config_class.model_type == f"tto_{name}"
         assert entry.paper, f"{name} must cite its paper"
+
+
+#: one type per memory engine (compiling takes seconds per graph, so not every entry): Titans MAC
+#: (the dual-form scan with momentum, forgetting and chunk-start reads), DeltaNet (the delta rule),
+#: LaCT (large chunks with Muon and weight norm)
+COMPILED = {"titans": {"variant": "mac"}, "deltanet": {}, "lact": {}}
+
+
+def test_compiled_cases_cover_every_memory_engine():
+    engines = {type(m) for name, fields in COMPILED.items() for m in build(name, fields).modules()
+               if isinstance(m, MEMORIES)}
+    assert engines == set(MEMORIES)
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_inner_step_matches_eager(name):
+    """compile_inner_step changes how the chunk steps run, not what they compute: the same loss and
+    gradients in training (left padding included), the same logits when decoding from a cache."""
+    eager = build(name, COMPILED[name]).train()
+    compiled = build(name, COMPILED[name], compile_inner_step=True).train()
+    compiled.load_state_dict(eager.state_dict())
+    x = tokens()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    losses = [m(x, attention_mask=mask, labels=x).loss for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=0)
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=0, msg=n)
+    with torch.no_grad():
+        logits = []
+        for model in (eager.eval(), compiled.eval()):
+            out = model(x[:, :9], use_cache=True)
+            steps = [out.logits]
+            for t in range(9, LENGTH):
+                out = model(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                steps.append(out.logits)
+            logits.append(torch.cat(steps, 1))
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)
+
+
+def test_compile_inner_step_needs_a_memory():
+    with pytest.raises(ValueError, match="compile_inner_step.*no layer of this model has a memory"):
+        build("transformer", {}, compile_inner_step=True)

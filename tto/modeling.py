@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import registry
 from .cache import Context, TTOCache
 from .config import TTOConfig
+from .engine import MEMORIES
 from .layers.conv import ShortConv
 from .layers.mlp import SwiGLU
 
@@ -76,6 +77,13 @@ class TTOModel(TTOPreTrainedModel):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+        if config.compile_inner_step:
+            memories = [m for m in self.modules() if isinstance(m, MEMORIES)]
+            if not memories:
+                raise ValueError(f"compile_inner_step: no layer of this model has a memory (layer_mixers: "
+                                 f"{sorted(set(config.layer_mixers))}); set it only for memory types")
+            for memory in memories:
+                memory.compile_step()
 
     def get_input_embeddings(self):
         return self.embed_tokens

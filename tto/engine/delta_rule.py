@@ -43,6 +43,12 @@ class DeltaRule(nn.Module):
         super().__init__()
         self.chunk_size = chunk_size
         self.key = state_prefix + ".W.S"
+        self._compiled_chunk = None
+
+    def compile_step(self) -> None:
+        """Run every chunk's step through ``torch.compile`` (each new shape, dtype or grad mode
+        compiles once)."""
+        self._compiled_chunk = torch.compile(self._chunk)
 
     def forward(self, q, k, v, beta, log_decay=None, mask=None, state: dict | None = None):
         out_dtype = q.dtype
@@ -84,13 +90,21 @@ class DeltaRule(nn.Module):
         qk = gamma_ratio * (Q @ K.transpose(-1, -2))
         to_end = torch.exp(G[..., -1:] - G)[..., None] * K  # K * gamma_C / gamma
 
-        s, outs = s0, []
-        for i in range(n):
-            u = u_v[:, :, i] - w[:, :, i] @ s
-            outs.append(gamma[:, :, i] * (Q[:, :, i] @ s) + qk[:, :, i] @ u)
-            s = gamma[:, :, i, -1:] * s + to_end[:, :, i].transpose(-1, -2) @ u
+        s, outs, step = s0, [], self._compiled_chunk or self._chunk
+        # per-chunk views via unbind: indexing [:, :, i] would make every chunk's backward write a
+        # zero tensor of the whole sequence's size
+        for chunk in zip(*(x.unbind(2) for x in (Q, qk, u_v, w, gamma, to_end))):
+            out, s = step(s, *chunk)
+            outs.append(out)
         out = torch.stack(outs, dim=2).reshape(batch, heads, n * c, -1)[:, :, :length]
         return out.transpose(1, 2), s
+
+    @staticmethod
+    def _chunk(s, q, qk, u_v, w, gamma, to_end):
+        """One chunk from its start state s (B, H, d_k, d_v): outputs (B, H, C, d_v), end state."""
+        u = u_v - w @ s
+        out = gamma * (q @ s) + qk @ u
+        return out, gamma[..., -1:, :] * s + to_end.transpose(-1, -2) @ u
 
 
 def naive_delta_rule(q, k, v, beta, log_decay, s0):

@@ -54,6 +54,20 @@ class LargeChunkMemory(nn.Module):
         self.fast, self.objective, self.chunk_size = fast, objective, chunk_size
         self.use_momentum, self.use_muon, self.weight_norm = use_momentum, use_muon, weight_norm
         self.prefix = state_prefix + "."
+        self._compiled_chunk = None
+
+    def compile_step(self) -> None:
+        """Run every chunk's step through ``torch.compile`` (each new shape, dtype or grad mode
+        compiles once)."""
+        self._compiled_chunk = torch.compile(self._chunk)
+
+    def _chunk(self, params, previous, q, k, v, lr, momentum, norms):
+        """One committed chunk: the reads of W_i (N, c, d), then W_{i+1} and the update kept for momentum."""
+        read = self.fast.apply(q, self.fast.plain_linear(params))
+        names = self.fast.weight_names
+        grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v, {}))
+        update = {name: -x.transpose(-1, -2) @ (lr[:, :, names.index(name), None] * delta) for name, x, delta in grads}
+        return read, *chunk_update(params, update, previous, momentum, norms, self.use_muon)
 
     def _norms(self, params: dict) -> dict | None:
         return {n: w.norm(dim=-2, keepdim=True) for n, w in params.items()} if self.weight_norm else None
@@ -94,17 +108,16 @@ class LargeChunkMemory(nn.Module):
         Q, K, V = chunked(tokens["q"]), chunked(tokens["k"]), chunked(tokens["v"])
         lr = chunked(tokens["gate.lr"]) * slot_valid[..., None]
         momentum = chunked(tokens["gate.momentum"]) if self.use_momentum else None
-        reads = []
+        if momentum is not None:  # each chunk's mean momentum gate over its real tokens (N, n)
+            momentum = (momentum * slot_valid).sum(-1) / slot_valid.sum(-1).clamp_min(1)
+        reads, step = [], self._compiled_chunk or self._chunk
         for i in range(n):
-            reads.append(self.fast.apply(Q[:, i], self.fast.plain_linear(params)))
-            if i >= layout.n_commit:
-                continue
-            grads = self.fast.forward_backward(params, K[:, i], lambda y, i=i: self.objective.grad(y, V[:, i], {}))
-            update = {name: -x.transpose(-1, -2) @ (lr[:, i, :, names.index(name), None] * delta)
-                      for name, x, delta in grads}
-            real = slot_valid[:, i].sum(-1).clamp_min(1)
-            mean = None if momentum is None else (momentum[:, i] * slot_valid[:, i]).sum(-1) / real
-            params, previous = chunk_update(params, update, previous, mean, norms, self.use_muon)
+            if i < layout.n_commit:
+                read, params, previous = step(params, previous, Q[:, i], K[:, i], V[:, i], lr[:, i],
+                                              None if momentum is None else momentum[:, i], norms)
+            else:  # the incomplete last chunk is only read
+                read = self.fast.apply(Q[:, i], self.fast.plain_linear(params))
+            reads.append(read)
         out = torch.stack(reads, 1).reshape(batch, heads, layout.length, -1).transpose(1, 2)
         out = layout.scatter(out)[:, total - new_len:]
         if state is not None:

@@ -157,6 +157,13 @@ class Memory(nn.Module):
         self.chunk_size = chunk_size
         self.checkpoint_group = checkpoint_group
         self.prefix = state_prefix + "."
+        self._compiled_chunk = None
+
+    def compile_step(self) -> None:
+        """Run every chunk's step through ``torch.compile``: its elementwise work (the weight-sized
+        decay, momentum and update terms above all) fuses into a few kernels. Each new input
+        shape, dtype or grad mode compiles once."""
+        self._compiled_chunk = torch.compile(self._chunk)
 
     # ------------------------------------------------------------------ state
     def _load(self, state: dict | None, batch: int):
@@ -243,10 +250,10 @@ class Memory(nn.Module):
     def _chunks(self, params, momentum, chunks: list, n_commit: int, read_start: bool):
         """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
         (N, chunks, b, d), or (N, chunks, 2, b, d) with the chunk-start reads second."""
-        outs = []
+        outs, step = [], self._compiled_chunk or self._chunk
         for i, chunk in enumerate(chunks):
             *inputs, active = chunk
-            out, new_params, new_momentum = self._chunk(params, momentum, *inputs)
+            out, new_params, new_momentum = step(params, momentum, *inputs)
             if read_start:
                 out = torch.stack([out, self.fast.core(chunk[0], self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
