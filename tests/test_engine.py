@@ -201,6 +201,16 @@ def test_segsum_is_sum_over_interval():
             torch.testing.assert_close(out[:, i, j], expect)
 
 
+def test_segsum_keeps_short_intervals_exact_in_float32():
+    """Late in a long chunk the partial sums are large (here down to -2560); an interval's sum must
+    still be float32-accurate, so that exp(segsum), the decay coefficients, is right to ~1e-7.
+    (A float32 difference of two partial sums is off by up to ~1e-4 there; a float64 difference
+    is accurate but gives NaN for a gate of exactly 0 or 1, log = -inf.)"""
+    x = -20 * torch.rand(3, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = torch.exp(segsum(x))  # float64
+    torch.testing.assert_close(torch.exp(segsum(x.float())), exact.float(), atol=1e-6, rtol=0)
+
+
 def test_momentum_coefficients_match_recurrence():
     """Unrolled chunk coefficients equal stepping S and W token by token (scalar weights)."""
     g = torch.Generator().manual_seed(3)
