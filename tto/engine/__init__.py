@@ -1,8 +1,10 @@
 """The memory engine shared by every memory mixer: fast models, inner objectives, inner
 optimizers, chunk-boundary retentions and the chunked dual-form scan (with its naive per-token
 reference); the exact per-token delta rule of linear memories (with its recurrence as reference);
-large-chunk apply-then-update memories with Muon and weight norm (LaCT); feature maps (ATLAS)."""
+large-chunk apply-then-update memories with Muon and weight norm (LaCT); feature maps (ATLAS).
+Each memory runs its chunks through one step (``chunkwise.ChunkwiseMemory``), optionally compiled."""
 
+from .chunkwise import ChunkwiseMemory
 from .delta_rule import DeltaRule, naive_delta_rule
 from .fast_models import ACTIVATIONS, FastModel, MLPMemory, SwiGLUMemory
 from .feature_maps import PolynomialFeatures
@@ -16,7 +18,7 @@ from .retention import LqNormalization, MuonRetention, Retention, SoftmaxRetenti
 #: every kind of inner-loop memory (a layer holding one keeps fast weights in its state)
 MEMORIES = (Memory, DeltaRule, LargeChunkMemory)
 
-__all__ = ["ACTIVATIONS", "MEMORIES", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel", "Huber",
+__all__ = ["ACTIVATIONS", "MEMORIES", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel", "Huber",
            "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MLPMemory", "Memory", "MiniBatchGD",
            "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "PolynomialFeatures", "Retention", "SoftmaxRetention", "SquaredError", "SwiGLUMemory",
            "naive_delta_rule", "naive_large_chunk", "naive_memory", "newton_schulz5"]

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..reference import in_reference_mode
+from .chunkwise import ChunkwiseMemory
 from .fast_models import inner
 
 
-class DeltaRule(nn.Module):
+class DeltaRule(ChunkwiseMemory):
     """forward(q, k (B, T, H, d_k), v (B, T, H, d_v), beta (B, T, H), log_decay (B, T, H) or None,
     mask (B, T) or None, state) -> outputs (B, T, H, d_v). The state holds ``<prefix>.W.S``
     (B, H, d_k, d_v) in float32; inner arithmetic runs in float32 (float64 for float64 inputs), autocast off."""
@@ -43,12 +43,6 @@ class DeltaRule(nn.Module):
         super().__init__()
         self.chunk_size = chunk_size
         self.key = state_prefix + ".W.S"
-        self._compiled_chunk = None
-
-    def compile_step(self) -> None:
-        """Run every chunk's step through ``torch.compile`` (each new shape, dtype or grad mode
-        compiles once)."""
-        self._compiled_chunk = torch.compile(self._chunk)
 
     def forward(self, q, k, v, beta, log_decay=None, mask=None, state: dict | None = None):
         out_dtype = q.dtype
@@ -90,11 +84,11 @@ class DeltaRule(nn.Module):
         qk = gamma_ratio * (Q @ K.transpose(-1, -2))
         to_end = torch.exp(G[..., -1:] - G)[..., None] * K  # K * gamma_C / gamma
 
-        s, outs, step = s0, [], self._compiled_chunk or self._chunk
+        s, outs = s0, []
         # per-chunk views via unbind: indexing [:, :, i] would make every chunk's backward write a
         # zero tensor of the whole sequence's size
         for chunk in zip(*(x.unbind(2) for x in (Q, qk, u_v, w, gamma, to_end))):
-            out, s = step(s, *chunk)
+            out, s = self.step(s, *chunk)
             outs.append(out)
         out = torch.stack(outs, dim=2).reshape(batch, heads, n * c, -1)[:, :, :length]
         return out.transpose(1, 2), s

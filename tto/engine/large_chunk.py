@@ -21,9 +21,9 @@ per row and token, autograd gradients accumulated over each chunk, then the same
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..reference import in_reference_mode
+from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, inner
 from .memory import Layout, load_state, prepend_pending, store_state
 from .muon import newton_schulz5
@@ -43,7 +43,7 @@ def chunk_update(params: dict, update: dict, previous: dict | None, momentum: to
     return new, update
 
 
-class LargeChunkMemory(nn.Module):
+class LargeChunkMemory(ChunkwiseMemory):
     """forward(q, k, v, gates, mask, state) -> reads (B, T, H, d). gates: ``lr`` (B, T, H, n_weights),
     one inner lr per fast weight in ``fast.weight_names`` order, and ``momentum`` (B, T, H) when
     ``use_momentum``. State keys ``<prefix>.W.*``, ``<prefix>.S.*`` (last update), pending tokens."""
@@ -54,12 +54,6 @@ class LargeChunkMemory(nn.Module):
         self.fast, self.objective, self.chunk_size = fast, objective, chunk_size
         self.use_momentum, self.use_muon, self.weight_norm = use_momentum, use_muon, weight_norm
         self.prefix = state_prefix + "."
-        self._compiled_chunk = None
-
-    def compile_step(self) -> None:
-        """Run every chunk's step through ``torch.compile`` (each new shape, dtype or grad mode
-        compiles once)."""
-        self._compiled_chunk = torch.compile(self._chunk)
 
     def _chunk(self, params, previous, q, k, v, lr, momentum, norms):
         """One committed chunk: the reads of W_i (N, c, d), then W_{i+1} and the update kept for momentum."""
@@ -110,10 +104,10 @@ class LargeChunkMemory(nn.Module):
         momentum = chunked(tokens["gate.momentum"]) if self.use_momentum else None
         if momentum is not None:  # each chunk's mean momentum gate over its real tokens (N, n)
             momentum = (momentum * slot_valid).sum(-1) / slot_valid.sum(-1).clamp_min(1)
-        reads, step = [], self._compiled_chunk or self._chunk
+        reads = []
         for i in range(n):
             if i < layout.n_commit:
-                read, params, previous = step(params, previous, Q[:, i], K[:, i], V[:, i], lr[:, i],
+                read, params, previous = self.step(params, previous, Q[:, i], K[:, i], V[:, i], lr[:, i],
                                               None if momentum is None else momentum[:, i], norms)
             else:  # the incomplete last chunk is only read
                 read = self.fast.apply(Q[:, i], self.fast.plain_linear(params))

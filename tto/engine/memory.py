@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..reference import in_reference_mode
+from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, inner
 from .objectives import Objective
 from .optimizers import Coefficients, InnerOptimizer
@@ -135,7 +135,7 @@ def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: di
     state[prefix + "n_pending"] = layout.remainder
 
 
-class Memory(nn.Module):
+class Memory(ChunkwiseMemory):
     """A fast model trained online by an inner optimizer, chunk by chunk (see module docstring).
 
     forward(q, k, v, gates, mask, state) with q, k, v (B, T, H, d) and gates {name: (B, T, H)}
@@ -157,13 +157,6 @@ class Memory(nn.Module):
         self.chunk_size = chunk_size
         self.checkpoint_group = checkpoint_group
         self.prefix = state_prefix + "."
-        self._compiled_chunk = None
-
-    def compile_step(self) -> None:
-        """Run every chunk's step through ``torch.compile``: its elementwise work (the weight-sized
-        decay, momentum and update terms above all) fuses into a few kernels. Each new input
-        shape, dtype or grad mode compiles once."""
-        self._compiled_chunk = torch.compile(self._chunk)
 
     # ------------------------------------------------------------------ state
     def _load(self, state: dict | None, batch: int):
@@ -250,10 +243,10 @@ class Memory(nn.Module):
     def _chunks(self, params, momentum, chunks: list, n_commit: int, read_start: bool):
         """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
         (N, chunks, b, d), or (N, chunks, 2, b, d) with the chunk-start reads second."""
-        outs, step = [], self._compiled_chunk or self._chunk
+        outs = []
         for i, chunk in enumerate(chunks):
             *inputs, active = chunk
-            out, new_params, new_momentum = step(params, momentum, *inputs)
+            out, new_params, new_momentum = self.step(params, momentum, *inputs)
             if read_start:
                 out = torch.stack([out, self.fast.core(chunk[0], self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
