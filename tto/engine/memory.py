@@ -295,20 +295,19 @@ class Memory(ChunkwiseMemory):
             bias = _bias_name(name)
             if bias in params:
                 updates[bias] = (torch.ones_like(end.transpose(-1, -2)), weighted)
+            s_end = c.s_mix[..., None] * delta if momentum is not None else None
+            # weight-sized terms are few passes over memory: the scaled weights are a new tensor
+            # that the update is accumulated into in place
             for p, (left, right) in updates.items():
                 w = params[p]
                 if c.decay is not None:
                     w = c.decay[:, -1, None, None] * w
                 if momentum is not None:
-                    w = w + c.carry[:, -1, None, None] * momentum[p]
-                new_params[p] = torch.baddbmm(w, left, right, alpha=-1.0)
-            if momentum is not None:
-                s_end = c.s_mix[..., None] * delta
-                s_updates = {name: x.transpose(-1, -2) @ s_end}
-                if bias in params:
-                    s_updates[bias] = s_end.sum(1, keepdim=True)
-                for p, upd in s_updates.items():
-                    new_momentum[p] = c.s_decay[:, None, None] * momentum[p] - upd
+                    w = torch.addcmul(w, c.carry[:, -1, None, None], momentum[p])
+                new_params[p] = torch.baddbmm(w, left, right, alpha=-1.0) if w is params[p] else w.baddbmm_(
+                    left, right, alpha=-1.0)
+                if momentum is not None:
+                    new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
         return out, new_params, new_momentum
 
 
