@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -131,6 +132,52 @@ def test_passkey_answer_is_the_key_after_the_question():
     for text, spans in passkey_marked(num_documents=20, filler_repeats=2, seed=5):
         key = re.search(r"The pass key is (\d{5})\. Remember it", text).group(1)
         assert spans == [(len(text) - len(key) - 1, len(text) - 1)] and text[spans[0][0] : spans[0][1]] == key
+
+
+def test_passkey_prompt_length_hides_the_key_once_at_every_sentence_start():
+    from tto.data.corpora import FILLER, PASSKEY_QUESTION, passkey_marked
+
+    needle = re.compile(r"The pass key is (\d{5})\. Remember it\. ")
+    sentences = [s + ". " for s in FILLER.split(". ") if s.strip(". ")]
+    depths, fillers = set(), set()
+    for text, spans in passkey_marked(num_documents=300, seed=2, prompt_length=200):
+        (found,) = needle.finditer(text)  # the key is written exactly once
+        key = found.group(1)
+        assert spans == [(200, 205)] and text[200:205] == key and text[:200].endswith(PASSKEY_QUESTION)
+        hay = text[: found.start()] + text[found.end() : 200 - len(PASSKEY_QUESTION)]
+        assert hay in FILLER * 3 and hay.endswith(". ")  # whole filler sentences, cut at the start only
+        # the needle sits where a sentence starts (or at the very start)
+        assert found.start() == 0 or any(text[found.end() :].startswith(s) for s in sentences + [PASSKEY_QUESTION])
+        assert found.start() == 0 or text[: found.start()].endswith(". ")
+        depths.add(found.start() / len(hay))
+        fillers.add(hay)
+    assert min(depths) == 0 and max(depths) == 1
+    assert all(any(lo <= d < lo + 0.25 for d in depths) for lo in (0, 0.25, 0.5, 0.75))  # every quarter
+    assert len(fillers) > 1  # the filler starts at a random sentence (a fixed start gives one filler)
+
+
+def test_passkey_prompt_length_builds_niahs_prompts():
+    from tto.data.corpora import FILLER, passkey_marked
+    from tto.eval.base import SentenceStream
+    from tto.eval.niah import niah_example
+
+    class Bytes:  # encodes as eval's LM does with the builtin:bytes tokenizer
+        tok = load_tokenizer("builtin:bytes")
+
+        def encode(self, text):
+            return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    no_key = lambda text: re.sub(r"\d{5}", "NNNNN", text)  # noqa: E731
+    corpus = {no_key(text[:start]) for text, [(start, _)] in passkey_marked(num_documents=2000, prompt_length=164)}
+    stream = SentenceStream.from_texts(Bytes(), [FILLER])
+    for i, depth in enumerate([0.0, 0.25, 0.5, 0.75, 1.0] * 4):
+        e = niah_example(Bytes(), stream, "passkey", 164, depth, random.Random(i))
+        assert no_key(Bytes.tok.decode(e.ids[: e.prompt_length])) in corpus
+
+
+def test_passkey_prompt_length_too_short_for_the_question_is_named():
+    with pytest.raises(ValueError, match="prompt_length=50: the needle and the question alone take 74"):
+        builtin_documents("builtin:passkey", num_documents=1, prompt_length=50)
 
 
 def test_recall_pairs_range_draws_every_count_in_it():

@@ -303,6 +303,17 @@ def test_task_recipes_build_every_type(recipe, name):
         tto.get(name).model_class(tto.build_config(name, **fields, vocab_size=V))
 
 
+@pytest.mark.parametrize("recipe", ["mqar", "passkey"])
+def test_task_recipes_fit_every_document_in_one_block(recipe):
+    """packing: false keeps one document per block: each one (bytes and EOS) must fit, none be cut."""
+    from tto.data import builtin_documents
+    from tto.training import load_recipe
+
+    ds = load_recipe(ROOT / "configs" / "tasks" / f"{recipe}.yml", []).dataset
+    docs = builtin_documents(ds.name, **{**ds.options, "num_documents": 2000})
+    assert max(len(d.encode()) for d in docs) + 1 == ds.max_seq_length  # the bound is tight: no wasted pad
+
+
 # --- lm-evaluation-harness ------------------------------------------------------------------------
 
 def test_harness_runs_lm_eval_on_a_tto_checkpoint_offline(models, tmp_path):

@@ -88,6 +88,18 @@ def test_task_recipe_trains_on_the_asked_values_only(tmp_path):
     assert torch.isfinite(torch.tensor(run(trainer)["eval_loss"]))
 
 
+def test_model_fields_of_one_type_apply_to_that_type_only():
+    raw = lambda **model: {"model": {"hidden_size": 32, "titans": {"mem_max_lr": 0.01}, **model}}  # noqa: E731
+    assert parse_recipe(raw(type="titans")).model == {"type": "titans", "hidden_size": 32, "mem_max_lr": 0.01}
+    assert parse_recipe(raw(type="ttt")).model == {"type": "ttt", "hidden_size": 32}  # ttt has no mem_max_lr
+    # the section's own fields (a command-line override) win over the type's
+    assert parse_recipe(raw(type="titans", mem_max_lr=0.05)).model["mem_max_lr"] == 0.05
+    with pytest.raises(ValueError, match="did you mean 'mem_max_lr'"):  # checked even when another type trains
+        parse_recipe({"model": {"type": "ttt", "titans": {"mem_max_l": 0.01}}})
+    with pytest.raises(ValueError, match="model.titans holds fields for type 'titans' only: a mapping"):
+        parse_recipe({"model": {"type": "ttt", "titans": 0.01}})
+
+
 def test_original_tto_training_arg_names_are_accepted():
     recipe = parse_recipe({"model": {"type": "ttt"}, "training_args": {"warmup_ratio": 0.01, "gradient_checkpointing": True}})
     assert recipe.training_args == {"warmup_steps": 0.01, "activation_checkpointing": True}

@@ -3,7 +3,8 @@
 A recipe has four sections (the schema of the original TTO configs)::
 
     dataset:       {name, max_seq_length, ...}        see DatasetSection
-    model:         {type: <registered type>, <that type's config fields>}
+    model:         {type: <registered type>, <that type's config fields>,
+                    <another type>: {<its fields, used only when type is that type>}}
     tokenizer:     builtin:bytes | <local dir> | <hub name>
     training_args: <transformers.TrainingArguments fields> + device, project, resume_from_checkpoint,
                    overwrite_output_dir
@@ -93,6 +94,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def model_fields(model: dict) -> dict:
+    """The model section for its type. A key that names a registered type holds fields for that type
+    only (``titans: {mem_max_lr: 0.01}``: a recipe shared by every type sets what one type needs);
+    they are merged when ``type`` is that type, under the section's own fields (so a command-line
+    ``model.<field>=`` still wins), and dropped otherwise. Each such section is checked against its
+    type's config whatever the chosen type, so a misspelled field fails with any type."""
+    import tto
+
+    per_type = {k: v for k, v in model.items() if k in tto.available()}
+    for name, section in per_type.items():
+        if not isinstance(section, dict):
+            raise ValueError(f"model.{name} holds fields for type {name!r} only: a mapping, not {section!r}")
+        tto.build_config(name, **section)
+    own = {k: v for k, v in model.items() if k not in per_type}
+    return {"type": own["type"], **per_type.get(own["type"], {}), **own}
+
+
 def parse_recipe(raw: dict) -> Recipe:
     """Validate a recipe dict (sections, dataset fields, training argument names, model type and fields)."""
     import tto
@@ -120,6 +138,7 @@ def parse_recipe(raw: dict) -> Recipe:
     model = dict(raw.get("model") or {})
     if "type" not in model:
         raise ValueError(f"the model section needs a type; registered types: {sorted(tto.available())}")
+    model = model_fields(model)
     fields_only = {k: v for k, v in model.items() if k != "type"}
     tto.build_config(model["type"], **fields_only)  # unknown type / field / bad value -> ValueError now
     dataset = DatasetSection(**data)

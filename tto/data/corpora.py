@@ -5,7 +5,8 @@
   shuffled order, each followed by its value. A model can only predict the answers by remembering
   the pairs it read.
 * ``builtin:passkey``: a five-digit pass key hidden at a random depth in filler text, asked for at
-  the end.
+  the end: before or after one of ``filler_repeats`` filler paragraphs, or (``prompt_length``) at
+  any sentence start of a filler that begins at a random sentence, as eval's niah builds its prompts.
 
 Synthetic corpora are deterministic given their ``seed`` (options of the dataset section).
 
@@ -18,9 +19,36 @@ training loss is computed on the marked spans only (see ``tto.data.datasets.pack
 from __future__ import annotations
 
 import random
+import re
 import string
+from typing import Sequence
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+#: where text is cut into sentences: the whitespace after a sentence's end
+SENTENCE_END = re.compile(r"(?<=[.!?\n])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """`text`'s sentences, each followed by one space."""
+    return [s + " " for s in SENTENCE_END.split(text) if s.strip()]
+
+
+def haystack(rng: random.Random, sentences: Sequence[Sequence], n: int) -> tuple[list, list[int]]:
+    """`n` items ending at the end of a sentence (whole sentences from a random one on, read cyclically,
+    the first one cut at its start to fit), and the indices in them where sentences start (with 0 and
+    `n`). A sentence is a string (items: characters) or a list of token ids; builtin:passkey's filler
+    and eval's niah haystacks are both built here."""
+    items: list = []
+    starts = []
+    i = rng.randrange(len(sentences))
+    while len(items) < n:
+        starts.append(len(items))
+        items.extend(sentences[i])
+        i = (i + 1) % len(sentences)
+    cut = len(items) - n
+    return items[cut:], sorted({s - cut for s in starts if s >= cut} | {0, n})
 
 
 def random_digits(rng: random.Random, n: int) -> str:
@@ -105,23 +133,50 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is "
 PASSKEY_DIGITS = 5
 
 
-def passkey_marked(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0) -> list[Marked]:
-    """Each document: filler, ``The pass key is NNNNN.`` at a random depth, filler, the question, the
-    key; the answer is the key after the question."""
+def passkey_filler_length(prompt_length: int) -> int:
+    """Filler characters in a builtin:passkey prompt of `prompt_length` characters (filler, needle,
+    question); ValueError when the needle and question alone do not fit."""
+    filler = prompt_length - len(PASSKEY_NEEDLE.format(key="0" * PASSKEY_DIGITS)) - len(PASSKEY_QUESTION)
+    if filler < 0:
+        raise ValueError(f"builtin:passkey prompt_length={prompt_length}: the needle and the question alone "
+                         f"take {prompt_length - filler} characters")
+    return filler
+
+
+def passkey_marked(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0,
+                   prompt_length: int | None = None) -> list[Marked]:
+    """Each document: filler, ``The pass key is NNNNN. Remember it.`` somewhere in it, the question,
+    the key; the answer is the key after the question.
+
+    ``prompt_length=None``: the filler is `filler_repeats` copies of :data:`FILLER`, the needle
+    between two of them (depth 0..filler_repeats paragraphs, uniformly). ``prompt_length=N``
+    (`filler_repeats` unused): eval's niah construction for the pass key needle; the prompt (filler,
+    needle, question) is exactly N characters (niah.lengths=N tokens with the builtin:bytes
+    tokenizer), the filler is FILLER's sentences read cyclically from a random one and cut at its
+    start to fit (:func:`haystack`), and the needle goes at one of its sentence starts chosen
+    uniformly (depth 0 and 1 included)."""
     rng = random.Random(seed)
+    sentences = split_sentences(FILLER)
+    filler_length = None if prompt_length is None else passkey_filler_length(prompt_length)
     docs = []
     for _ in range(num_documents):
         key = random_digits(rng, PASSKEY_DIGITS)
-        depth = rng.randint(0, filler_repeats)
         needle = PASSKEY_NEEDLE.format(key=key)
-        prompt = FILLER * depth + needle + FILLER * (filler_repeats - depth) + PASSKEY_QUESTION
+        if filler_length is None:
+            depth = rng.randint(0, filler_repeats)
+            prompt = FILLER * depth + needle + FILLER * (filler_repeats - depth) + PASSKEY_QUESTION
+        else:
+            chars, starts = haystack(rng, sentences, filler_length)
+            at = rng.choice(starts)
+            prompt = "".join(chars[:at]) + needle + "".join(chars[at:]) + PASSKEY_QUESTION
         docs.append((f"{prompt}{key}.", [(len(prompt), len(prompt) + len(key))]))
     return docs
 
 
-def passkey_documents(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0) -> list[str]:
+def passkey_documents(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0,
+                      prompt_length: int | None = None) -> list[str]:
     """The texts of :func:`passkey_marked`."""
-    return [text for text, _ in passkey_marked(num_documents, filler_repeats, seed)]
+    return [text for text, _ in passkey_marked(num_documents, filler_repeats, seed, prompt_length)]
 
 
 BUILTIN_CORPORA = {

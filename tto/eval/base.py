@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -21,6 +20,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ..config import suggest
+from ..data.corpora import haystack, split_sentences
 from ..training import DatasetSection
 
 TASKS: dict[str, type["Task"]] = {}
@@ -156,9 +156,6 @@ def map_batches(lm: LM, seqs: list[list[int]], reduce: Callable, batch_size: int
     return out
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?\n])\s+")
-
-
 @dataclass
 class SentenceStream:
     """Text as tokenized sentences, read cyclically from a chosen start: a haystack cut at sentence
@@ -168,21 +165,13 @@ class SentenceStream:
 
     @classmethod
     def from_texts(cls, lm: LM, texts: list[str]) -> "SentenceStream":
-        parts = [s + " " for text in texts for s in _SENTENCE_END.split(text) if s.strip()]
+        parts = [s for text in texts for s in split_sentences(text)]
         return cls([ids for ids in (lm.encode(p) for p in parts) if ids])
 
     def take(self, rng: random.Random, n: int) -> tuple[list[int], list[int]]:
         """`n` tokens ending at the end of a sentence (whole sentences from a random one on, the first
         one cut at its start to fit), and the indices in them where sentences start (with 0 and `n`)."""
-        ids: list[int] = []
-        starts = []
-        i = rng.randrange(len(self.sentences))
-        while len(ids) < n:
-            starts.append(len(ids))
-            ids.extend(self.sentences[i])
-            i = (i + 1) % len(self.sentences)
-        cut = len(ids) - n
-        return ids[cut:], sorted({s - cut for s in starts if s >= cut} | {0, n})
+        return haystack(rng, self.sentences, n)
 
 
 class Task:
