@@ -99,7 +99,7 @@ class TTOConfig(PreTrainedConfig):
     conv_kernel: int = 4  # kernel size of the pre_conv branch (and of mixers' short convs unless they say otherwise)
     check_finite: bool = True  # raise naming the layer whose output holds NaN/Inf (one reduction + host sync per layer)
     # torch.compile each memory's per-chunk step: fused kernels, faster training and prefill (Titans
-    # LMM on CPU 1.5x); every new shape, dtype or grad mode compiles once (tens of seconds on CPU)
+    # LMM on CPU 1.3x); every new shape, dtype or grad mode compiles once (tens of seconds on CPU)
     compile_inner_step: bool = False
     # --- attention layers ---
     rope_theta: float = 10000.0  # RoPE base
