@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import tto
 from tto.cache import Context
+from tto.engine import ChunkwiseMemory
 
 #: The "small" configuration of PEERS-CPU.md, passed to every model.
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -36,7 +37,6 @@ MATCH_VARIANT = {("titans", "mac"): dict(chunk_size=128, mem_max_lr=0.01)}
 DECODE_TOKENS = 32  # greedy tokens timed per decode sample
 PREFILL_PIECE = 2048  # long decode contexts are prefilled (untimed) in pieces of this many tokens
 LM_BASELINE, LAYER_BASELINE = "llama", "sdpa-attention"
-NO_MEMORY_TYPES = ("transformer",)  # registered types without a memory: nothing to compile
 COMPILED_SUFFIX = "+compile"  # names the compile_inner_step twin of a case (bench.py --compile)
 
 
@@ -180,6 +180,14 @@ def _build_tto_layer(entry, variant_fields: dict, **overrides) -> Layer:
     return Layer(model.model.layers[0].mixer, _tto_mixer_call)
 
 
+def _has_memory(entry) -> bool:
+    """Whether the type's model holds a memory engine (something for compile_inner_step to compile);
+    built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        model = entry.model_class(_tto_config(entry, {}, num_hidden_layers=1)[1])
+    return any(isinstance(m, ChunkwiseMemory) for m in model.modules())
+
+
 def tto_cases(types: list[str] | None, variants: list[str] | None, compiled: bool = False) -> list[Case]:
     """An `lm` and a `layer` case for every registered type and variant passing the filters; with
     `compiled`, also their twins built with ``compile_inner_step`` (named ``<case>+compile``) for
@@ -190,7 +198,7 @@ def tto_cases(types: list[str] | None, variants: list[str] | None, compiled: boo
             continue
         entry = tto.get(name)
         twins = [("", {})] + ([(COMPILED_SUFFIX, {"compile_inner_step": True})]
-                              if compiled and name not in NO_MEMORY_TYPES else [])
+                              if compiled and _has_memory(entry) else [])
         for variant, variant_fields in entry.variant_configs():
             if variants and variant is not None and variant not in variants:
                 continue

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import registry
 from .cache import Context, TTOCache
 from .config import TTOConfig
-from .engine import MEMORIES
+from .engine import ChunkwiseMemory
 from .layers.conv import ShortConv
 from .layers.mlp import SwiGLU
 
@@ -78,7 +78,7 @@ class TTOModel(TTOPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
         if config.compile_inner_step:
-            memories = [m for m in self.modules() if isinstance(m, MEMORIES)]
+            memories = [m for m in self.modules() if isinstance(m, ChunkwiseMemory)]
             if not memories:
                 raise ValueError(f"compile_inner_step: no layer of this model has a memory (layer_mixers: "
                                  f"{sorted(set(config.layer_mixers))}); set it only for memory types")
