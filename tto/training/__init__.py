@@ -1,0 +1,24 @@
+"""Training from YAML recipes with the Hugging Face Trainer.
+
+- :mod:`.recipe`: the schema (sections, dataset fields, overrides) and its checks, before any work.
+- :mod:`.trainer`: the run a recipe describes (output directory, data, model, Trainer, final save).
+"""
+
+from .recipe import DatasetSection, Recipe, apply_overrides, load_recipe, model_fields, parse_recipe
+from .trainer import build_trainer, check_output_dir, configure_wandb, run, save_atomically, split_documents, train
+
+__all__ = [
+    "DatasetSection",
+    "Recipe",
+    "apply_overrides",
+    "build_trainer",
+    "check_output_dir",
+    "configure_wandb",
+    "load_recipe",
+    "model_fields",
+    "parse_recipe",
+    "run",
+    "save_atomically",
+    "split_documents",
+    "train",
+]

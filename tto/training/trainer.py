@@ -1,0 +1,145 @@
+"""The run a recipe describes: output directory checks, data, model, the Hugging Face Trainer, the
+final save."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .recipe import DatasetSection, Recipe
+
+
+def check_output_dir(output_dir: Path, resume, overwrite: bool) -> None:
+    """Refuse to write into a non-empty directory unless resuming or explicitly allowed, and make
+    sure there is a checkpoint to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(
+            f"output_dir {str(output_dir)!r} is not empty; resume with training_args.resume_from_checkpoint=true "
+            f"(or a checkpoint path), allow it with training_args.overwrite_output_dir=true, or pick another dir"
+        )
+    if resume is True and not (output_dir.is_dir() and get_last_checkpoint(str(output_dir))):
+        raise FileNotFoundError(f"resume_from_checkpoint=true, but output_dir {str(output_dir)!r} has no checkpoint-*")
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={resume!r}: no such checkpoint directory")
+
+
+def configure_wandb(report_to) -> None:
+    """Log offline when wandb is asked for but has no credentials or no network."""
+    wanted = report_to == "wandb" or (isinstance(report_to, (list, tuple)) and "wandb" in report_to)
+    if not wanted or os.environ.get("WANDB_MODE"):
+        return
+    from ..data.offline import host_reachable
+
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().exists()
+    if not has_key or not host_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def save_atomically(model, tokenizer, output_dir: Path) -> None:
+    """Write the final model into a temporary directory, then move each file into place
+    (config last), so an interrupted save never leaves a half-written model behind."""
+    tmp = output_dir / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+    for name in names:
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+
+
+def split_documents(ds: DatasetSection):
+    """The dataset's documents as ``(train, held_out)`` (held_out None when ``eval_fraction`` is 0).
+
+    The split depends only on the section (``eval_fraction``, ``seed``), so an evaluation given the same
+    dataset section reads exactly the documents training held out.
+    """
+    from ..data import load_documents
+
+    docs = load_documents(ds.name, split=ds.split, subset=ds.subset, text_field=ds.text_field, options=ds.options,
+                          answers=ds.loss_on == "answers")
+    if ds.eval_fraction <= 0:
+        return docs, None
+    parts = docs.train_test_split(test_size=ds.eval_fraction, seed=ds.seed)
+    return parts["train"], parts["test"]
+
+
+def build_trainer(recipe: Recipe, callbacks=()):
+    """Everything before the first step: output dir check, tokenizer, data, model, Trainer.
+
+    Returns ``(trainer, resume_from_checkpoint)``. Problems with the recipe or its inputs raise
+    ValueError / OSError here, before any training.
+    """
+    import torch
+    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+    import tto
+
+    from ..data import load_tokenizer, pack_documents
+
+    args = dict(recipe.training_args)
+    device = args.pop("device", "auto")
+    resume = args.pop("resume_from_checkpoint", None)
+    overwrite = bool(args.pop("overwrite_output_dir", False))
+    args.setdefault("output_dir", "runs/" + recipe.model["type"])
+    args.setdefault("report_to", "none")
+    args.setdefault("data_seed", args.get("seed", 42))  # else the sampler may draw its seed from the clock
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        args["use_cpu"] = True
+    check_output_dir(Path(args["output_dir"]), resume, overwrite)
+    configure_wandb(args["report_to"])
+
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    fields_ = {k: v for k, v in recipe.model.items() if k != "type"}
+    fields_.setdefault("vocab_size", len(tokenizer))
+    if fields_["vocab_size"] < len(tokenizer):
+        raise ValueError(f"model.vocab_size={fields_['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        fields_.setdefault(name, getattr(tokenizer, name))
+    config = tto.build_config(recipe.model["type"], **fields_)
+
+    ds = recipe.dataset
+    docs, held_out = split_documents(ds)
+    eval_set = None
+    if held_out is not None:
+        eval_set = pack_documents(held_out, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.loss_on,
+                                  packing=ds.packing)
+        if ds.max_eval_samples is not None:
+            eval_set = eval_set.select(range(min(ds.max_eval_samples, len(eval_set))))
+    train_set = pack_documents(docs, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.loss_on,
+                               packing=ds.packing)
+    if len(train_set) == 0:
+        raise ValueError(f"dataset {ds.name!r} has fewer than max_seq_length={ds.max_seq_length} tokens")
+
+    training_args = TrainingArguments(**args)
+    set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
+    model = tto.get(recipe.model["type"]).model_class(config)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
+                      eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
+                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=list(callbacks))
+    return trainer, resume
+
+
+def run(trainer, resume=None) -> dict:
+    """Train, evaluate the final model (unless that was just done) and save it; returns the metrics."""
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        if last is None or last["step"] != trainer.state.global_step:
+            last = trainer.evaluate()
+        metrics.update({k: v for k, v in last.items() if k.startswith("eval_")})
+    if trainer.is_world_process_zero():
+        output_dir = Path(trainer.args.output_dir)
+        save_atomically(trainer.model, trainer.processing_class, output_dir)
+        (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def train(recipe: Recipe, callbacks=()) -> dict:
+    """Run a recipe with the HF Trainer; returns the final metrics."""
+    return run(*build_trainer(recipe, callbacks))
