@@ -9,21 +9,27 @@ A recipe has four sections (the schema of the original TTO configs)::
     training_args: <transformers.TrainingArguments fields> + device, project, resume_from_checkpoint,
                    overwrite_output_dir
 
+and optional fine-tuning sections::
+
+    freeze:        [<parameter-name pattern>, ...]     see tto.training.optim
+    optimizer:     {param_groups: [{params, lr, weight_decay}, ...]}
+
 Everything is checked before any work is done: unknown sections, dataset fields, model fields and
 training arguments are errors that name the key and suggest the close match.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..config import suggest
+from .optim import OptimizerSection, ParamGroup, parse_freeze
 
-SECTIONS = ("dataset", "model", "tokenizer", "training_args")
+SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer")
 #: recipe keys in training_args that are not TrainingArguments fields
 EXTRA_TRAINING_KEYS = ("device", "resume_from_checkpoint", "overwrite_output_dir")
 #: training_args names of the original TTO configs that Transformers 5 renamed (a ratio < 1 in
@@ -66,6 +72,23 @@ class Recipe:
     model: dict[str, Any]
     tokenizer: str = "builtin:bytes"
     training_args: dict[str, Any] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns that do not train
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+
+
+def _section(kind: str, raw, cls):
+    """``cls(**raw)`` for a mapping whose keys are `cls`'s fields; unknown keys fail with a suggestion."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{kind}: a mapping with keys {sorted(f.name for f in fields(cls))}, not {raw!r}")
+    valid = [f.name for f in fields(cls)]
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        raise _unknown(f"{kind} key(s)", unknown, valid)
+    missing = [f.name for f in fields(cls) if f.name not in raw and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{kind} needs {missing}")
+    return cls(**raw)
 
 
 def _unknown(kind: str, keys, valid) -> ValueError:
@@ -140,8 +163,11 @@ def parse_recipe(raw: dict) -> Recipe:
     tto.build_config(model["type"], **fields_only)  # unknown type / field / bad value -> ValueError now
     dataset = DatasetSection(**data)
     dataset.check()
+    optimizer = _section("optimizer", raw.get("optimizer") or {}, OptimizerSection)
+    groups = optimizer.param_groups if isinstance(optimizer.param_groups, list) else [optimizer.param_groups]
+    optimizer.param_groups = [_section("optimizer.param_groups[]", g, ParamGroup) for g in groups]
     return Recipe(dataset=dataset, model=model, tokenizer=raw.get("tokenizer") or "builtin:bytes",
-                  training_args=args)
+                  training_args=args, freeze=parse_freeze(raw.get("freeze")), optimizer=optimizer)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

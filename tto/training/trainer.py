@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .optim import freeze, optimizer_cls_and_kwargs
 from .recipe import DatasetSection, Recipe
 
 
@@ -101,6 +102,11 @@ def build_trainer(recipe: Recipe, callbacks=()):
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         fields_.setdefault(name, getattr(tokenizer, name))
     config = tto.build_config(recipe.model["type"], **fields_)
+    training_args = TrainingArguments(**args)
+    set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
+    model = tto.get(recipe.model["type"]).model_class(config)
+    freeze(model, recipe.freeze)  # a pattern that matches nothing fails here, before the data is read
+    optimizer = optimizer_cls_and_kwargs(model, recipe.optimizer, training_args)
 
     ds = recipe.dataset
     docs, held_out = split_documents(ds)
@@ -115,12 +121,10 @@ def build_trainer(recipe: Recipe, callbacks=()):
     if len(train_set) == 0:
         raise ValueError(f"dataset {ds.name!r} has fewer than max_seq_length={ds.max_seq_length} tokens")
 
-    training_args = TrainingArguments(**args)
-    set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
-    model = tto.get(recipe.model["type"]).model_class(config)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
-                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=list(callbacks))
+                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=list(callbacks),
+                      optimizer_cls_and_kwargs=optimizer)
     return trainer, resume
 
 
