@@ -8,6 +8,8 @@ these classes per type (``TTTForCausalLM``, ...) that differ only in their confi
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -59,6 +61,14 @@ class TTOPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _is_stateful = True
     _supports_sdpa = True
+
+    def post_init(self) -> None:
+        """Also: ``from_pretrained(dtype=torch.bfloat16 or float16)`` loads every memory's parameters
+        as float32 (Transformers' per-instance keep-in-float32 list; casts keep them float32 too,
+        see :class:`tto.engine.ChunkwiseMemory`)."""
+        super().post_init()
+        self._keep_in_fp32_modules_strict.update(
+            "^" + re.escape(name) + r"\." for name, m in self.named_modules() if isinstance(m, ChunkwiseMemory))
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
