@@ -9,6 +9,7 @@ from .config import TTOConfig
 from .convert import convert_official_ttt
 from .modeling import TTOForCausalLM, TTOModel
 from .registry import available, build_config, get
+from .retrofit import retrofit
 
 __all__ = ["TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "available", "build_config",
-           "convert_official_ttt", "get"]
+           "convert_official_ttt", "get", "retrofit"]

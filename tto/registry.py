@@ -14,6 +14,7 @@ benchmarks all read :func:`available`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,41 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .config import TTOConfig, config_error, suggest
+
+
+#: how a mixer rotates the q and k it gets from a pretrained attention (see FromAttention.rope)
+ROPE_LAYOUTS = ("half", "interleaved", "none")
+
+
+@dataclass(frozen=True)
+class FromAttention:
+    """How a mixer starts from a pretrained softmax attention (:func:`tto.retrofit`); one per entry.
+
+    projections: mixer -> [(name, module)]: the mixer's module that starts from the attention's
+        module `name` (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; ``q_norm``, ``k_norm`` where
+        the attention has them). Keys and values of grouped KV heads are repeated to the query heads
+        when the module is that much wider; a module whose shape still differs starts from the
+        type's init (and retrofit warns), as does every module not listed.
+    heads: (attention heads, head width) -> the type's config fields that give the mixer the same
+        heads, so each head's projection rows carry over whole.
+    rope: how the mixer rotates q and k: "half" (Llama's rotate-half: rows kept), "interleaved"
+        (adjacent pairs: each head's rows reordered so pair i holds the two rows rotate-half turned
+        by frequency i), "none" (no RoPE: rows kept, the attention's positions are lost).
+    """
+
+    projections: Callable[[nn.Module], list[tuple[str, nn.Module]]]
+    heads: Callable[[int, int], dict[str, Any]] = lambda heads, head_dim: {}  # noqa: E731
+    rope: str = "half"
+
+    def __post_init__(self):
+        if self.rope not in ROPE_LAYOUTS:
+            raise ValueError(f"FromAttention.rope={self.rope!r}; valid: {list(ROPE_LAYOUTS)}")
+
+
+def qkvo(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention's q/k/v/o projections onto the same-named ones of `module` (those it has)."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return [(name, getattr(module, name)) for name in names if getattr(module, name, None) is not None]
 
 
 @dataclass(frozen=True)
@@ -32,6 +68,7 @@ class Entry:
     base_model_class: type  # <Name>Model
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     paper: str = ""
+    from_attention: FromAttention | None = None  # how tto.retrofit maps a pretrained attention onto it
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -52,8 +89,10 @@ def _camel(name: str) -> str:
     return "".join(part.upper() if len(part) <= 3 else part.capitalize() for part in name.split("_"))
 
 
-def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | None = None, paper: str = ""):
-    """Class decorator registering a mixer (and its config) under the type key `name`."""
+def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | None = None, paper: str = "",
+             from_attention: FromAttention | None = None):
+    """Class decorator registering a mixer (and its config) under the type key `name`;
+    `from_attention` declares how :func:`tto.retrofit` starts it from a pretrained attention."""
 
     def decorate(mixer_class: type[nn.Module]) -> type[nn.Module]:
         from . import modeling
@@ -74,7 +113,7 @@ def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | N
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModel.register(config, base, exist_ok=True)
         AutoModelForCausalLM.register(config, lm, exist_ok=True)
-        _REGISTRY[name] = Entry(name, config, mixer_class, lm, base, dict(presets or {}), paper)
+        _REGISTRY[name] = Entry(name, config, mixer_class, lm, base, dict(presets or {}), paper, from_attention)
         return mixer_class
 
     return decorate

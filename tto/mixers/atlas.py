@@ -42,7 +42,7 @@ from ..engine import (DecayGD, InnerOptimizer, MLPMemory, Memory, MomentumGD, Mu
                       PolynomialFeatures, Retention, SquaredError)
 from ..layers.gates import Gate
 from ..layers.memory_layer import MemoryLayer, MemoryLayerConfig
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 
 ATLAS_PRESETS = {
     # a 24 x 1024 model of the paper's 340M class: degree-2 features of 64-wide heads (2145 features)
@@ -88,7 +88,15 @@ VARIANTS: dict[str, Callable[[AtlasConfig], tuple[InnerOptimizer, Retention | No
 }
 
 
-@register("atlas", config=AtlasConfig, presets=ATLAS_PRESETS, paper="arXiv:2505.23735 (Behrouz et al., 2025)")
+#: retrofit (tto.retrofit): one memory head per attention head (num_mem_heads); the memory layer's
+#: q, k, v, o from the attention's (k, v repeated from grouped KV heads; no RoPE, so the positions are
+#: lost). Convs, gates, feature coefficients, the output gate and norm and the memory start from init.
+ATLAS_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.memory),
+                                     heads=lambda heads, head_dim: {"num_mem_heads": heads})
+
+
+@register("atlas", config=AtlasConfig, presets=ATLAS_PRESETS, paper="arXiv:2505.23735 (Behrouz et al., 2025)",
+          from_attention=ATLAS_FROM_ATTENTION)
 class AtlasMixer(nn.Module):
     """ATLAS memory layer: x (B, T, hidden) -> (B, T, hidden), optimizer of `config.variant`."""
 

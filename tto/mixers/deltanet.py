@@ -40,7 +40,7 @@ from ..config import TTOConfig, config_error
 from ..engine import DeltaRule
 from ..layers.conv import ShortConv
 from ..layers.gates import DecayGate, Gate
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 
 #: sizes of the papers' tables: 340M (DeltaNet Table 2, fla configs/delta_net_340M), 1.3B
 #: (DeltaNet Table 2 and Gated DeltaNet Table 1; fla gated_deltanet_1B: head_dim 256, expand_v 2)
@@ -108,7 +108,15 @@ class GatedDeltaNetConfig(DeltaNetConfig):
             raise config_error("a_init_max", self.a_init_max, "must be > 0")
 
 
-@register("deltanet", config=DeltaNetConfig, presets=DELTANET_PRESETS, paper="arXiv:2406.06484 (Yang et al., 2024)")
+#: retrofit (tto.retrofit): one delta-rule head per attention head, as wide (num_heads, head_k_dim);
+#: q, k, v, o from the attention's (k, v repeated from grouped KV heads; no RoPE, so the positions are
+#: lost; with expand_v != 1, v and o do not fit and start from init). Convs, the beta gate (and the
+#: decay gate), the output norm and gate start from init.
+DELTANET_FROM_ATTENTION = FromAttention(qkvo, heads=lambda heads, head_dim: {"num_heads": heads, "head_k_dim": head_dim})
+
+
+@register("deltanet", config=DeltaNetConfig, presets=DELTANET_PRESETS, paper="arXiv:2406.06484 (Yang et al., 2024)",
+          from_attention=DELTANET_FROM_ATTENTION)
 class DeltaNetMixer(nn.Module):
     """DeltaNet layer: x (B, T, hidden) -> (B, T, hidden). State: ``memory.W.S`` and the conv tails."""
 
@@ -149,7 +157,7 @@ class DeltaNetMixer(nn.Module):
 
 
 @register("gated_deltanet", config=GatedDeltaNetConfig, presets=GATED_DELTANET_PRESETS,
-          paper="arXiv:2412.06464 (Yang, Kautz, Hatamizadeh, 2024)")
+          paper="arXiv:2412.06464 (Yang, Kautz, Hatamizadeh, 2024)", from_attention=DELTANET_FROM_ATTENTION)
 class GatedDeltaNetMixer(DeltaNetMixer):
     """Gated DeltaNet layer: DeltaNet with the decay ``a_t`` (its only difference)."""
 

@@ -39,7 +39,7 @@ from ..config import TTOConfig, config_error
 from ..engine import DotProduct, LargeChunkMemory, SwiGLUMemory
 from ..layers.attention import Attention
 from ..layers.rope import apply_rope, rope_cos_sin
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 
 LACT_PRESETS = {
     # lact_llm/configs 760M: hidden 1536, 24 layers, 24 attention heads, 4 fast heads, chunk = window = 2048
@@ -87,7 +87,16 @@ class LaCTConfig(TTOConfig):
                 raise config_error(name, getattr(self, name), "must be > 0")
 
 
-@register("lact", config=LaCTConfig, presets=LACT_PRESETS, paper="arXiv:2505.23884 (Zhang et al., 2025)")
+#: retrofit (tto.retrofit): the attention branch's q, k, v, o from the attention's (rotate-half RoPE,
+#: as the attention's). LaCT feeds k to its fast weights too, so it needs as many KV heads as query
+#: heads: every attention layer of the model gets its KV heads repeated (the same function, more
+#: weights). q/k norms, the fast weights and their gates start from init.
+LACT_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.attention),
+                                    heads=lambda heads, head_dim: {"num_key_value_heads": heads})
+
+
+@register("lact", config=LaCTConfig, presets=LACT_PRESETS, paper="arXiv:2505.23884 (Zhang et al., 2025)",
+          from_attention=LACT_FROM_ATTENTION)
 class LaCTMixer(nn.Module):
     """LaCT layer: x (B, T, hidden) -> (B, T, hidden). State: the attention window, ``memory.*``."""
 

@@ -45,7 +45,7 @@ from ..engine import (DecayGD, Huber, LpError, LqNormalization, MLPMemory, Memor
                       SoftmaxRetention, SquaredError)
 from ..layers.gates import Gate
 from ..layers.memory_layer import MemoryLayer, MemoryLayerConfig
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 
 MIRAS_PRESETS = {
     # the paper's 340M / 760M rows (Table 2): 24 layers of 1024 / 1536; at 340M the MLP is 2560 wide
@@ -99,7 +99,14 @@ VARIANTS: dict[str, Callable[[MirasConfig], tuple[Objective, Retention, dict[str
 }
 
 
-@register("miras", config=MirasConfig, presets=MIRAS_PRESETS, paper="arXiv:2504.13173 (Behrouz et al., 2025)")
+#: retrofit (tto.retrofit): as ATLAS and Titans LMM, the memory layer's q, k, v, o from the
+#: attention's, one memory head per attention head; everything else from init
+MIRAS_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.memory),
+                                     heads=lambda heads, head_dim: {"num_mem_heads": heads})
+
+
+@register("miras", config=MirasConfig, presets=MIRAS_PRESETS, paper="arXiv:2504.13173 (Behrouz et al., 2025)",
+          from_attention=MIRAS_FROM_ATTENTION)
 class MirasMixer(nn.Module):
     """Miras memory layer: x (B, T, hidden) -> (B, T, hidden), with the bias and retention of `config.variant`."""
 

@@ -81,7 +81,7 @@ from ..engine import MLPMemory, Memory, MomentumGD, SquaredError
 from ..layers.attention import Attention
 from ..layers.gates import Gate
 from ..layers.memory_layer import MemoryLayer, MemoryLayerConfig
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 
 #: the original TTO recipes' model fields (configs/titans_lmm_300m.yml, configs/titans_mag_335m.yml)
 _RECIPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2736, num_hidden_layers=16,
@@ -230,7 +230,17 @@ class MAL(nn.Module):
 VARIANTS: dict[str, type[nn.Module]] = {"lmm": LMM, "mac": MAC, "mag": MAG, "mal": MAL}
 
 
-@register("titans", config=TitansConfig, presets=TITANS_PRESETS, paper="arXiv:2501.00663 (Behrouz et al., 2025)")
+#: retrofit (tto.retrofit): one memory head per attention head (num_mem_heads); the memory layer's
+#: q, k, v, o from the attention's (k, v repeated from grouped KV heads; the memory has no RoPE, so
+#: the positions are lost), and in MAC/MAG/MAL the attention branch's q, k, v, o too. Convs, gates,
+#: output gate and norm, persistent tokens and the memory MLP start from init.
+TITANS_FROM_ATTENTION = FromAttention(
+    lambda mixer: qkvo(mixer.wiring.memory) + qkvo(getattr(mixer.wiring, "attention", None)),
+    heads=lambda heads, head_dim: {"num_mem_heads": heads})
+
+
+@register("titans", config=TitansConfig, presets=TITANS_PRESETS, paper="arXiv:2501.00663 (Behrouz et al., 2025)",
+          from_attention=TITANS_FROM_ATTENTION)
 class TitansMixer(nn.Module):
     """Titans mixer: x (B, T, hidden) -> (B, T, hidden), wired as `config.variant`."""
 

@@ -10,14 +10,15 @@ from typing import ClassVar
 
 from ..config import TTOConfig
 from ..layers.attention import Attention
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 
 
 class TransformerConfig(TTOConfig):
     model_type: ClassVar[str] = "tto_transformer"
 
 
-@register("transformer", config=TransformerConfig, paper="Attention Is All You Need (arXiv:1706.03762); Llama-style block")
+@register("transformer", config=TransformerConfig, paper="Attention Is All You Need (arXiv:1706.03762); Llama-style block",
+          from_attention=FromAttention(qkvo))  # the same attention: every projection as it is
 class AttentionMixer(Attention):
     """Softmax attention as a mixer: ``mixer(x, ctx, state)``."""
 

@@ -37,7 +37,7 @@ from ..config import TTOConfig, config_error
 from ..engine import MiniBatchGD, MLPMemory, Memory, SquaredError
 from ..layers.conv import ShortConv
 from ..layers.rope import apply_rope_interleaved, rope_cos_sin
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 
 #: TTT_STANDARD_CONFIGS of the reference
 TTT_PRESETS = {
@@ -84,7 +84,17 @@ class TTTConfig(TTOConfig):
             raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
 
 
-@register("ttt", config=TTTConfig, presets=TTT_PRESETS, paper="arXiv:2407.04620 (Sun et al., 2024)")
+#: retrofit (tto.retrofit): q, k, v, o from the attention's (k, v repeated from grouped KV heads to
+#: every head; with share_qk, q_proj from q and k's conv from init). Its heads are the backbone's
+#: (num_attention_heads), each hidden_size / heads wide. TTT rotates adjacent pairs, so each head's
+#: q/k rows are reordered to keep every frequency on the same pair of values; the positions are
+#: taken modulo mini_batch_size, not absolute as in the attention. The lr gate, fast weights and
+#: post-norm start from init.
+TTT_FROM_ATTENTION = FromAttention(qkvo, rope="interleaved")
+
+
+@register("ttt", config=TTTConfig, presets=TTT_PRESETS, paper="arXiv:2407.04620 (Sun et al., 2024)",
+          from_attention=TTT_FROM_ATTENTION)
 class TTTMixer(nn.Module):
     """TTT layer: x (B, T, hidden) -> (B, T, hidden)."""
 
