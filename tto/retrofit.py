@@ -123,7 +123,7 @@ def check_fields(type: str, fields: dict) -> None:
         raise _refuse(f"unknown field(s) for type {type!r}: {hints}")
 
 
-def retrofit_config(source, type: str, layers, **fields) -> TTOConfig:
+def retrofit_config(source, type: str, layers="last_quarter", **fields) -> TTOConfig:
     """The tto config of :func:`retrofit`: the source's backbone, the type's head fields (its
     ``FromAttention.heads``), then `fields` on top; checked (ValueError) before any weight is made."""
     entry = registry.get(type)
@@ -231,3 +231,4 @@ def retrofit(model: nn.Module, type: str, layers="last_quarter", **fields) -> nn
         target.tie_weights()
     target.generation_config = copy.deepcopy(model.generation_config)
     return target.to(device).train(model.training)
+

@@ -32,21 +32,27 @@ def byte_tokenizer(model_max_length: int = 1 << 20) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(spec: str):
-    """`builtin:bytes`, a local directory, or a hub name (failing fast when the hub is unreachable)."""
+    """`builtin:bytes`, a local directory, a GGUF file (``.gguf`` or ``pkg:PACKAGE/FILE``, see
+    :mod:`tto.pretrained`), or a hub name (failing fast when the hub is unreachable)."""
+    from ..pretrained import GGUF_SUFFIX, PACKAGE_PREFIX, load_pretrained_tokenizer
+
     if spec == BYTE_TOKENIZER:
         return byte_tokenizer()
     if spec.startswith("builtin:"):
         raise ValueError(f"unknown built-in tokenizer {spec!r}; valid: [{BYTE_TOKENIZER!r}]")
-    if not Path(spec).is_dir():
-        if not looks_like_hub_id(spec):
-            raise FileNotFoundError(f"tokenizer {spec!r}: no such directory")
-        hub_reachable()
-    try:
-        tok = AutoTokenizer.from_pretrained(spec)
-    except OSError as err:
-        if Path(spec).is_dir():
-            raise
-        raise hub_error("tokenizer", spec, err) from None
+    if spec.startswith(PACKAGE_PREFIX) or spec.endswith(GGUF_SUFFIX):
+        tok = load_pretrained_tokenizer(spec)
+    else:
+        if not Path(spec).is_dir():
+            if not looks_like_hub_id(spec):
+                raise FileNotFoundError(f"tokenizer {spec!r}: no such directory")
+            hub_reachable()
+        try:
+            tok = AutoTokenizer.from_pretrained(spec)
+        except OSError as err:
+            if Path(spec).is_dir():
+                raise
+            raise hub_error("tokenizer", spec, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

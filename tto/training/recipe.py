@@ -5,7 +5,11 @@ A recipe has four sections (the schema of the original TTO configs)::
     dataset:       {name, max_seq_length, ...}        see DatasetSection
     model:         {type: <registered type>, <that type's config fields>,
                     <another type>: {<its fields, used only when type is that type>}}
-    tokenizer:     builtin:bytes | <local dir> | <hub name>
+                   or a pretrained start (see pretrained_section):
+                   {from_pretrained: <dir | .gguf file | pkg:PACKAGE/FILE | hub name>,
+                    retrofit: {type: <registered type>, layers: last_quarter | [<index>, ...], <its fields>}}
+    tokenizer:     builtin:bytes | <local dir> | <.gguf file> | pkg:PACKAGE/FILE | <hub name>
+                   (default: the pretrained model's own, else builtin:bytes)
     training_args: <transformers.TrainingArguments fields> + device, project, resume_from_checkpoint,
                    overwrite_output_dir
 
@@ -131,6 +135,34 @@ def model_fields(model: dict) -> dict:
     return {"type": own["type"], **per_type.get(own["type"], {}), **own}
 
 
+#: keys of a model section that starts from a pretrained model
+PRETRAINED_KEYS = ("from_pretrained", "retrofit")
+
+
+def pretrained_section(model: dict) -> dict:
+    """Check ``{from_pretrained: spec, retrofit: {type, layers, <fields>}}``: its keys, that the spec
+    names a model (its config is read: no weights), and the retrofit's type, layers and fields
+    against that config (:func:`tto.retrofit.retrofit_config`). Without ``retrofit`` the pretrained
+    model trains as it is."""
+    from ..pretrained import load_pretrained_config
+    from ..retrofit import retrofit_config
+
+    unknown = [k for k in model if k not in PRETRAINED_KEYS]
+    if unknown:
+        raise _unknown("model key(s) beside from_pretrained", unknown, PRETRAINED_KEYS)
+    spec = model["from_pretrained"]
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model.from_pretrained={spec!r}: a directory, .gguf file, pkg:PACKAGE/FILE or hub name")
+    source = load_pretrained_config(spec)
+    retro = model.get("retrofit")
+    if retro is not None:
+        if not isinstance(retro, dict) or "type" not in retro:
+            raise ValueError(f"model.retrofit={retro!r}: a mapping {{type: <registered type>, layers: last_quarter | "
+                             f"[<index>, ...], <that type's fields>}}")
+        retrofit_config(source, **retro)
+    return model
+
+
 def parse_recipe(raw: dict) -> Recipe:
     """Validate a recipe dict (sections, dataset fields, training argument names, model type and fields)."""
     import tto
@@ -156,17 +188,22 @@ def parse_recipe(raw: dict) -> Recipe:
     if unknown:
         raise _unknown("training_args", unknown, valid_args)
     model = dict(raw.get("model") or {})
-    if "type" not in model:
-        raise ValueError(f"the model section needs a type; registered types: {sorted(tto.available())}")
-    model = model_fields(model)
-    fields_only = {k: v for k, v in model.items() if k != "type"}
-    tto.build_config(model["type"], **fields_only)  # unknown type / field / bad value -> ValueError now
+    if "from_pretrained" in model:
+        model = pretrained_section(model)
+    else:
+        if "type" not in model:
+            raise ValueError(f"the model section needs a type (or from_pretrained); registered types: "
+                             f"{sorted(tto.available())}")
+        model = model_fields(model)
+        fields_only = {k: v for k, v in model.items() if k != "type"}
+        tto.build_config(model["type"], **fields_only)  # unknown type / field / bad value -> ValueError now
     dataset = DatasetSection(**data)
     dataset.check()
     optimizer = _section("optimizer", raw.get("optimizer") or {}, OptimizerSection)
     groups = optimizer.param_groups if isinstance(optimizer.param_groups, list) else [optimizer.param_groups]
     optimizer.param_groups = [_section("optimizer.param_groups[]", g, ParamGroup) for g in groups]
-    return Recipe(dataset=dataset, model=model, tokenizer=raw.get("tokenizer") or "builtin:bytes",
+    tokenizer = raw.get("tokenizer") or model.get("from_pretrained") or "builtin:bytes"
+    return Recipe(dataset=dataset, model=model, tokenizer=tokenizer,
                   training_args=args, freeze=parse_freeze(raw.get("freeze")), optimizer=optimizer)
 
 

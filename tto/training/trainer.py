@@ -69,6 +69,29 @@ def split_documents(ds: DatasetSection):
     return parts["train"], parts["test"]
 
 
+def run_name(model: dict) -> str:
+    """The default output directory name of a model section: its type, ``retrofit_<type>``, or ``pretrained``."""
+    if "from_pretrained" not in model:
+        return model["type"]
+    retro = model.get("retrofit")
+    return "pretrained" if retro is None else f"retrofit_{retro['type']}"
+
+
+def pretrained_model(model: dict, tokenizer):
+    """The model of a ``from_pretrained`` section: loaded, then retrofitted when it says so (the new
+    mixers' init follows the global seed). ValueError, before any weight is read, when the
+    tokenizer has more tokens than the model."""
+    from ..pretrained import load_pretrained, load_pretrained_config
+    from ..retrofit import retrofit
+
+    vocab = load_pretrained_config(model["from_pretrained"]).vocab_size
+    if vocab < len(tokenizer):
+        raise ValueError(f"model.from_pretrained={model['from_pretrained']!r} has {vocab} token ids, fewer than the "
+                         f"tokenizer ({len(tokenizer)}); use the model's own tokenizer")
+    loaded = load_pretrained(model["from_pretrained"])
+    return loaded if model.get("retrofit") is None else retrofit(loaded, **model["retrofit"])
+
+
 def build_trainer(recipe: Recipe, callbacks=()):
     """Everything before the first step: output dir check, tokenizer, data, model, Trainer.
 
@@ -86,7 +109,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
     device = args.pop("device", "auto")
     resume = args.pop("resume_from_checkpoint", None)
     overwrite = bool(args.pop("overwrite_output_dir", False))
-    args.setdefault("output_dir", "runs/" + recipe.model["type"])
+    args.setdefault("output_dir", "runs/" + run_name(recipe.model))
     args.setdefault("report_to", "none")
     args.setdefault("data_seed", args.get("seed", 42))  # else the sampler may draw its seed from the clock
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
@@ -95,16 +118,20 @@ def build_trainer(recipe: Recipe, callbacks=()):
     configure_wandb(args["report_to"])
 
     tokenizer = load_tokenizer(recipe.tokenizer)
-    fields_ = {k: v for k, v in recipe.model.items() if k != "type"}
-    fields_.setdefault("vocab_size", len(tokenizer))
-    if fields_["vocab_size"] < len(tokenizer):
-        raise ValueError(f"model.vocab_size={fields_['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        fields_.setdefault(name, getattr(tokenizer, name))
-    config = tto.build_config(recipe.model["type"], **fields_)
     training_args = TrainingArguments(**args)
-    set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
-    model = tto.get(recipe.model["type"]).model_class(config)
+    if "from_pretrained" in recipe.model:
+        set_seed(training_args.seed)  # the new mixers' initial weights depend on the recipe's seed only
+        model = pretrained_model(recipe.model, tokenizer)
+    else:
+        fields_ = {k: v for k, v in recipe.model.items() if k != "type"}
+        fields_.setdefault("vocab_size", len(tokenizer))
+        if fields_["vocab_size"] < len(tokenizer):
+            raise ValueError(f"model.vocab_size={fields_['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            fields_.setdefault(name, getattr(tokenizer, name))
+        config = tto.build_config(recipe.model["type"], **fields_)
+        set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
+        model = tto.get(recipe.model["type"]).model_class(config)
     freeze(model, recipe.freeze)  # a pattern that matches nothing fails here, before the data is read
     optimizer = optimizer_cls_and_kwargs(model, recipe.optimizer, training_args)
 
