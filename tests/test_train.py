@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tto
-from tto.training import load_recipe, parse_recipe, train
+from tto.training import Diverged, load_recipe, parse_recipe, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -163,6 +163,78 @@ def test_resume_continues_the_same_run(tmp_path):
     assert sorted(resumed) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+class PoisonAt(TrainerCallback):
+    """Makes the run diverge at optimizer step `step`: layer 1's mixer weights become NaN just before it."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                for p in model.model.layers[1].mixer.parameters():
+                    p.fill_(float("nan"))
+
+
+#: 8 steps, a checkpoint every 2, no held-out split: poisoned at step 5, checkpoints 2 and 4 are the good ones
+DIVERGING = ["training_args.max_steps=8", "training_args.save_strategy=steps", "training_args.save_steps=2",
+             "training_args.logging_steps=1", "dataset.eval_fraction=0"]
+
+
+def assert_stopped_unsaved(out: Path) -> None:
+    """The run left its good checkpoints (finite weights), and no final model at the top."""
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "model.safetensors").exists() and not (out / "train_metrics.json").exists()
+    weights = load_file(out / "checkpoint-4" / "model.safetensors")
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_diverging_run_stops_at_its_step_and_is_not_saved(tmp_path, check_finite):
+    """A NaN loss stops the run at the step it happens (not at logging time, where the Trainer would
+    log the mean of the finite steps), before its update; with check_finite the layer is named."""
+    recipe = recipe_for("ttt", tmp_path, *DIVERGING, f"model.check_finite={str(check_finite).lower()}")
+    with pytest.raises(Diverged) as caught:
+        train(recipe, callbacks=[PoisonAt(5)])
+    assert caught.value.step == 5
+    expected = r"layer 1 \(ttt\) produced NaN/Inf" if check_finite else r"the training loss is nan"
+    assert re.fullmatch(rf"non-finite loss at step 5: {expected}.*", str(caught.value))
+    assert_stopped_unsaved(tmp_path / "out")
+
+
+POISON_DRIVER = """
+import runpy, sys
+import tto.training
+sys.path.insert(0, sys.argv[1])
+from test_train import PoisonAt
+
+build = tto.training.build_trainer  # train.py imports it when it runs: hand it the poison
+tto.training.build_trainer = lambda recipe, callbacks=(): build(recipe, [*callbacks, PoisonAt(5)])
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_train_py_exits_non_zero_on_divergence_in_one_line(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(POISON_DRIVER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(driver), str(ROOT / "tests"), str(ROOT / "train.py"), str(TINY / "ttt.yml"),
+           f"training_args.output_dir={out}", "training_args.disable_tqdm=true", *DIVERGING]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    expected = ("train.py: error: non-finite loss at step 5: layer 1 (ttt) produced NaN/Inf; the layers below it "
+                "were finite (set check_finite=False to skip this check); stopped before its update, no model saved; "
+                f"last checkpoint {out / 'checkpoint-4'} kept")
+    assert errors == [expected], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "done:" not in result.stdout
+    assert_stopped_unsaved(out)
 
 
 DDP_DRIVER = """

@@ -2,14 +2,18 @@
 
 - :mod:`.recipe`: the schema (sections, dataset fields, overrides) and its checks, before any work.
 - :mod:`.trainer`: the run a recipe describes (output directory, data, model, Trainer, final save).
+- :mod:`.callbacks`: callbacks that watch a run (a non-finite loss stops it, unsaved).
 """
 
+from .callbacks import Diverged, StopOnNonFiniteLoss
 from .recipe import DatasetSection, Recipe, apply_overrides, load_recipe, model_fields, parse_recipe
 from .trainer import build_trainer, check_output_dir, configure_wandb, run, save_atomically, split_documents, train
 
 __all__ = [
     "DatasetSection",
+    "Diverged",
     "Recipe",
+    "StopOnNonFiniteLoss",
     "apply_overrides",
     "build_trainer",
     "check_output_dir",

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .callbacks import Diverged, StopOnNonFiniteLoss
 from .optim import freeze, optimizer_cls_and_kwargs
 from .recipe import DatasetSection, Recipe
 
@@ -150,14 +151,21 @@ def build_trainer(recipe: Recipe, callbacks=()):
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
-                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=list(callbacks),
-                      optimizer_cls_and_kwargs=optimizer)
+                      data_collator=default_data_collator, processing_class=tokenizer,
+                      callbacks=[StopOnNonFiniteLoss(), *callbacks], optimizer_cls_and_kwargs=optimizer)
     return trainer, resume
 
 
 def run(trainer, resume=None) -> dict:
-    """Train, evaluate the final model (unless that was just done) and save it; returns the metrics."""
-    result = trainer.train(resume_from_checkpoint=resume)
+    """Train, evaluate the final model (unless that was just done) and save it; returns the metrics.
+
+    A non-finite loss (or a layer's NaN/Inf, with ``check_finite``) raises :class:`Diverged` naming
+    the step, before that step's update: nothing is saved, the checkpoints written so far are kept.
+    """
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except FloatingPointError as err:
+        raise Diverged.at(trainer.state, err) from err
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
