@@ -1,7 +1,9 @@
-"""Fine-tuning tools as Trainer features: parameter groups and freezing, float32 memories."""
+"""Fine-tuning tools as Trainer features: parameter groups and freezing, float32 memories, the
+inner-loop monitor."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tto
 from tto.engine import MEMORIES, Memory, MLPMemory, MomentumGD, SquaredError
-from tto.training import build_trainer, load_recipe, parse_recipe
+from tto.training import Diverged, build_trainer, load_recipe, parse_recipe, run
+from tto.training.monitor import memory_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -194,3 +197,108 @@ def test_ten_thousand_inner_updates_under_bf16_autocast_match_float32():
         torch.testing.assert_close(got, want, atol=1e-6 * scale, rtol=0)
     drifted = final_state(titans_memory(Bf16StateMemory), False, as32)[0]
     assert (drifted - reference[0]).abs().max() > 1e-3 * scale
+
+
+# ---------------------------------------------------------------- inner-loop monitor
+
+#: the gates each engine reports, by the names the engine uses (theta, eta, alpha, ...)
+def expected_gates(name: str, model) -> set[str]:
+    layer = next(iter(memory_layers(model).values()))
+    if isinstance(layer, Memory):
+        return {f"{g}_gate" for g in layer.optimizer.gate_names + layer.objective.gate_names}
+    return {"lr_gate", "forget_gate"} if name == "gated_deltanet" else {"lr_gate"} | (
+        {"momentum_gate"} if getattr(layer, "use_momentum", False) else set())
+
+
+class Reporter(TrainerCallback):
+    """Receives logs as the wandb and tensorboard reporters do (``on_log``)."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("name", list(tto.available()))
+def test_monitor_logs_every_memory_layer_every_n_steps(name, tmp_path):
+    recipe = tiny_recipe(tmp_path, "monitor={every: 2}", "training_args.max_steps=4", "training_args.eval_strategy=no",
+                         name=name)
+    if name == "transformer":
+        with pytest.raises(ValueError, match="no memory layer to monitor"):
+            build_trainer(recipe)
+        return
+    reporter = Reporter()
+    trainer, _ = build_trainer(recipe, callbacks=[reporter])
+    layers = memory_layers(trainer.model)
+    assert sorted(layers) == [f"layer{i}" for i in range(trainer.model.config.num_hidden_layers)]
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if any(k.startswith("inner/") for k in e)]
+    assert [e["step"] for e in logged] == [2, 4]
+    stats = {"loss_before", "loss_after", "weight_norm"} | expected_gates(name, trainer.model)
+    momentum = any(getattr(m, "optimizer", None) is not None and m.optimizer.has_momentum for m in layers.values())
+    for entry in logged:
+        for label in layers:
+            got = {k.split("/")[2] for k in entry if k.startswith(f"inner/{label}/")}
+            assert stats <= got and ("momentum_norm" in got) == (momentum or "momentum_gate" in got), (label, got)
+            assert all(math.isfinite(entry[f"inner/{label}/{s}"]) for s in got)
+            assert entry[f"inner/{label}/weight_norm"] > 0 or name in ("deltanet", "gated_deltanet")
+    inner_only = lambda e: {k: v for k, v in e.items() if k.startswith("inner/")}  # noqa: E731
+    assert [inner_only(e) for e in reporter.logs if inner_only(e)] == [inner_only(e) for e in logged]
+
+
+def test_monitor_statistics_are_the_inner_losses_of_each_chunk():
+    """TTT-Linear's layer, recomputed here from its definition: the loss of each chunk's tokens at the
+    weights before its update and after it (taken from the engine's cache), and the mean lr gate."""
+    model = tiny_model("ttt").train()
+    layer = model.model.layers[1].mixer.memory
+    seen = []
+    layer.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    x = torch.randint(0, SIZES["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    model(x)
+    (q, k, v, gates, *_), kwargs = seen[0]
+    stats = layer.inner_stats(*seen[0])
+    b = layer.chunk_size  # 4: three chunks of 12 tokens
+    fast = layer.fast
+
+    def loss(params, lo):
+        kk, vv = (t[:, lo:lo + b].float().transpose(1, 2).flatten(0, 1) for t in (k, v))
+        return 0.5 * (fast.apply(kk, fast.plain_linear(params)) - vv).pow(2).sum(-1).mean()
+
+    params = fast.initial_params(2)
+    before, after = [], []
+    cache = {}
+    with torch.no_grad():
+        for lo in range(0, 12, b):
+            before.append(loss(params, lo))
+            layer(q[:, lo:lo + b], k[:, lo:lo + b], v[:, lo:lo + b], {"lr": gates["lr"][:, lo:lo + b]}, state=cache)
+            params = {n: cache[f"memory.W.{n}"].flatten(0, 1) for n in params}
+            after.append(loss(params, lo))
+    assert stats["loss_before"] == pytest.approx(float(sum(before) / 3), rel=1e-5)
+    assert stats["loss_after"] == pytest.approx(float(sum(after) / 3), rel=1e-5)
+    assert stats["loss_after"] < stats["loss_before"]  # a small gradient step lowers the loss it descends
+    assert stats["lr_gate"] == pytest.approx(float(gates["lr"].detach().mean()), rel=1e-6)
+    norm = torch.stack([p.flatten(1).pow(2).sum(1) for p in params.values()]).sum(0).sqrt().mean()
+    assert stats["weight_norm"] == pytest.approx(float(norm), rel=1e-5)
+
+
+class PoisonLayer(TrainerCallback):
+    """Turns layer 1's initial fast weights to NaN after the forward of step `step` (before the monitor reads them)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.model.layers[1].mixer.memory.fast.W1.fill_(float("nan"))
+
+
+def test_monitor_stops_naming_the_layer_and_step_on_nan(tmp_path):
+    recipe = tiny_recipe(tmp_path, "monitor={every: 1}", "training_args.max_steps=5", "training_args.eval_strategy=no")
+    trainer, resume = build_trainer(recipe, callbacks=[PoisonLayer(3)])
+    with pytest.raises(Diverged, match=r"step 3: layer1 inner loss_before is nan") as err:
+        run(trainer, resume)
+    assert err.value.step == 3 and trainer.state.global_step == 3
+    assert math.isnan(trainer.state.log_history[-1]["inner/layer1/loss_before"])  # logged before stopping
+    assert math.isfinite(trainer.state.log_history[-1]["inner/layer0/loss_before"])

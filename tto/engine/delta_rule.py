@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..reference import in_reference_mode
 from .chunkwise import ChunkwiseMemory
 from .fast_models import inner
+from .memory import heads_first
 
 
 class DeltaRule(ChunkwiseMemory):
@@ -60,6 +61,26 @@ class DeltaRule(ChunkwiseMemory):
         if state is not None:
             state[self.key] = s.detach()
         return out.to(out_dtype)
+
+    # ------------------------------------------------------------------ monitoring (ChunkwiseMemory.inner_stats)
+    def fast_weights(self, state, call):
+        s = state.get(self.key)
+        if s is None:
+            q, v = call["q"], call["v"]
+            s = inner(q).new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        return {"S": s.flatten(0, 1)}, None
+
+    def inner_loss(self, params, call):
+        """``1/2 ||S^T k_t - v_t||^2``, the loss each step descends."""
+        k, v = heads_first(call["k"]), heads_first(call["v"])
+        return 0.5 * (k @ params["S"] - v).pow(2).sum(-1)
+
+    def gate_values(self, call):
+        """``lr``: beta; ``forget``: 1 - a_t (the share of the state each token forgets)."""
+        gates = {"lr": call["beta"]}
+        if call.get("log_decay") is not None:
+            gates["forget"] = -torch.expm1(call["log_decay"])
+        return gates
 
     def _chunked(self, q, k, v, beta, log_decay, s0):
         batch, length, heads, _ = q.shape

@@ -25,7 +25,7 @@ import torch
 from ..reference import in_reference_mode
 from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, inner
-from .memory import Layout, load_state, prepend_pending, store_state
+from .memory import Layout, heads_first, load_state, prepend_pending, store_state
 from .muon import newton_schulz5
 from .objectives import Objective
 
@@ -62,6 +62,19 @@ class LargeChunkMemory(ChunkwiseMemory):
         grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v, {}))
         update = {name: -x.transpose(-1, -2) @ (lr[:, :, names.index(name), None] * delta) for name, x, delta in grads}
         return read, *chunk_update(params, update, previous, momentum, norms, self.use_muon)
+
+    # ------------------------------------------------------------------ monitoring (ChunkwiseMemory.inner_stats)
+    def fast_weights(self, state, call):
+        batch = call["q"].shape[0]
+        loaded = load_state(state, self.prefix, batch, self.fast.weight_names, self.use_momentum)
+        return (self.fast.initial_params(batch), None) if loaded is None else loaded[:2]
+
+    def inner_loss(self, params, call):
+        k, v = heads_first(call["k"]), heads_first(call["v"])
+        return self.objective.loss(self.fast.apply(k, self.fast.plain_linear(params)), v, {})
+
+    def gate_values(self, call):
+        return call["gates"]
 
     def _norms(self, params: dict) -> dict | None:
         return {n: w.norm(dim=-2, keepdim=True) for n, w in params.items()} if self.weight_norm else None

@@ -38,6 +38,11 @@ from .optimizers import Coefficients, InnerOptimizer
 from .retention import Retention
 
 
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, ...) -> (B * H, T, ...) in the inner dtype."""
+    return inner(x).transpose(1, 2).flatten(0, 1)
+
+
 def _bias_name(weight_name: str) -> str:
     return "b" + weight_name[1:]
 
@@ -169,6 +174,19 @@ class Memory(ChunkwiseMemory):
 
     def _param_names(self) -> list[str]:
         return list(self.fast.initial_params(1).keys())
+
+    # ------------------------------------------------------------------ monitoring (ChunkwiseMemory.inner_stats)
+    def fast_weights(self, state, call):
+        params, momentum, _, _ = self._load(state, call["q"].shape[0])
+        return params, momentum
+
+    def inner_loss(self, params, call):
+        k, v = heads_first(call["k"]), heads_first(call["v"])
+        gates = {n: heads_first(call["gates"][n]) for n in self.objective.gate_names}
+        return self.objective.loss(self.fast.apply(k, self.fast.plain_linear(params)), v, gates)
+
+    def gate_values(self, call):
+        return call["gates"]
 
     # ------------------------------------------------------------------ forward
     def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,

@@ -17,6 +17,7 @@ and optional fine-tuning sections::
 
     freeze:        [<parameter-name pattern>, ...]     see tto.training.optim
     optimizer:     {param_groups: [{params, lr, weight_decay}, ...]}
+    monitor:       {every: N}                          see tto.training.monitor
 
 Everything is checked before any work is done: unknown sections, dataset fields, model fields and
 training arguments are errors that name the key and suggest the close match.
@@ -31,9 +32,10 @@ from typing import Any
 import yaml
 
 from ..config import suggest
+from .monitor import MonitorSection
 from .optim import OptimizerSection, ParamGroup, parse_freeze
 
-SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer")
+SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer", "monitor")
 #: recipe keys in training_args that are not TrainingArguments fields
 EXTRA_TRAINING_KEYS = ("device", "resume_from_checkpoint", "overwrite_output_dir")
 #: training_args names of the original TTO configs that Transformers 5 renamed (a ratio < 1 in
@@ -78,6 +80,7 @@ class Recipe:
     training_args: dict[str, Any] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns that do not train
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    monitor: MonitorSection | None = None  # inner-loop statistics every N steps
 
 
 def _section(kind: str, raw, cls):
@@ -204,7 +207,8 @@ def parse_recipe(raw: dict) -> Recipe:
     optimizer.param_groups = [_section("optimizer.param_groups[]", g, ParamGroup) for g in groups]
     tokenizer = raw.get("tokenizer") or model.get("from_pretrained") or "builtin:bytes"
     return Recipe(dataset=dataset, model=model, tokenizer=tokenizer,
-                  training_args=args, freeze=parse_freeze(raw.get("freeze")), optimizer=optimizer)
+                  training_args=args, freeze=parse_freeze(raw.get("freeze")), optimizer=optimizer,
+                  monitor=None if raw.get("monitor") is None else _section("monitor", raw["monitor"], MonitorSection))
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

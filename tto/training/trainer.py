@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from .callbacks import Diverged, StopOnNonFiniteLoss
+from .monitor import InnerLoopMonitor
 from .optim import freeze, optimizer_cls_and_kwargs
 from .recipe import DatasetSection, Recipe
 
@@ -153,6 +154,8 @@ def build_trainer(recipe: Recipe, callbacks=()):
                       eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
                       data_collator=default_data_collator, processing_class=tokenizer,
                       callbacks=[StopOnNonFiniteLoss(), *callbacks], optimizer_cls_and_kwargs=optimizer)
+    if recipe.monitor is not None:
+        trainer.add_callback(InnerLoopMonitor(trainer, recipe.monitor.every))
     return trainer, resume
 
 
