@@ -1,5 +1,5 @@
 """Fine-tuning tools as Trainer features: parameter groups and freezing, float32 memories, the
-inner-loop monitor."""
+inner-loop monitor, the context-length curriculum."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import tto
 from tto.engine import MEMORIES, Memory, MLPMemory, MomentumGD, SquaredError
 from tto.training import Diverged, build_trainer, load_recipe, parse_recipe, run
 from tto.training.monitor import memory_layers
+
+from test_train import StopAt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -302,3 +304,66 @@ def test_monitor_stops_naming_the_layer_and_step_on_nan(tmp_path):
     assert err.value.step == 3 and trainer.state.global_step == 3
     assert math.isnan(trainer.state.log_history[-1]["inner/layer1/loss_before"])  # logged before stopping
     assert math.isfinite(trainer.state.log_history[-1]["inner/layer0/loss_before"])
+
+
+# ---------------------------------------------------------------- context-length curriculum
+
+class Blocks(TrainerCallback):
+    """Records, per optimizer step, the training blocks the model read."""
+
+    def __init__(self):
+        self.seen: dict[int, list[torch.Tensor]] = {}
+        self.state = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.state = state
+        model.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        if module.training:
+            self.seen.setdefault(self.state.global_step + 1, []).append(kwargs["input_ids"].clone())
+
+
+CURRICULUM = "curriculum=[{max_seq_length: 16, max_steps: 3}, {max_seq_length: 32, max_steps: 4}]"
+
+
+def curriculum_run(out: Path, *overrides: str, callbacks=()):
+    blocks = Blocks()
+    common = [CURRICULUM, "training_args.max_steps=7", "dataset.eval_fraction=0", "training_args.logging_steps=1",
+              "training_args.save_strategy=steps", "training_args.save_steps=5",
+              "training_args.gradient_accumulation_steps=2", "training_args.per_device_train_batch_size=2"]
+    recipe = load_recipe(TINY / "ttt.yml", [f"training_args.output_dir={out}", *common, *overrides])
+    trainer, resume = build_trainer(recipe, callbacks=[blocks, *callbacks])
+    run(trainer, resume)
+    return blocks.seen, trainer
+
+
+def test_curriculum_block_length_follows_the_stages_and_resumes_mid_stage(tmp_path):
+    full, trainer = curriculum_run(tmp_path / "full")
+    assert {step: [tuple(b.shape) for b in batches] for step, batches in full.items()} == {
+        step: [(2, 16 if step <= 3 else 32)] * 2 for step in range(1, 8)}  # 2 micro-batches of 2 blocks per step
+    assert trainer.state.max_steps == 7
+    # a run cut after the checkpoint at step 5 (stage 2), then resumed, reads the very same blocks
+    cut, _ = curriculum_run(tmp_path / "cut", callbacks=[StopAt(5)])
+    assert sorted(cut) == [1, 2, 3, 4, 5]
+    resumed, trainer = curriculum_run(tmp_path / "cut", "training_args.resume_from_checkpoint=true")
+    assert sorted(resumed) == [6, 7] and trainer.state.global_step == 7
+    for step in (6, 7):
+        assert all(torch.equal(a, b) for a, b in zip(resumed[step], full[step], strict=True)), step
+    # and the blocks of a stage are distinct draws, not the same batch again
+    assert not torch.equal(full[4][0], full[5][0])
+
+
+def test_curriculum_errors_before_any_work():
+    base = {"model": {"type": "ttt"}}
+    cases = [({**base, "curriculum": [{"max_seq_len": 8, "max_steps": 1}]}, "did you mean 'max_seq_length'"),
+             ({**base, "curriculum": [{"max_seq_length": 8}]}, "needs \\['max_steps'\\]"),
+             ({**base, "curriculum": [{"max_seq_length": 0, "max_steps": 1}]}, "max_seq_length=0: a positive integer"),
+             ({**base, "curriculum": {"max_seq_length": 8}}, "curriculum: a list of stages"),
+             ({**base, "curriculum": [{"max_seq_length": 8, "max_steps": 2}], "training_args": {"max_steps": 3}},
+              "stages add up to 2 steps")]
+    for raw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            parse_recipe(raw)
+    assert parse_recipe({**base, "curriculum": [{"max_seq_length": 8, "max_steps": 2},
+                                               {"max_seq_length": 16, "max_steps": 5}]}).training_args["max_steps"] == 7

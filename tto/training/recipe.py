@@ -18,6 +18,7 @@ and optional fine-tuning sections::
     freeze:        [<parameter-name pattern>, ...]     see tto.training.optim
     optimizer:     {param_groups: [{params, lr, weight_decay}, ...]}
     monitor:       {every: N}                          see tto.training.monitor
+    curriculum:    [{max_seq_length, max_steps}, ...]  see tto.training.curriculum
 
 Everything is checked before any work is done: unknown sections, dataset fields, model fields and
 training arguments are errors that name the key and suggest the close match.
@@ -32,10 +33,11 @@ from typing import Any
 import yaml
 
 from ..config import suggest
+from .curriculum import Stage, check_steps
 from .monitor import MonitorSection
 from .optim import OptimizerSection, ParamGroup, parse_freeze
 
-SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer", "monitor")
+SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer", "monitor", "curriculum")
 #: recipe keys in training_args that are not TrainingArguments fields
 EXTRA_TRAINING_KEYS = ("device", "resume_from_checkpoint", "overwrite_output_dir")
 #: training_args names of the original TTO configs that Transformers 5 renamed (a ratio < 1 in
@@ -81,6 +83,7 @@ class Recipe:
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns that do not train
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     monitor: MonitorSection | None = None  # inner-loop statistics every N steps
+    curriculum: list[Stage] = field(default_factory=list)  # context-length stages (empty: dataset.max_seq_length)
 
 
 def _section(kind: str, raw, cls):
@@ -205,10 +208,17 @@ def parse_recipe(raw: dict) -> Recipe:
     optimizer = _section("optimizer", raw.get("optimizer") or {}, OptimizerSection)
     groups = optimizer.param_groups if isinstance(optimizer.param_groups, list) else [optimizer.param_groups]
     optimizer.param_groups = [_section("optimizer.param_groups[]", g, ParamGroup) for g in groups]
+    stages = raw.get("curriculum") or []
+    if not isinstance(stages, list):
+        raise ValueError(f"curriculum: a list of stages {{max_seq_length, max_steps}}, not {stages!r}")
+    curriculum = [_section("curriculum[]", stage, Stage) for stage in stages]
+    if curriculum:
+        args["max_steps"] = check_steps(curriculum, args)
     tokenizer = raw.get("tokenizer") or model.get("from_pretrained") or "builtin:bytes"
     return Recipe(dataset=dataset, model=model, tokenizer=tokenizer,
                   training_args=args, freeze=parse_freeze(raw.get("freeze")), optimizer=optimizer,
-                  monitor=None if raw.get("monitor") is None else _section("monitor", raw["monitor"], MonitorSection))
+                  monitor=None if raw.get("monitor") is None else _section("monitor", raw["monitor"], MonitorSection),
+                  curriculum=curriculum)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

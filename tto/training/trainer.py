@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from .callbacks import Diverged, StopOnNonFiniteLoss
+from .curriculum import CurriculumTrainer
 from .monitor import InnerLoopMonitor
 from .optim import freeze, optimizer_cls_and_kwargs
 from .recipe import DatasetSection, Recipe
@@ -145,15 +146,20 @@ def build_trainer(recipe: Recipe, callbacks=()):
                                   packing=ds.packing)
         if ds.max_eval_samples is not None:
             eval_set = eval_set.select(range(min(ds.max_eval_samples, len(eval_set))))
-    train_set = pack_documents(docs, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.loss_on,
-                               packing=ds.packing)
-    if len(train_set) == 0:
-        raise ValueError(f"dataset {ds.name!r} has fewer than max_seq_length={ds.max_seq_length} tokens")
+    lengths = [stage.max_seq_length for stage in recipe.curriculum] or [ds.max_seq_length]
+    train_sets = [pack_documents(docs, tokenizer, n, ds.num_proc, loss_on=ds.loss_on, packing=ds.packing)
+                  for n in lengths]
+    for n, train_set in zip(lengths, train_sets):
+        if len(train_set) == 0:
+            raise ValueError(f"dataset {ds.name!r} has fewer than max_seq_length={n} tokens")
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
-                      eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
-                      data_collator=default_data_collator, processing_class=tokenizer,
-                      callbacks=[StopOnNonFiniteLoss(), *callbacks], optimizer_cls_and_kwargs=optimizer)
+    common = dict(model=model, args=training_args, eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
+                  data_collator=default_data_collator, processing_class=tokenizer,
+                  callbacks=[StopOnNonFiniteLoss(), *callbacks], optimizer_cls_and_kwargs=optimizer)
+    if recipe.curriculum:
+        trainer = CurriculumTrainer(stages=recipe.curriculum, stage_sets=train_sets, **common)
+    else:
+        trainer = Trainer(train_dataset=train_sets[0], **common)
     if recipe.monitor is not None:
         trainer.add_callback(InnerLoopMonitor(trainer, recipe.monitor.every))
     return trainer, resume
