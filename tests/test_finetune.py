@@ -14,6 +14,7 @@ import tto
 from tto.engine import MEMORIES, Memory, MLPMemory, MomentumGD, SquaredError
 from tto.training import Diverged, build_trainer, load_recipe, parse_recipe, run
 from tto.training.monitor import memory_layers
+from tto.training.optim import freeze
 
 from test_train import StopAt
 
@@ -93,6 +94,18 @@ def test_frozen_parameters_get_no_gradients_and_do_not_change(tmp_path):
             assert p.grad is None and torch.equal(p, before[name]), name
         else:
             assert name in grads and not torch.equal(p, before[name]), name
+
+
+def test_freeze_exceptions_apply_in_order():
+    """``!pattern`` takes its matches back out of what the patterns before it froze; a later pattern
+    can freeze some of them again."""
+    model = tiny_model("ttt")
+    frozen = freeze(model, ["*", "!*.mixer.*", "*.mixer.o_proj.*"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if ".mixer." in n and ".o_proj." not in n}
+    assert set(frozen) >= {n for n, p in model.named_parameters() if not p.requires_grad}
+    with pytest.raises(ValueError, match=r"freeze pattern '!\*.mixr.\*' matches no parameter"):
+        freeze(tiny_model("ttt"), ["*", "!*.mixr.*"])
 
 
 def test_freeze_and_group_patterns_are_checked_before_training(tmp_path):

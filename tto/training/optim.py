@@ -5,14 +5,15 @@ Patterns are shell-style (:mod:`fnmatch`: ``*`` matches any run of characters, d
 are matched against the names of ``model.named_parameters()`` (tied aliases included, so
 ``lm_head.*`` names the embedding when the two are tied)::
 
-    freeze: ["model.embed_tokens.*", "model.layers.[0-5].*"]
+    freeze: ["model.embed_tokens.*", "model.layers.[0-5].*"]     # or ["*", "!*.mixer.*"]: all but the mixers
     optimizer:
       param_groups:
         - {params: "*.memory.*", lr: 1.0e-4, weight_decay: 0.0}
         - {params: ["*.q_proj.*", "*.k_proj.*"], lr: 2.0e-5}
 
 - ``freeze``: matching parameters get ``requires_grad = False``: no gradient, no optimizer state,
-  unchanged by training.
+  unchanged by training. Patterns apply in order, and ``!pattern`` exempts what it matches from
+  the patterns before it (``["*", "!*.mixer.*"]``: everything but the mixers).
 - ``param_groups``: each trainable parameter joins the *first* group with a pattern that matches
   it. A group's ``lr`` defaults to ``training_args.learning_rate``; without ``weight_decay`` it
   follows the Trainer's rule (``training_args.weight_decay``, none on biases and norms). Trainable
@@ -87,18 +88,28 @@ def matching(pattern: str, names) -> list[str]:
 
 
 def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Set ``requires_grad = False`` on every parameter a pattern matches; returns their names.
-    ValueError naming a pattern that matches nothing (before anything is changed)."""
+    """Set ``requires_grad = False`` on every parameter the patterns select; returns their names.
+
+    Patterns apply in order; ``!pattern`` takes its matches back out of the selection so far, so
+    ``["*", "!*.mixer.*"]`` freezes all but the mixers. ValueError naming a pattern that matches
+    nothing (before anything is changed)."""
     params = _names(model)
-    chosen = []
+    chosen: dict[str, None] = {}  # insertion-ordered set
     for pattern in patterns:
-        found = matching(pattern, params)
+        keep = pattern.startswith("!")
+        found = matching(pattern[1:] if keep else pattern, params)
         if not found:
             raise _no_match("freeze", pattern, params)
-        chosen += [n for n in found if n not in chosen]
+        for name in found:
+            if keep:
+                chosen.pop(name, None)
+            else:
+                chosen[name] = None
     for name in chosen:
         params[name].requires_grad_(False)
-    return chosen
+    # a tied parameter is frozen through any of its names: keep the names that share it in step
+    frozen = {id(params[n]) for n in chosen}
+    return [n for n, p in params.items() if id(p) in frozen]
 
 
 def param_groups(model: nn.Module, groups: list[ParamGroup], lr: float, weight_decay: float,
