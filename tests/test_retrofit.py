@@ -308,3 +308,30 @@ def test_pkg_spec_names_a_file_inside_an_installed_package(tmp_path, monkeypatch
         resolve("pkg:no_such_package/model.gguf")
     with pytest.raises(FileNotFoundError, match="has no file 'missing.gguf'"):
         resolve("pkg:weights_pkg/missing.gguf")
+
+
+def test_a_pretrained_model_without_retrofit_trains_as_it_is(tmp_path):
+    from tto.data.tokenizer import byte_tokenizer
+    from tto.training import parse_recipe, train
+
+    src_dir = tmp_path / "llama"
+    llama().save_pretrained(src_dir)
+    byte_tokenizer().save_pretrained(src_dir)
+    recipe = parse_recipe({"dataset": {"max_seq_length": 32, "max_eval_samples": 2},
+                           "model": {"from_pretrained": str(src_dir)},
+                           "training_args": {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none",
+                                             "save_strategy": "no", "output_dir": str(tmp_path / "out")}})
+    assert recipe.tokenizer == str(src_dir)  # the model's own
+    train(recipe)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) is LlamaForCausalLM
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"from_pretrained": "/no/such/dir"}, "no such directory or GGUF file"),
+    ({"from_pretrained": "X", "type": "ttt"}, "unknown model key"),
+])
+def test_pretrained_recipe_errors(model, message):
+    from tto.training import parse_recipe
+
+    with pytest.raises((ValueError, OSError), match=message):
+        parse_recipe({"model": model})
