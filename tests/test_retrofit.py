@@ -335,3 +335,12 @@ def test_pretrained_recipe_errors(model, message):
 
     with pytest.raises((ValueError, OSError), match=message):
         parse_recipe({"model": model})
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "retrofit").glob("*.yml")), ids=lambda p: p.stem)
+def test_retrofit_recipes_parse(recipe):
+    """Each recipe's model, retrofit fields and freeze patterns are valid (the GGUF's config is read once)."""
+    from tto.training import load_recipe
+
+    parsed = load_recipe(recipe)
+    assert parsed.model["retrofit"]["type"] in tto.available() and parsed.freeze

@@ -15,6 +15,7 @@ float32 model of the same class from its config without ``quantization_config``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def _from_pretrained(cls, spec: str, **kwargs):
         raise hub_error("model", spec, err) from None
 
 
+@functools.lru_cache(maxsize=8)
 def load_pretrained_config(spec: str):
-    """The Transformers config of a pretrained spec (reads no weights)."""
+    """The Transformers config of a pretrained spec (reads no weights; a GGUF's takes seconds, so it is
+    read once per process: treat it as read-only)."""
     from transformers import AutoConfig
 
     return _from_pretrained(AutoConfig, spec)
