@@ -297,6 +297,35 @@ def test_monitor_statistics_are_the_inner_losses_of_each_chunk():
     assert stats["weight_norm"] == pytest.approx(float(norm), rel=1e-5)
 
 
+def engine_inputs(model, layer, ids, mask=None):
+    """The (args, kwargs) `layer`'s engine receives in a training forward of `ids`."""
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    model(ids, attention_mask=mask)
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", ["ttt", "gated_deltanet"])
+def test_monitor_statistics_of_a_padded_batch_are_those_of_its_rows(name):
+    """A left-padded row's statistics are those of its real tokens alone: the padded batch's equal
+    the unpadded rows' (losses weighted by committed tokens, norms by rows, gates by real tokens)."""
+    model = tiny_model(name).train()
+    layer = memory_layers(model)["layer1"]
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0  # row 0: 7 real tokens
+    padded = layer.inner_stats(*engine_inputs(model, layer, ids, mask))
+    rows = [layer.inner_stats(*engine_inputs(model, layer, ids[r:r + 1, 12 - n:])) for r, n in ((0, 7), (1, 12))]
+    committed = [7 // layer.chunk_size * layer.chunk_size, 12 // layer.chunk_size * layer.chunk_size]
+    for stat in ("loss_before", "loss_after"):
+        want = sum(c * r[stat] for c, r in zip(committed, rows)) / sum(committed)
+        assert padded[stat] == pytest.approx(want, rel=1e-5), stat
+    assert padded["weight_norm"] == pytest.approx((rows[0]["weight_norm"] + rows[1]["weight_norm"]) / 2, rel=1e-5)
+    for gate in (k for k in padded if k.endswith("_gate")):
+        assert padded[gate] == pytest.approx((7 * rows[0][gate] + 12 * rows[1][gate]) / 19, rel=1e-5), gate
+
+
 class PoisonLayer(TrainerCallback):
     """Turns layer 1's initial fast weights to NaN after the forward of step `step` (before the monitor reads them)."""
 

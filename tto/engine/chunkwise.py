@@ -24,6 +24,15 @@ from .fast_models import inner
 RECOMPILE_LIMIT = 64
 
 
+def _tokens(x, shape: tuple, index):
+    """A forward argument (or a dict of them) with its token tensors, those whose leading dims are
+    `shape` (B, T), indexed by ``t[index]``; other values as they are."""
+    if isinstance(x, dict):
+        return {n: _tokens(t, shape, index) for n, t in x.items()}
+    is_tokens = isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(shape)
+    return x[index] if is_tokens else x
+
+
 class ChunkwiseMemory(nn.Module):
     """Base class of the memory engines; a subclass defines ``_chunk`` and calls :attr:`step`."""
 
@@ -75,7 +84,9 @@ class ChunkwiseMemory(nn.Module):
         replayed chunk by chunk without gradients:
 
         - ``loss_before`` / ``loss_after``: mean inner loss of each committed chunk's real tokens at
-          the weights before / after that chunk's update (the update should lower it);
+          the weights before / after that chunk's update (the update should lower it); absent
+          when no chunk is complete. With padding each row is replayed alone, on its real tokens:
+          the engine's chunks of that row;
         - ``weight_norm`` / ``momentum_norm``: Frobenius norm of all fast weights (momentum; for
           LaCT the last chunk update) after the sequence, mean over batch and heads;
         - ``<gate>_gate``: mean of each gate over the real tokens (``lr_gate``, ``momentum_gate``,
@@ -85,36 +96,36 @@ class ChunkwiseMemory(nn.Module):
         """
         call = inspect.signature(self.forward).bind(*args, **kwargs).arguments
         call.pop("state", None)
-        q, mask = call["q"], call.get("mask")
-        batch, length, heads = q.shape[:3]
-        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
-
-        def window(x, lo, hi):
-            if isinstance(x, dict):
-                return {n: window(t, lo, hi) for n, t in x.items()}
-            is_tokens = isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == (batch, length)
-            return x[:, lo:hi] if is_tokens else x
-
-        def mean_loss(params, part, real):  # mean over real tokens; inner_loss is (B * H, t)
-            loss = self.inner_loss(params, part).reshape(batch, heads, -1).transpose(1, 2)
-            return (loss * real[..., None]).sum(), real.sum() * heads
-
-        state, totals = {}, torch.zeros(3, dtype=torch.float64, device=q.device)
+        mask = call.pop("mask", None)
         with torch.no_grad():
-            for lo in range(0, length - self.chunk_size + 1, self.chunk_size):  # the committed chunks
-                part = window(call, lo, lo + self.chunk_size)
-                before = self.fast_weights(state, part)[0]
-                self.forward(**part, state=state)
-                real = valid[:, lo:lo + self.chunk_size]
-                loss_before, count = mean_loss(before, part, real)
-                loss_after, _ = mean_loss(self.fast_weights(state, part)[0], part, real)
-                totals += torch.stack([loss_before, loss_after, count]).double()
-            params, momentum = self.fast_weights(state, call)
-            norm = lambda d: torch.stack([inner(w).flatten(1).pow(2).sum(1) for w in d.values()]).sum(0).sqrt().mean()  # noqa: E731
-            stats = {"loss_before": totals[0] / totals[2], "loss_after": totals[1] / totals[2],
-                     "weight_norm": norm(params)}
-            if momentum is not None:
-                stats["momentum_norm"] = norm(momentum)
+            if mask is None or bool(mask.all()):
+                replays = [self._replay(call)]
+            else:  # each row alone, its real tokens only: the engine's chunks of that row
+                replays = [self._replay(_tokens(call, call["q"].shape[:2], (slice(r, r + 1), mask[r].bool())))
+                           for r in range(mask.shape[0])]
+            before, after, count = (sum(r[i] for r in replays) for i in range(3))
+            stats = {"loss_before": before / count, "loss_after": after / count} if count > 0 else {}  # else no chunk was committed
+            stats["weight_norm"] = torch.cat([r[3] for r in replays]).mean()
+            if replays[0][4] is not None:
+                stats["momentum_norm"] = torch.cat([r[4] for r in replays]).mean()
             for name, gate in self.gate_values(call).items():
-                stats[f"{name}_gate"] = inner(gate)[valid].mean()
+                stats[f"{name}_gate"] = inner(gate).mean() if mask is None else inner(gate)[mask.bool()].mean()
         return {n: float(v) for n, v in stats.items()}
+
+    def _replay(self, call: dict) -> tuple:
+        """Run `call` (no padding) chunk by chunk through the engine with a state: (sum of the inner
+        losses of the committed chunks' tokens before their update, the same after it, their number,
+        per (batch * head) norm of the final fast weights, of the final momentum or None)."""
+        q = call["q"]
+        length, heads = q.shape[1], q.shape[2]
+        state, totals = {}, torch.zeros(3, dtype=torch.float64, device=q.device)
+        for lo in range(0, length - self.chunk_size + 1, self.chunk_size):  # the committed chunks
+            part = _tokens(call, q.shape[:2], (slice(None), slice(lo, lo + self.chunk_size)))
+            loss_before = self.inner_loss(self.fast_weights(state, part)[0], part).sum()
+            self.forward(**part, state=state)
+            loss_after = self.inner_loss(self.fast_weights(state, part)[0], part).sum()
+            totals += torch.stack([loss_before.double(), loss_after.double(),
+                                   torch.tensor(q.shape[0] * heads * self.chunk_size, device=q.device).double()])
+        params, momentum = self.fast_weights(state, call)
+        norm = lambda d: torch.stack([inner(w).flatten(1).pow(2).sum(1) for w in d.values()]).sum(0).sqrt()  # noqa: E731
+        return (*totals, norm(params), None if momentum is None else norm(momentum))
