@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from tto.cli import DTYPES, OneLineErrors
+from tto.typed import AT_LEAST_1, SEED, flag
 
 
 def parse_args(argv):
@@ -23,9 +24,9 @@ def parse_args(argv):
     p.add_argument("--out", default="runs/eval", help="directory for results.json and the plots")
     p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="TASK.OPTION=V1,V2",
                    help="set task options, e.g. niah.lengths=256,512 memory.gaps=0,512 (see --list-tasks)")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per grid cell (quick runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task generators")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=flag(int, AT_LEAST_1), default=None, help="at most N examples per grid cell (quick runs)")
+    p.add_argument("--seed", type=flag(int, SEED), default=0, help="seed of the task generators")
+    p.add_argument("--batch-size", type=flag(int, AT_LEAST_1), default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--tokenizer", help="for models without their own tokenizer (default: builtin:bytes)")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tto.cli import DTYPES, OneLineErrors, resolve_device, tokenizer_spec
+from tto.typed import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Bound, flag
 
 
 #: --config-type T builds the model of configs/tiny/T.yml (every registered type has one; CI checks)
@@ -29,13 +30,13 @@ def parse_args(argv):
     p.add_argument("--tokenizer", help="builtin:bytes, a directory or a hub name (default: the model's own, else builtin:bytes)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--min_p", type=float, default=None)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=flag(int, SEED), default=0)
+    p.add_argument("--max_new_tokens", type=flag(int, AT_LEAST_1), default=200)
+    p.add_argument("--temperature", type=flag(float, NON_NEGATIVE), default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top_k", type=flag(int, NON_NEGATIVE), default=50, help="0: no top-k filter")
+    p.add_argument("--top_p", type=flag(float, Bound(low=0, high=1, low_open=True)), default=1.0)
+    p.add_argument("--min_p", type=flag(float, Bound(low=0, high=1)), default=None)
+    p.add_argument("--repetition_penalty", type=flag(float, POSITIVE), default=1.0)
     p.add_argument("--prompt", help="generate once from this prompt (otherwise it asks)")
     p.add_argument("--chat", action="store_true", help="multi-turn: the model's state persists across turns")
     p.add_argument("--history", type=int, default=None,
@@ -59,9 +60,6 @@ def parse_args(argv):
             p.error(f"unknown variant {args.variant!r} of {args.config_type!r}; valid: {list(entry.variants) or 'none'}")
     if args.history is not None and not args.chat:
         p.error("--history only applies with --chat")
-    for name in ("max_new_tokens",):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive")
     return args, p
 
 

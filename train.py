@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:  # problems with the recipe or its inputs: one line, before any training
         trainer, resume = build_trainer(load_recipe(args.config, args.overrides))
     except (ValueError, OSError) as err:
-        parser.exit(2, f"train.py: error: {err}\n")
+        parser.exit(2, f"train.py: error: {' '.join(str(err).split())}\n")  # one line, whatever the message
     try:
         metrics = run(trainer, resume)
     except Diverged as err:  # one line: the step, the layer (with check_finite), what is kept

@@ -263,11 +263,11 @@ def test_cli_on_a_tto_model_and_a_llama(models, tmp_path, capsys):
     (["--tasks", "ppl,nah"], "unknown task 'nah' (did you mean 'niah'?); valid tasks: "),
     (["--grid", "niah.depths=0,1.5"], "niah.depths [0.0, 1.5]: each must be in [0, 1]"),
     (["--grid", "niah.lenghts=64"], "unknown option of task 'niah' (did you mean 'lengths'?)"),
-    (["--grid", "niah.lengths=64,abc"], "expected int value(s)"),
+    (["--grid", "niah.lengths=64,abc"], "niah.lengths='abc': expected int"),
     (["--grid", "niah.needles=passkey,needle"], "unknown kind(s) ['needle']; valid: ['number', 'passkey', 'uuid']"),
     (["--grid", "mqar.pairs=4", "--tasks", "niah"], "task 'mqar' is not among --tasks niah"),
     (["--grid", "lengths=4"], "expected TASK.OPTION=VALUE"),
-    (["--limit", "0"], "--limit 0 must be positive"),
+    (["--limit", "0"], "argument --limit: '0': expected int >= 1"),
 ])
 def test_bad_input_fails_in_one_line_before_any_work(models, tmp_path, argv, message, capsys):
     out = tmp_path / "out"

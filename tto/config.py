@@ -116,10 +116,8 @@ class TTOConfig(PreTrainedConfig):
         unknown = sorted(k for k in kwargs if k not in _HF_INTERNAL_KEYS and k not in generation_keys)
         if unknown:
             valid = self.field_names()
-            hints = "".join(f"\n  {k!r}{suggest(k, valid)}" for k in unknown)
-            raise ValueError(
-                f"unknown config field(s) for type {self.tto_type!r}:{hints}\nvalid fields: {sorted(valid)}"
-            )
+            hints = ", ".join(f"{k!r}{suggest(k, valid)}" for k in unknown)
+            raise ValueError(f"unknown config field(s) for type {self.tto_type!r}: {hints}; valid fields: {sorted(valid)}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import datasets
 from datasets import Dataset, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 from .corpora import MARKED_CORPORA, builtin_documents, builtin_marked_documents
-from .offline import hub_error, hub_reachable, looks_like_hub_id
+from .offline import OFFLINE_HINT, hub_error, hub_reachable, looks_like_hub_id
 
 FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -65,18 +66,35 @@ def load_documents(name: str, *, split: str = "train", subset: str | None = None
         kinds = {FORMATS.get(Path(f).suffix) for f in files}
         if len(kinds) != 1 or None in kinds:
             raise ValueError(f"dataset {name!r}: files must share one format of {sorted(FORMATS)}, got {files[:5]}")
-        ds = load_dataset(kinds.pop(), data_files=files, split="train")
-    elif not looks_like_hub_id(name) or Path(name).suffix in FORMATS:
+        ds = _read_files(name, kinds.pop(), files)
+    elif not looks_like_hub_id(name) or Path(name).suffix in FORMATS or Path(Path(name).parts[0]).is_dir():
+        # a path (its first part a local directory, e.g. data/nope) is not taken for a hub name
         raise FileNotFoundError(f"dataset {name!r}: no such file or directory, and no file matches it as a glob")
     else:
         hub_reachable()
         try:
             ds = load_dataset(name, subset, split=split)
         except (ConnectionError, OSError, FileNotFoundError) as err:
+            if not hub_reachable():  # say first that it is not a local path either
+                raise FileNotFoundError(f"dataset {name!r}: no such file or directory, and not a cached hub dataset "
+                                        f"(the Hugging Face hub is not reachable from here); {OFFLINE_HINT}") from None
             raise hub_error("dataset", name, err) from None
     if text_field not in ds.column_names:
         raise ValueError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
     return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds.select_columns(["text"])
+
+
+def _read_files(name: str, kind: str, files: list[str]) -> Dataset:
+    """Local `files` of one format; an empty or unreadable file is a ValueError naming it."""
+    readable = [f for f in files if Path(f).stat().st_size > 0]
+    if not readable:
+        raise ValueError(f"dataset {name!r}: {'the file is' if len(files) == 1 else f'all {len(files)} files are'} "
+                         "empty; it needs documents")
+    try:
+        return load_dataset(kind, data_files=readable, split="train")
+    except DatasetGenerationError as err:
+        cause = str(err.__cause__ or err).splitlines()[0]
+        raise ValueError(f"dataset {name!r}: cannot read it as {kind}: {cause}") from None
 
 
 def answer_pieces(text: str, spans: list) -> list[tuple[str, bool]]:

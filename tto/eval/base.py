@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -22,6 +23,7 @@ import torch
 from ..config import suggest
 from ..data.corpora import haystack, split_sentences
 from ..training import DatasetSection
+from ..typed import TypedError, annotations, convert
 
 TASKS: dict[str, type["Task"]] = {}
 
@@ -75,33 +77,27 @@ class SourceOptions:
         return list((held_out if held_out is not None else train)["text"])
 
 
-def parse_value(text: str, like: Any, name: str):
-    """`text` converted to the type of the option default `like` (lists: comma-separated)."""
-    if isinstance(like, list):
-        element = like[0] if like else ""
-        return [parse_value(part.strip(), element, name) for part in text.split(",") if part.strip()]
+def parse_value(text: str, annotation: Any, name: str):
+    """`text` converted to the option's declared type by :func:`tto.typed.convert` (lists: comma-separated)."""
     try:
-        if isinstance(like, bool):
-            return {"true": True, "false": False}[text.lower()]
-        if isinstance(like, int):
-            return int(text)
-        if isinstance(like, float):
-            return float(text)
-    except (ValueError, KeyError):
-        raise ValueError(f"--grid {name}={text!r}: expected {type(like).__name__} value(s)") from None
-    return text
+        if typing.get_origin(annotation) is list:
+            (element,) = typing.get_args(annotation)
+            return [convert(name, part.strip(), element) for part in text.split(",") if part.strip()]
+        return convert(name, text, annotation)
+    except TypedError as err:
+        raise ValueError(f"--grid {err}") from None
 
 
 def apply_grid(options: Any, task_name: str, items: dict[str, str]) -> Any:
     """Options with ``field=value`` strings applied; unknown fields raise naming the valid ones."""
-    valid = {f.name: getattr(options, f.name) for f in fields(options)}
+    valid = annotations(type(options))
     changes = {}
     for key, text in items.items():
         if key not in valid:
             raise ValueError(f"--grid {task_name}.{key}: unknown option of task {task_name!r}{suggest(key, valid)}; "
                              f"valid: {sorted(valid)}")
         changes[key] = parse_value(text, valid[key], f"{task_name}.{key}")
-        if isinstance(valid[key], list) and not changes[key]:
+        if isinstance(changes[key], list) and not changes[key]:
             raise ValueError(f"--grid {task_name}.{key}: empty list")
     options = dataclasses.replace(options, **changes)
     options.check()

@@ -6,17 +6,20 @@
 """
 
 from .callbacks import Diverged, StopOnNonFiniteLoss
-from .recipe import DatasetSection, Recipe, apply_overrides, load_recipe, model_fields, parse_recipe
-from .trainer import build_trainer, check_output_dir, configure_wandb, run, save_atomically, split_documents, train
+from .recipe import DatasetSection, Recipe, RunOptions, apply_overrides, load_recipe, model_fields, parse_recipe
+from .trainer import (build_trainer, check_output_dir, check_writable, configure_wandb, run, save_atomically,
+                      split_documents, train)
 
 __all__ = [
     "DatasetSection",
     "Diverged",
     "Recipe",
+    "RunOptions",
     "StopOnNonFiniteLoss",
     "apply_overrides",
     "build_trainer",
     "check_output_dir",
+    "check_writable",
     "configure_wandb",
     "load_recipe",
     "model_fields",

@@ -21,28 +21,69 @@ and optional fine-tuning sections::
     curriculum:    [{max_seq_length, max_steps}, ...]  see tto.training.curriculum
 
 Everything is checked before any work is done: unknown sections, dataset fields, model fields and
-training arguments are errors that name the key and suggest the close match.
+training arguments are errors that name the key and suggest the close match; every value is
+converted to the type its class declares and checked against its declared range (:mod:`tto.typed`:
+``learning_rate: 3e-3`` is a float, ``model.hidden_size=abc`` is one line naming the expected int).
 """
 
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from ..config import suggest
+from ..typed import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Bound, convert, convert_fields, shown
 from .curriculum import Stage, check_steps
 from .monitor import MonitorSection
 from .optim import OptimizerSection, ParamGroup, parse_freeze
 
 SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer", "monitor", "curriculum")
-#: recipe keys in training_args that are not TrainingArguments fields
-EXTRA_TRAINING_KEYS = ("device", "resume_from_checkpoint", "overwrite_output_dir")
+RECIPE_SHAPE = "a recipe is a mapping with sections " + ", ".join(SECTIONS)
 #: training_args names of the original TTO configs that Transformers 5 renamed (a ratio < 1 in
 #: warmup_steps is read as a fraction of the training steps)
 RENAMED_TRAINING_KEYS = {"warmup_ratio": "warmup_steps", "gradient_checkpointing": "activation_checkpointing"}
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """The recipe keys in training_args that are not TrainingArguments fields."""
+
+    device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...
+    resume_from_checkpoint: bool | str | None = None  # true: the newest checkpoint in output_dir; or a path
+    overwrite_output_dir: bool = False  # allow writing into a non-empty output_dir
+
+
+#: recipe keys in training_args that are not TrainingArguments fields
+EXTRA_TRAINING_KEYS = tuple(f.name for f in fields(RunOptions))
+
+#: ranges of TrainingArguments fields (Transformers declares their types only). max_steps -1 (the
+#: default) means "train num_train_epochs"; *_steps below 1 are fractions of the training steps
+TRAINING_ARGS_BOUNDS: dict[str, Bound] = {
+    "per_device_train_batch_size": AT_LEAST_1,
+    "per_device_eval_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "eval_accumulation_steps": AT_LEAST_1,
+    "max_steps": Bound(low=-1),
+    "num_train_epochs": POSITIVE,
+    "learning_rate": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "adam_beta1": Bound(low=0, high=1, high_open=True),
+    "adam_beta2": Bound(low=0, high=1, high_open=True),
+    "adam_epsilon": POSITIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "logging_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "save_total_limit": AT_LEAST_1,
+    "dataloader_num_workers": NON_NEGATIVE,
+    "label_smoothing_factor": Bound(low=0, high=1, high_open=True),
+    "seed": SEED,
+    "data_seed": SEED,
+}
 
 
 @dataclass(kw_only=True)
@@ -61,6 +102,15 @@ class DatasetSection:
     # marks (builtin:recall: the asked values; builtin:passkey: the key after the question)
     loss_on: str = "all"
     packing: bool = True  # False: one document per block, right-padded (no document cut or read after another)
+
+    #: ranges of the fields (checked with their types, before any data is read)
+    bounds: ClassVar[dict[str, Bound]] = {
+        "max_seq_length": AT_LEAST_1,
+        "eval_fraction": Bound(low=0, high=1, high_open=True),
+        "num_proc": AT_LEAST_1,
+        "max_eval_samples": AT_LEAST_1,
+        "seed": SEED,
+    }
 
     def check(self) -> None:
         """ValueError for a bad loss_on, or loss_on=answers on data that marks no answers."""
@@ -87,9 +137,10 @@ class Recipe:
 
 
 def _section(kind: str, raw, cls):
-    """``cls(**raw)`` for a mapping whose keys are `cls`'s fields; unknown keys fail with a suggestion."""
+    """``cls(**raw)`` for a mapping whose keys are `cls`'s fields, each converted to its declared type
+    and range; unknown keys fail with a suggestion."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{kind}: a mapping with keys {sorted(f.name for f in fields(cls))}, not {raw!r}")
+        raise ValueError(f"{kind}: a mapping with keys {sorted(f.name for f in fields(cls))}, not {shown(raw)}")
     valid = [f.name for f in fields(cls)]
     unknown = [k for k in raw if k not in valid]
     if unknown:
@@ -98,16 +149,30 @@ def _section(kind: str, raw, cls):
                and f.default_factory is MISSING]
     if missing:
         raise ValueError(f"{kind} needs {missing}")
-    return cls(**raw)
+    return cls(**convert_fields(cls, raw, kind))
 
 
 def _unknown(kind: str, keys, valid) -> ValueError:
-    lines = "".join(f"\n  {k!r}{suggest(k, valid)}" for k in keys)
-    return ValueError(f"unknown {kind}:{lines}\nvalid: {sorted(valid)}")
+    named = ", ".join(f"{shown(k)}{suggest(str(k), valid)}" for k in keys)
+    return ValueError(f"unknown {kind}: {named}; valid: {sorted(valid)}")
+
+
+def _mapping(name: str, value) -> dict:
+    """A recipe section: a mapping with text keys (an empty section is {})."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"recipe section {name!r} must be a mapping of names to values, not {shown(value)}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"{name}: keys are names, not {shown(bad[0])}")
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``section.key=value`` strings (value parsed as YAML) set into the nested dict."""
+    if not isinstance(raw, dict):
+        raise ValueError(RECIPE_SHAPE)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
@@ -115,10 +180,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         *parents, leaf = path.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not YAML ({getattr(err, 'problem', None) or err})") from None
         # YAML 1.1 reads yes/no/on/off as booleans; on the command line they are words ("eval_strategy=no")
         node[leaf] = value if isinstance(parsed, bool) and value.lower() not in ("true", "false") else parsed
     return raw
@@ -135,9 +205,12 @@ def model_fields(model: dict) -> dict:
     per_type = {k: v for k, v in model.items() if k in tto.available()}
     for name, section in per_type.items():
         if not isinstance(section, dict):
-            raise ValueError(f"model.{name} holds fields for type {name!r} only: a mapping, not {section!r}")
-        tto.build_config(name, **section)
+            raise ValueError(f"model.{name} holds fields for type {name!r} only: a mapping, not {shown(section)}")
+        per_type[name] = convert_fields(tto.get(name).config_class, _mapping(f"model.{name}", section), f"model.{name}")
+        tto.build_config(name, **per_type[name])
     own = {k: v for k, v in model.items() if k not in per_type}
+    own["type"] = convert("model.type", own["type"], str)
+    own = convert_fields(tto.get(own["type"]).config_class, own, "model")
     return {"type": own["type"], **per_type.get(own["type"], {}), **own}
 
 
@@ -171,19 +244,21 @@ def pretrained_section(model: dict) -> dict:
 
 def parse_recipe(raw: dict) -> Recipe:
     """Validate a recipe dict (sections, dataset fields, training argument names, model type and fields)."""
-    import tto
     from transformers import TrainingArguments
 
+    import tto
+
     if not isinstance(raw, dict):
-        raise ValueError("a recipe is a mapping with sections " + ", ".join(SECTIONS))
+        raise ValueError(RECIPE_SHAPE)
     unknown = [k for k in raw if k not in SECTIONS]
     if unknown:
         raise _unknown("recipe section(s)", unknown, SECTIONS)
-    data = raw.get("dataset") or {}
+    data = _mapping("dataset", raw.get("dataset"))
     unknown = [k for k in data if k not in {f.name for f in fields(DatasetSection)}]
     if unknown:
         raise _unknown("dataset field(s)", unknown, [f.name for f in fields(DatasetSection)])
-    args = dict(raw.get("training_args") or {})
+    data = convert_fields(DatasetSection, data, "dataset")
+    args = dict(_mapping("training_args", raw.get("training_args")))
     for old, new in RENAMED_TRAINING_KEYS.items():
         if old in args:
             if new in args:
@@ -193,7 +268,11 @@ def parse_recipe(raw: dict) -> Recipe:
     unknown = [k for k in args if k not in valid_args]
     if unknown:
         raise _unknown("training_args", unknown, valid_args)
-    model = dict(raw.get("model") or {})
+    run = {k: v for k, v in args.items() if k in EXTRA_TRAINING_KEYS}  # they take the place of any HF namesake
+    hf = {k: v for k, v in args.items() if k not in run}
+    args = {**convert_fields(TrainingArguments, hf, "training_args", TRAINING_ARGS_BOUNDS),
+            **convert_fields(RunOptions, run, "training_args")}
+    model = dict(_mapping("model", raw.get("model")))
     if "from_pretrained" in model:
         model = pretrained_section(model)
     else:
@@ -210,18 +289,33 @@ def parse_recipe(raw: dict) -> Recipe:
     optimizer.param_groups = [_section("optimizer.param_groups[]", g, ParamGroup) for g in groups]
     stages = raw.get("curriculum") or []
     if not isinstance(stages, list):
-        raise ValueError(f"curriculum: a list of stages {{max_seq_length, max_steps}}, not {stages!r}")
+        raise ValueError(f"curriculum: a list of stages {{max_seq_length, max_steps}}, not {shown(stages)}")
     curriculum = [_section("curriculum[]", stage, Stage) for stage in stages]
     if curriculum:
         args["max_steps"] = check_steps(curriculum, args)
-    tokenizer = raw.get("tokenizer") or model.get("from_pretrained") or "builtin:bytes"
+    tokenizer = convert("tokenizer", raw.get("tokenizer") or model.get("from_pretrained") or "builtin:bytes", str)
     return Recipe(dataset=dataset, model=model, tokenizer=tokenizer,
                   training_args=args, freeze=parse_freeze(raw.get("freeze")), optimizer=optimizer,
                   monitor=None if raw.get("monitor") is None else _section("monitor", raw["monitor"], MonitorSection),
                   curriculum=curriculum)
 
 
+def read_yaml(path: str | Path):
+    """The YAML document in `path`; a syntax error or undecodable text is one line naming the file
+    and (for syntax) the line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}{where}: invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    return parse_recipe(apply_overrides(raw, list(overrides)))
+    raw = read_yaml(path)
+    return parse_recipe(apply_overrides({} if raw is None else raw, list(overrides)))

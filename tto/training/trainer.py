@@ -15,6 +15,21 @@ from .optim import freeze, optimizer_cls_and_kwargs
 from .recipe import DatasetSection, Recipe
 
 
+def check_writable(output_dir: Path) -> None:
+    """OSError now, not when the trained model is saved, unless `output_dir` can be created and
+    written: its nearest existing ancestor must be a directory that ``os.access`` finds writable
+    (permissions and read-only mounts). Nothing is created."""
+    existing = output_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output_dir {str(output_dir)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is" if existing == output_dir.absolute() else f"would be created in {str(existing)!r}, which is"
+        raise PermissionError(f"output_dir {str(output_dir)!r} {where} not writable (read-only mount or "
+                              f"permissions); pick another training_args.output_dir")
+
+
 def check_output_dir(output_dir: Path, resume, overwrite: bool) -> None:
     """Refuse to write into a non-empty directory unless resuming or explicitly allowed, and make
     sure there is a checkpoint to resume from."""
@@ -117,11 +132,15 @@ def build_trainer(recipe: Recipe, callbacks=()):
     args.setdefault("data_seed", args.get("seed", 42))  # else the sampler may draw its seed from the clock
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         args["use_cpu"] = True
+    check_writable(Path(args["output_dir"]))
     check_output_dir(Path(args["output_dir"]), resume, overwrite)
     configure_wandb(args["report_to"])
+    try:  # its own checks (strategies, step multiples, optional packages) before any data
+        training_args = TrainingArguments(**args)
+    except (ImportError, TypeError, ValueError) as err:
+        raise ValueError(f"training_args: {' '.join(str(err).split())}") from None
 
     tokenizer = load_tokenizer(recipe.tokenizer)
-    training_args = TrainingArguments(**args)
     if "from_pretrained" in recipe.model:
         set_seed(training_args.seed)  # the new mixers' initial weights depend on the recipe's seed only
         model = pretrained_model(recipe.model, tokenizer)
