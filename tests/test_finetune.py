@@ -120,7 +120,7 @@ def test_freeze_and_group_patterns_are_checked_before_training(tmp_path):
     cases = [({**base, "optimizer": {"param_group": []}}, "'param_group' \\(did you mean 'param_groups'\\?\\)"),
              ({**base, "optimizer": {"param_groups": [{"params": "*", "weight_decy": 1}]}}, "did you mean 'weight_decay'"),
              ({**base, "optimizer": {"param_groups": [{"lr": 1.0}]}}, "needs \\['params'\\]"),
-             ({**base, "optimizer": {"param_groups": [{"params": "*", "lr": -1}]}}, "lr=-1: a number >= 0"),
+             ({**base, "optimizer": {"param_groups": [{"params": "*", "lr": -1}]}}, "lr=-1: must be >= 0"),
              ({**base, "freeze": [3]}, "freeze: a name pattern or a list of name patterns"),
              ({**base, "frezee": ["*"]}, "did you mean 'freeze'")]
     for raw, message in cases:

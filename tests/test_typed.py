@@ -229,9 +229,10 @@ def _fields() -> dict[str, list[str]]:
     from tto.training.recipe import EXTRA_TRAINING_KEYS
 
     model = sorted(set().union(*(tto.get(t).config_class.field_names() for t in tto.available())))
-    return {"dataset": [f.name for f in fields(DatasetSection)], "model": model + ["type", *tto.available()],
+    return {"dataset": [f.name for f in fields(DatasetSection)],
+            "model": model + ["type", "from_pretrained", "retrofit", *tto.available()],
             "training_args": [f.name for f in fields(TrainingArguments)] + list(EXTRA_TRAINING_KEYS),
-            "tokenizer": []}
+            "tokenizer": [], "freeze": [], "curriculum": [], "monitor": ["every"], "optimizer": ["param_groups"]}
 
 
 def _mutate_recipe(rng: random.Random, raw: dict, fields: dict) -> dict:
@@ -239,8 +240,8 @@ def _mutate_recipe(rng: random.Random, raw: dict, fields: dict) -> dict:
         kind = rng.choice(["set", "set", "set", "unknown_key", "drop_section", "section_value", "extra_section",
                            "unicode_key"])
         section = rng.choice(list(fields))
-        if kind == "set" and section == "tokenizer":
-            raw["tokenizer"] = rng.choice(WEIRD)
+        if kind == "set" and not fields[section]:  # a section that is a value or a list
+            raw[section] = rng.choice(WEIRD + [["*.mixer.*", "!x"], [{"max_seq_length": 8, "max_steps": "2"}]])
         elif kind == "set":
             raw.setdefault(section, {}) if isinstance(raw.get(section), dict) else raw.update({section: {}})
             raw[section][rng.choice(fields[section])] = rng.choice(WEIRD)

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import ClassVar
 
 from torch import nn
 
 from ..config import suggest
+from ..typed import NON_NEGATIVE, Bound
 
 
 def _patterns(value, where: str) -> list[str]:
@@ -50,6 +52,9 @@ class ParamGroup:
     params: str | list[str]  # name pattern(s) of the group's parameters
     lr: float | None = None  # learning rate (None: training_args.learning_rate)
     weight_decay: float | None = None  # weight decay (None: the Trainer's, none on biases and norms)
+
+    #: ranges of the fields, checked with their types when a recipe is read (tto.typed)
+    bounds: ClassVar[dict[str, Bound]] = {"lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE}
 
     def __post_init__(self):
         self.params = _patterns(self.params, "optimizer.param_groups[].params")

@@ -35,7 +35,16 @@ from typing import Any, ClassVar
 import yaml
 
 from ..config import suggest
-from ..typed import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Bound, convert, convert_fields, shown
+from ..typed import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Bound,
+    convert,
+    convert_fields,
+    shown,
+)
 from .curriculum import Stage, check_steps
 from .monitor import MonitorSection
 from .optim import OptimizerSection, ParamGroup, parse_freeze
