@@ -4,16 +4,21 @@
     python infer.py --model runs/quickstart --chat            # multi-turn; the memory state carries over
     python infer.py --config-type titans --variant mag --prompt "hello"
 
-Output is streamed; a tokens/s line goes to stderr.
+Output is streamed. A long prompt is read in pieces (tto.modeling.PREFILL_CHUNK_TOKENS tokens each),
+so a memory model's peak memory does not grow with it; a line on stderr gives the prefill and the
+decode speed. Ctrl-C stops the reply being written (with --chat: back to the prompt); Ctrl-D (end
+of input) or Ctrl-C at the prompt ends. Prompt bytes that are not UTF-8 are replaced by U+FFFD.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from tto.cli import DTYPES, OneLineErrors, resolve_device, tokenizer_spec
+from tto.cli import DTYPES, OneLineErrors, resolve_device, resolve_model, tokenizer_spec
 from tto.typed import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Bound, flag
 
 
@@ -39,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--repetition_penalty", type=flag(float, POSITIVE), default=1.0)
     p.add_argument("--prompt", help="generate once from this prompt (otherwise it asks)")
     p.add_argument("--chat", action="store_true", help="multi-turn: the model's state persists across turns")
-    p.add_argument("--history", type=int, default=None,
+    p.add_argument("--history", type=flag(int, AT_LEAST_1), default=None,
                    help="with --chat: re-read only the last N turns as text each turn (for models without a persistent state)")
     args = p.parse_args(argv)
 
@@ -47,8 +52,12 @@ def parse_args(argv):
 
     if (args.model is None) == (args.config_type is None):
         p.error("give exactly one of --model DIR and --config-type TYPE")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        p.error(f"--model {args.model!r}: no config.json there (a directory written by train.py or save_pretrained)")
+    try:
+        resolve_device(args.device)
+        if args.model is not None:
+            args.model = resolve_model(args.model)
+    except ValueError as err:
+        p.error(str(err))
     if args.variant is not None and args.config_type is None:
         p.error("--variant needs --config-type")
     if args.config_type is not None:
@@ -60,20 +69,20 @@ def parse_args(argv):
             p.error(f"unknown variant {args.variant!r} of {args.config_type!r}; valid: {list(entry.variants) or 'none'}")
     if args.history is not None and not args.chat:
         p.error("--history only applies with --chat")
+    if args.prompt == "":
+        p.error("--prompt is empty: give some text to continue")
     return args, p
 
 
-def load(args):
+def load(args, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
     import tto
-    from tto.data import load_tokenizer
     from tto.training import load_recipe
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
     if args.model is not None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:
@@ -85,60 +94,161 @@ def load(args):
                       bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(args.seed)
         model = entry.model_class(tto.build_config(args.config_type, **fields)).to(dtype)
-    return model.to(device).eval(), tokenizer, device
+    return model.to(device).eval(), device
+
+
+class StopOnCtrlC:
+    """While a reply is written, Ctrl-C stops it after the current token (or prompt piece), leaving the
+    cache consistent with the tokens read; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __enter__(self):
+        self.pressed = False
+        self.installed = threading.current_thread() is threading.main_thread()  # signals reach only it
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def criteria(self):
+        """This as a `generate` stopping criterion."""
+        import torch
+        from transformers import StoppingCriteria
+
+        stop = self
+
+        class Pressed(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.pressed, dtype=torch.bool, device=input_ids.device)
+
+        return [Pressed()]
+
+
+def rate(tokens: int, seconds: float) -> str:
+    return f"{tokens} tokens, {tokens / seconds:.1f} tokens/s" if tokens and seconds > 0 else f"{tokens} tokens"
 
 
 def generate(model, tokenizer, ids, cache, args):
-    """Stream a continuation of `ids` (the cache holds what was already read); returns the new ids."""
+    """Stream a continuation of `ids` (the cache holds what was already read). Returns the ids read and
+    written (when Ctrl-C stopped the prefill: the part of `ids` read) and whether Ctrl-C stopped it."""
     import torch
     from transformers import TextStreamer
+
+    from tto.modeling import PREFILL_CHUNK_TOKENS
 
     sampling = args.temperature > 0
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling, repetition_penalty=args.repetition_penalty,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if sampling:
         kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, use_cache=True,
+    with StopOnCtrlC() as ctrl_c, torch.no_grad():
+        start, read = time.perf_counter(), cache.get_seq_length()
+        for piece in range(read, ids.shape[1] - 1, PREFILL_CHUNK_TOKENS):  # all but the last token: generate reads it
+            if ctrl_c.pressed:
+                print(f"[stopped while reading the prompt, after {piece} of {ids.shape[1]} tokens]", file=sys.stderr)
+                return ids[:, :piece], True
+            model(ids[:, piece : min(piece + PREFILL_CHUNK_TOKENS, ids.shape[1] - 1)], past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)
+        prefilled, decode_start = cache.get_seq_length() - read, time.perf_counter()
+        out = model.generate(ids, past_key_values=cache, use_cache=True, stopping_criteria=ctrl_c.criteria(),
                              streamer=TextStreamer(tokenizer, skip_prompt=True), **kwargs)
+        end = time.perf_counter()
     new = out.shape[1] - ids.shape[1]
-    print(f"[{new} tokens, {new / (time.perf_counter() - start):.1f} tokens/s]", file=sys.stderr, flush=True)
-    return out
+    stopped = " (stopped by Ctrl-C)" if ctrl_c.pressed else ""
+    print(f"[prefill: {rate(prefilled, decode_start - start)}; decode: {rate(new, end - decode_start)}{stopped}]",
+          file=sys.stderr, flush=True)
+    return out, ctrl_c.pressed
+
+
+def as_utf8(text: str, where: str) -> str:
+    """`text` with the bytes that were not UTF-8 (surrogate escapes from argv or stdin) replaced by
+    U+FFFD; a note on stderr says so."""
+    try:
+        fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # lone surrogates that no byte produced
+        fixed = text.encode("utf-8", "replace").decode("utf-8")
+    if fixed != text:
+        print(f"infer.py: note: the {where} is not valid UTF-8; its invalid bytes were replaced by U+FFFD",
+              file=sys.stderr)
+    return fixed
 
 
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
-    import torch
+    if hasattr(sys.stdin, "reconfigure") and not sys.stdin.closed:  # bytes that are not UTF-8 reach as_utf8
+        sys.stdin.reconfigure(errors="surrogateescape")
+    try:
+        return run(args, parser)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt, or a second one while writing
+        print(file=sys.stderr)
+        return 130
 
+
+def ask(label: str) -> str | None:
+    """A line from stdin (None at end of input), with non-UTF-8 bytes replaced."""
+    try:
+        return as_utf8(input(label), "input")
+    except EOFError:
+        print()
+        return None
+
+
+def run(args, parser) -> int:
+    import torch
+    from safetensors import SafetensorError
     from transformers import DynamicCache
 
     from tto import TTOCache
     from tto.modeling import TTOPreTrainedModel
 
-    torch.manual_seed(args.seed)
+    from tto.data import load_tokenizer
+
     try:  # a tokenizer or model that cannot be loaded: one line, like a usage error
-        model, tokenizer, device = load(args)
+        tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
     except (OSError, ValueError) as err:
         parser.error(str(err).splitlines()[0])
+    prompt = None if args.prompt is None else as_utf8(args.prompt, "prompt")
+    if not args.chat and prompt is None:  # asked before the model is loaded, so a bad one costs nothing
+        prompt = ask("prompt> ")
+        if prompt is None:
+            return 0
+        if not prompt:
+            parser.error("the prompt is empty: give some text to continue")
+    torch.manual_seed(args.seed)
+    try:
+        model, device = load(args, tokenizer)
+    except (OSError, ValueError, SafetensorError) as err:
+        parser.error(str(err).splitlines()[0])
     encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)  # noqa: E731
-    if not args.chat:
-        prompt = args.prompt if args.prompt is not None else input("prompt> ")
-        generate(model, tokenizer, encode(prompt), None, args)
-        print()
-        return 0
     if isinstance(model, TTOPreTrainedModel):  # fast weights + bounded KV: the state of the whole conversation
         new_cache = lambda: TTOCache(model.config.num_hidden_layers)  # noqa: E731
     else:  # any other causal LM keeps its own (growing) KV cache across turns
         new_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+    if not args.chat:
+        ids = encode(prompt)
+        if ids.shape[1] == 0:
+            parser.error(f"the prompt {prompt!r} is no tokens for this tokenizer: give some text to continue")
+        _, stopped = generate(model, tokenizer, ids, new_cache(), args)
+        print()
+        return 130 if stopped else 0
     cache, ids, turns = new_cache(), None, []
-    first = args.prompt
     while True:
-        try:
-            text = first if first is not None else input("you> ")
-        except EOFError:
+        text, prompt = (prompt, None) if prompt is not None else (ask("you> "), None)
+        if text is None:
             return 0
-        first = None
+        if not text.strip():
+            print("(empty message: type something, or end with Ctrl-D)", file=sys.stderr)
+            continue
         turn = f"User: {text}\nAssistant:"
         if args.history is not None:  # re-read the last N turns from scratch
             turns = (turns + [turn])[-args.history :]
@@ -147,7 +257,7 @@ def main(argv=None) -> int:
         else:  # the state already holds everything said so far: feed only the new turn
             new = encode(("\n" if ids is not None else "") + turn)
             ids = new if ids is None else torch.cat([ids, new], dim=1)
-        out = generate(model, tokenizer, ids, cache, args)
+        out, _ = generate(model, tokenizer, ids, cache, args)
         reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         if args.history is not None:
             turns[-1] += reply

@@ -24,3 +24,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def damaged_copy(model_dir, dst, how: str):
+    """A copy of `model_dir` whose model.safetensors is cut in half (how="truncated") or replaced by
+    random bytes (how="corrupt")."""
+    import shutil
+
+    shutil.copytree(model_dir, dst)
+    weights = dst / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if how == "truncated" else os.urandom(len(data)))
+    return dst
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """put(name, model_dir): `model_dir` as hub model `name` in a fresh local Hugging Face cache, laid out
+    as huggingface_hub writes it (blobs, a snapshot of symlinks, refs/main); the cache is the process's."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def put(name, model_dir):
+        repo = root / f"models--{name.replace('/', '--')}"
+        (repo / "blobs").mkdir(parents=True)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        for i, file in enumerate(sorted(model_dir.iterdir())):
+            blob = repo / "blobs" / f"blob{i}"
+            shutil.copy(file, blob)
+            (repo / "snapshots" / commit / file.name).symlink_to(blob)
+        return repo / "snapshots" / commit
+
+    return put

@@ -282,7 +282,7 @@ def test_unreadable_model_directory_is_named(models, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    for path, message in [(tmp_path / "none", "no config.json there"), (broken, "unreadable config")]:
+    for path, message in [(tmp_path / "none", "no such directory"), (broken, "config.json is not valid JSON")]:
         with pytest.raises(SystemExit):
             eval_cli.main(["--model", str(models / "ttt"), "--model", str(path), "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err

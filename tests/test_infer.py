@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +18,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import tto
 from tto.data import load_tokenizer
+from tto.cli import os_reason
 from tto.training import load_recipe, train
+
+from conftest import damaged_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
@@ -97,10 +107,16 @@ def test_chat_keeps_the_state_instead_of_rereading(model_dir, capsys, monkeypatc
     ([], "exactly one of"),
     (["--config-type", "tt"], "did you mean 'ttt'"),
     (["--config-type", "ttt", "--variant", "mlpp"], "unknown variant"),
-    (["--model", "/no/such/dir"], "no config.json"),
+    (["--model", "/no/such/dir"], "no such directory"),
     (["--config-type", "ttt", "--history", "2"], "--history only applies with --chat"),
     (["--config-type", "ttt", "--tokenizer", "/no/such/tokenizer"], "no such directory"),
     (["--config-type", "ttt", "--tokenizer", "someone/tokenizer"], "not reachable"),
+    (["--config-type", "ttt", "--prompt", ""], "--prompt is empty"),
+    (["--config-type", "ttt", "--chat", "--history", "0"], "--history 0: must be >= 1"),
+    (["--config-type", "ttt", "--chat", "--history", "-1"], "--history -1: must be >= 1"),
+    (["--config-type", "ttt", "--device", "gpu"], "--device 'gpu': no such device on this machine; valid: auto, cpu"),
+    (["--config-type", "ttt", "--device", "cuda:99"], "--device 'cuda:99': no such device on this machine; valid: auto, cpu"),
+    (["--model", "someone/not-cached"], "not in the local Hugging Face cache"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -108,3 +124,129 @@ def test_bad_usage_is_one_line_and_exit_2(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("name,variant", CASES)
+def test_a_zero_length_input_is_a_clear_error(name, variant):
+    entry = tto.get(name)
+    fields = {k: v for k, v in load_recipe(ROOT / "configs/tiny" / f"{name}.yml").model.items() if k != "type"}
+    if variant is not None:
+        fields[entry.config_class.variant_field] = variant
+    model = entry.model_class(tto.build_config(name, **fields))
+    with pytest.raises(ValueError, match="the input has no tokens"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_prompt_bytes_that_are_not_utf8_are_replaced(monkeypatch, capsys):
+    """argv arrives as surrogate escapes (Python's decoding of undecodable bytes); they become U+FFFD."""
+    seen = []
+    generate = infer.generate
+    monkeypatch.setattr(infer, "generate", lambda model, tok, ids, cache, args: seen.append(tok.decode(ids[0]))
+                        or generate(model, tok, ids, cache, args))
+    assert infer.main(["--config-type", "ttt", "--prompt", b"\xff\xfeab".decode("utf-8", "surrogateescape"),
+                       "--max_new_tokens", "2", "--temperature", "0"]) == 0
+    assert seen == ["\ufffd\ufffdab"]
+    assert "not valid UTF-8; its invalid bytes were replaced by U+FFFD" in capsys.readouterr().err
+
+
+def run_infer(*argv, stdin=b""):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *argv], input=stdin, capture_output=True,
+                          env=env, timeout=120)
+
+
+def test_stdin_not_utf8_then_end_of_input():
+    """A real process: bad bytes on stdin are replaced (the reply is written), then the end of input
+    ends the chat with status 0."""
+    done = run_infer("--config-type", "ttt", "--max_new_tokens", "2", "--chat", stdin=b"\xff\xfeab\n")
+    err = done.stderr.decode()
+    assert done.returncode == 0 and "Traceback" not in err and "replaced by U+FFFD" in err and "decode: 2 tokens" in err
+
+
+@pytest.mark.parametrize("chat", [[], ["--chat"]])
+def test_end_of_input_at_the_prompt_ends_with_status_0(chat, monkeypatch, capsys):
+    def eof(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", eof)
+    assert infer.main(["--config-type", "ttt", *chat]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt():
+    """A real process and real SIGINTs: the first stops an endless reply and the chat goes on (the
+    next reply is written from the kept state); Ctrl-C at the prompt then ends it, status 130."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "infer.py"), "--config-type", "ttt", "--chat",
+                             "--max_new_tokens", "1000000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    out = bytearray()
+    threading.Thread(target=lambda: [out.extend(c) for c in iter(lambda: proc.stdout.read(1), b"")], daemon=True).start()
+
+    def wait_for_prompt(count):
+        deadline = time.monotonic() + 120
+        while out.count(b"you> ") < count:
+            assert time.monotonic() < deadline and proc.poll() is None, (bytes(out), proc.poll())
+            time.sleep(0.05)
+
+    wait_for_prompt(1)
+    for turn in (1, 2):
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        time.sleep(1.0)  # the reply is endless: this lands in it (prefill or decode)
+        proc.send_signal(signal.SIGINT)
+        wait_for_prompt(turn + 1)
+    proc.send_signal(signal.SIGINT)  # at the prompt
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and err.count("stopped by Ctrl-C") + err.count("stopped while reading") == 2, err
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt"])
+def test_damaged_weights_are_one_line(trained, tmp_path, how, capsys):
+    broken = damaged_copy(trained, tmp_path / "m", how)
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(["--model", str(broken), "--prompt", "x"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.splitlines() == [err] and "model.safetensors is truncated or corrupt" in err
+
+
+def test_os_errors_are_named_by_their_cause():
+    assert os_reason(PermissionError(13, "Permission denied", "w")) == "permission denied"
+    assert os_reason(FileNotFoundError(2, "No such file or directory", "w")) == "no such file or directory"
+
+
+def without_file_permission_override() -> list[str]:
+    """A command prefix under which file permissions apply to this user: none for a normal user; for
+    root, setpriv dropping the capabilities that let root read anything."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.fail("running as root needs setpriv (util-linux) to test unreadable files")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "."])
+def test_unreadable_weights_or_directory_is_permission_denied(trained, tmp_path, target):
+    model = tmp_path / "m"
+    shutil.copytree(trained, model)
+    (model / target).chmod(0)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    try:
+        done = subprocess.run([*without_file_permission_override(), sys.executable, str(ROOT / "infer.py"),
+                               "--model", str(model), "--prompt", "x"], capture_output=True, env=env, timeout=120)
+    finally:
+        (model / target).chmod(0o755)
+    err = done.stderr.decode().strip()
+    what = "cannot read model.safetensors" if target != "." else "cannot read the directory"
+    assert done.returncode == 2 and err.splitlines() == [err] and f"{what} (permission denied)" in err, err
+
+
+def test_a_hub_name_in_the_local_cache_loads(trained, hub_cache, capsys):
+    hub_cache("someone/tiny", trained)
+    assert infer.main(["--model", "someone/tiny", "--prompt", "The assert", "--max_new_tokens", "4",
+                       "--temperature", "0"]) == 0
+    from_cache = capsys.readouterr().out
+    assert infer.main(["--model", str(trained), "--prompt", "The assert", "--max_new_tokens", "4",
+                       "--temperature", "0"]) == 0
+    assert from_cache == capsys.readouterr().out

@@ -24,6 +24,12 @@ from .engine import ChunkwiseMemory
 from .layers.conv import ShortConv
 from .layers.mlp import SwiGLU
 
+#: tokens per forward when `generate` reads a prompt (prefill): the prompt is fed in pieces of this
+#: many tokens, each continuing the cache, so the activations of only one piece are alive at a time
+#: and a memory model's peak memory does not grow with the prompt (the outputs are those of one
+#: forward over the whole prompt). A multiple of every preset's mini-batch / chunk size.
+PREFILL_CHUNK_TOKENS = 1024
+
 
 class ConvBranch(nn.Module):
     """The Mamba-style pre-mixer branch (TTT's ``pre_conv``): ``h += Conv(RMSNorm(h))``."""
@@ -115,6 +121,8 @@ class TTOModel(TTOPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = h.shape[:2]
+        if t == 0:
+            raise ValueError(f"the input has no tokens (shape {tuple(h.shape[:2])}); give at least one token")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
@@ -164,6 +172,17 @@ class TTOForCausalLM(TTOPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own TTOCache
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """``GenerationMixin.generate`` reading the prompt in pieces of :data:`PREFILL_CHUNK_TOKENS`
+        (unless ``prefill_chunk_size`` is set by the call or the generation config) into a cache made
+        here when none is given, so a long prompt costs no more memory than one piece."""
+        config = generation_config if generation_config is not None else self.generation_config
+        if kwargs.get("prefill_chunk_size", config.prefill_chunk_size) is None:
+            kwargs["prefill_chunk_size"] = PREFILL_CHUNK_TOKENS
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", config.use_cache) is not False:
+            kwargs["past_key_values"] = TTOCache(self.config.num_hidden_layers)
+        return super().generate(inputs, generation_config, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -36,25 +36,25 @@ def model_names(paths: list[str]) -> list[str]:
     return [s if short.count(s) == 1 else p for s, p in zip(short, paths)]
 
 
-def check_model(path: str, tokenizer_spec_: str | None):
-    """The model's config and tokenizer, or a one-line error naming the problem."""
+def check_model(spec: str, tokenizer_spec_: str | None):
+    """The model's directory (`spec` or, for a hub name, its local cache), config and tokenizer, or a
+    one-line error naming the problem (missing, unreadable, truncated weights, ...)."""
     from transformers import AutoConfig
 
-    from ..cli import tokenizer_spec
+    from ..cli import resolve_model, tokenizer_spec
     from ..data import load_tokenizer
 
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model {path!r}: no config.json there (a directory written by train.py or save_pretrained)")
+    path = resolve_model(spec)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--model {path!r}: unreadable config ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"--model {spec!r}: unreadable config ({str(err).splitlines()[0]})") from None
     tokenizer = load_tokenizer(tokenizer_spec(path, tokenizer_spec_))
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(f"--model {path!r}: its tokenizer has {len(tokenizer)} tokens but the model only {vocab}; "
+        raise ValueError(f"--model {spec!r}: its tokenizer has {len(tokenizer)} tokens but the model only {vocab}; "
                          f"pass the tokenizer it was trained with (--tokenizer)")
-    return config, tokenizer
+    return path, config, tokenizer
 
 
 def load_lm(name: str, path: str, tokenizer, device: str, dtype: str) -> LM:
@@ -73,13 +73,9 @@ def evaluate(models: list[str], tasks: list[str], out: str | Path, *, grid=(), s
     Everything that can be wrong with the inputs (task names, --grid, model directories, tokenizers,
     datasets) raises ValueError / OSError before any model is run.
     """
-    import datasets
-    from tqdm.auto import tqdm
-
     import tto  # noqa: F401  (registers the tto types with the Auto classes)
 
     from ..cli import resolve_device
-    from . import report
 
     if not models:
         raise ValueError("give at least one --model DIR")
@@ -92,18 +88,35 @@ def evaluate(models: list[str], tasks: list[str], out: str | Path, *, grid=(), s
     parsed = parse_grid(grid, tasks)
     checked = [check_model(p, tokenizer) for p in models]
     built = build_tasks(tasks, parsed, seed=seed, limit=limit, batch_size=batch_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(models, checked, built, out, seed=seed, limit=limit, device=device, dtype=dtype,
+                    progress=progress, echo=echo)
+    except BaseException:
+        if created and not any(out.iterdir()):  # leave nothing behind that was not there before
+            out.rmdir()
+        raise
+
+
+def _run(models, checked, built, out: Path, *, seed, limit, device, dtype, progress, echo) -> dict:
+    """Every task on every checked model, then the plots and results.json in `out`."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    from . import report
+
     datasets.disable_progress_bars()  # tokenizing the held-out text is not worth a bar per task and model
 
     names = model_names(models)
     results: dict = {"seed": seed, "limit": limit, "device": device, "dtype": dtype,
                      "options": {n: dataclasses.asdict(t.options) for n, t in built.items()},
-                     "models": {}, "results": {n: {} for n in tasks}, "summary": {}}
-    for name, path, (config, tok) in zip(names, models, checked):
+                     "models": {}, "results": {n: {} for n in built}, "summary": {}}
+    for name, spec, (path, config, tok) in zip(names, models, checked):
         lm = load_lm(name, path, tok, device, dtype)
-        results["models"][name] = {"path": str(path), "model_type": config.model_type,
+        results["models"][name] = {"path": str(spec), "model_type": config.model_type,
                                    "parameters": sum(p.numel() for p in lm.model.parameters())}
         results["summary"][name] = {}
         for task_name, task in built.items():
