@@ -27,6 +27,8 @@ from tto.eval.memory import memory_example
 from tto.eval.mqar import mqar_example
 from tto.eval.niah import NEEDLES, niah_example
 
+from conftest import damaged_copy
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
 eval_cli = importlib.util.module_from_spec(spec)
@@ -288,6 +290,25 @@ def test_unreadable_model_directory_is_named(models, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"--model '{path}'" in err and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt"])
+def test_damaged_weights_are_one_line_and_leave_no_out(models, tmp_path, how, capsys):
+    broken = damaged_copy(models / "ttt", tmp_path / "m", how)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["--model", str(broken), "--out", str(tmp_path / "out"), "--tasks", "ppl"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.splitlines() == [err] and "model.safetensors is truncated or corrupt" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_name_in_the_local_cache_is_evaluated(models, hub_cache, tmp_path):
+    hub_cache("someone/tiny", models / "ttt")
+    args = ["--tasks", "ppl", "--grid", "ppl.length=64", "--limit", "1", "--no-progress"]
+    cached = eval_cli.main(["--model", "someone/tiny", "--out", str(tmp_path / "a"), *args])
+    local = eval_cli.main(["--model", str(models / "ttt"), "--out", str(tmp_path / "b"), *args])
+    assert cached["models"]["tiny"]["path"] == "someone/tiny"
+    assert cached["results"]["ppl"]["tiny"] == local["results"]["ppl"]["ttt"]
 
 
 @pytest.mark.parametrize("recipe", ["mqar", "passkey"])
