@@ -96,3 +96,55 @@ def test_convert_official_checkpoint_loads_exactly(fields):
 def test_convert_rejects_unknown_keys():
     with pytest.raises(ValueError, match="model.layers.0.mystery"):
         tto.convert_official_ttt({"model.layers.0.mystery": torch.zeros(1)})
+
+
+#: config.json as the official TTTConfig (ttt-lm-pytorch, copied by the original TTO code) saves it:
+#: every argument of its __init__ under its own name, plus the file's bookkeeping
+def official_config_json(**fields) -> dict:
+    config = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6,
+                  use_cache=False, pad_token_id=None, bos_token_id=1, eos_token_id=2, pretraining_tp=1,
+                  tie_word_embeddings=True, rope_theta=10000.0, use_gate=False, share_qk=False,
+                  ttt_layer_type="linear", ttt_base_lr=1.0, mini_batch_size=4, pre_conv=False, conv_kernel=4,
+                  scan_checkpoint_group_size=0)
+    config.update(fields)
+    return {**config, "model_type": "ttt", "architectures": ["TTTForCausalLM"], "torch_dtype": "float32",
+            "transformers_version": "4.40.0"}
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("fields", [dict(ttt_layer_type="linear"),
+                                    dict(ttt_layer_type="mlp", share_qk=True, use_gate=True, pre_conv=True,
+                                         ttt_base_lr=0.1)])
+def test_official_checkpoint_loads_with_auto_classes(tmp_path, weights, fields):
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = official_config_json(**fields)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected_cfg = tto.build_config("ttt", **{k: v for k, v in config.items() if k in tto.TTTConfig.field_names()})
+    ref = reference_state_dict(expected_cfg)
+    ref.pop("model.layers.0.seq_modeling_block.token_idx")  # non-persistent in the reference: never saved
+    (save_file if weights.endswith(".safetensors") else torch.save)(ref, tmp_path / weights)
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(model) is tto.TTTForCausalLM and not model.training
+    assert model.config.ttt_base_lr == fields.get("ttt_base_lr", 1.0) and model.config.model_type == "tto_ttt"
+    expected = tto.TTTForCausalLM(expected_cfg)
+    expected.load_state_dict(tto.convert_official_ttt(ref), strict=False)
+    ids = torch.randint(0, 50, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected.eval()(ids).logits)
+    assert torch.equal(model.model.layers[1].mixer.memory.fast.W1, ref["model.layers.1.seq_modeling_block.W1"])
+
+
+def test_official_checkpoint_with_an_unknown_field_names_it(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "config.json").write_text(json.dumps(official_config_json(ttt_mystery=1)))
+    with pytest.raises(ValueError, match="ttt_mystery"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -7,9 +7,11 @@ from . import mixers  # noqa: F401  (registers every type)
 from .cache import TTOCache
 from .config import TTOConfig
 from .convert import convert_official_ttt
-from .modeling import TTOForCausalLM, TTOModel
+from .mixers.titans import TitansConfig
+from .mixers.ttt import TTTConfig
+from .modeling import TitansForCausalLM, TTOForCausalLM, TTOModel, TTTForCausalLM
 from .registry import available, build_config, get
 from .retrofit import retrofit
 
-__all__ = ["TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "available", "build_config",
-           "convert_official_ttt", "get", "retrofit"]
+__all__ = ["TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "TTTConfig", "TTTForCausalLM", "TitansConfig",
+           "TitansForCausalLM", "available", "build_config", "convert_official_ttt", "get", "retrofit"]

@@ -4,14 +4,22 @@
 (test-time-training/ttt-lm-pytorch, ``TTTForCausalLM``) to tto's ``ttt`` model of the same
 config. The two compute the same function: the reference's field names are tto's, and the
 rules below are the only renames and reshapes.
+
+``import tto`` also registers the official checkpoints' ``model_type: "ttt"`` with the Auto classes
+(:class:`OfficialTTTConfig`, :class:`OfficialTTTForCausalLM`), so
+``AutoModelForCausalLM.from_pretrained(dir)`` on a directory saved by the official code (or by the
+original TTO code, whose TTT is a copy of it) returns tto's ``TTTForCausalLM``, converted on load.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 # (reference key pattern, tto key template, reshape); per-layer keys have their layer index
 # in group 1
@@ -61,3 +69,63 @@ def convert_official_ttt(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         else:
             raise ValueError(f"no rule maps the reference key {key!r}")
     return out
+
+
+#: keys of an official config.json that describe the file, not the model
+_BOOKKEEPING_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
+
+
+class OfficialTTTConfig(PreTrainedConfig):
+    """The config.json of an official TTT checkpoint (``model_type: "ttt"``), read as it is."""
+
+    model_type = "ttt"
+
+
+def _official_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in `directory` (model.safetensors, pytorch_model.bin, or their shards)."""
+    from transformers.modeling_utils import load_state_dict
+
+    from .cli import WEIGHT_FILES
+
+    found = [name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not found:
+        raise OSError(f"{directory}: no weights there (none of {', '.join(WEIGHT_FILES)})")
+    files = [directory / found[0]]
+    if found[0].endswith(".index.json"):
+        shards = json.loads(files[0].read_text())["weight_map"].values()
+        files = [directory / shard for shard in sorted(set(shards))]
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_state_dict(str(path)))
+    return state
+
+
+class OfficialTTTForCausalLM:
+    """What ``AutoModelForCausalLM`` loads for ``model_type: "ttt"``: the checkpoint converted to tto."""
+
+    config_class = OfficialTTTConfig
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, dtype=None, torch_dtype=None, **kwargs):
+        """tto's ``TTTForCausalLM`` with the official checkpoint's config (same field names) and weights
+        (:func:`convert_official_ttt`), in eval mode. `path`: a directory or a hub name in the local cache."""
+        from transformers.utils import cached_file
+
+        from .registry import build_config, get
+
+        directory = Path(path) if Path(path).is_dir() else Path(cached_file(str(path), "config.json")).parent
+        fields = json.loads((directory / "config.json").read_text())
+        for key in _BOOKKEEPING_KEYS:
+            fields.pop(key, None)
+        model = get("ttt").model_class(build_config("ttt", **fields))
+        result = model.load_state_dict(convert_official_ttt(_official_state_dict(directory)), strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise ValueError(f"{path}: the checkpoint does not fit its config (missing: "
+                             f"{sorted(set(result.missing_keys) - tied)}, unexpected: {result.unexpected_keys})")
+        dtype = dtype if dtype is not None else torch_dtype
+        return (model if dtype in (None, "auto") else model.to(dtype)).eval()
+
+
+AutoConfig.register(OfficialTTTConfig.model_type, OfficialTTTConfig, exist_ok=True)
+AutoModelForCausalLM.register(OfficialTTTConfig, OfficialTTTForCausalLM, exist_ok=True)
