@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
-from transformers import Trainer
+
+from .checkpoints import CheckpointingTrainer
 
 
 @dataclass(kw_only=True)
@@ -78,7 +79,7 @@ class StageBatchSampler(Sampler):
             offset += size
 
 
-class CurriculumTrainer(Trainer):
+class CurriculumTrainer(CheckpointingTrainer):
     """A Trainer whose training batches follow a curriculum: ``stages`` and their packed datasets."""
 
     def __init__(self, *args, stages: list[Stage], stage_sets: list, **kwargs):

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 from .callbacks import Diverged, StopOnNonFiniteLoss
+from .checkpoints import (FINAL_STAGING_DIR, STAGING_DIR, CheckpointingTrainer, StopOnSignal, TrainingInterrupted,
+                          newest_complete_checkpoint, remove_staging, resolve_resume)
 from .curriculum import CurriculumTrainer
 from .monitor import InnerLoopMonitor
 from .optim import freeze, optimizer_cls_and_kwargs
@@ -32,24 +34,28 @@ def check_writable(output_dir: Path) -> None:
 
 def check_output_dir(output_dir: Path, resume, overwrite: bool) -> None:
     """Refuse to write into a non-empty directory unless resuming or explicitly allowed, and make
-    sure there is a checkpoint to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
+    sure there is a complete checkpoint to resume from. What an interrupted save left behind
+    (``.staging``, ``.saving``) does not count."""
+    entries = [p for p in output_dir.iterdir() if p.name not in (STAGING_DIR, FINAL_STAGING_DIR)] \
+        if output_dir.is_dir() else []
+    if entries and not (resume or overwrite):
+        newest, _ = newest_complete_checkpoint(output_dir)
+        how = (f"resume from {newest.name} with training_args.resume_from_checkpoint=true, " if newest else
+               "it has no complete checkpoint to resume from; ")
+        raise FileExistsError(f"output_dir {str(output_dir)!r} is not empty; {how}allow overwriting with "
+                              f"training_args.overwrite_output_dir=true, or pick another dir")
+    resolve_resume(output_dir, resume)
 
-    if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(
-            f"output_dir {str(output_dir)!r} is not empty; resume with training_args.resume_from_checkpoint=true "
-            f"(or a checkpoint path), allow it with training_args.overwrite_output_dir=true, or pick another dir"
-        )
-    if resume is True and not (output_dir.is_dir() and get_last_checkpoint(str(output_dir))):
-        raise FileNotFoundError(f"resume_from_checkpoint=true, but output_dir {str(output_dir)!r} has no checkpoint-*")
-    if isinstance(resume, str) and not Path(resume).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint={resume!r}: no such checkpoint directory")
 
-
-def configure_wandb(report_to) -> None:
-    """Log offline when wandb is asked for but has no credentials or no network."""
+def configure_wandb(report_to, project: str | None) -> None:
+    """Log offline when wandb is asked for but has no credentials or no network; a recipe's
+    ``project`` names the wandb project (the Trainer's wandb callback reads it from WANDB_PROJECT)."""
     wanted = report_to == "wandb" or (isinstance(report_to, (list, tuple)) and "wandb" in report_to)
-    if not wanted or os.environ.get("WANDB_MODE"):
+    if not wanted:
+        return
+    if project is not None:
+        os.environ["WANDB_PROJECT"] = project
+    if os.environ.get("WANDB_MODE"):
         return
     from ..data.offline import host_reachable
 
@@ -60,15 +66,18 @@ def configure_wandb(report_to) -> None:
 
 def save_atomically(model, tokenizer, output_dir: Path) -> None:
     """Write the final model into a temporary directory, then move each file into place
-    (config last), so an interrupted save never leaves a half-written model behind."""
-    tmp = output_dir / ".saving"
+    (config last), so an interrupted save never leaves a half-written model behind (a kill leaves the
+    temporary directory, which the next run ignores and deletes)."""
+    tmp = output_dir / FINAL_STAGING_DIR
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
-    for name in names:
-        os.replace(tmp / name, output_dir / name)
-    tmp.rmdir()
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(tmp / name, output_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def split_documents(ds: DatasetSection):
@@ -117,7 +126,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
     ValueError / OSError here, before any training.
     """
     import torch
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers import TrainingArguments, default_data_collator, set_seed
 
     import tto
 
@@ -134,7 +143,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
         args["use_cpu"] = True
     check_writable(Path(args["output_dir"]))
     check_output_dir(Path(args["output_dir"]), resume, overwrite)
-    configure_wandb(args["report_to"])
+    configure_wandb(args["report_to"], args.get("project"))
     try:  # its own checks (strategies, step multiples, optional packages) before any data
         training_args = TrainingArguments(**args)
     except (ImportError, TypeError, ValueError) as err:
@@ -174,11 +183,11 @@ def build_trainer(recipe: Recipe, callbacks=()):
 
     common = dict(model=model, args=training_args, eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
                   data_collator=default_data_collator, processing_class=tokenizer,
-                  callbacks=[StopOnNonFiniteLoss(), *callbacks], optimizer_cls_and_kwargs=optimizer)
+                  callbacks=[StopOnNonFiniteLoss(), *callbacks, StopOnSignal()], optimizer_cls_and_kwargs=optimizer)
     if recipe.curriculum:
         trainer = CurriculumTrainer(stages=recipe.curriculum, stage_sets=train_sets, **common)
     else:
-        trainer = Trainer(train_dataset=train_sets[0], **common)
+        trainer = CheckpointingTrainer(train_dataset=train_sets[0], **common)
     if recipe.monitor is not None:
         trainer.add_callback(InnerLoopMonitor(trainer, recipe.monitor.every))
     return trainer, resume
@@ -189,11 +198,17 @@ def run(trainer, resume=None) -> dict:
 
     A non-finite loss (or a layer's NaN/Inf, with ``check_finite``) raises :class:`Diverged` naming
     the step, before that step's update: nothing is saved, the checkpoints written so far are kept.
+    SIGINT / SIGTERM during training saves a checkpoint and raises :class:`TrainingInterrupted`.
     """
+    if trainer.is_world_process_zero():
+        remove_staging(Path(trainer.args.output_dir))
+    stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal)), None)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except FloatingPointError as err:
         raise Diverged.at(trainer.state, err) from err
+    if stop is not None and stop.received is not None:
+        raise TrainingInterrupted(stop.received, Path(trainer.args.output_dir) / f"checkpoint-{result.global_step}")
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
