@@ -193,6 +193,20 @@ def test_unwritable_output_dir_fails_before_any_data_is_read(tmp_path, monkeypat
     assert not (ro / "run").exists()
 
 
+def test_training_device_must_be_one_this_machine_has(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("data was read before the device was checked")
+
+    monkeypatch.setattr("tto.training.trainer.split_documents", never)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        train_cli.main([str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'out'}",
+                        "training_args.device=gpu"])
+    assert exit_info.value.code == 2 and len(err.getvalue().splitlines()) == 1
+    assert "training_args.device 'gpu': no such device on this machine; valid: auto, cpu" in err.getvalue()
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_py_bad_value_exits_2_in_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), str(TINY / "titans.yml"), f"training_args.output_dir={out}",

@@ -33,9 +33,9 @@ def valid_devices() -> list[str]:
     return valid
 
 
-def resolve_device(spec: str) -> str:
+def resolve_device(spec: str, name: str = "--device") -> str:
     """``auto`` -> the accelerator when present, else cpu; a device this machine has is returned as
-    given; anything else raises ValueError naming the valid choices."""
+    given; anything else raises ValueError naming `name` (the flag or recipe key) and the valid choices."""
     import torch
 
     valid = valid_devices()
@@ -48,7 +48,7 @@ def resolve_device(spec: str) -> str:
     index = 0 if device is None or device.index is None else device.index
     present = device is not None and (device.type == "cpu" or f"{device.type}:{index}" in valid)
     if not present:
-        raise ValueError(f"--device {spec!r}: no such device on this machine; valid: {', '.join(valid)}")
+        raise ValueError(f"{name} {spec!r}: no such device on this machine; valid: {', '.join(valid)}")
     return spec
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..cli import resolve_device
 from .callbacks import Diverged, StopOnNonFiniteLoss
 from .checkpoints import (FINAL_STAGING_DIR, STAGING_DIR, CheckpointingTrainer, StopOnSignal, TrainingInterrupted,
                           newest_complete_checkpoint, remove_staging, resolve_resume)
@@ -134,6 +135,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
 
     args = dict(recipe.training_args)
     device = args.pop("device", "auto")
+    resolve_device(device, "training_args.device")  # one this machine has, before any work
     resume = args.pop("resume_from_checkpoint", None)
     overwrite = bool(args.pop("overwrite_output_dir", False))
     args.setdefault("output_dir", "runs/" + run_name(recipe.model))
