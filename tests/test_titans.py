@@ -3,14 +3,10 @@ variants (MAC included), persistent tokens, config errors, and test-time memoriz
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import tto
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
@@ -118,38 +114,3 @@ def test_lmm_memorizes_at_test_time(request):
         first, second = value_losses(x, model.eval()(x).logits)
     assert first > 0.8 * torch.log(torch.tensor(float(VALUES)))
     assert second < 0.7 * first, (first.item(), second.item())
-
-
-
-#: configs/tasks/passkey.yml's Titans run at mem_max_lr 0.1, at the step whose forward produced NaN:
-#: the momentum gate of the heads that diverged, and the curvature of the inner loss (the top
-#: eigenvalue of its Gauss-Newton matrix per token) those heads reached before their weights blew up
-DIVERGED_MOMENTUM = 0.98
-DIVERGED_CURVATURE = 1.0
-
-
-def chunk_map_radius(theta: float, eta: float, alpha: float, chunk: int, curvature: float) -> float:
-    """Spectral radius of one chunk of MomentumGD with constant gates on a quadratic inner loss of
-    this curvature: the map (W, S) -> (decay W + carry S - sum(mix) c W, s_decay S - sum(s_mix) c W)
-    of the engine's coefficients (every gradient of the chunk at its start weights). Above 1 the
-    weights grow from chunk to chunk."""
-    from tto.engine import MomentumGD
-
-    gates = {name: torch.full((1, 1, chunk), value, dtype=torch.float64)
-             for name, value in (("lr", theta), ("momentum", eta), ("forget", alpha))}
-    c = MomentumGD().coefficients(gates, torch.ones(1, 1, chunk, dtype=torch.bool))
-    step = torch.tensor([[c.decay[0, 0, -1] - c.mix[0, 0, -1].sum() * curvature, c.carry[0, 0, -1]],
-                         [-c.s_mix[0, 0].sum() * curvature, c.s_decay[0, 0]]])
-    return torch.linalg.eigvals(step).abs().max().item()
-
-
-def test_passkey_recipe_bounds_the_titans_inner_step_where_its_chunks_are_stable():
-    """The pass key recipe's mem_max_lr keeps a chunk stable where the default 0.1 diverged."""
-    from tto.training import load_recipe
-
-    model = load_recipe(ROOT / "configs" / "tasks" / "passkey.yml", ["model.type=titans"]).model
-    cfg = tto.build_config("titans", **{k: v for k, v in model.items() if k != "type"})
-    alpha = torch.sigmoid(torch.tensor(cfg.forget_gate_bias_init)).item()
-    at = lambda theta: chunk_map_radius(theta, DIVERGED_MOMENTUM, alpha, cfg.chunk_size, DIVERGED_CURVATURE)  # noqa: E731
-    assert at(tto.build_config("titans").mem_max_lr) > 1  # the default: weights grow chunk after chunk
-    assert at(cfg.mem_max_lr) < 1

@@ -19,6 +19,12 @@ triangular system::
 so a chunk costs a few (C x C) and (C x d) matmuls and one triangular solve. Outputs do not depend
 on C; a sequence gives the same outputs in one call or token by token.
 
+Stability needs no bound here: the update is exact per token (no chunk-start gradients), and with
+l2-normalised keys (DeltaNet and Gated DeltaNet normalise them) and ``beta_t in (0, 2)``,
+``a_t in (0, 1]`` the transition is non-expansive, ``||a_t (I - beta_t k_t k_t^T)||_2 =
+a_t max(1, |1 - beta_t|) <= 1``, so ``||S_t|| <= ||S_{t-1}|| + beta_t ||v_t||``: the state grows at
+most linearly in the tokens, never geometrically.
+
 :func:`naive_delta_rule` is the per-token recurrence above, the reference the chunked form is
 tested against. Padding: tokens with ``mask`` False get ``beta = 0`` and no decay, the identity
 step, so the state skips them.

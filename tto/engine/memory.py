@@ -18,8 +18,34 @@ steps, and the row's last, incomplete chunk is only read, then kept in the state
 tokens that the next call completes. So a sequence gives the same outputs whether it arrives in
 one call or token by token, left-padded or not, and decoding costs at most one chunk per token.
 
+**Step bound.** Because every gradient of a chunk is taken at its start weights, a chunk applies
+up to (chunk length x theta) of a token's step at once, amplified by momentum (up to 1 / (1 - eta))
+and by the inner loss's curvature, which grows with the keys' norms and the memory's weights; past
+a threshold the chunk-to-chunk map overshoots more than it corrects and the weights grow
+geometrically (Titans at 300M: reads 0.8 -> 5e7 -> inf within 150 tokens at init). So what a chunk
+*commits* (its end weights and momentum) takes its gradients times a factor kappa in (0, 1]::
+
+    W' = d W_c + c S_c - kappa sum_s m_s g_s,      S' = e S_c - kappa sum_s p_s g_s
+
+with kappa from :func:`tto.engine.optimizers.stable_step_factor`: the chunk map is stable (Jury's
+conditions on its characteristic polynomial in every curvature direction; for plain descent
+``||d I - kappa sum_s m_s H_s||_2 < 1``) for every token Hessian ``H_s`` with
+``||H_s||_2 <= L_s``, where ``L_s`` bounds token s's Gauss-Newton curvature at the chunk-start
+weights::
+
+    L_s = objective curvature(y_s) * sum_l (|x_s^(l)|^2 [+ 1 with a bias]) * gain_l * retention scale_l
+
+(``x_s^(l)`` layer l's input, ``gain_l`` from :meth:`FastModel.curvature_gains`: products of the
+later layers' spectral norms and sup |activation'|). kappa = 1 exactly wherever the step is stable
+by itself, so the paper's update is computed unchanged there; the reads inside a chunk are the
+paper's in any case (a bound that depended on a chunk's later tokens would break causality), and a
+read-only incomplete chunk commits nothing. kappa is not differentiated (like a clipping norm).
+
 :func:`naive_memory` is the slow reference: per row, per real token, gradients by autograd at the
-chunk-start weights and the optimizer's per-token recurrence.
+chunk-start weights and the optimizer's per-token recurrence; the commit replays the chunk's
+recurrence with the gradients times kappa, computed from the objective's autograd Hessian, the
+layer inputs the naive forward records, and the chunk-end coefficients read off the optimizer's
+recurrence on probes (:func:`naive_chunk_map`).
 """
 
 from __future__ import annotations
@@ -34,7 +60,7 @@ from ..reference import in_reference_mode
 from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, inner
 from .objectives import Objective
-from .optimizers import Coefficients, InnerOptimizer
+from .optimizers import Coefficients, InnerOptimizer, stable_step_factor
 from .retention import Retention
 
 
@@ -279,8 +305,15 @@ class Memory(ChunkwiseMemory):
 
     def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, objective_gates: dict):
         """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention."""
-        grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v, objective_gates))
+        outputs = []
+
+        def dloss(y):
+            outputs.append(y)
+            return self.objective.grad(y, v, objective_gates)
+
+        grads = self.fast.forward_backward(params, k, dloss)
         scale = self.retention.grad_scale(params)
+        kappa = self._step_bound(params, grads, outputs[0], v, objective_gates, c, scale)
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         by_name = {name: (x, delta) for name, x, delta in grads}
@@ -305,7 +338,7 @@ class Memory(ChunkwiseMemory):
 
         out = self.fast.core(q, read)
 
-        end = c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
+        end = kappa[:, None, None] * c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
         new_params, new_momentum = {}, ({} if momentum is not None else None)
         for name, x, delta in grads:
             weighted = end * delta
@@ -313,7 +346,7 @@ class Memory(ChunkwiseMemory):
             bias = _bias_name(name)
             if bias in params:
                 updates[bias] = (torch.ones_like(end.transpose(-1, -2)), weighted)
-            s_end = c.s_mix[..., None] * delta if momentum is not None else None
+            s_end = (kappa[:, None] * c.s_mix)[..., None] * delta if momentum is not None else None
             # weight-sized terms are few passes over memory: the scaled weights are a new tensor
             # that the update is accumulated into in place
             for p, (left, right) in updates.items():
@@ -327,6 +360,74 @@ class Memory(ChunkwiseMemory):
                 if momentum is not None:
                     new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
         return out, new_params, new_momentum
+
+    def _step_bound(self, params, grads, y, v, objective_gates, c: Coefficients, scale) -> torch.Tensor:
+        """The factor kappa (N,) on the gradients the chunk commits (module docstring): each token's
+        curvature bound from its layer inputs at the chunk-start weights, then
+        :func:`stable_step_factor` of the chunk-end coefficients. Not differentiated (a bound, like
+        a clipping threshold)."""
+        with torch.no_grad():
+            gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()})
+            weights = 0.0
+            for name, x, _ in grads:
+                norm = x.detach().pow(2).sum(-1) + (1.0 if _bias_name(name) in params else 0.0)
+                factor = gains[name] if scale is None else gains[name] * scale[name][:, 0, 0]
+                weights = weights + norm * factor[:, None]
+            curvature = self.objective.curvature(y.detach(), v, objective_gates) * weights  # (N, b)
+            decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(curvature[:, 0])
+            carry = c.carry[:, -1] if c.carry is not None else None
+            return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, curvature)
+
+
+def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype) -> tuple:
+    """The chunk-end coefficients of `optimizer` over one chunk of tokens with these gates, read off
+    its per-token recurrence run on probes: a scalar weight per probe, one probe per token whose
+    gradient is 1 at that token and 0 elsewhere, one starting at W = 1 and one at S = 1. Returns
+    (decay, carry, s_decay, mix, s_mix) as :func:`stable_step_factor` takes them (carry, s_decay,
+    s_mix None without momentum)."""
+    b = len(token_gates)
+    start = torch.zeros(heads, 1, b + 2, dtype=dtype)
+    start[..., b] = 1.0
+    state = optimizer.naive_init({"probe": start})
+    if optimizer.has_momentum:
+        state["S"]["probe"] = torch.zeros_like(start)
+        state["S"]["probe"][..., b + 1] = 1.0
+    for t, gates in enumerate(token_gates):
+        grad = torch.zeros_like(start)
+        grad[..., t] = 1.0
+        optimizer.naive_step(state, {"probe": grad}, gates, t)
+    optimizer.naive_chunk_end(state)
+    w = state["W"]["probe"][:, 0]
+    if not optimizer.has_momentum:
+        return w[:, b], None, None, -w[:, :b], None
+    s = state["S"]["probe"][:, 0]
+    return w[:, b], w[:, b + 1], s[:, b + 1], -w[:, :b], -s[:, :b]
+
+
+def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tensor, gates: dict,
+                    scale: dict | None) -> torch.Tensor:
+    """Token curvature bound (heads,) of the step bound for one token x, v (heads, 1, d) at the
+    chunk-start weights: the objective's curvature as the top eigenvalue of its autograd Hessian in
+    the output, times sum over layers of (|layer input|^2 [+ 1]) * the fast model's gain."""
+    fast, inputs = memory.fast, {}
+    plain = fast.plain_linear({n: w.detach() for n, w in start.items()})
+
+    def recording(name, h):
+        inputs[name] = h
+        return plain(name, h)
+
+    y = fast.apply(x, recording).detach()
+    gains = fast.curvature_gains({n: w.detach() for n, w in start.items()})
+    weights = 0.0
+    for name, h in inputs.items():
+        factor = gains[name] * (1.0 if scale is None else scale[name].detach()[:, 0, 0])
+        weights = weights + factor * (h[:, 0].pow(2).sum(-1) + (1.0 if _bias_name(name) in start else 0.0))
+    top = []
+    for head in range(y.shape[0]):
+        head_gates = {n: g[head: head + 1, None] for n, g in gates.items()}
+        loss = lambda yh: memory.objective.loss(yh[None, None], v[head: head + 1], head_gates).sum()  # noqa: E731
+        top.append(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, y[head, 0]))[-1].clamp_min(0.0))
+    return torch.stack(top) * weights
 
 
 def naive_memory(memory: Memory, q, k, v, gates, mask=None):
@@ -348,6 +449,9 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
             if pos == 0:
                 start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
                 keep = torch.ones(heads, dtype=outs.dtype)
+                chunk_start = {key: (dict(x) if isinstance(x, dict) else list(x) if isinstance(x, list) else x)
+                               for key, x in state.items()}
+                written = []
             kt, vt, qt = (inner(x[row, t])[:, None, :] for x in (k, v, q))
             token_gates = {n: inner(g[row, t]) for n, g in gates.items()}
             with torch.enable_grad():
@@ -359,10 +463,20 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
             if scale is not None:
                 grads = {n: grad * scale[n] for n, grad in grads.items()}
             read = opt.naive_step(state, grads, token_gates, pos)
+            curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
+                                        scale)
+            written.append((grads, token_gates, curvature.detach()))
             if "forget" in token_gates:
                 keep = keep * (1 - token_gates["forget"])
             row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
             if pos == b - 1:
+                # the commit: the chunk's recurrence again from its start, gradients times the step bound
+                with torch.no_grad():  # a bound, not differentiated
+                    coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype)
+                    kappa = stable_step_factor(*coefficients, torch.stack([c for *_, c in written], -1))
+                state = chunk_start
+                for r, (grads, token_gates, _) in enumerate(written):
+                    opt.naive_step(state, {n: kappa[:, None, None] * g for n, g in grads.items()}, token_gates, r)
                 opt.naive_chunk_end(state)
                 state["W"] = retention.chunk_end(start, state["W"], keep if "forget" in token_gates else None)
                 last_commit = dict(state["W"])

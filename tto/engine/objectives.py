@@ -25,6 +25,11 @@ class Objective:
         """d loss / d y (..., d)."""
         raise NotImplementedError
 
+    def curvature(self, y: torch.Tensor, v: torch.Tensor, gates: dict) -> torch.Tensor:
+        """Per-token top eigenvalue (...,) of the Hessian d^2 loss / d y^2 (0 where it is not
+        positive): the objective's part of the engine's step bound (:mod:`tto.engine.memory`)."""
+        raise NotImplementedError
+
 
 class SquaredError(Objective):
     """l(y, v) = scale / 2 * ||y - v||^2 per token.
@@ -42,6 +47,9 @@ class SquaredError(Objective):
     def grad(self, y, v, gates=None):
         return y - v if self.scale == 1.0 else self.scale * (y - v)
 
+    def curvature(self, y, v, gates=None):
+        return y.new_full(y.shape[:-1], self.scale)
+
 
 class DotProduct(Objective):
     """LaCT's (and Hebbian linear attention's) bias ``l(y, v) = -<y, v>``: descent raises the memory's
@@ -52,6 +60,9 @@ class DotProduct(Objective):
 
     def grad(self, y, v, gates=None):
         return -v
+
+    def curvature(self, y, v, gates=None):
+        return y.new_zeros(y.shape[:-1])
 
 
 class LpError(Objective):
@@ -70,6 +81,11 @@ class LpError(Objective):
     def grad(self, y, v, gates=None):
         e = y - v
         return self.p * e * (e.pow(2) + self.eps).pow(self.p / 2 - 1)
+
+    def curvature(self, y, v, gates=None):
+        """The Hessian is diagonal: ``p (e^2 + eps)^(p/2 - 2) ((p - 1) e^2 + eps)``, its largest entry."""
+        e2 = (y - v).pow(2)
+        return (self.p * (e2 + self.eps).pow(self.p / 2 - 2) * ((self.p - 1) * e2 + self.eps)).amax(-1).clamp_min(0.0)
 
 
 class Huber(Objective):
@@ -92,3 +108,7 @@ class Huber(Objective):
     def grad(self, y, v, gates):
         e, delta = y - v, gates["huber_delta"]
         return torch.where(self._near(e, delta)[..., None], e, delta[..., None] * torch.sign(e))
+
+    def curvature(self, y, v, gates):
+        """1 on the squared error, 0 on the l_1 part (linear in each entry between sign changes)."""
+        return self._near(y - v, gates["huber_delta"]).to(y.dtype)

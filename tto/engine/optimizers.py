@@ -55,6 +55,50 @@ class Coefficients:
         return Coefficients(*(flush(t) for t in (self.mix, self.decay, self.carry, self.s_decay, self.s_mix)))
 
 
+#: the step bound allows this fraction of the largest stable step (:func:`stable_step_factor`): below 1,
+#: so a bounded chunk contracts strictly (plain gradient descent without forgetting: by a factor of at
+#: least |1 - 2 * STEP_MARGIN| = 0.8 along the stiffest direction), and close to 1, so that the bound
+#: leaves alone every step that is stable by itself
+STEP_MARGIN = 0.9
+
+
+def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
+                       mix: torch.Tensor, s_mix: torch.Tensor | None, curvature: torch.Tensor) -> torch.Tensor:
+    """The factor kappa (N,) in (0, 1] on one chunk's gradients that keeps the chunk map stable.
+
+    A chunk commits ``W' = d W + c S - sum_s m_s g_s``, ``S' = e S - sum_s p_s g_s`` (d = decay, c =
+    carry, e = s_decay at the chunk end, m_s = mix[-1, s], p_s = s_mix[s]; every g_s at the chunk-start
+    W). Near a minimum ``g_s = H_s (W - W*)``; along a direction in which token s's curvature is
+    ``h_s in [0, L_s]`` the map is ``[[d - sum m_s h_s, c], [-sum p_s h_s, e]]``, whose eigenvalues lie
+    inside the unit circle iff (Jury) with ``a = sum m_s h_s``, ``b = sum p_s h_s``::
+
+        (1)  a (1 + e) - c b < (1 + d)(1 + e)        (2)  c b - a e < 1 - d e        (3)  a e - c b < 1 + d e
+
+    (the fourth, ``(1 - d)(1 - e) + a (1 - e) + c b > 0``, always holds). Each left side is linear in
+    the h_s, so its largest value over the box is ``A_i = sum_s L_s max(0, coefficient of h_s)``; with
+    the chunk's gradients scaled by kappa the left sides scale by kappa, and
+    ``kappa = min(1, STEP_MARGIN * min_i B_i / A_i)`` (B_i the right sides) meets all three with
+    margin. Without momentum (c = e = 0, no ``S``) only (1) remains: ``kappa sum_s m_s L_s <=
+    STEP_MARGIN (1 + d)``, which also holds for matrices: ``||d I - kappa sum_s m_s H_s||_2 <= max(d,
+    kappa sum_s m_s L_s - d) < 1`` for positive semidefinite H_s with ``||H_s||_2 <= L_s``. kappa = 1
+    exactly (the paper's update) wherever the step is already inside the bound.
+
+    decay, carry, s_decay (N,) (carry and s_decay None: no momentum), mix, s_mix, curvature (N, b).
+    """
+    if carry is None:
+        terms = [(mix, 1 + decay)]
+    else:
+        e = s_decay[:, None]
+        cb = carry[:, None] * s_mix
+        terms = [(mix * (1 + e) - cb, (1 + decay) * (1 + s_decay)), (cb - mix * e, 1 - decay * s_decay),
+                 (mix * e - cb, 1 + decay * s_decay)]
+    kappa = torch.ones_like(decay)
+    for coefficient, bound in terms:
+        worst = torch.where(coefficient > 0, coefficient * curvature, 0.0).sum(-1)
+        kappa = torch.minimum(kappa, torch.where(worst > 0, STEP_MARGIN * bound / worst, 1.0))
+    return kappa
+
+
 def segsum(x: torch.Tensor) -> torch.Tensor:
     """out[..., i, j] = sum_{r=j+1..i} x[..., r] for j <= i, -inf above the diagonal."""
     b = x.shape[-1]

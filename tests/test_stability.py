@@ -1,0 +1,257 @@
+"""The inner loops cannot diverge: a property over the config space (tto.engine.memory's step bound).
+
+* The step bound's inequality: one chunk of every inner optimizer, with kappa from
+  :func:`stable_step_factor`, is a stable map for every curvature the bound allows, and without it
+  the chunk that diverged in the pass-key run is not.
+* Random configurations drawn from each registered type's and variant's fields (widths, heads,
+  memory depth and expansion, chunk sizes, lr bounds, gate biases, every boolean and choice field),
+  every preset of every entry and every recipe in configs/ at its real width and depth give finite
+  logits and bounded fast weights on random tokens.
+
+"Bounded": every fast-weight and momentum entry of every memory state after the sequence has an RMS
+of at most :data:`MAX_FAST_RMS`. Every type initialises its fast weights with entries of RMS <= 1
+(checked below); a stable memory moves them by O(theta |k| |v|) per token, at most linearly in the
+tokens; a diverging chunk map multiplies them geometrically (x ~10 per chunk where the pass-key run
+diverged: 0.5 -> 1e28 in 8 chunks), past 1e3 within a few chunks and to inf or NaN soon after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import tto
+from tto.engine import DecayGD, MiniBatchGD, MomentumGD, OmegaWindow
+from tto.engine.optimizers import STEP_MARGIN, stable_step_factor
+from tto.training import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: largest RMS of a fast-weight or momentum entry counted as bounded (module docstring)
+MAX_FAST_RMS = 1e3
+#: random configurations per type and variant, and their sequence length (several chunks of the
+#: largest drawn chunk size, 32)
+DRAWS = 3
+RANDOM_LENGTH = 128
+#: tokens for the presets and recipes at full size: a few chunks of each (titans 8, ttt 16, deltanet 64)
+FULL_SIZE_LENGTH = 64
+VOCAB = 256
+
+
+# ---------------------------------------------------------------------------- the bound's inequality
+
+#: configs/tasks/passkey.yml's Titans run at mem_max_lr 0.1 diverged at step 817: the momentum gate
+#: of the heads that diverged, their theta (at the bound), the chunk length and the Gauss-Newton
+#: curvature those heads reached before their weights blew up
+DIVERGED = dict(theta=0.1, eta=0.98, alpha=0.018, chunk=8, curvature=1.0)
+
+
+def chunk_map(c, kappa: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One chunk's map (W, S) -> (W', S') per row (N, 2, 2), every gradient at the chunk-start W with
+    token curvatures h (N, b): ``W' = (d - kappa sum m_s h_s) W + c S``, ``S' = -kappa sum p_s h_s W + e S``."""
+    decay = c.decay[:, 0, -1] if c.decay is not None else torch.ones_like(kappa)
+    a = kappa * (c.mix[:, 0, -1] * h).sum(-1)
+    if c.carry is None:
+        return torch.stack([torch.stack([decay - a, torch.zeros_like(a)], -1), torch.zeros(len(a), 2, dtype=a.dtype)], -2)
+    b = kappa * (c.s_mix[:, 0] * h).sum(-1)
+    return torch.stack([torch.stack([decay - a, c.carry[:, 0, -1]], -1), torch.stack([-b, c.s_decay[:, 0]], -1)], -2)
+
+
+def kappa_of(c, curvature: torch.Tensor) -> torch.Tensor:
+    decay = c.decay[:, 0, -1] if c.decay is not None else torch.ones_like(curvature[:, 0])
+    carry = c.carry[:, 0, -1] if c.carry is not None else None
+    s_decay = c.s_decay[:, 0] if c.s_decay is not None else None
+    s_mix = c.s_mix[:, 0] if c.s_mix is not None else None
+    return stable_step_factor(decay, carry, s_decay, c.mix[:, 0, -1], s_mix, curvature)
+
+
+def radius(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigvals(m).abs().amax(-1)
+
+
+OPTIMIZERS = {"momentum": MomentumGD, "decay": DecayGD, "minibatch": lambda: MiniBatchGD(8),
+              "omega-momentum": lambda: OmegaWindow(MomentumGD(), 3)}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_bounded_chunk_map_is_stable_for_every_allowed_curvature(optimizer):
+    """Random gates (momentum up to 0.999, steps up to 10) and token curvature bounds L_s up to 1e3:
+    at h_s = L_s the bounded chunk map's spectral radius is below 1 (the unbounded one's above 2
+    on some rows, and the bound is active on most rows), and at curvatures h_s drawn inside
+    [0, L_s] (and at the box's corners) it is at most 1."""
+    g = torch.Generator().manual_seed(0)
+    n, b = 4000, 8
+    gates = {"lr": 10 * torch.rand(n, 1, b, generator=g, dtype=torch.float64) ** 3,
+             "momentum": 1 - torch.rand(n, 1, b, generator=g, dtype=torch.float64) ** 4,
+             "forget": 0.2 * torch.rand(n, 1, b, generator=g, dtype=torch.float64) ** 2,
+             "omega": torch.rand(n, 1, b, generator=g, dtype=torch.float64)}
+    gates["momentum"] = gates["momentum"].clamp_max(0.999)
+    opt = OPTIMIZERS[optimizer]()
+    if isinstance(opt, MiniBatchGD):
+        opt.token_offset.data = torch.rand(b, generator=g)
+    c = opt.coefficients(gates, torch.ones(n, 1, b, dtype=torch.bool))
+    bound = 1e3 * torch.rand(n, b, generator=g, dtype=torch.float64) ** 3
+    kappa = kappa_of(c, bound)
+    assert (kappa < 1).float().mean() > 0.5
+    assert radius(chunk_map(c, torch.ones_like(kappa), bound)).max() > 2  # unbounded, these chunks diverge
+    assert radius(chunk_map(c, kappa, bound)).max() < 1
+    # inside the box the map does not expand (radius 1 only where it is the identity: h = 0, no forgetting)
+    for h in (bound * torch.rand(n, b, generator=g, dtype=torch.float64), bound * (torch.rand(n, b, generator=g) < 0.5)):
+        assert radius(chunk_map(c, kappa, h)).max() <= 1 + 1e-9
+
+
+def test_diverged_pass_key_chunk_is_unstable_without_the_bound_and_stable_with_it():
+    """The chunk where the pass-key run diverged (Titans, mem_max_lr 0.1): spectral radius > 1 at
+    kappa = 1, < 1 with the bound, and the bound leaves a stable chunk (theta 0.005) alone."""
+    gates = {name: torch.full((1, 1, DIVERGED["chunk"]), DIVERGED[key], dtype=torch.float64)
+             for name, key in (("lr", "theta"), ("momentum", "eta"), ("forget", "alpha"))}
+    c = MomentumGD().coefficients(gates, torch.ones(1, 1, DIVERGED["chunk"], dtype=torch.bool))
+    h = torch.full((1, DIVERGED["chunk"]), DIVERGED["curvature"], dtype=torch.float64)
+    assert radius(chunk_map(c, torch.ones(1, dtype=torch.float64), h)).item() > 1.5
+    kappa = kappa_of(c, h)
+    assert kappa.item() < 1 and radius(chunk_map(c, kappa, h)).item() < 1
+    small = MomentumGD().coefficients({**gates, "lr": gates["lr"] / 20}, torch.ones(1, 1, DIVERGED["chunk"], dtype=torch.bool))
+    assert kappa_of(small, h).item() == 1.0
+    # without momentum the bound is the plain-descent step: kappa * sum(m_s L_s) = STEP_MARGIN * (1 + decay)
+    plain = DecayGD().coefficients({"lr": gates["lr"], "forget": gates["forget"]}, torch.ones(1, 1, 8, dtype=torch.bool))
+    kappa = kappa_of(plain, 100 * h)
+    total = kappa * (plain.mix[:, 0, -1] * 100 * h).sum(-1)
+    torch.testing.assert_close(total, STEP_MARGIN * (1 + plain.decay[:, 0, -1]), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------- models over the config space
+
+def fast_states(cache) -> dict[str, torch.Tensor]:
+    """Every fast-weight (``.W.``) and momentum (``.S.``) tensor of a model's cache."""
+    return {f"{i}:{k}": v for i, state in enumerate(cache.states) for k, v in state.items()
+            if (".W." in k or ".S." in k) and torch.is_tensor(v)}
+
+
+def check_finite_and_bounded(model, length: int, batch: int = 1, seed: int = 0) -> None:
+    x = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = model(x, use_cache=True)
+    assert torch.isfinite(out.logits).all(), "non-finite logits"
+    for name, w in fast_states(out.past_key_values).items():
+        rms = w.double().pow(2).mean().sqrt().item()
+        assert rms <= MAX_FAST_RMS, f"{name}: fast-weight RMS {rms:.3g} > {MAX_FAST_RMS}"
+
+
+def initial_fast_rms(model) -> float:
+    """Largest RMS of a memory's initial fast weights (tto.engine.FastModel.initial_params)."""
+    from tto.engine import FastModel
+
+    rms = [w.pow(2).mean().sqrt().item() for m in model.modules() if isinstance(m, FastModel)
+           for w in m.initial_params(1).values()]
+    return max(rms, default=0.0)
+
+
+#: per field name (shared by the types that have it), how to draw a value; every bool field is drawn
+#: as a coin and every field with a fixed set of choices (except the variant) from that set
+def _log_uniform(lo: float, hi: float):
+    return lambda r: lo * (hi / lo) ** r.random()
+
+
+DRAWN = {
+    "hidden_size": lambda r: r.choice([32, 64, 128]),
+    "num_hidden_layers": lambda r: r.choice([1, 2]),
+    "num_attention_heads": lambda r: r.choice([1, 2, 4]),
+    "num_mem_heads": lambda r: r.choice([1, 2, 4, 8]),
+    "num_heads": lambda r: r.choice([1, 2, 4]),
+    "num_lact_heads": lambda r: r.choice([1, 2, 4]),
+    "chunk_size": lambda r: r.choice([1, 2, 4, 8, 16, 32]),
+    "mini_batch_size": lambda r: r.choice([1, 2, 4, 8, 16, 32]),
+    "lact_chunk_size": lambda r: r.choice([1, 4, 16, 32]),
+    "window_size": lambda r: r.choice([4, 16, None]),
+    "mem_depth": lambda r: r.choice([1, 2, 3]),
+    "mem_expansion_factor": lambda r: r.choice([1, 2, 4]),
+    "inter_multi": lambda r: r.choice([0.5, 1.0, 2.0]),
+    "omega_window": lambda r: r.choice([1, 2, 4]),
+    "poly_degree": lambda r: r.choice([1, 2]),
+    "mem_max_lr": _log_uniform(1e-3, 10.0),
+    "ttt_base_lr": _log_uniform(1e-2, 10.0),
+    "base_lr": _log_uniform(1e-4, 1.0),
+    "muon_scale": _log_uniform(1e-3, 1.0),
+    "lr_gate_bias_init": lambda r: r.uniform(-6, 6),
+    "momentum_gate_bias_init": lambda r: r.uniform(-6, 6),
+    "forget_gate_bias_init": lambda r: r.uniform(-10, 2),
+    "omega_gate_bias_init": lambda r: r.uniform(-6, 6),
+    "lp_p": lambda r: r.uniform(1.5, 4.0),
+    "expand_v": lambda r: r.choice([0.5, 1.0, 2.0]),
+}
+
+
+def draw_config(name: str, variant: str | None, seed: int):
+    """A random valid configuration of `name` (redrawn until the config class accepts it)."""
+    entry = tto.get(name)
+    cls = entry.config_class
+    fixed = dict(entry.variant_configs())[variant] if variant else {}
+    r = random.Random(f"{name}-{variant}-{seed}")
+    for _ in range(100):
+        values = dict(vocab_size=VOCAB, intermediate_size=64, **fixed)
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                continue
+            if f.name in DRAWN:
+                values[f.name] = DRAWN[f.name](r)
+            elif f.type in (bool, "bool"):
+                values[f.name] = r.random() < 0.5
+            elif f.name in cls.choices and f.name != "variant":
+                values[f.name] = r.choice(cls.choices[f.name])
+        values.pop("layer_mixers", None)
+        try:
+            return tto.build_config(name, **values)
+        except ValueError:
+            continue
+    raise AssertionError(f"no valid random configuration of {name} in 100 draws")
+
+
+RANDOM_CASES = [pytest.param(name, variant, seed, id=f"{name}-{variant or ''}-{seed}")
+                for name, variants in tto.available().items() for variant in (variants or (None,))
+                for seed in range(DRAWS)]
+
+
+@pytest.mark.parametrize("name,variant,seed", RANDOM_CASES)
+def test_random_configs_stay_finite_and_bounded(name, variant, seed):
+    config = draw_config(name, variant, seed)
+    torch.manual_seed(seed)
+    model = tto.get(name).model_class(config).eval()
+    assert initial_fast_rms(model) <= 1.0  # what MAX_FAST_RMS is measured against
+    check_finite_and_bounded(model, RANDOM_LENGTH, batch=2, seed=seed)
+
+
+def full_size_cases():
+    """Every preset of every entry (tiny ones included) and every recipe in configs/ (the task recipes
+    once per registered type), deduplicated by their resolved configuration."""
+    cases, seen = [], set()
+
+    def add(case_id, name, fields):
+        fields = {k: v for k, v in fields.items() if k != "type"}
+        fields["vocab_size"] = VOCAB  # the embedding's size is not the memory's: random byte tokens
+        key = (name, tuple(sorted((k, str(v)) for k, v in fields.items())))
+        if key not in seen:
+            seen.add(key)
+            cases.append(pytest.param(name, fields, id=case_id))
+
+    for name, entry in ((n, tto.get(n)) for n in tto.available()):
+        for preset in entry.presets:
+            add(f"{name}-{preset}", name, dict(entry.presets[preset]))
+    recipes = sorted((ROOT / "configs").rglob("*.yml"))
+    for path in recipes:
+        types = tto.available() if path.parent.name == "tasks" else [None]
+        for name in types:
+            model = load_recipe(path, [f"model.type={name}"] if name else []).model
+            add(f"{path.relative_to(ROOT / 'configs')}:{model['type']}", model["type"], model)
+    return cases
+
+
+@pytest.mark.parametrize("name,fields", full_size_cases())
+def test_presets_and_recipes_stay_finite_and_bounded(name, fields):
+    torch.manual_seed(0)
+    model = tto.get(name).model_class(tto.build_config(name, **fields)).eval()
+    check_finite_and_bounded(model, FULL_SIZE_LENGTH)
