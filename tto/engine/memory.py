@@ -425,7 +425,9 @@ def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tenso
     top = []
     for head in range(y.shape[0]):
         head_gates = {n: g[head: head + 1, None] for n, g in gates.items()}
-        loss = lambda yh: memory.objective.loss(yh[None, None], v[head: head + 1], head_gates).sum()  # noqa: E731
+        def loss(yh, head=head, head_gates=head_gates):
+            return memory.objective.loss(yh[None, None], v[head: head + 1], head_gates).sum()
+
         top.append(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, y[head, 0]))[-1].clamp_min(0.0))
     return torch.stack(top) * weights
 
