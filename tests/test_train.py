@@ -386,14 +386,8 @@ class RecordLoss(TrainerCallback):
         model.register_forward_hook(lambda module, inputs, output: self.losses.append(output.loss.item()))
 
 
-#: recipes NaN at the first steps until the memory engine's step bound (issue 13, item 1) lands;
-#: remove with it (they pass with it: its branch was run with this test)
-UNBOUNDED = {"titans_lmm_300m.yml", "titans_mag_335m.yml"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(n in UNBOUNDED, reason="issue 13, item 1",
-                                                                          raises=FloatingPointError)) for n in RECIPES])
+@pytest.mark.parametrize("name", RECIPES)
 def test_paper_scale_recipe_trains_at_full_size(name, tmp_path):
     """Every recipe in configs/ (found by glob) trains at its full width and depth, offline, with its
     own optimizer (AdamW, peak lr, betas, eps, weight decay, clipping): finite losses, the last lower
