@@ -168,7 +168,9 @@ class MLPMemory(FastModel):
         ``x + LN(g(x))`` wrapper (the LayerNorm's Jacobian at unit-RMS g: LN(g) does not change when
         g is scaled, so a step that its 1 / RMS(g) factor would call large grows g and shrinks that
         factor instead of oscillating); layer l's is ``slope^2 ||W_{l+1}||_2^2`` times layer l+1's,
-        slope = sup |activation'| (:data:`ACTIVATION_SLOPES`)."""
+        slope = sup |activation'| (:data:`ACTIVATION_SLOPES`). Non-finite weights (a run that has
+        already diverged) count as zero here, so the NaN reaches the layer's output, where
+        ``check_finite`` names the layer, instead of stopping the SVD."""
         first = params[self.weight_names[0]]
         gain = first.new_ones(first.shape[0])
         if self.residual_norm:
@@ -177,7 +179,7 @@ class MLPMemory(FastModel):
         for i in reversed(range(self.depth)):
             name = self.weight_names[i]
             gains[name] = gain
-            gain = gain * (self.slope * torch.linalg.matrix_norm(params[name], ord=2)).pow(2)
+            gain = gain * (self.slope * torch.linalg.matrix_norm(params[name].nan_to_num(0.0, 0.0, 0.0), ord=2)).pow(2)
         return gains
 
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
