@@ -372,8 +372,9 @@ RECIPE_STEPS = 4
 RECIPE_TOKENS = 64
 #: bytes per parameter of a float32 AdamW step: weights, gradients and the two moments
 ADAMW_BYTES_PER_PARAMETER = 16
-#: memory needed beside them: 64 tokens' activations, the interpreter, torch, the data
-RECIPE_MARGIN_BYTES = 2 * 2**30
+#: memory needed beside them: 64 tokens' activations, the interpreter, torch, the data, and the
+#: allocator's slack (measured peaks exceed the AdamW bytes by up to 2.3 GiB: LaCT 760M 15.8 GB)
+RECIPE_MARGIN_BYTES = 4 * 2**30
 
 
 class RecordLoss(TrainerCallback):
@@ -387,6 +388,7 @@ class RecordLoss(TrainerCallback):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")  # one at a time: up to 16 GB each
 @pytest.mark.parametrize("name", RECIPES)
 def test_paper_scale_recipe_trains_at_full_size(name, tmp_path):
     """Every recipe in configs/ (found by glob) trains at its full width and depth, offline, with its
@@ -405,7 +407,7 @@ def test_paper_scale_recipe_trains_at_full_size(name, tmp_path):
     import psutil  # a dependency of accelerate, which the Trainer needs
 
     need = ADAMW_BYTES_PER_PARAMETER * recipe_parameters(name) + RECIPE_MARGIN_BYTES
-    if psutil.virtual_memory().available < need:  # gated_deltanet_1.3b: 21.7 GiB, beside nothing else
+    if psutil.virtual_memory().available < need:  # gated_deltanet_1.3b: 23.7 GiB, more than a 24 GiB machine has free
         pytest.skip(f"{name} needs {need / 2**30:.1f} GiB to train with AdamW, "
                     f"{psutil.virtual_memory().available / 2**30:.1f} GiB are available")
     recorder = RecordLoss()
