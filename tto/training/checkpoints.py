@@ -88,7 +88,7 @@ def remove_staging(output_dir: Path) -> None:
         shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file or a directory's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -102,13 +102,13 @@ def publish(staged: Path, final: Path) -> None:
     checkpoint of the same step) is first moved aside and deleted after: at every instant ``final`` is
     either absent or complete."""
     for item in [*staged.rglob("*"), staged]:  # the data reaches the disk before the name does
-        _fsync(item)
+        fsync(item)
     replaced = staged.parent / f"replaced-{final.name}"
     if final.exists():
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staged, final)
-    _fsync(final.parent)
+    fsync(final.parent)
     shutil.rmtree(replaced, ignore_errors=True)
     try:
         staged.parent.rmdir()

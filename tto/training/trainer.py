@@ -11,7 +11,7 @@ from pathlib import Path
 from ..cli import resolve_device
 from .callbacks import Diverged, StopOnNonFiniteLoss
 from .checkpoints import (FINAL_STAGING_DIR, STAGING_DIR, CheckpointingTrainer, StopOnSignal, TrainingInterrupted,
-                          newest_complete_checkpoint, remove_staging, resolve_resume)
+                          fsync, newest_complete_checkpoint, remove_staging, resolve_resume)
 from .curriculum import CurriculumTrainer
 from .monitor import InnerLoopMonitor
 from .optim import freeze, optimizer_cls_and_kwargs
@@ -75,8 +75,10 @@ def save_atomically(model, tokenizer, output_dir: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
-        for name in names:
+        for name in names:  # the data reaches the disk before its name, as for checkpoints
+            fsync(tmp / name)
             os.replace(tmp / name, output_dir / name)
+        fsync(output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
