@@ -41,10 +41,10 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, wherever this is run from
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tto from this checkout
 
-import tto  # noqa: E402
-from measure import (CEILING_FLOPS, ForeignCPU, PeakRSS, count_flops, matmul_ceiling, timed, trim,  # noqa: E402
+import tto
+from measure import (CEILING_FLOPS, ForeignCPU, PeakRSS, count_flops, matmul_ceiling, timed, trim,
                      wait_idle)
-from models import (COMPILED_SUFFIX, DECODE_TOKENS, LAYER_BASELINE, LM_BASELINE, SMALL, Case,  # noqa: E402
+from models import (COMPILED_SUFFIX, DECODE_TOKENS, LAYER_BASELINE, LM_BASELINE, SMALL, Case,
                     baseline_cases, peer_cases, titans_pytorch_version, tto_cases)
 
 BASELINE = {"lm": LM_BASELINE, "layer": LAYER_BASELINE}
@@ -105,7 +105,7 @@ class Run:
                 adapter = case.build()
                 entry["params"] = sum(p.numel() for p in adapter.module.parameters())
                 self.adapters[case.group, case.name] = adapter
-            except Exception as err:  # a broken entry is reported, not fatal
+            except Exception as err:  # noqa: BLE001 - a broken entry is reported, not fatal
                 self.fail(case, "build", err)
 
     def entry(self, case: Case) -> dict:
@@ -122,7 +122,7 @@ class Run:
         """fn(*args); on an exception record it against (case, label) and return FAILED."""
         try:
             return fn(*args)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - recorded against the case, the run goes on
             self.fail(case, label, err)
             return FAILED
 
@@ -190,8 +190,8 @@ class Run:
         """Median tok/s, worst/best, ratio to the group's baseline, GFLOP/s and % of the ceiling."""
         ceiling = statistics.median(CEILING_FLOPS / s / 1e9 for s in self.ceiling_s) if self.ceiling_s else None
         for group, cases in self.results.items():
-            for name, entry in cases.items():
-                for label, s in entry["measures"].items():
+            for entry in cases.values():
+                for s in entry["measures"].values():
                     if s.get("seconds"):
                         median = statistics.median(s["seconds"])
                         s.update(tok_s=s["tokens"] / median, worst=s["tokens"] / max(s["seconds"]),

@@ -8,8 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # One thread per pytest-xdist worker (pytest.ini starts one per core): two threads per worker
 # oversubscribe the cores, and two busy threads beside another process run 50-100x slower.

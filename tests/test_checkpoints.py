@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
 #: 12 steps with a checkpoint every 2 (at most 2 kept: rotation deletes), every loss logged, no eval, on
 #: 300 short documents (tokenized in each process: pydoc's take seconds)
-RUN = ["dataset.name=builtin:recall", "dataset.options.num_documents=300", "training_args.max_steps=12", "training_args.save_strategy=steps", "training_args.save_steps=2",
-       "training_args.save_total_limit=2", "training_args.logging_steps=1", "dataset.eval_fraction=0"]
+RUN = ["dataset.name=builtin:recall", "dataset.options.num_documents=300", "training_args.max_steps=12",
+       "training_args.save_strategy=steps", "training_args.save_steps=2", "training_args.save_total_limit=2",
+       "training_args.logging_steps=1", "dataset.eval_fraction=0"]
 RESUME = "training_args.resume_from_checkpoint=true"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -91,7 +91,8 @@ def value_losses(x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, t
 def test_lmm_memorizes_at_test_time(request):
     """A one-layer LMM trained briefly on random key->value lists recalls a list it read once:
     values are unpredictable on the first read (~log 16), and far better on the second."""
-    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.set_num_threads(1)  # tiny matmuls: threads only add overhead
     torch.manual_seed(0)
     # a matrix memory (depth 1) that writes almost without decay or momentum, with a step bound

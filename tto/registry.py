@@ -45,7 +45,7 @@ class FromAttention:
     """
 
     projections: Callable[[nn.Module], list[tuple[str, nn.Module]]]
-    heads: Callable[[int, int], dict[str, Any]] = lambda heads, head_dim: {}  # noqa: E731
+    heads: Callable[[int, int], dict[str, Any]] = lambda heads, head_dim: {}
     rope: str = "half"
 
     def __post_init__(self):

@@ -85,7 +85,7 @@ class Memory(Task):
 
             def reduce(logits, ids, rows):
                 nll = token_nll(logits, ids)
-                return list(zip(nll[:, slice(*ex0.first)].mean(1).tolist(), nll[:, slice(*ex0.second)].mean(1).tolist()))
+                return list(zip(nll[:, slice(*ex0.first)].mean(1).tolist(), nll[:, slice(*ex0.second)].mean(1).tolist()))  # noqa: B023 - called within this iteration
 
             pairs = map_batches(lm, [e.ids for e in examples], reduce, self.batch_size, bar)
             first = sum(a for a, _ in pairs) / len(pairs)

@@ -79,7 +79,7 @@ class MQAR(Task):
                 continue
 
             def reduce(logits, ids, rows):
-                return [sum(bool(greedy_hit(logits[j : j + 1], ids[j : j + 1], a, b)) for a, b in examples[r].answers)
+                return [sum(bool(greedy_hit(logits[j : j + 1], ids[j : j + 1], a, b)) for a, b in examples[r].answers)  # noqa: B023 - called within this iteration
                         for j, r in enumerate(rows)]
 
             right = map_batches(lm, [e.ids for e in examples], reduce, self.batch_size, bar)

@@ -123,7 +123,7 @@ class NIAH(Task):
                 acc[kind, length, depth] = None
                 continue
             hits = map_batches(lm, [e.ids for e in examples],
-                               lambda logits, ids, rows: greedy_hit(logits, ids, examples[rows[0]].prompt_length,
+                               lambda logits, ids, rows: greedy_hit(logits, ids, examples[rows[0]].prompt_length,  # noqa: B023 - called within this iteration
                                                                     ids.shape[1]).tolist(),
                                self.batch_size, bar)
             acc[kind, length, depth] = sum(hits) / len(hits)

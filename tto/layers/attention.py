@@ -88,11 +88,11 @@ class Attention(nn.Module):
     x: (B, T, hidden) -> (B, T, hidden). With a state dict, keys/values/positions of past tokens are
     kept in it: the last ``max_cached`` slots (default: ``window - 1`` under a sliding window,
     ``segment - 1`` with segments, else all). ``segment``: tokens attend only within their segment
-    of positions (``position // segment``). ``qk_norm`` RMS-normalizes q and k per head. Persistent tokens P (N_p, hidden), learned here (``num_persistent``) or passed
-    as ``forward(..., prefix=P)``, are prepended to the keys and values (without RoPE: they have no
-    position) and visible to every query; they are never cached or evicted. ``queries`` (a slice
-    of the T slots) makes only those slots queries: every slot is still a key and value, and the
-    output has the selected slots only.
+    of positions (``position // segment``). ``qk_norm`` RMS-normalizes q and k per head. Persistent tokens
+    P (N_p, hidden), learned here (``num_persistent``) or passed as ``forward(..., prefix=P)``, are prepended
+    to the keys and values (without RoPE: they have no position) and visible to every query; they
+    are never cached or evicted. ``queries`` (a slice of the T slots) makes only those slots
+    queries: every slot is still a key and value, and the output has the selected slots only.
     """
 
     def __init__(self, config, window: int | None = None, qk_norm: bool = False, num_persistent: int = 0,
@@ -188,9 +188,10 @@ class Attention(nn.Module):
                                for lo, a, z in zip(starts, ends, ends[1:])]
             blocks = []
             for i, (q_block, q_pos_block) in enumerate(zip(q.split(q_sizes, 2), q_pos.split(q_sizes, 1))):
-                cat = lambda pieces, dim: torch.cat(pieces[i:i + 2], dim)  # noqa: E731
-                blocks.append(self._sdpa(q_block, cat(k_pieces, 2), cat(v_pieces, 2), q_pos_block, cat(kpos_pieces, 1),
-                                         None if valid is None else cat(valid_pieces, 1), sizes[i], prefix,
+                pair = slice(i, i + 2)  # this block's keys: the previous block's and its own
+                blocks.append(self._sdpa(q_block, torch.cat(k_pieces[pair], 2), torch.cat(v_pieces[pair], 2), q_pos_block,
+                                         torch.cat(kpos_pieces[pair], 1),
+                                         None if valid is None else torch.cat(valid_pieces[pair], 1), sizes[i], prefix,
                                          block_slots[i]))
             o = torch.cat(blocks, dim=2)
         return o.transpose(1, 2).reshape(b, o.shape[2], self.num_heads * self.head_dim)
