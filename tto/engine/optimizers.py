@@ -55,48 +55,102 @@ class Coefficients:
         return Coefficients(*(flush(t) for t in (self.mix, self.decay, self.carry, self.s_decay, self.s_mix)))
 
 
-#: the step bound allows this fraction of the largest stable step (:func:`stable_step_factor`): below 1,
-#: so a bounded chunk contracts strictly (plain gradient descent without forgetting: by a factor of at
-#: least |1 - 2 * STEP_MARGIN| = 0.8 along the stiffest direction), and close to 1, so that the bound
-#: leaves alone every step that is stable by itself
+#: the step bound allows this fraction of the largest step its condition allows (:func:`stable_step_factor`):
+#: below 1, so a bounded chunk contracts strictly (plain gradient descent without forgetting: by a factor
+#: of at least |1 - 2 * STEP_MARGIN| = 0.8 along the stiffest direction), and close to 1, so that the
+#: bound leaves alone every step that meets the condition by itself
 STEP_MARGIN = 0.9
+#: candidate Lyapunov matrices of the momentum bound (:func:`stable_step_factor`), all checked at once
+#: and the best one used: ``gamma = shift * c / (1 - e)`` (shift 1: W + gamma S is where the momentum
+#: carries W, the only choice without forgetting; 0: W and S apart, the best under strong forgetting)
+#: and ``nu^2 = max(balance * gamma / (1 - e), slack * (the least nu^2 with ||D||_P <= 1))``
+LYAPUNOV_SHIFT, LYAPUNOV_BALANCE, LYAPUNOV_SLACK = torch.cartesian_prod(
+    torch.tensor([1.0, 0.5, 0.25, 0.125, 0.0]), torch.tensor([0.25, 1.0, 4.0]), torch.tensor([1.1, 1.5, 2.0, 4.0])).T
 
 
 def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
                        mix: torch.Tensor, s_mix: torch.Tensor | None, curvature: torch.Tensor) -> torch.Tensor:
-    """The factor kappa (N,) in (0, 1] on one chunk's gradients that keeps the chunk map stable.
+    """The factor kappa (N,) in (0, 1] on one chunk's gradients that keeps the chunk map non-expanding.
 
     A chunk commits ``W' = d W + c S - sum_s m_s g_s``, ``S' = e S - sum_s p_s g_s`` (d = decay, c =
-    carry, e = s_decay at the chunk end, m_s = mix[-1, s], p_s = s_mix[s]; every g_s at the chunk-start
-    W). Near a minimum ``g_s = H_s (W - W*)``; along a direction in which token s's curvature is
-    ``h_s in [0, L_s]`` the map is ``[[d - sum m_s h_s, c], [-sum p_s h_s, e]]``, whose eigenvalues lie
-    inside the unit circle iff (Jury) with ``a = sum m_s h_s``, ``b = sum p_s h_s``::
+    carry, e = s_decay at the chunk end, m_s = mix[-1, s], p_s = s_mix[s] >= 0; every g_s at the
+    chunk-start W). Near a minimum ``g_s = H_s (W - W*)`` with ``0 <= H_s <= L_s I`` (L_s = curvature),
+    so on z = (W, S) the chunk is the linear map ``M = D x I - [[A, 0], [B, 0]]``, ``D = [[d, c], [0, e]]``,
+    ``A = sum_s m_s H_s``, ``B = sum_s p_s H_s``. The key directions (the H_s' eigenvectors) change from
+    chunk to chunk, so a spectral-radius condition per direction does not bound products of such maps
+    (the momentum map is not normal). The bound asks instead for a common quadratic Lyapunov function:
+    a 2 x 2 ``P > 0`` with ``||M||_P <= 1`` (``||M||_P = ||(P^1/2 x I) M (P^-1/2 x I)||_2``; ``P x I``
+    does not see rotations of the directions), which then holds for every product of chunks with the
+    same gates, whatever their keys.
 
-        (1)  a (1 + e) - c b < (1 + d)(1 + e)        (2)  c b - a e < 1 - d e        (3)  a e - c b < 1 + d e
+    *Reduction to two 2 x 2 checks.* With ``w_s = (m_s + p_s) L_s / T``, ``T = sum_s (m_s + p_s) L_s``,
+    ``M = sum_s w_s M_s``, ``M_s = D x I - T eps_s e_1^T x (H_s / L_s)``, ``eps_s = (1 - lam_s, lam_s)``,
+    ``lam_s = p_s / (m_s + p_s)``; so ``||M||_P <= max_s ||M_s||_P``. ``M_s`` splits along the
+    eigenvectors of H_s into 2 x 2 blocks ``D - t eps_s e_1^T``, t in [0, T]; the P-norm is convex in
+    t and in eps_s, so ``||M||_P <= 1`` once ``||D||_P <= 1`` and ``||D - T eps e_1^T||_P <= 1`` at
+    ``lam = min_s lam_s`` and ``max_s lam_s``.
 
-    (the fourth, ``(1 - d)(1 - e) + a (1 - e) + c b > 0``, always holds). Each left side is linear in
-    the h_s, so its largest value over the box is ``A_i = sum_s L_s max(0, coefficient of h_s)``; with
-    the chunk's gradients scaled by kappa the left sides scale by kappa, and
-    ``kappa = min(1, STEP_MARGIN * min_i B_i / A_i)`` (B_i the right sides) meets all three with
-    margin. Without momentum (c = e = 0, no ``S``) only (1) remains: ``kappa sum_s m_s L_s <=
-    STEP_MARGIN (1 + d)``, which also holds for matrices: ``||d I - kappa sum_s m_s H_s||_2 <= max(d,
-    kappa sum_s m_s L_s - d) < 1`` for positive semidefinite H_s with ``||H_s||_2 <= L_s``. kappa = 1
-    exactly (the paper's update) wherever the step is already inside the bound.
+    *P.* ``P = R^T diag(1, nu^2) R``, ``R = [[1, gamma], [0, 1]]``: V = (W + gamma S)^2 + nu^2 S^2.
+    Without forgetting (d = 1) ``gamma = c / (1 - e)`` (W + gamma S is where the momentum carries W)
+    is the only gamma with ``||D||_P <= 1``; otherwise any gamma works with nu large enough.
+    :data:`LYAPUNOV_SHIFT` and co. give a fixed set of candidates (gamma, nu) per chunk, every
+    one with ``||D||_P <= 1``; each gives a valid t_max below and the largest is used. In the scaled
+    coordinates ``D`` is ``N0 = [[d, delta / nu], [0, e]]``, ``delta = c + gamma (e - d)``, and a step
+    ``t eps e_1^T`` is ``t w z^T``, ``w = (eps_1 + gamma eps_2, nu eps_2)``, ``z = (1, -gamma / nu)``.
+    With ``Q = I - N0^T N0 >= 0`` and ``l = N0^T w``::
+
+        I - (N0 - t w z^T)^T (N0 - t w z^T) = Q + t (z l^T + l z^T) - t^2 |w|^2 z z^T
+
+    a 2 x 2 matrix whose determinant is ``det Q + 2 beta t - alpha t^2`` with ``beta = z^T adj(Q) l``,
+    ``alpha = |w|^2 z^T adj(Q) z + (z_1 l_2 - z_2 l_1)^2``; it is positive semidefinite (it is at
+    t = 0, and its determinant stays >= 0) for ``0 <= t <= t_max = (beta + sqrt(beta^2 + alpha det Q))
+    / alpha``. So ``kappa = min(1, STEP_MARGIN * t_max / T)`` over both lam; kappa = 1 exactly (the
+    paper's update) wherever the chunk meets the condition by itself. Without forgetting and one
+    token of momentum eta per chunk (d = 1, c = e = eta, m = p = theta) this is
+    ``theta L <= 2 (1 - eta)^2 / (1 + eta)``, the heavy-ball step whose averaged iterate
+    ``W + gamma S`` moves by at most ``2 (1 - eta) / (1 + eta)`` of its distance to the minimum.
+
+    Without momentum (c = e = 0, no S) the condition is ``kappa sum_s m_s L_s <= STEP_MARGIN (1 + d)``:
+    ``||d I - kappa sum_s m_s H_s||_2 <= max(d, kappa sum_s m_s L_s - d) < 1`` for every such H_s.
+    P depends on the chunk's gates (d, c, e), not on its keys: the non-expansion holds across chunks
+    whose keys rotate at equal gates.
 
     decay, carry, s_decay (N,) (carry and s_decay None: no momentum), mix, s_mix, curvature (N, b).
     """
     if carry is None:
-        terms = [(mix, 1 + decay)]
-    else:
-        e = s_decay[:, None]
-        cb = carry[:, None] * s_mix
-        terms = [(mix * (1 + e) - cb, (1 + decay) * (1 + s_decay)), (cb - mix * e, 1 - decay * s_decay),
-                 (mix * e - cb, 1 + decay * s_decay)]
-    kappa = torch.ones_like(decay)
-    for coefficient, bound in terms:
-        worst = torch.where(coefficient > 0, coefficient * curvature, 0.0).sum(-1)
-        kappa = torch.minimum(kappa, torch.where(worst > 0, STEP_MARGIN * bound / worst, 1.0))
-    return kappa
+        worst = (mix * curvature).sum(-1)
+        return torch.where(worst > 0, STEP_MARGIN * (1 + decay) / worst, 1.0).clamp_max(1.0)
+    tiny = torch.finfo(decay.dtype).tiny
+    one_minus_e = (1 - s_decay).clamp_min(torch.finfo(decay.dtype).eps)[:, None]  # e = 1 only if a momentum gate rounds to 1
+    d, c, e = decay[:, None], carry[:, None], 1 - one_minus_e
+    gamma = c / one_minus_e * LYAPUNOV_SHIFT.to(d)  # (N, K) candidate P's
+    delta = c + gamma * (e - d)  # N0's coupling
+    least = delta**2 / ((1 - d**2) * (1 - e**2)).clamp_min(tiny)  # the least nu^2 with ||D||_P <= 1
+    nu = torch.maximum(LYAPUNOV_BALANCE.to(d) * gamma / one_minus_e, LYAPUNOV_SLACK.to(d) * least)
+    nu = nu.sqrt().clamp_min(tiny)
+    off = delta / nu
+    q11, q12, q22 = 1 - d**2, -d * off, 1 - e**2 - off**2
+    det_q = q11 * q22 - q12**2
+    z2 = -gamma / nu
+    valid_p = (q22 >= 0) & (det_q >= 0)  # candidates with ||D||_P <= 1 (without forgetting only shift 1)
+    counted = (mix + s_mix) * curvature > 0  # tokens that take a step
+    best = torch.zeros_like(decay)  # the largest kappa * total any weighting and candidate allows, per total
+    for rho in (1.0, 0.0):  # the two weightings of the tokens (docstring)
+        size = mix + rho * s_mix
+        total = (size * curvature).sum(-1)
+        ratio = s_mix / size  # eps_2 (eps_1 = 1 - rho eps_2); inf where m_s = 0 at rho = 0: that weighting fails
+        t_max = None
+        for end in (torch.where(counted, ratio, 0.0).amin(-1), torch.where(counted, ratio, 0.0).amax(-1)):
+            end = end[:, None]
+            w1, w2 = 1 - rho * end + gamma * end, nu * end
+            l1, l2 = d * w1, off * w1 + e * w2
+            beta = q22 * l1 - q12 * (l2 + z2 * l1) + q11 * z2 * l2
+            alpha = (w1**2 + w2**2) * (q22 - 2 * q12 * z2 + q11 * z2**2) + (l2 - z2 * l1) ** 2
+            t = (beta + (beta**2 + alpha * det_q.clamp_min(0.0)).sqrt()) / alpha
+            t_max = t if t_max is None else torch.minimum(t_max, t)
+        factor = torch.where(valid_p & t_max.isfinite(), t_max, 0.0).amax(-1) / total
+        best = torch.maximum(best, torch.where(factor.isfinite(), factor, 0.0))
+    return torch.where(counted.any(-1), (STEP_MARGIN * best).clamp_max(1.0), 1.0)
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
