@@ -27,10 +27,11 @@ geometrically (Titans at 300M: reads 0.8 -> 5e7 -> inf within 150 tokens at init
 
     W' = d W_c + c S_c - kappa sum_s m_s g_s,      S' = e S_c - kappa sum_s p_s g_s
 
-with kappa from :func:`tto.engine.optimizers.stable_step_factor`: the chunk map is stable (Jury's
-conditions on its characteristic polynomial in every curvature direction; for plain descent
-``||d I - kappa sum_s m_s H_s||_2 < 1``) for every token Hessian ``H_s`` with
-``||H_s||_2 <= L_s``, where ``L_s`` bounds token s's Gauss-Newton curvature at the chunk-start
+with kappa from :func:`tto.engine.optimizers.stable_step_factor`: the chunk map does not expand a
+quadratic norm of (W, S) that does not see the key directions (``||M||_P <= 1`` with ``P x I``, P a
+2 x 2 matrix of the chunk's gates: the chunks' maps cannot compound along keys that rotate from chunk
+to chunk; for plain descent ``||d I - kappa sum_s m_s H_s||_2 < 1``) for every token Hessian ``H_s``
+with ``0 <= H_s <= L_s I``, where ``L_s`` bounds token s's Gauss-Newton curvature at the chunk-start
 weights::
 
     L_s = objective curvature(y_s) * sum_l (|x_s^(l)|^2 [+ 1 with a bias]) * gain_l * retention scale_l
