@@ -27,6 +27,7 @@ import torch
 
 import tto
 from tto.engine import DecayGD, MiniBatchGD, MomentumGD, OmegaWindow
+from tto.engine.optimizers import Coefficients
 from tto.engine.optimizers import STEP_MARGIN, stable_step_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,6 +121,92 @@ def test_diverged_pass_key_chunk_is_unstable_without_the_bound_and_stable_with_i
     kappa = kappa_of(plain, 100 * h)
     total = kappa * (plain.mix[:, 0, -1] * 100 * h).sum(-1)
     torch.testing.assert_close(total, STEP_MARGIN * (1 + plain.decay[:, 0, -1]), rtol=1e-12, atol=0)
+
+
+def spectral_kappa(c, bound: torch.Tensor) -> float:
+    """The largest kappa (on a log grid) at which one chunk's map (one row) has spectral radius <= 1
+    at every curvature in [0, bound] (per direction, as Jury's conditions): stable chunk by chunk.
+    The map depends on kappa * h only, so kappa is stable iff every kappa' <= kappa is at h = bound."""
+    grid = torch.logspace(-8, 0, 801, dtype=torch.float64)
+    rows = Coefficients(*(None if t is None else t.expand(len(grid), *t.shape[1:])
+                          for t in (c.mix, c.decay, c.carry, c.s_decay, c.s_mix)))
+    stable = radius(chunk_map(rows, grid, bound.expand(len(grid), -1))) <= 1 + 1e-12
+    return grid[stable.long().cumprod(0).sum() - 1].item()
+
+
+def run_rotating(c, kappa: torch.Tensor, bound: torch.Tensor, dim: int, chunks: int, seed: int) -> torch.Tensor:
+    """|(W, S)| after `chunks` chunk maps with random token Hessians ``H_s = L_s U diag(1, u...) U^T``
+    (U a fresh random rotation of R^dim per token and chunk: the directions change within and
+    between chunks and the maps do not commute), relative to the start; rows (N,) as in `c`."""
+    g = torch.Generator().manual_seed(seed)
+    n, b = bound.shape
+    d = c.decay[:, 0, -1] if c.decay is not None else torch.ones(n, dtype=torch.float64)
+    w, s = torch.randn(n, dim, generator=g, dtype=torch.float64), torch.randn(n, dim, generator=g, dtype=torch.float64)
+    start = (w.square().sum(-1) + s.square().sum(-1)).sqrt()
+    for _ in range(chunks):
+        u = torch.linalg.qr(torch.randn(n, b, dim, dim, generator=g, dtype=torch.float64))[0]
+        eig = torch.rand(n, b, dim, generator=g, dtype=torch.float64)
+        eig[..., 0] = 1.0
+        h = (u * (eig * bound[..., None])[..., None, :]) @ u.transpose(-1, -2)  # (n, b, dim, dim)
+        hw = (h @ w[:, None, :, None])[..., 0]  # (n, b, dim)
+        step = kappa[:, None] * (c.mix[:, 0, -1, :, None] * hw).sum(1)
+        momentum_step = kappa[:, None] * (c.s_mix[:, 0, :, None] * hw).sum(1)
+        w, s = d[:, None] * w + c.carry[:, 0, -1, None] * s - step, c.s_decay[:, 0, None] * s - momentum_step
+    return (w.square().sum(-1) + s.square().sum(-1)).sqrt() / start
+
+
+def test_known_rotating_case_grows_chunk_by_chunk_stable_and_not_with_the_bound():
+    """titans-mal-1's inner loop (momentum 0.99, no forgetting, chunk 1, theta 4.4, curvature 16: a
+    linear memory with RMS-normalised 8-wide keys): at the largest per-direction stable kappa the
+    product of 2000 chunk maps along random key directions of R^3 grows past 1e6 (to inf), with the
+    bound it does not grow; and the docstring's Lyapunov function for this case,
+    V = (W + gamma S)^2 + nu^2 S^2 with gamma = eta / (1 - eta), nu^2 = eta / (1 - eta)^2, never
+    increases from chunk to chunk."""
+    eta, theta, bound = 0.99, 4.4, torch.full((1, 1), 16.0, dtype=torch.float64)
+    gates = {"lr": torch.full((1, 1, 1), theta, dtype=torch.float64), "momentum": torch.full((1, 1, 1), eta, dtype=torch.float64),
+             "forget": torch.zeros(1, 1, 1, dtype=torch.float64)}
+    c = MomentumGD().coefficients(gates, torch.ones(1, 1, 1, dtype=torch.bool))
+    kappa = kappa_of(c, bound)
+    # the closed form of the docstring: theta L kappa = STEP_MARGIN * 2 (1 - eta)^2 / (1 + eta)
+    torch.testing.assert_close(theta * 16.0 * kappa, torch.tensor([STEP_MARGIN * 2 * (1 - eta) ** 2 / (1 + eta)],
+                                                                dtype=torch.float64), rtol=1e-9, atol=0)
+    per_direction = torch.tensor([spectral_kappa(c, bound)], dtype=torch.float64)
+    assert per_direction > 100 * kappa
+    assert not run_rotating(c, per_direction, bound, dim=3, chunks=2000, seed=0).item() < 1e6
+    assert run_rotating(c, kappa, bound, dim=3, chunks=2000, seed=0).item() <= 1.0
+    gamma, nu2 = eta / (1 - eta), eta / (1 - eta) ** 2
+    g = torch.Generator().manual_seed(1)
+    w, s = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    for _ in range(500):
+        u = torch.nn.functional.normalize(torch.randn(3, generator=g, dtype=torch.float64), dim=0)
+        h = 16.0 * torch.rand((), generator=g, dtype=torch.float64) * torch.outer(u, u)
+        before = (w + gamma * s).square().sum() + nu2 * s.square().sum()
+        step = kappa * theta * (h @ w)
+        w, s = w + eta * s - step, eta * s - step
+        assert (w + gamma * s).square().sum() + nu2 * s.square().sum() <= before * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "omega-momentum"])
+@pytest.mark.parametrize("dim", [2, 4])
+def test_products_of_bounded_chunks_along_rotating_directions_do_not_grow(optimizer, dim):
+    """Random gates (momentum up to 0.999) and curvature bounds, chunks of 4 tokens, each token's
+    Hessian a random rotation: the bounded maps' product over 600 chunks stays bounded (within the
+    P-norm's conditioning of the start: below 1e3 here) and does not grow from the first 300 chunks
+    to the next 300."""
+    g = torch.Generator().manual_seed(dim)
+    n, b = 300, 4
+    gates = {"lr": 10 * torch.rand(n, 1, b, generator=g, dtype=torch.float64) ** 3,
+             "momentum": (1 - torch.rand(n, 1, b, generator=g, dtype=torch.float64) ** 4).clamp_max(0.999),
+             "forget": 0.2 * torch.rand(n, 1, b, generator=g, dtype=torch.float64) ** 2 * (torch.rand(n, 1, 1, generator=g) < 0.5),
+             "omega": torch.rand(n, 1, b, generator=g, dtype=torch.float64)}
+    c = OPTIMIZERS[optimizer]().coefficients(gates, torch.ones(n, 1, b, dtype=torch.bool))
+    bound = 100 * torch.rand(n, b, generator=g, dtype=torch.float64) ** 3
+    kappa = kappa_of(c, bound)
+    assert (kappa < 1).float().mean() > 0.9
+    first = run_rotating(c, kappa, bound, dim, chunks=300, seed=dim)
+    both = run_rotating(c, kappa, bound, dim, chunks=600, seed=dim)
+    assert first.max() < 1e3 and both.max() < 1e3
+    assert (both <= first.clamp_min(1.0) * 1.01).all()
 
 
 # ---------------------------------------------------------------------------- models over the config space

@@ -123,8 +123,9 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
     tiny = torch.finfo(decay.dtype).tiny
     one_minus_e = (1 - s_decay).clamp_min(torch.finfo(decay.dtype).eps)[:, None]  # e = 1 only if a momentum gate rounds to 1
     d, c, e = decay[:, None], carry[:, None], 1 - one_minus_e
-    gamma = c / one_minus_e * LYAPUNOV_SHIFT.to(d)  # (N, K) candidate P's
-    delta = c + gamma * (e - d)  # N0's coupling
+    shift = LYAPUNOV_SHIFT.to(d)
+    gamma = c / one_minus_e * shift  # (N, K) candidate P's
+    delta = c * ((1 - shift) * one_minus_e + shift * (1 - d)) / one_minus_e  # c + gamma (e - d): 0 at d = 1, shift 1
     least = delta**2 / ((1 - d**2) * (1 - e**2)).clamp_min(tiny)  # the least nu^2 with ||D||_P <= 1
     nu = torch.maximum(LYAPUNOV_BALANCE.to(d) * gamma / one_minus_e, LYAPUNOV_SLACK.to(d) * least)
     nu = nu.sqrt().clamp_min(tiny)
