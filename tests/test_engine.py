@@ -453,6 +453,29 @@ def test_lq_normalization_is_the_accumulator_rule():
     torch.testing.assert_close(retention.chunk_end({"W": w_c}, {"W": w_b}, keep)["W"], expect, atol=1e-12, rtol=0)
 
 
+def test_lq_normalization_floor_bounds_the_read_weights_and_is_inactive_above_it():
+    """Moneta's floor on ||A||_q: a chunk end that shrinks A (keep 1e-3) below min_norm reads
+    ``W = min_norm A / ||A|| / min_norm^(q-2)`` (||W||_4 = 1 / min_norm), where the paper's formula
+    gives ||W||_4 = 1 / ||A|| (1e3 times larger); a chunk end above the floor is the paper's."""
+    g = torch.Generator().manual_seed(6)
+    q_norm, min_norm = 4.0, 0.1
+    norm = lambda a: a.abs().pow(q_norm).sum((-2, -1), keepdim=True).pow(1 / q_norm)  # noqa: E731
+    a_c = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    w_c = a_c / norm(a_c).pow(q_norm - 2)
+    floored, paper = LqNormalization(q_norm, min_norm), LqNormalization(q_norm)
+    for keep, below in ((torch.tensor([1e-3, 1e-3], dtype=torch.float64), True), (torch.tensor([0.9, 0.8], dtype=torch.float64), False)):
+        a_b = keep[:, None, None] * a_c
+        w_b = keep[:, None, None] * w_c
+        out = floored.chunk_end({"W": w_c}, {"W": w_b}, keep)["W"]
+        if below:
+            assert (norm(a_b) < min_norm).all()
+            torch.testing.assert_close(out, min_norm * a_b / norm(a_b) / min_norm ** (q_norm - 2), atol=1e-12, rtol=0)
+            torch.testing.assert_close(norm(out).flatten(), torch.full((2,), 1 / min_norm, dtype=torch.float64), atol=1e-9, rtol=0)
+        else:
+            torch.testing.assert_close(out, paper.chunk_end({"W": w_c}, {"W": w_b}, keep)["W"], atol=0, rtol=0)
+            torch.testing.assert_close(out, a_b / norm(a_b).pow(q_norm - 2), atol=1e-12, rtol=0)
+
+
 def test_softmax_retention_is_the_mirror_descent_step():
     """Memora: the chunk end applies the accumulated step in log space, scale * softmax(keep * log(W_c
     / scale) - step / scale): rows stay positive and sum to scale."""

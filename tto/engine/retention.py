@@ -47,12 +47,18 @@ class LqNormalization(Retention):
     ``W_t = A_t / n_c`` take the optimizer's linear steps with gradients scaled by ``1 / n_c``; at the
     chunk end ``A_b = n_c W_b`` is renormalised exactly. Since ``||W|| = ||A||^(3-q)``, ``n_c`` is
     recovered from ``W_c`` alone (q != 3), so the state is just W.
+
+    ``min_norm`` (not in the paper) floors ``||A||``: a chunk end whose ``||A_b|| < min_norm`` scales
+    A_b up to that norm, direction kept. For q > 3, ``||W|| = ||A||^(3-q)`` grows without bound as a
+    forget gate shrinks A (q = 4: ``||W|| = 1 / ||A||``, geometric in the tokens); with the floor
+    ``||W|| <= min_norm^(3-q)``, and ``||A|| >= min_norm`` keeps W determining A. Above the floor
+    (and with ``min_norm = 0``) the update is the paper's.
     """
 
-    def __init__(self, q: float, eps: float = 1e-12):
+    def __init__(self, q: float, min_norm: float = 0.0, eps: float = 1e-12):
         if q == 3:
             raise ValueError("LqNormalization needs q != 3 (W alone does not determine ||A|| at q = 3)")
-        self.q, self.eps = q, eps
+        self.q, self.min_norm, self.eps = q, min_norm, eps
 
     def _n(self, w: torch.Tensor) -> torch.Tensor:
         return _entry_norm(w, self.q).clamp_min(self.eps).pow((self.q - 2) / (3 - self.q))
@@ -64,7 +70,9 @@ class LqNormalization(Retention):
         out = {}
         for name, w in end.items():
             a = self._n(start[name]) * w
-            out[name] = a / _entry_norm(a, self.q).clamp_min(self.eps).pow(self.q - 2)
+            norm = _entry_norm(a, self.q).clamp_min(self.eps)
+            floored = norm.clamp_min(self.min_norm)  # ||A|| after the floor: A scaled by floored / norm
+            out[name] = a * (floored / norm) / floored.pow(self.q - 2)
         return out
 
 

@@ -70,11 +70,17 @@ class MirasConfig(MemoryLayerConfig):
     mem_activation: str = "gelu"  # activation between the memory MLP's layers (the paper: GELU)
     mem_residual_norm: bool = True  # memory is x + LayerNorm(MLP(x))
     # initial bias of the alpha gate (pre-sigmoid; negative: remember). Moneta reads W = A / ||A||_4^2,
-    # which grows as the decay shrinks A: at -4 (alpha ~ 0.018) it overflows after ~1900 tokens
+    # which grows as the decay shrinks A (down to lq_min_norm): at -4 (alpha ~ 0.018) ||A|| halves every
+    # 38 tokens of weak writes
     forget_gate_bias_init: float = -8.0
     lp_p: float = 3.0  # Moneta: p of the l_p attentional bias (the paper's best: 3)
     lp_eps: float = 1e-6  # Moneta: |e| is smoothed to sqrt(e^2 + lp_eps) (0: exact)
     lq_q: float = 4.0  # Moneta: q of the l_q retention (must not be 3)
+    # Moneta: floor on the accumulator's norm ||A||_q (not in the paper; tto.engine.LqNormalization): a
+    # strong forget gate shrinks A geometrically and W = A / ||A||_q^(q-2) then grows as 1 / ||A|| (q = 4)
+    # until it overflows; with the floor ||W||_q <= lq_min_norm^(3-q) (10 at q = 4; the 340M preset's
+    # initial ||W||_4 is 0.3, its ||A||_4 3.4: the paper's update runs unchanged above the floor)
+    lq_min_norm: float = 0.1
     huber_delta_max: float = 2.0  # Yaad: delta_t = huber_delta_max * sigmoid(.), the Huber threshold on the error's RMS
     huber_delta_bias_init: float = 2.0  # Yaad: initial bias of the delta gate (pre-sigmoid: delta starts at 1.76, above unit errors)
     memora_scale: float = 8.0  # Memora: every memory weight row sums to this
@@ -84,14 +90,14 @@ class MirasConfig(MemoryLayerConfig):
         super().validate()
         if self.lq_q == 3 or self.lq_q < 2:
             raise config_error("lq_q", self.lq_q, "must be >= 2 and != 3 (at q = 3 the read weights do not determine ||A||)")
-        for name in ("lp_p", "memora_scale", "memora_logit_std", "huber_delta_max"):
+        for name in ("lp_p", "memora_scale", "memora_logit_std", "huber_delta_max", "lq_min_norm"):
             if getattr(self, name) <= 0:
                 raise config_error(name, getattr(self, name), "must be > 0")
 
 
 #: variant -> (attentional bias, retention, the bias's own gates, init std of the memory weights)
 VARIANTS: dict[str, Callable[[MirasConfig], tuple[Objective, Retention, dict[str, nn.Module], float]]] = {
-    "moneta": lambda c: (LpError(c.lp_p, c.lp_eps), LqNormalization(c.lq_q), {}, c.initializer_range),
+    "moneta": lambda c: (LpError(c.lp_p, c.lp_eps), LqNormalization(c.lq_q, c.lq_min_norm), {}, c.initializer_range),
     "yaad": lambda c: (Huber(), Retention(), {
         "huber_delta": Gate(c.hidden_size, c.num_mem_heads, c.huber_delta_max, c.huber_delta_bias_init)},
         c.initializer_range),
