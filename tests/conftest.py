@@ -16,6 +16,16 @@ import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+def require_memory(need: int, what: str) -> None:
+    """Skip the test, naming `what`, when less than `need` bytes of memory are available (a
+    full-size model on a machine whose free memory cannot hold it)."""
+    import psutil  # a dependency of accelerate, which the Trainer needs
+
+    available = psutil.virtual_memory().available
+    if available < need:
+        pytest.skip(f"{what} needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB are available")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny-model tests (use with

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import tto
+from conftest import require_memory
 from tto.engine import DecayGD, MiniBatchGD, MomentumGD, OmegaWindow
 from tto.engine.optimizers import Coefficients
 from tto.engine.optimizers import STEP_MARGIN, stable_step_factor
@@ -307,3 +310,65 @@ RANDOM_CASES = [pytest.param(name, variant, seed, id=f"{name}-{variant or ''}-{s
 @pytest.mark.parametrize("name,variant,seed", RANDOM_CASES)
 def test_random_configs_stay_finite_and_bounded(name, variant, seed):
     check_finite_and_bounded(draw_model(name, variant, seed), RANDOM_LENGTH, batch=2, seed=seed)
+
+
+# ---------------------------------------------------------------------------- presets and recipes at full size
+
+ROOT = Path(__file__).resolve().parents[1]
+#: a size preset's name ("125m", "1.3b"); the other presets ("tiny", ...) set chunk and head
+#: choices for tiny widths (tests/test_conformance.py builds them there)
+SIZE_PRESET = re.compile(r"\d+(\.\d+)?[mb]")
+#: real-size runs: tokens per sequence, two chunks of the memory's chunk length up to this cap
+#: (LaCT's 2048-token chunks are read, not updated, within it; the conformance suite tests its update)
+MAX_FULL_SIZE_TOKENS = 64
+#: models above this many parameters run one at a time in the full-size group, marked slow
+FULL_SIZE_PARAMETERS = 400_000_000
+#: float32 weights, and beside them one short no-grad forward, the interpreter and torch
+FORWARD_BYTES_PER_PARAMETER = 4
+FORWARD_MARGIN_BYTES = 2 * 2**30
+#: the config fields that set a memory's chunk length
+CHUNK_FIELDS = ("chunk_size", "mini_batch_size", "lact_chunk_size")
+
+
+def recipe_models() -> list[tuple[str, str, dict]]:
+    """(id, type, model fields with the vocabulary) of every recipe in configs/*.yml, configs/tiny
+    and configs/tasks (the task recipes once per registered type, as their comments run them)."""
+    from tto.data import load_tokenizer
+    from tto.training import load_recipe
+
+    found = []
+    paths = [p for folder in ("", "tiny", "tasks") for p in sorted((ROOT / "configs" / folder).glob("*.yml"))]
+    for path in paths:
+        types = sorted(tto.available()) if path.parent.name == "tasks" else [None]
+        for name in types:
+            recipe = load_recipe(path, [f"model.type={name}"] if name else [])
+            fields = {k: v for k, v in recipe.model.items() if k != "type"}
+            if "vocab_size" not in fields:  # the recipe's (built-in) tokenizer sets it, as in train.py
+                fields["vocab_size"] = len(load_tokenizer(recipe.tokenizer))
+            found.append((f"{path.relative_to(ROOT / 'configs')}" + (f":{name}" if name else ""), recipe.model["type"], fields))
+    return found
+
+
+def full_size_cases() -> list:
+    """Every size preset of every type and every recipe, as pytest params (large ones marked)."""
+    cases = [(f"{e.name}-{preset}", e.name, {"preset": preset}) for e in tto.registry.entries()
+             for preset in e.presets if SIZE_PRESET.fullmatch(preset)]
+    cases += recipe_models()
+    params = []
+    for case_id, name, fields in cases:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in tto.get(name).model_class(tto.build_config(name, **fields)).parameters())
+        marks = [pytest.mark.slow, pytest.mark.xdist_group("full_size")] if n > FULL_SIZE_PARAMETERS else []
+        params.append(pytest.param(name, fields, n, id=case_id, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("name,fields,parameters", full_size_cases())
+def test_presets_and_recipes_stay_finite_and_bounded_at_full_size(name, fields, parameters):
+    """Every size preset and every recipe, at its real width and depth: finite logits and bounded
+    fast weights on two chunks of random tokens (batch 1)."""
+    require_memory(FORWARD_BYTES_PER_PARAMETER * parameters + FORWARD_MARGIN_BYTES, f"{name} ({parameters / 1e6:.0f}M parameters)")
+    torch.manual_seed(0)
+    model = tto.get(name).model_class(tto.build_config(name, **fields)).eval()
+    chunk = max(getattr(model.config, f, 1) or 1 for f in CHUNK_FIELDS)
+    check_finite_and_bounded(model, min(2 * chunk, MAX_FULL_SIZE_TOKENS))

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tto
+from conftest import require_memory
 from tto.training import Diverged, load_recipe, parse_recipe, train
 from tto.training.checkpoints import is_complete
 
@@ -404,12 +405,9 @@ def test_paper_scale_recipe_trains_at_full_size(name, tmp_path):
     chunks of every memory but LaCT's (2048-token chunks: its fast weights are read, never
     updated here; the conformance suite tests its update at tiny size).
     """
-    import psutil  # a dependency of accelerate, which the Trainer needs
-
-    need = ADAMW_BYTES_PER_PARAMETER * recipe_parameters(name) + RECIPE_MARGIN_BYTES
-    if psutil.virtual_memory().available < need:  # gated_deltanet_1.3b: 23.7 GiB, more than a 24 GiB machine has free
-        pytest.skip(f"{name} needs {need / 2**30:.1f} GiB to train with AdamW, "
-                    f"{psutil.virtual_memory().available / 2**30:.1f} GiB are available")
+    # gated_deltanet_1.3b: 23.7 GiB, more than a 24 GiB machine has free
+    require_memory(ADAMW_BYTES_PER_PARAMETER * recipe_parameters(name) + RECIPE_MARGIN_BYTES,
+                   f"{name} (training with AdamW)")
     recorder = RecordLoss()
     overrides = ["tokenizer=builtin:bytes", "dataset.name=builtin:pydoc", f"dataset.max_seq_length={RECIPE_TOKENS}",
                  "dataset.eval_fraction=0", "dataset.num_proc=null", f"training_args.output_dir={tmp_path / 'out'}",
