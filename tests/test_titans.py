@@ -115,3 +115,109 @@ def test_lmm_memorizes_at_test_time(request):
         first, second = value_losses(x, model.eval()(x).logits)
     assert first > 0.8 * torch.log(torch.tensor(float(VALUES)))
     assert second < 0.7 * first, (first.item(), second.item())
+
+
+#: config.json of the original TTO code's TitansConfig (its field names; its defaults but small sizes)
+def original_titans_config_json(**fields) -> dict:
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, hidden_act="silu",
+                  initializer_range=0.02, rms_norm_eps=1e-6, use_cache=False, pad_token_id=None, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False, conv_kernel=4, attention_conv=False, rms_qk_norm=False,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=2048,
+                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, attention_dropout=0.0,
+                  max_position_embeddings=2048, variant="lmm", chunk_size=8, mem_expansion_factor=4.0,
+                  num_mem_heads=4, num_persistent_mem_tokens=4, use_output_proj=True, use_gate=True,
+                  scan_checkpoint_group_size=8)
+    config.update(fields)
+    return {**config, "model_type": "titans", "architectures": ["TitansForCausalLM"], "dtype": "float32",
+            "transformers_version": "5.3.0"}
+
+
+def original_titans_weights(c: dict) -> dict[str, torch.Tensor]:
+    """Random tensors under the original TTO Titans' weight names and shapes for config `c`."""
+    w, heads, kernel = c["hidden_size"], c["num_mem_heads"], c["conv_kernel"]
+    d, attn_dim = w // heads, w // c["num_attention_heads"]
+    inner = int(d * c["mem_expansion_factor"])
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], w), "model.final_norm.weight": (w,),
+              "lm_head.weight": (c["vocab_size"], w)}
+    for i in range(c["num_hidden_layers"]):
+        p, b = f"model.layers.{i}.", f"model.layers.{i}.seq_model_block."
+        shapes.update({p + "input_layernorm.weight": (w,), p + "post_seq_layernorm.weight": (w,),
+                       p + "mlp.gate_proj.weight": (c["intermediate_size"], w),
+                       p + "mlp.up_proj.weight": (c["intermediate_size"], w),
+                       p + "mlp.down_proj.weight": (w, c["intermediate_size"]),
+                       b + "memory.W1": (heads, d, inner), b + "memory.W2": (heads, inner, d),
+                       b + "memory.norm_w": (heads, d), b + "memory.norm_b": (heads, d),
+                       b + "o_proj.weight": (w, w), b + "gate_proj.weight": (w, w),
+                       b + "persistent_mem": (1, c["num_persistent_mem_tokens"], w)})
+        for name in ("q", "k", "v"):
+            shapes.update({f"{b}memory.{name}_proj.weight": (w, w), f"{b}memory.conv_{name}.conv.weight": (w, 1, kernel),
+                           f"{b}memory.conv_{name}.conv.bias": (w,)})
+        for gate in ("mem_decay_proj", "surprise_decay_proj", "lr_proj"):
+            shapes[f"{b}memory.{gate}.weight"] = (heads, w)
+        if c["variant"] != "lmm":
+            kv = c["num_key_value_heads"] * attn_dim
+            shapes.update({b + "self_attn.q_proj.weight": (w, w), b + "self_attn.k_proj.weight": (kv, w),
+                           b + "self_attn.v_proj.weight": (kv, w), b + "self_attn.o_proj.weight": (w, w)})
+        if c["variant"] == "mag":
+            shapes.update({b + "post_mem_layernorm.weight": (w,), b + "post_attn_layernorm.weight": (w,)})
+    gen = torch.Generator().manual_seed(0)
+    return {key: torch.randn(shape, generator=gen) for key, shape in shapes.items()}
+
+
+#: what every original Titans differs in, and what each config adds (one phrase each, in order)
+ALWAYS = ["chunk-start weights", "before their conv", "LayerNorm without residual"]
+
+
+@pytest.mark.parametrize("fields,extra", [
+    (dict(variant="lmm", num_mem_heads=1, num_persistent_mem_tokens=0), []),
+    (dict(variant="lmm"), ["num_mem_heads=4 > 1", "num_persistent_mem_tokens=4 persistent"]),
+    (dict(variant="mal", num_mem_heads=1, num_persistent_mem_tokens=0, rms_qk_norm=True),
+     ["attention output"]),
+    (dict(variant="mag", num_mem_heads=2, num_persistent_mem_tokens=1, attention_conv=True),
+     ["num_mem_heads=2 > 1", "num_persistent_mem_tokens=1 persistent", "MAG attention reads the memory output",
+      "attention output", "l2-normalises", "attention_conv=true"]),
+])
+def test_original_tto_titans_checkpoint_is_refused_in_one_line_naming_why(tmp_path, fields, extra):
+    """The original TTO code's Titans (model_type "titans") computes another function than tto's for
+    every config (its chunk-start reads, q/k norm before the conv, LayerNorm-only memory; with several
+    memory heads a non-causal reshape): AutoModelForCausalLM refuses it, naming each difference."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = original_titans_config_json(**fields)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(original_titans_weights(config), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path}: an original TTO Titans checkpoint")
+    reasons = message.split(": ", 2)[2].split("; ")
+    assert len(reasons) == len(ALWAYS) + len(extra)
+    for reason, phrase in zip(reasons, ALWAYS + extra):
+        assert phrase in reason
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mal"])
+def test_tto_titans_checkpoint_still_loads_next_to_the_original_model_type(tmp_path, variant):
+    """tto's own Titans saves model_type "tto_titans", so registering the original's "titans" leaves it
+    loading as before: same class, same weights, same logits (to float32 rounding: the loaded tensors'
+    memory layout may change the kernels' summation order)."""
+    from transformers import AutoModelForCausalLM
+
+    model = build(variant=variant)
+    model.save_pretrained(tmp_path)
+    assert json_model_type(tmp_path) == "tto_titans"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is tto.TitansForCausalLM
+    x = torch.randint(0, TINY["vocab_size"], (1, 13), generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=0)
+
+
+def json_model_type(directory) -> str:
+    import json
+
+    return json.loads((directory / "config.json").read_text())["model_type"]

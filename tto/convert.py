@@ -9,6 +9,11 @@ rules below are the only renames and reshapes.
 (:class:`OfficialTTTConfig`, :class:`OfficialTTTForCausalLM`), so
 ``AutoModelForCausalLM.from_pretrained(dir)`` on a directory saved by the official code (or by the
 original TTO code, whose TTT is a copy of it) returns tto's ``TTTForCausalLM``, converted on load.
+
+It registers the original TTO code's Titans (``model_type: "titans"``; tto's own Titans
+checkpoints say ``"tto_titans"``, so the two never meet) as well, and refuses those on load in
+one line naming why: that code's memory computes another function than tto's Titans for every
+config (:func:`original_titans_differences`), so no renaming of its weights reproduces its outputs.
 """
 
 from __future__ import annotations
@@ -100,6 +105,18 @@ def _official_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _checkpoint_fields(path) -> tuple[Path, dict]:
+    """The directory of checkpoint `path` (a directory or a hub name in the local cache) and its
+    config.json's model fields (bookkeeping keys dropped)."""
+    from transformers.utils import cached_file
+
+    directory = Path(path) if Path(path).is_dir() else Path(cached_file(str(path), "config.json")).parent
+    fields = json.loads((directory / "config.json").read_text())
+    for key in _BOOKKEEPING_KEYS:
+        fields.pop(key, None)
+    return directory, fields
+
+
 class OfficialTTTForCausalLM:
     """What ``AutoModelForCausalLM`` loads for ``model_type: "ttt"``: the checkpoint converted to tto."""
 
@@ -109,14 +126,9 @@ class OfficialTTTForCausalLM:
     def from_pretrained(cls, path, *args, config=None, dtype=None, torch_dtype=None, **kwargs):
         """tto's ``TTTForCausalLM`` with the official checkpoint's config (same field names) and weights
         (:func:`convert_official_ttt`), in eval mode. `path`: a directory or a hub name in the local cache."""
-        from transformers.utils import cached_file
-
         from .registry import build_config, get
 
-        directory = Path(path) if Path(path).is_dir() else Path(cached_file(str(path), "config.json")).parent
-        fields = json.loads((directory / "config.json").read_text())
-        for key in _BOOKKEEPING_KEYS:
-            fields.pop(key, None)
+        directory, fields = _checkpoint_fields(path)
         model = get("ttt").model_class(build_config("ttt", **fields))
         result = model.load_state_dict(convert_official_ttt(_official_state_dict(directory)), strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -127,5 +139,59 @@ class OfficialTTTForCausalLM:
         return (model if dtype in (None, "auto") else model.to(dtype)).eval()
 
 
+#: the original TTO TitansConfig's defaults of the fields that decide what else differs
+_ORIGINAL_TITANS_DEFAULTS = dict(variant="lmm", num_mem_heads=32, num_persistent_mem_tokens=4, rms_qk_norm=False,
+                                 attention_conv=False)
+
+
+def original_titans_differences(fields: dict) -> list[str]:
+    """What the original TTO code's Titans with config `fields` (its field names) computes that tto's
+    ``titans`` cannot: one phrase each. Never empty: the first three hold for every config."""
+    f = {**_ORIGINAL_TITANS_DEFAULTS, **fields}
+    found = ["its memory reads every token of a chunk from the chunk-start weights (tto: after the token's own update)",
+             "it normalises q and k before their conv and SiLU (tto: after)",
+             "its memory MLP ends in a LayerNorm without residual and its read-out has no RMSNorm "
+             "(tto: MLP(x) or x + LayerNorm(MLP(x)), then an RMSNorm)"]
+    if f["num_mem_heads"] > 1:
+        found.append(f"with num_mem_heads={f['num_mem_heads']} > 1 it reshapes full-chunk read-outs across heads, "
+                     "mixing later positions into earlier ones (not causal)")
+    if f["num_persistent_mem_tokens"] > 0:
+        found.append(f"its num_persistent_mem_tokens={f['num_persistent_mem_tokens']} persistent tokens are sequence "
+                     "positions written into the memory (tto: a key/value prefix of the attention only)")
+    if f["variant"] == "mag":
+        found.append("its MAG attention reads the memory output (tto: the block input)")
+    if f["variant"] in ("mag", "mal"):
+        found.append("its gate and output projection act on the attention output (tto: on the memory read-out)")
+        if not f["rms_qk_norm"]:
+            found.append("its attention l2-normalises q and k (tto: none, as rms_qk_norm is false)")
+        if f["attention_conv"]:
+            found.append("attention_conv=true convolves the attention's q, k, v (tto: no conv there)")
+    if f["variant"] == "mac":
+        found.append("variant 'mac' is not implemented by the original code")
+    return found
+
+
+class OriginalTitansConfig(PreTrainedConfig):
+    """The config.json of an original TTO Titans checkpoint (``model_type: "titans"``), read as it is."""
+
+    model_type = "titans"
+
+
+class OriginalTitansForCausalLM:
+    """What ``AutoModelForCausalLM`` loads for ``model_type: "titans"``: a refusal naming the differences."""
+
+    config_class = OriginalTitansConfig
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        """Raise ValueError in one line: the original TTO Titans checkpoint at `path` and what of it
+        tto's ``titans`` cannot compute (:func:`original_titans_differences`)."""
+        _, fields = _checkpoint_fields(path)
+        raise ValueError(f"{path}: an original TTO Titans checkpoint (model_type 'titans') cannot be converted to "
+                         f"tto's titans: {'; '.join(original_titans_differences(fields))}")
+
+
+AutoConfig.register(OriginalTitansConfig.model_type, OriginalTitansConfig, exist_ok=True)
+AutoModelForCausalLM.register(OriginalTitansConfig, OriginalTitansForCausalLM, exist_ok=True)
 AutoConfig.register(OfficialTTTConfig.model_type, OfficialTTTConfig, exist_ok=True)
 AutoModelForCausalLM.register(OfficialTTTConfig, OfficialTTTForCausalLM, exist_ok=True)

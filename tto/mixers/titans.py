@@ -57,7 +57,8 @@ Differences from the paper: choices it leaves open, decoding necessities, and (M
   data-independent prefix written into the memory would only move its initial weights, which
   are already learned parameters. In MAG/MAL the memory branch reads x, not [P] || x.
 * persistent keys carry no RoPE (they have no position).
-* the memory's q/k/v have no RoPE (the original TTO code rotates them; the paper does not).
+* the memory's q/k/v have no RoPE (the original TTO code rotated them until its MAG/MAL commit; the
+  paper does not).
 * MAC writes the memory with the block input x and gates with ``M*_t(q_t)``, where the paper
   writes the attention output y and gates with ``M*_t(y_t)`` (Eqs. 23-25). Writing y would make
   each segment wait for the previous segment's attention, a sequential loop over segments;
