@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -248,7 +249,7 @@ def test_train_py_exits_non_zero_on_divergence_in_one_line(tmp_path):
 
 
 DDP_DRIVER = """
-import json, runpy, sys
+import json, os, runpy, signal, sys
 import torch, torch.distributed as dist
 from transformers import TrainerCallback
 import tto.training
@@ -261,8 +262,15 @@ class Report(TrainerCallback):
         with open(f"{args.output_dir}/../rank{dist.get_rank()}.json", "w") as f:
             json.dump(report, f)
 
-build = tto.training.build_trainer  # train.py imports it when it runs: hand it our callback
-tto.training.build_trainer = lambda recipe, callbacks=(): build(recipe, [*callbacks, Report()])
+class SignalAt(TrainerCallback):  # SIGNAL_AT="rank:step": that rank alone gets SIGINT at the end of that step
+    def on_step_end(self, args, state, control, **kwargs):
+        rank, step = map(int, os.environ["SIGNAL_AT"].split(":"))
+        if dist.get_rank() == rank and state.global_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+ours = [Report(), *([SignalAt()] if "SIGNAL_AT" in os.environ else [])]
+build = tto.training.build_trainer  # train.py imports it when it runs: hand it our callbacks
+tto.training.build_trainer = lambda recipe, callbacks=(): build(recipe, [*callbacks, *ours])
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -288,6 +296,62 @@ def test_two_process_ddp(tmp_path):
         checkpoint = tmp_path / "ddp" / f"checkpoint-{step}"
         assert is_complete(checkpoint) and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
     assert not (tmp_path / "ddp" / ".staging").exists()
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """torchrun, SIGINT to rank 1 alone at the end of step 3: the ranks agree (all-reduce) and both stop
+    after step 3 and save checkpoint-3 together (each rank's random state in it; a rank that ran on would
+    leave rank 0 waiting in the save). Each exits 130 saying how to resume; torchrun ends the other worker
+    as soon as it sees the first such status, which may be before that one reports."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={out}",
+           "training_args.max_steps=8", "training_args.logging_steps=1", "training_args.save_strategy=steps",
+           "training_args.save_steps=100", "dataset.eval_fraction=0"]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")])), "SIGNAL_AT": "1:3"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # a worker's status 130 is a failure to torchrun: its one traceback (ChildFailedError), none of ours
+    assert result.returncode == 1 and result.stderr.count("Traceback") == 1, result.stderr[-3000:]
+    assert "ChildFailedError" in result.stderr.split("Traceback", 1)[1]
+    assert "failed (exitcode: 130)" in result.stderr
+    assert f"train.py: SIGINT: stopped after saving {out / 'checkpoint-3'}" in result.stderr, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
+    checkpoint = out / "checkpoint-3"
+    assert is_complete(checkpoint) and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+
+
+def test_ctrl_c_on_torchrun_saves_one_checkpoint_for_every_rank(tmp_path):
+    """Ctrl-C reaches torchrun alone (its workers run in their own sessions); it forwards SIGINT to
+    each worker: both stop after the same step, save that step's checkpoint and exit 130."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={out}",
+           "training_args.max_steps=100000", "training_args.logging_steps=1", "training_args.save_strategy=steps",
+           "training_args.save_steps=100000", "dataset.eval_fraction=0"]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # rank 0 logs each step's loss: training runs
+            if "'loss'" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # torchrun forwards it to the workers
+            proc.wait()
+    # torchrun re-raises the signal it got: its one traceback (SignalException), none of the workers'
+    assert stderr.count("Traceback") == 1 and "SignalException" in stderr.split("Traceback", 1)[1], stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 and rank0["losses"]
+    step = len(rank0["losses"])
+    assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{step}"]
+    assert stderr.count(f"train.py: SIGINT: stopped after saving {out / f'checkpoint-{step}'}") == 2, stderr[-3000:]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (out / f"checkpoint-{step}").iterdir()}
 
 
 def test_unreachable_hub_name_fails_fast_with_advice(tmp_path):

@@ -20,6 +20,8 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+import torch.distributed
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
@@ -142,17 +144,20 @@ class CheckpointingTrainer(Trainer):
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()  # every rank's rng_state_<rank>.pth is in the staging dir
-        if not self.args.should_save:
-            return
-        best = self.state.best_model_checkpoint
-        if best is not None and Path(best).parent == staged.parent:  # the best is this checkpoint
-            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-        loss_sum = self._loss_sum()
-        (staged / RUN_LOSS_NAME).write_text(json.dumps({"global_step": self.state.global_step, "loss_sum": loss_sum}))
-        publish(staged, run_dir / name)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best).parent == staged.parent:  # the best is this checkpoint
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+            loss_sum = self._loss_sum()
+            (staged / RUN_LOSS_NAME).write_text(json.dumps({"global_step": self.state.global_step,
+                                                            "loss_sum": loss_sum}))
+            publish(staged, run_dir / name)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        # no rank leaves before the rename: after a stop save each rank exits, and torchrun kills the
+        # others at the first non-zero status, which could catch process 0 before its rename
+        self.accelerator.wait_for_everyone()
 
     def _loss_sum(self) -> float:
         """The training loss summed over every step so far (the Trainer's sum for this call, the steps not
@@ -203,7 +208,10 @@ class StopOnSignal(TrainerCallback):
 
     ``received`` is the signal number afterwards (None if none came). A second signal acts at once
     (the default handlers are back): checkpoints are atomic, so it leaves nothing half-written.
-    Only a single process installs handlers; under torchrun, torchrun's own signal handling applies.
+    Under torchrun (workers in their own sessions: Ctrl-C reaches the launcher, which forwards the
+    signal to each worker and kills them after its ``--shutdown_timeout``, 30 s by default) every
+    rank handles the signal, and the ranks agree at each step end on whether any of them got one
+    (an all-reduce MAX of the signal number): all stop after the same step and save one checkpoint.
     """
 
     def __init__(self):
@@ -212,7 +220,7 @@ class StopOnSignal(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.received = None
-        if args.world_size == 1 and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
@@ -225,7 +233,14 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        received = self.received or 0
+        if args.world_size > 1 and torch.distributed.is_initialized():  # any rank's signal stops every rank
+            flag = torch.tensor([received], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            received = int(flag.item())
+        if received:
+            self.received = received
+            self._restore()
             control.should_save = True
             control.should_training_stop = True
 
