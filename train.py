@@ -30,7 +30,10 @@ def resume_command(argv: list[str]) -> str:
         else sys.executable
     script = os.path.relpath(__file__) if not os.path.relpath(__file__).startswith("..") else __file__
     kept = [a for a in argv if not a.startswith("training_args.resume_from_checkpoint=")]
-    return shlex.join([python, script, *kept, "training_args.resume_from_checkpoint=true"])
+    # under torchrun (single node: WORLD_SIZE = LOCAL_WORLD_SIZE) the run resumes with as many processes
+    launcher = [python] if int(os.environ.get("WORLD_SIZE", "1")) == 1 else \
+        ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])]
+    return shlex.join([*launcher, script, *kept, "training_args.resume_from_checkpoint=true"])
 
 
 def main(argv: list[str] | None = None) -> dict:

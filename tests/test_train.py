@@ -317,6 +317,7 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert "ChildFailedError" in result.stderr.split("Traceback", 1)[1]
     assert "failed (exitcode: 130)" in result.stderr
     assert f"train.py: SIGINT: stopped after saving {out / 'checkpoint-3'}" in result.stderr, result.stderr[-3000:]
+    assert f"resume with:\ntorchrun --nproc_per_node 2 {os.path.relpath(ROOT / 'train.py')} " in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
     checkpoint = out / "checkpoint-3"
     assert is_complete(checkpoint) and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
