@@ -204,20 +204,16 @@ def test_tto_titans_checkpoint_still_loads_next_to_the_original_model_type(tmp_p
     """tto's own Titans saves model_type "tto_titans", so registering the original's "titans" leaves it
     loading as before: same class, same weights, same logits (to float32 rounding: the loaded tensors'
     memory layout may change the kernels' summation order)."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
     model = build(variant=variant)
     model.save_pretrained(tmp_path)
-    assert json_model_type(tmp_path) == "tto_titans"
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "tto_titans"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is tto.TitansForCausalLM
     x = torch.randint(0, TINY["vocab_size"], (1, 13), generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in model.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=0)
-
-
-def json_model_type(directory) -> str:
-    import json
-
-    return json.loads((directory / "config.json").read_text())["model_type"]
