@@ -2,6 +2,7 @@
 
     python eval.py --model runs/ttt --model runs/transformer --out runs/eval
     python eval.py --model runs/ttt --tasks niah,mqar --grid niah.lengths=256,1024 --limit 2
+    python eval.py --adapter runs/sft_lora --tasks memory,ppl    # its base vs base + adapter, side by side
     python eval.py --list-tasks                     # every task's options and their defaults
 
 Writes OUT/results.json and PNG plots, and prints a table comparing the models.
@@ -20,6 +21,8 @@ def parse_args(argv):
 
     p = OneLineErrors(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], help="model directory (repeat to compare several)")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="peft adapter directory: evaluates its base and the base with it (repeat for several)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {','.join(TASKS)} (default: all)")
     p.add_argument("--out", default="runs/eval", help="directory for results.json and the plots")
     p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="TASK.OPTION=V1,V2",
@@ -59,7 +62,7 @@ def main(argv=None) -> dict | None:
     try:
         return evaluate(args.model, tasks, args.out, grid=args.grid, seed=args.seed, limit=args.limit,
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size, tokenizer=args.tokenizer,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, adapters=args.adapter)
     except (ValueError, OSError) as err:  # bad input: one line, before any model is run
         parser.exit(2, f"eval.py: error: {str(err).splitlines()[0]}\n")
 

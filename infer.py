@@ -2,6 +2,7 @@
 
     python infer.py --model runs/quickstart --prompt "The assert statement"
     python infer.py --model runs/quickstart --chat            # multi-turn; the memory state carries over
+    python infer.py --adapter runs/sft_lora --chat             # a peft adapter over the base it records
     python infer.py --config-type titans --variant mag --prompt "hello"
 
 Output is streamed. A long prompt is read in pieces (tto.modeling.PREFILL_CHUNK_TOKENS tokens each),
@@ -22,6 +23,9 @@ from tto.cli import DTYPES, OneLineErrors, resolve_device, resolve_model, tokeni
 from tto.typed import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Bound, flag
 
 
+#: turns a model without a memory re-reads each turn with --chat (the default of --history)
+CHAT_HISTORY = 5
+
 #: --config-type T builds the model of configs/tiny/T.yml (every registered type has one; CI checks)
 TINY_CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 
@@ -32,6 +36,8 @@ def parse_args(argv):
     src.add_argument("--model", help="directory of a trained model (config.json + model.safetensors)")
     src.add_argument("--config-type", help="registered type to build with random weights")
     src.add_argument("--variant", help="variant of --config-type")
+    p.add_argument("--adapter", help="a peft adapter directory (train.py with an adapter section), loaded over its "
+                                     "base: --model, else the base the adapter records")
     p.add_argument("--tokenizer", help="builtin:bytes, a directory or a hub name (default: the model's own, else builtin:bytes)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -43,18 +49,26 @@ def parse_args(argv):
     p.add_argument("--min_p", type=flag(float, Bound(low=0, high=1)), default=None)
     p.add_argument("--repetition_penalty", type=flag(float, POSITIVE), default=1.0)
     p.add_argument("--prompt", help="generate once from this prompt (otherwise it asks)")
-    p.add_argument("--chat", action="store_true", help="multi-turn: the model's state persists across turns")
+    p.add_argument("--chat", action="store_true",
+                   help="multi-turn, in the tokenizer's chat template: a memory model's state persists across turns")
     p.add_argument("--history", type=flag(int, AT_LEAST_1), default=None,
-                   help="with --chat: re-read only the last N turns as text each turn (for models without a persistent state)")
+                   help=f"with --chat: re-read only the last N turns each turn (default: {CHAT_HISTORY} for models "
+                        f"without a memory, which re-read; a memory model keeps its state and reads only the new turn)")
     args = p.parse_args(argv)
 
     import tto
 
-    if (args.model is None) == (args.config_type is None):
+    if args.adapter is None and (args.model is None) == (args.config_type is None):
         p.error("give exactly one of --model DIR and --config-type TYPE")
+    if args.adapter is not None and args.config_type is not None:
+        p.error("--adapter loads over a saved base (--model DIR or the one it records), not --config-type")
     try:
         resolve_device(args.device)
-        if args.model is not None:
+        if args.adapter is not None:
+            from tto.adapters import read_adapter_config
+
+            read_adapter_config(args.adapter)
+        elif args.model is not None:
             args.model = resolve_model(args.model)
     except ValueError as err:
         p.error(str(err))
@@ -83,7 +97,11 @@ def load(args, tokenizer):
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    if args.model is not None:
+    if args.adapter is not None:
+        from tto.adapters import load_adapted
+
+        model = load_adapted(args.adapter, args.model, dtype)
+    elif args.model is not None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:
         entry = tto.get(args.config_type)
@@ -203,18 +221,38 @@ def ask(label: str) -> str | None:
         return None
 
 
+def keeps_memory(model) -> bool:
+    """Whether `model` carries the past in a state of its own (a tto model with a layer that is not
+    softmax attention); other models re-read the conversation."""
+    from tto.modeling import TTOPreTrainedModel
+
+    return isinstance(model, TTOPreTrainedModel) and any(kind != "transformer" for kind in model.config.layer_mixers)
+
+
+def last_turns(messages: list[dict], n: int) -> list[dict]:
+    """The system message (if any) and the messages from the n-th last user message on."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    return system + messages[users[-n] if len(users) >= n else len(system) :]
+
+
+def common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b`."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def run(args, parser) -> int:
     import torch
     from safetensors import SafetensorError
     from transformers import DynamicCache
 
     from tto import TTOCache
+    from tto.data import load_tokenizer
+    from tto.data.chat import render
     from tto.modeling import TTOPreTrainedModel
 
-    from tto.data import load_tokenizer
-
     try:  # a tokenizer or model that cannot be loaded: one line, like a usage error
-        tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
+        tokenizer = load_tokenizer(tokenizer_spec(args.adapter or args.model, args.tokenizer))
     except (OSError, ValueError) as err:
         parser.error(str(err).splitlines()[0])
     prompt = None if args.prompt is None else as_utf8(args.prompt, "prompt")
@@ -241,7 +279,8 @@ def run(args, parser) -> int:
         _, stopped = generate(model, tokenizer, ids, new_cache(), args)
         print()
         return 130 if stopped else 0
-    cache, ids, turns = new_cache(), None, []
+    rereads = args.history is not None or not keeps_memory(model)
+    cache, ids, messages, read = new_cache(), None, [], ""
     while True:
         text, prompt = (prompt, None) if prompt is not None else (ask("you> "), None)
         if text is None:
@@ -249,21 +288,21 @@ def run(args, parser) -> int:
         if not text.strip():
             print("(empty message: type something, or end with Ctrl-D)", file=sys.stderr)
             continue
-        turn = f"User: {text}\nAssistant:"
-        if args.history is not None:  # re-read the last N turns from scratch
-            turns = (turns + [turn])[-args.history :]
+        messages.append({"role": "user", "content": text})
+        if rereads:  # re-read the last N turns from scratch
+            messages = last_turns(messages, args.history or CHAT_HISTORY)
             cache = new_cache()
-            ids = encode("\n".join(turns))
-        else:  # the state already holds everything said so far: feed only the new turn
-            new = encode(("\n" if ids is not None else "") + turn)
+            ids = encode(render(tokenizer, messages, prompt=True))
+        else:  # the state already holds everything said so far: feed only what is new
+            shown = render(tokenizer, messages, prompt=True)
+            new = encode(shown[common_prefix(read, shown) :])
             ids = new if ids is None else torch.cat([ids, new], dim=1)
         out, _ = generate(model, tokenizer, ids, cache, args)
-        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        if args.history is not None:
-            turns[-1] += reply
+        messages.append({"role": "assistant",
+                         "content": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)})
+        read = tokenizer.decode(out[0], clean_up_tokenization_spaces=False)  # what the cache holds
         ids = out
         print()
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,7 @@ import datasets
 from datasets import Dataset, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
+from .chat import read_conversations
 from .corpora import MARKED_CORPORA, builtin_documents, builtin_marked_documents
 from .offline import OFFLINE_HINT, hub_error, hub_reachable, looks_like_hub_id
 
@@ -47,9 +48,15 @@ LOSS_ON = ("all", "answers")
 
 
 def load_documents(name: str, *, split: str = "train", subset: str | None = None, text_field: str = "text",
-                   options: dict | None = None, answers: bool = False) -> Dataset:
+                   options: dict | None = None, answers: bool = False, format: str = "text") -> Dataset:
     """A Dataset with one ``text`` column, from any supported source; with `answers`, also an
-    ``answers`` column of [start, end) character spans (built-in corpora that mark them only)."""
+    ``answers`` column of [start, end) character spans (built-in corpora that mark them only).
+    ``format="chat"``: local .jsonl conversations, one ``messages`` column (see :mod:`tto.data.chat`)."""
+    if format == "chat":
+        files = _local_files(name)
+        if files is None:
+            raise FileNotFoundError(f"dataset {name!r}: no such file (format chat reads local .jsonl files)")
+        return read_conversations(files, text_field)
     if answers:
         if not name.startswith("builtin:"):
             raise ValueError(f"dataset {name!r}: dataset.loss_on=answers needs a built-in corpus that marks its "

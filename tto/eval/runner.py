@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .base import LM, Task, apply_grid, get_task
 
@@ -36,7 +38,17 @@ def model_names(paths: list[str]) -> list[str]:
     return [s if short.count(s) == 1 else p for s, p in zip(short, paths)]
 
 
-def check_model(spec: str, tokenizer_spec_: str | None):
+@dataclass
+class Candidate:
+    """A model to evaluate, checked but not loaded."""
+
+    spec: str  # as given (--model, an adapter's base, --adapter)
+    config: Any
+    tokenizer: Any
+    load: Callable[[str], Any]  # dtype name -> the model
+
+
+def check_model(spec: str, tokenizer_spec_: str | None) -> Candidate:
     """The model's directory (`spec` or, for a hub name, its local cache), config and tokenizer, or a
     one-line error naming the problem (missing, unreadable, truncated weights, ...)."""
     from transformers import AutoConfig
@@ -50,25 +62,69 @@ def check_model(spec: str, tokenizer_spec_: str | None):
     except (OSError, ValueError) as err:
         raise ValueError(f"--model {spec!r}: unreadable config ({str(err).splitlines()[0]})") from None
     tokenizer = load_tokenizer(tokenizer_spec(path, tokenizer_spec_))
+    check_vocab(spec, config, tokenizer)
+
+    def load(dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+
+    return Candidate(spec, config, tokenizer, load)
+
+
+def check_vocab(spec: str, config, tokenizer) -> None:
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ValueError(f"--model {spec!r}: its tokenizer has {len(tokenizer)} tokens but the model only {vocab}; "
                          f"pass the tokenizer it was trained with (--tokenizer)")
-    return path, config, tokenizer
 
 
-def load_lm(name: str, path: str, tokenizer, device: str, dtype: str) -> LM:
+def check_adapter(directory: str, tokenizer_spec_: str | None) -> tuple[Candidate, Candidate]:
+    """(its base, the base with the adapter) for a peft adapter directory: the base the adapter records,
+    its config, and the adapter directory's tokenizer (train.py saves it there)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    return LM(name, path, model.to(device).eval(), tokenizer, device)
+    from ..adapters import load_adapted, read_adapter_config
+    from ..cli import tokenizer_spec
+    from ..data import load_tokenizer
+    from ..pretrained import load_pretrained, load_pretrained_config
+
+    base = read_adapter_config(directory).base_model_name_or_path
+    try:
+        config = load_pretrained_config(base)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--adapter {directory!r}: its base {base!r} cannot be read ({str(err).splitlines()[0]})") \
+            from None
+    tokenizer = load_tokenizer(tokenizer_spec(directory, tokenizer_spec_))
+    check_vocab(base, config, tokenizer)
+    return (Candidate(base, config, tokenizer, lambda dtype: load_pretrained(base).to(getattr(torch, dtype))),
+            Candidate(directory, config, tokenizer, lambda dtype: load_adapted(directory, base, getattr(torch, dtype))))
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two specs name the same model (local paths compared resolved)."""
+    return a == b or Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+
+
+def candidates(models: list[str], adapters: list[str], tokenizer: str | None) -> list[Candidate]:
+    """Every --model, then for each --adapter its base (unless already there) and the base with the adapter."""
+    out = [check_model(p, tokenizer) for p in models]
+    for directory in adapters:
+        base, adapted = check_adapter(directory, tokenizer)
+        out += [c for c in (base, adapted) if not any(same_model(c.spec, o.spec) for o in out)]
+    return out
+
+
+def load_lm(name: str, candidate: Candidate, device: str, dtype: str) -> LM:
+    return LM(name, candidate.spec, candidate.load(dtype).to(device).eval(), candidate.tokenizer, device)
 
 
 def evaluate(models: list[str], tasks: list[str], out: str | Path, *, grid=(), seed: int = 0, limit: int | None = None,
              device: str = "auto", dtype: str = "float32", batch_size: int = 8, tokenizer: str | None = None,
-             progress: bool = True, echo=print) -> dict:
-    """Run `tasks` on every model directory; writes ``out/results.json`` and the plots, returns the results.
+             progress: bool = True, echo=print, adapters: list[str] = ()) -> dict:
+    """Run `tasks` on every model directory and on each adapter's base and base + adapter (side by side
+    in one table and in each task's plot); writes ``out/results.json`` and the plots, returns the results.
 
     Everything that can be wrong with the inputs (task names, --grid, model directories, tokenizers,
     datasets) raises ValueError / OSError before any model is run.
@@ -77,8 +133,8 @@ def evaluate(models: list[str], tasks: list[str], out: str | Path, *, grid=(), s
 
     from ..cli import resolve_device
 
-    if not models:
-        raise ValueError("give at least one --model DIR")
+    if not models and not adapters:
+        raise ValueError("give at least one --model DIR or --adapter DIR")
     for name in tasks:
         get_task(name)
     if limit is not None and limit <= 0:
@@ -86,14 +142,14 @@ def evaluate(models: list[str], tasks: list[str], out: str | Path, *, grid=(), s
     if batch_size <= 0:
         raise ValueError(f"--batch-size {batch_size} must be positive")
     parsed = parse_grid(grid, tasks)
-    checked = [check_model(p, tokenizer) for p in models]
+    checked = candidates(list(models), list(adapters), tokenizer)
     built = build_tasks(tasks, parsed, seed=seed, limit=limit, batch_size=batch_size)
     device = resolve_device(device)
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(models, checked, built, out, seed=seed, limit=limit, device=device, dtype=dtype,
+        return _run(checked, built, out, seed=seed, limit=limit, device=device, dtype=dtype,
                     progress=progress, echo=echo)
     except BaseException:
         if created and not any(out.iterdir()):  # leave nothing behind that was not there before
@@ -101,7 +157,7 @@ def evaluate(models: list[str], tasks: list[str], out: str | Path, *, grid=(), s
         raise
 
 
-def _run(models, checked, built, out: Path, *, seed, limit, device, dtype, progress, echo) -> dict:
+def _run(checked: list[Candidate], built, out: Path, *, seed, limit, device, dtype, progress, echo) -> dict:
     """Every task on every checked model, then the plots and results.json in `out`."""
     import datasets
     from tqdm.auto import tqdm
@@ -110,13 +166,13 @@ def _run(models, checked, built, out: Path, *, seed, limit, device, dtype, progr
 
     datasets.disable_progress_bars()  # tokenizing the held-out text is not worth a bar per task and model
 
-    names = model_names(models)
+    names = model_names([c.spec for c in checked])
     results: dict = {"seed": seed, "limit": limit, "device": device, "dtype": dtype,
                      "options": {n: dataclasses.asdict(t.options) for n, t in built.items()},
                      "models": {}, "results": {n: {} for n in built}, "summary": {}}
-    for name, spec, (path, config, tok) in zip(names, models, checked):
-        lm = load_lm(name, path, tok, device, dtype)
-        results["models"][name] = {"path": str(spec), "model_type": config.model_type,
+    for name, candidate in zip(names, checked):
+        lm = load_lm(name, candidate, device, dtype)
+        results["models"][name] = {"path": str(candidate.spec), "model_type": candidate.config.model_type,
                                    "parameters": sum(p.numel() for p in lm.model.parameters())}
         results["summary"][name] = {}
         for task_name, task in built.items():

@@ -19,6 +19,8 @@ and optional fine-tuning sections::
     optimizer:     {param_groups: [{params, lr, weight_decay}, ...]}
     monitor:       {every: N}                          see tto.training.monitor
     curriculum:    [{max_seq_length, max_steps}, ...]  see tto.training.curriculum
+    adapter:       {type: lora | tinylora, target_modules: [...], <its peft config's fields>}
+                   see tto.adapters (needs model.from_pretrained: the base it adapts)
 
 Everything is checked before any work is done: unknown sections, dataset fields, model fields and
 training arguments are errors that name the key and suggest the close match; every value is
@@ -49,7 +51,8 @@ from .curriculum import Stage, check_steps
 from .monitor import MonitorSection
 from .optim import OptimizerSection, ParamGroup, parse_freeze
 
-SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer", "monitor", "curriculum")
+SECTIONS = ("dataset", "model", "tokenizer", "training_args", "freeze", "optimizer", "monitor", "curriculum",
+            "adapter")
 RECIPE_SHAPE = "a recipe is a mapping with sections " + ", ".join(SECTIONS)
 #: training_args names of the original TTO configs that Transformers 5 renamed (a ratio < 1 in
 #: warmup_steps is read as a fraction of the training steps)
@@ -101,15 +104,18 @@ class DatasetSection:
     max_seq_length: int = 512  # tokens per training block
     split: str = "train"  # split of a hub / saved dataset
     subset: str | None = None  # hub dataset configuration name
-    text_field: str = "text"  # column holding the documents
+    text_field: str = "text"  # column holding the documents (format chat: the key holding each line's conversation)
+    # "text": documents; "chat": a .jsonl file of conversations, one a line (see tto.data.chat)
+    format: str = "text"
     eval_fraction: float = 0.05  # share of documents held out for evaluation (0: no eval split)
     num_proc: int | None = None  # tokenization processes
     options: dict = field(default_factory=dict)  # arguments of a built-in corpus (e.g. num_documents, seed)
     seed: int = 0  # seed of the held-out split
     max_eval_samples: int | None = None  # evaluate on at most this many held-out blocks (None: all)
     # "all": every token is a target; "answers": only the answer spans a built-in synthetic corpus
-    # marks (builtin:recall: the asked values; builtin:passkey: the key after the question)
-    loss_on: str = "all"
+    # marks (builtin:recall: the asked values; builtin:passkey: the key after the question) or, with
+    # format chat, the assistant turns. None: "answers" with format chat, else "all"
+    loss_on: str | None = None
     packing: bool = True  # False: one document per block, right-padded (no document cut or read after another)
 
     #: ranges of the fields (checked with their types, before any data is read)
@@ -121,14 +127,24 @@ class DatasetSection:
         "seed": SEED,
     }
 
+    @property
+    def targets(self) -> str:
+        """The tokens the loss is on: ``loss_on``, or its default for the format."""
+        from ..data.chat import DEFAULT_LOSS_ON
+
+        return self.loss_on or DEFAULT_LOSS_ON[self.format]
+
     def check(self) -> None:
-        """ValueError for a bad loss_on, or loss_on=answers on data that marks no answers."""
+        """ValueError for a bad format or loss_on, or loss_on=answers on data that marks no answers."""
+        from ..data.chat import DEFAULT_LOSS_ON
         from ..data.corpora import MARKED_CORPORA
         from ..data.datasets import LOSS_ON
 
-        if self.loss_on not in LOSS_ON:
+        if self.format not in DEFAULT_LOSS_ON:
+            raise ValueError(f"dataset.format={self.format!r}: valid values are {list(DEFAULT_LOSS_ON)}")
+        if self.targets not in LOSS_ON:
             raise ValueError(f"dataset.loss_on={self.loss_on!r}: valid values are {list(LOSS_ON)}")
-        if self.loss_on == "answers" and self.name not in MARKED_CORPORA:
+        if self.targets == "answers" and self.format == "text" and self.name not in MARKED_CORPORA:
             raise ValueError(f"dataset.loss_on=answers needs a corpus that marks its answers, of "
                              f"{sorted(MARKED_CORPORA)}; {self.name!r} does not (use loss_on=all)")
 
@@ -143,6 +159,7 @@ class Recipe:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     monitor: MonitorSection | None = None  # inner-loop statistics every N steps
     curriculum: list[Stage] = field(default_factory=list)  # context-length stages (empty: dataset.max_seq_length)
+    adapter: Any = None  # the peft config of the adapter section (None: the whole model trains)
 
 
 def _section(kind: str, raw, cls):
@@ -282,6 +299,9 @@ def parse_recipe(raw: dict) -> Recipe:
     args = {**convert_fields(TrainingArguments, hf, "training_args", TRAINING_ARGS_BOUNDS),
             **convert_fields(RunOptions, run, "training_args")}
     model = dict(_mapping("model", raw.get("model")))
+    if raw.get("adapter") is not None and ("from_pretrained" not in model or model.get("retrofit") is not None):
+        raise ValueError("adapter: needs model.from_pretrained without retrofit, the saved base it adapts (train "
+                         "or retrofit a model first, then give its output_dir as model.from_pretrained)")
     if "from_pretrained" in model:
         model = pretrained_section(model)
     else:
@@ -303,10 +323,15 @@ def parse_recipe(raw: dict) -> Recipe:
     if curriculum:
         args["max_steps"] = check_steps(curriculum, args)
     tokenizer = convert("tokenizer", raw.get("tokenizer") or model.get("from_pretrained") or "builtin:bytes", str)
+    adapter = None
+    if raw.get("adapter") is not None:
+        from ..adapters import parse_adapter  # peft is imported by recipes that use it only
+
+        adapter = parse_adapter(raw["adapter"])
     return Recipe(dataset=dataset, model=model, tokenizer=tokenizer,
                   training_args=args, freeze=parse_freeze(raw.get("freeze")), optimizer=optimizer,
                   monitor=None if raw.get("monitor") is None else _section("monitor", raw["monitor"], MonitorSection),
-                  curriculum=curriculum)
+                  curriculum=curriculum, adapter=adapter)
 
 
 def read_yaml(path: str | Path):

@@ -66,15 +66,17 @@ def configure_wandb(report_to, project: str | None) -> None:
 
 
 def save_atomically(model, tokenizer, output_dir: Path) -> None:
-    """Write the final model into a temporary directory, then move each file into place
+    """Write the final model (or adapter) into a temporary directory, then move each file into place
     (config last), so an interrupted save never leaves a half-written model behind (a kill leaves the
     temporary directory, which the next run ignores and deletes)."""
+    from ..adapters import ADAPTER_CONFIG
+
     tmp = output_dir / FINAL_STAGING_DIR
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        names = sorted(os.listdir(tmp), key=lambda n: n in ("config.json", ADAPTER_CONFIG))
         for name in names:  # the data reaches the disk before its name, as for checkpoints
             fsync(tmp / name)
             os.replace(tmp / name, output_dir / name)
@@ -84,7 +86,8 @@ def save_atomically(model, tokenizer, output_dir: Path) -> None:
 
 
 def split_documents(ds: DatasetSection):
-    """The dataset's documents as ``(train, held_out)`` (held_out None when ``eval_fraction`` is 0).
+    """The dataset's documents as ``(train, held_out)`` (held_out None when ``eval_fraction`` is 0);
+    with ``format: chat``, conversations (see :func:`tto.data.chat.render_chats`).
 
     The split depends only on the section (``eval_fraction``, ``seed``), so an evaluation given the same
     dataset section reads exactly the documents training held out.
@@ -92,7 +95,7 @@ def split_documents(ds: DatasetSection):
     from ..data import load_documents
 
     docs = load_documents(ds.name, split=ds.split, subset=ds.subset, text_field=ds.text_field, options=ds.options,
-                          answers=ds.loss_on == "answers")
+                          answers=ds.targets == "answers" and ds.format == "text", format=ds.format)
     if ds.eval_fraction <= 0:
         return docs, None
     parts = docs.train_test_split(test_size=ds.eval_fraction, seed=ds.seed)
@@ -134,6 +137,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
     import tto
 
     from ..data import load_tokenizer, pack_documents
+    from ..data.chat import render_chats
 
     args = dict(recipe.training_args)
     device = args.pop("device", "auto")
@@ -168,18 +172,24 @@ def build_trainer(recipe: Recipe, callbacks=()):
         set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
         model = tto.get(recipe.model["type"]).model_class(config)
     freeze(model, recipe.freeze)  # a pattern that matches nothing fails here, before the data is read
+    if recipe.adapter is not None:  # only the adapter trains
+        from ..adapters import with_adapter
+
+        model = with_adapter(model, recipe.adapter, recipe.model["from_pretrained"])
     optimizer = optimizer_cls_and_kwargs(model, recipe.optimizer, training_args)
 
     ds = recipe.dataset
     docs, held_out = split_documents(ds)
+    if ds.format == "chat":
+        docs, held_out = (None if part is None else render_chats(part, tokenizer) for part in (docs, held_out))
     eval_set = None
     if held_out is not None:
-        eval_set = pack_documents(held_out, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.loss_on,
+        eval_set = pack_documents(held_out, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.targets,
                                   packing=ds.packing)
         if ds.max_eval_samples is not None:
             eval_set = eval_set.select(range(min(ds.max_eval_samples, len(eval_set))))
     lengths = [stage.max_seq_length for stage in recipe.curriculum] or [ds.max_seq_length]
-    train_sets = [pack_documents(docs, tokenizer, n, ds.num_proc, loss_on=ds.loss_on, packing=ds.packing)
+    train_sets = [pack_documents(docs, tokenizer, n, ds.num_proc, loss_on=ds.targets, packing=ds.packing)
                   for n in lengths]
     for n, train_set in zip(lengths, train_sets):
         if len(train_set) == 0:
