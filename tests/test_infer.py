@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import tto
 from tto.data import load_tokenizer
+from tto.data.chat import render
 from tto.cli import os_reason
 from tto.training import load_recipe, train
 
@@ -72,14 +73,12 @@ def llama(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("model_dir", ["trained", "llama"])
-def test_chat_keeps_the_state_instead_of_rereading(model_dir, capsys, monkeypatch, request):
-    """The second reply, produced from the carried state (tto: fast weights; Llama: its KV cache)
-    plus the new turn only, equals a greedy continuation of the whole conversation read from scratch."""
-    trained = request.getfixturevalue(model_dir)
-    answers = iter(["second turn"])
+def chat(monkeypatch, argv: list[str], turns: list[str]) -> list[tuple[int, int]]:
+    """Run infer.py --chat greedily on `turns` (the first as --prompt); per turn, (tokens the cache held,
+    tokens of the ids given) when the reply started."""
+    answers = iter(turns[1:])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    already_read = []  # per turn: (tokens the cache holds, tokens of the conversation so far)
+    already_read = []
     generate = infer.generate
 
     def recording(model, tok, ids, cache, args):
@@ -88,18 +87,49 @@ def test_chat_keeps_the_state_instead_of_rereading(model_dir, capsys, monkeypatc
 
     monkeypatch.setattr(infer, "generate", recording)
     with pytest.raises(StopIteration):
-        infer.main(["--model", str(trained), "--chat", "--prompt", "first turn", "--max_new_tokens", "6",
-                    "--temperature", "0"])
-    (first_cached, first_len), (second_cached, second_len) = already_read
+        infer.main([*argv, "--chat", "--prompt", turns[0], "--max_new_tokens", "6", "--temperature", "0"])
+    return already_read
+
+
+def greedy_reply(model, tok, messages) -> str:
+    """The greedy reply to `messages`, read from scratch in the tokenizer's chat template."""
+    ids = tok(render(tok, messages, prompt=True), return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_keeps_a_memory_models_state_instead_of_rereading(trained, capsys, monkeypatch):
+    """The second reply, produced from the carried state (fast weights) plus the new turn only, equals a
+    greedy continuation of the whole conversation in the chat template read from scratch."""
+    (first_cached, first_len), (second_cached, second_len) = chat(monkeypatch, ["--model", str(trained)],
+                                                                  ["first turn", "second turn"])
     assert first_cached == 0 and 0 < second_cached < second_len  # turn 2 reads only what is new
     model, tok = AutoModelForCausalLM.from_pretrained(trained), load_tokenizer(str(trained))
-    enc = lambda s: tok(s, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
-    with torch.no_grad():
-        first = model.generate(enc("User: first turn\nAssistant:"), max_new_tokens=6, do_sample=False)
-        history = torch.cat([first, enc("\nUser: second turn\nAssistant:")], dim=1)
-        second = model.generate(history, max_new_tokens=6, do_sample=False)
-    expect = tok.decode(second[0, history.shape[1]:])
-    assert capsys.readouterr().out.split("\n\n")[1].strip() == expect.strip()
+    first = greedy_reply(model, tok, [{"role": "user", "content": "first turn"}])
+    messages = [{"role": "user", "content": "first turn"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "second turn"}]
+    assert capsys.readouterr().out.split("\n\n")[1].strip() == greedy_reply(model, tok, messages).strip()
+
+
+@pytest.mark.parametrize("history", [[], ["--history", "1"]])
+def test_chat_rereads_the_last_turns_for_a_model_without_memory(llama, history, capsys, monkeypatch):
+    """A model without a memory (here a Llama) re-reads, from an empty cache, the last --history turns
+    (default 5) in the chat template: 2 turns fit in 5, --history 1 keeps only the new one."""
+    read = chat(monkeypatch, ["--model", str(llama), *history], ["first turn", "second turn"])
+    assert [cached for cached, _ in read] == [0, 0]
+    model, tok = AutoModelForCausalLM.from_pretrained(llama), load_tokenizer(str(llama))
+    first = greedy_reply(model, tok, [{"role": "user", "content": "first turn"}])
+    messages = [{"role": "user", "content": "first turn"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "second turn"}][-1 if history else 0:]
+    assert capsys.readouterr().out.split("\n\n")[1].strip() == greedy_reply(model, tok, messages).strip()
+
+
+def test_last_turns_keeps_the_system_message():
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert infer.last_turns(messages, 1) == [messages[0], messages[3]]
+    assert infer.last_turns(messages, 2) == infer.last_turns(messages, 5) == messages
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -117,6 +147,8 @@ def test_chat_keeps_the_state_instead_of_rereading(model_dir, capsys, monkeypatc
     (["--config-type", "ttt", "--device", "gpu"], "--device 'gpu': no such device on this machine; valid: auto, cpu"),
     (["--config-type", "ttt", "--device", "cuda:99"], "--device 'cuda:99': no such device on this machine; valid: auto, cpu"),
     (["--model", "someone/not-cached"], "not in the local Hugging Face cache"),
+    (["--adapter", "/no/such/dir"], "--adapter '/no/such/dir': no adapter_config.json there"),
+    (["--adapter", "/no/such/dir", "--config-type", "ttt"], "--adapter loads over a saved base"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
