@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(INTERRUPTED, f"train.py: interrupted; {then}\n")
     if trainer.is_world_process_zero():
         summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k in ("train_loss", "eval_loss"))
-        print(f"done: {summary}; model saved in {trainer.args.output_dir}", flush=True)
+        print(f"done: {summary}; {metrics['trainable_parameters']:,} trainable parameters; model saved in "
+              f"{trainer.args.output_dir}", flush=True)
     return metrics
 
 

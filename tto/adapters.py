@@ -95,11 +95,6 @@ def with_adapter(model, config: PeftConfig, base: str):
     return wrapped
 
 
-def trainable_parameters(model) -> int:
-    """Parameters that train (the adapter's, for a peft model)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def read_adapter_config(directory: str) -> PeftConfig:
     """The peft config of a saved adapter, or ValueError in one line."""
     if not (Path(directory) / ADAPTER_CONFIG).is_file():

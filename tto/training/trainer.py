@@ -208,7 +208,8 @@ def build_trainer(recipe: Recipe, callbacks=()):
 
 
 def run(trainer, resume=None) -> dict:
-    """Train, evaluate the final model (unless that was just done) and save it; returns the metrics.
+    """Train, evaluate the final model (unless that was just done) and save it; returns the metrics
+    (with ``trainable_parameters``: those not frozen, the adapter's with an adapter).
 
     A non-finite loss (or a layer's NaN/Inf, with ``check_finite``) raises :class:`Diverged` naming
     the step, before that step's update: nothing is saved, the checkpoints written so far are kept.
@@ -224,6 +225,7 @@ def run(trainer, resume=None) -> dict:
     if stop is not None and stop.received is not None:
         raise TrainingInterrupted(stop.received, Path(trainer.args.output_dir) / f"checkpoint-{result.global_step}")
     metrics = dict(result.metrics)
+    metrics["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if trainer.eval_dataset is not None:
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
         if last is None or last["step"] != trainer.state.global_step:
