@@ -180,8 +180,9 @@ def build_trainer(recipe: Recipe, callbacks=()):
 
     ds = recipe.dataset
     docs, held_out = split_documents(ds)
-    if ds.format == "chat":
-        docs, held_out = (None if part is None else render_chats(part, tokenizer) for part in (docs, held_out))
+    if ds.format == "chat":  # conversations -> documents with their assistant spans, in the chat template
+        docs = render_chats(docs, tokenizer)
+        held_out = None if held_out is None else render_chats(held_out, tokenizer)
     eval_set = None
     if held_out is not None:
         eval_set = pack_documents(held_out, tokenizer, ds.max_seq_length, ds.num_proc, loss_on=ds.targets,
