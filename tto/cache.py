@@ -21,10 +21,13 @@ class Context:
     mask: (B, T) bool, True at real tokens (None: no padding).
     positions: (B, T) long, index of each token among the real tokens of its row, counting the
     tokens already in the cache (RoPE positions).
+    differentiable_state: the state a layer leaves keeps its autograd graph (a model-level inner
+    loop carrying KV windows between its mini-batches); otherwise it is detached.
     """
 
     mask: torch.Tensor | None
     positions: torch.Tensor
+    differentiable_state: bool = False
 
 
 class TTOCache(Cache):

@@ -96,6 +96,7 @@ class TTOConfig(PreTrainedConfig):
     mlp_bias: bool = False  # biases in the SwiGLU MLP projections
     layer_mixers: list[str] | None = None  # per-layer mixer: this type or "transformer" (None: all this type)
     pre_conv: bool = False  # Mamba-style branch before the mixer: h += ShortConv(RMSNorm(h))
+    post_norm: bool = False  # RMSNorm on each sublayer's output before its residual: h += RMSNorm'(f(RMSNorm(h)))
     conv_kernel: int = 4  # kernel size of the pre_conv branch (and of mixers' short convs unless they say otherwise)
     check_finite: bool = True  # raise naming the layer whose output holds NaN/Inf (one reduction + host sync per layer)
     # torch.compile each memory's per-chunk step: fused kernels, faster training and prefill (Titans
@@ -105,6 +106,7 @@ class TTOConfig(PreTrainedConfig):
     rope_theta: float = 10000.0  # RoPE base
     sliding_window: int | None = None  # attention sees the last `sliding_window` tokens (None: all)
     attention_bias: bool = False  # biases in q/k/v/o projections of attention
+    qk_norm: bool = False  # learned RMSNorm on each head of q and k, before RoPE (QK-norm)
     # --- generation and tokens ---
     use_cache: bool = True  # forward returns a cache (fast weights, KV) for generation
     pad_token_id: int | None = None
@@ -126,6 +128,12 @@ class TTOConfig(PreTrainedConfig):
             self.layer_mixers = [self.tto_type] * self.num_hidden_layers
         self.validate()
         super().__post_init__(**kwargs)
+
+    @property
+    def prime_layers(self) -> tuple[int, ...]:
+        """Layers with a prime MLP trained at test time by the model-level inner loop
+        (:mod:`tto.engine.e2e`); none unless the type declares them."""
+        return ()
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import registry
 from .cache import Context, TTOCache
 from .config import TTOConfig
-from .engine import ChunkwiseMemory
+from .engine import ChunkwiseMemory, e2e
 from .layers.conv import ShortConv
 from .layers.mlp import SwiGLU
 
@@ -44,20 +44,35 @@ class ConvBranch(nn.Module):
 
 
 class Block(GradientCheckpointingLayer):
+    """``h += mixer(RMSNorm(h))``, then, in a layer of ``config.prime_layers``, ``h += MLP'(RMSNorm(h))``
+    (the prime MLP that TTT-E2E trains at test time), then ``h += MLP(RMSNorm(h))``; with
+    ``post_norm`` each sublayer's output is RMS-normalised before its residual add."""
+
     def __init__(self, config: TTOConfig, layer_idx: int):
         super().__init__()
+        norm = lambda: nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # noqa: E731
+        post = lambda: norm() if config.post_norm else nn.Identity()  # noqa: E731
         self.layer_type = config.layer_mixers[layer_idx]
         self.pre_conv = ConvBranch(config) if config.pre_conv else None
-        self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer_norm, self.mixer_post_norm = norm(), post()
         self.mixer = registry.get(self.layer_type).mixer_class(config, layer_idx)
-        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.prime = None
+        if layer_idx in config.prime_layers:
+            self.prime_norm, self.prime_post_norm = norm(), post()
+            self.prime = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.mlp_norm, self.mlp_post_norm = norm(), post()
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
-    def forward(self, h: torch.Tensor, ctx: Context, past_key_values: dict | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: Context, past_key_values: dict | None = None,
+                prime_weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """h (B, T, hidden); ``prime_weights``: the prime MLP's per-row (gate, up, down) weights
+        (B, out, in) as adapted so far (default: its own parameters)."""
         if self.pre_conv is not None:
             h = h + self.pre_conv(h, ctx, past_key_values)
-        h = h + self.mixer(self.mixer_norm(h), ctx, past_key_values)
-        return h + self.mlp(self.mlp_norm(h))
+        h = h + self.mixer_post_norm(self.mixer(self.mixer_norm(h), ctx, past_key_values))
+        if self.prime is not None:
+            h = h + self.prime_post_norm(self.prime(self.prime_norm(h), prime_weights))
+        return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
 
 
 class TTOPreTrainedModel(PreTrainedModel):
@@ -92,6 +107,10 @@ class TTOModel(TTOPreTrainedModel):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        #: progress of the inner-lr warm-up of prime layers, in [0, 1]: the inner lr is
+        #: inner_lr_init + (inner_lr - inner_lr_init) * this (1 outside training; set per step by
+        #: tto.training.callbacks.InnerLRWarmup)
+        self.inner_lr_warmup = 1.0
         self.post_init()
         if config.compile_inner_step:
             memories = [m for m in self.modules() if isinstance(m, ChunkwiseMemory)]
@@ -115,8 +134,10 @@ class TTOModel(TTOPreTrainedModel):
         past_key_values: TTOCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        lm_head: nn.Module | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``lm_head``: the LM head, which a model with prime layers (TTT-E2E) needs for its inner loss."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -143,14 +164,22 @@ class TTOModel(TTOPreTrainedModel):
                 position_ids = position_ids + offset[:, None]
         ctx = Context(mask=mask, positions=position_ids)
 
-        for i, layer in enumerate(self.layers):
-            state = past_key_values.states[i] if past_key_values is not None else None
-            h = layer(h, ctx, past_key_values=state)
-            if self.config.check_finite and not bool(torch.isfinite(h).all()):
-                raise FloatingPointError(
-                    f"layer {i} ({self.config.layer_mixers[i]}) produced NaN/Inf; the layers below it were finite "
-                    "(set check_finite=False to skip this check)"
-                )
+        states = past_key_values.states if past_key_values is not None else [None] * len(self.layers)
+        prime = self.config.prime_layers
+        first = prime[0] if prime else len(self.layers)
+        for i, layer in enumerate(self.layers[:first]):
+            h = layer(h, ctx, past_key_values=states[i])
+            self._check_finite(h, f"layer {i} ({self.config.layer_mixers[i]})")
+        if prime:
+            if lm_head is None or input_ids is None:
+                raise ValueError(f"type {self.config.tto_type!r} trains its prime MLPs at test time on the next-token "
+                                 "loss: it needs input_ids and the LM head (use its ForCausalLM class)")
+            c = self.config
+            loop = e2e.InnerLoop(c.mini_batch_size, c.inner_lr_init + (c.inner_lr - c.inner_lr_init) * self.inner_lr_warmup,
+                                 c.inner_grad_clip)
+            h = e2e.run_suffix(self.layers[first:], h, ctx, input_ids, states[first:] if past_key_values is not None
+                               else None, lambda x: lm_head(self.norm(x)), loop,
+                               lambda x, i: self._check_finite(x, f"layer {first + i} ({c.layer_mixers[first + i]})"))
         h = self.norm(h)
 
         if past_key_values is not None:
@@ -158,6 +187,11 @@ class TTOModel(TTOPreTrainedModel):
             past_key_values.real_tokens = new if offset is None else offset + new
             past_key_values.seen_slots += t
         return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None)
+
+    def _check_finite(self, h: torch.Tensor, where: str) -> None:
+        if self.config.check_finite and not bool(torch.isfinite(h).all()):
+            raise FloatingPointError(f"{where} produced NaN/Inf; the layers below it were finite "
+                                     "(set check_finite=False to skip this check)")
 
 
 class TTOForCausalLM(TTOPreTrainedModel, GenerationMixin):
@@ -209,6 +243,7 @@ class TTOForCausalLM(TTOPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            lm_head=self.lm_head,
         )
         h = out.last_hidden_state
         logits = self.lm_head(h if logits_to_keep == 0 else h[:, -logits_to_keep:])

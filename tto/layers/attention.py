@@ -159,7 +159,8 @@ class Attention(nn.Module):
                 valid = torch.cat([old, new], dim=1)
         if state is not None:
             keep = k.shape[2] if self.max_cached is None else min(k.shape[2], self.max_cached)
-            state["k"], state["v"] = k[:, :, k.shape[2] - keep :].detach(), v[:, :, v.shape[2] - keep :].detach()
+            kept_k, kept_v = k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :]
+            state["k"], state["v"] = (kept_k, kept_v) if ctx.differentiable_state else (kept_k.detach(), kept_v.detach())
             state["pos"] = k_pos[:, k_pos.shape[1] - keep :]
             state["valid"] = None if valid is None else valid[:, valid.shape[1] - keep :]
         if in_reference_mode():

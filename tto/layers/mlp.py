@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -16,5 +17,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = ACT2FN[act]
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """x (B, T, hidden). ``weights``: per-row (gate, up, down) matrices (B, out, in) used instead of
+        the module's own (no biases), e.g. fast weights adapted at test time."""
+        if weights is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = (w.transpose(-1, -2) for w in weights)
+        return (self.act(x @ gate) * (x @ up)) @ down

@@ -1,7 +1,8 @@
 """`transformer`: the softmax-attention baseline every benchmark compares against.
 
 Causal SDPA attention with RoPE, grouped-query heads (``num_key_value_heads``) and an optional
-sliding window (``sliding_window``); all its fields are backbone fields of :class:`TTOConfig`.
+sliding window (``sliding_window``) and optional QK-norm (``qk_norm``); all its fields are backbone
+fields of :class:`TTOConfig`.
 """
 
 from __future__ import annotations
@@ -23,4 +24,4 @@ class AttentionMixer(Attention):
     """Softmax attention as a mixer: ``mixer(x, ctx, state)``."""
 
     def __init__(self, config: TTOConfig, layer_idx: int):
-        super().__init__(config)
+        super().__init__(config, qk_norm=config.qk_norm)

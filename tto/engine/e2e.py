@@ -1,0 +1,225 @@
+"""TTT-E2E's inner loop (arXiv 2512.23675): the prime MLPs of the last blocks learn the context by
+the model's own next-token loss, one SGD step per mini-batch of b tokens.
+
+Unlike the memory mixers' per-layer loops this one is model-level: the loss of a mini-batch is the
+cross-entropy of the full model's logits, so a step needs every suffix block, the final norm and
+the LM head. The backbone runs the blocks below the first prime layer as usual and hands the rest to
+:func:`run_suffix`, which for each mini-batch in order
+
+1. runs the suffix blocks on it with the prime weights adapted on all earlier mini-batches, every
+   attention window carried across mini-batches with its autograd graph (apply),
+2. then takes the gradient of the mini-batch's mean next-token cross-entropy with respect to the
+   prime weights, clips it to a global norm over all prime layers and steps (update).
+
+With grad enabled (training) the steps keep their graph (``create_graph``), so the LM loss of the
+outputs is the meta-learning objective: each mini-batch scored under weights adapted on the ones
+before it, differentiated through the inner steps. Each row has its own prime weights. Mini-batches
+are aligned on token positions (a mini-batch starts at each real token whose position is a multiple
+of b), so padding does not move them; a row's step happens when the token after its mini-batch
+arrives (that token is the mini-batch's last target).
+
+Decoding continues a sequence across calls through the layers' cache states: the adapted weights
+(``prime.*``, (B, out, in)), the suffix attention windows and the first suffix block's inputs of
+each row's unfinished mini-batch (``e2e.*``). A call re-runs that unfinished mini-batch with the new
+tokens, so its step sees the whole mini-batch with its graph; decoding thus costs up to b tokens of
+suffix compute per token (exact, not the paper's decode kernel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import Context
+
+#: cache keys of a prime layer's adapted weights, in the order SwiGLU.forward takes them
+PRIME_KEYS = ("prime.gate_proj", "prime.up_proj", "prime.down_proj")
+#: cache keys (first suffix layer) of each row's unfinished mini-batch: suffix inputs, token ids,
+#: real-token mask, positions, and the number of trailing slots that belong to it per row
+PENDING_KEYS = ("e2e.h", "e2e.ids", "e2e.mask", "e2e.pos")
+PENDING_COUNT = "e2e.count"
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """mini_batch_size: tokens per inner step (b); lr: SGD step size of the prime weights (0: the
+    SWA transformer); grad_clip: global norm the inner gradient is clipped to, per row over all prime
+    layers (None: no clipping)."""
+
+    mini_batch_size: int
+    lr: float
+    grad_clip: float | None
+
+
+def kv_slots(block: nn.Module) -> int:
+    """Attention slots a suffix layer keeps between calls: its window (k - 1) plus the slots of an
+    unfinished mini-batch (up to b) that the next call re-reads with a fresh graph."""
+    return block.mixer.max_cached
+
+
+def _initial_weights(blocks, states, batch: int) -> list[list[list[torch.Tensor]]]:
+    """Per layer, per (gate, up, down): one tensor per row (out, in), each its own autograd node:
+    views of the parameters (training), or of the weights adapted so far (from the cache)."""
+    weights = []
+    for block, state in zip(blocks, states or [None] * len(blocks)):
+        if state is not None and PRIME_KEYS[0] in state:
+            stored = [state[key] for key in PRIME_KEYS]
+        else:
+            params = (block.prime.gate_proj.weight, block.prime.up_proj.weight, block.prime.down_proj.weight)
+            stored = [p.unsqueeze(0).expand(batch, *p.shape) for p in params]
+        rows = [list(w.unbind(0)) for w in stored]
+        weights.append([[r if r.requires_grad and torch.is_grad_enabled() else r.detach().requires_grad_()
+                         for r in layer] for layer in rows])
+    return weights
+
+
+def _stacked(layer: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.stack(rows) for rows in layer)
+
+
+def _step(weights, loss_sum, count, rows, loop: InnerLoop, create_graph: bool):
+    """One SGD step of the prime weights of `rows` (B,) bool on their mini-batch mean loss."""
+    picked = [r for r in range(len(count)) if rows[r] and count[r] > 0]
+    if not picked:
+        return weights
+    loss = sum(loss_sum[r] / count[r] for r in picked)
+    inputs = [rows_[r] for layer in weights for rows_ in layer for r in picked]
+    # other rows' mini-batches may still need this graph (rows start mini-batches at different slots)
+    grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, retain_graph=True)
+    per_row = len(picked)
+    new = [[list(rows_) for rows_ in layer] for layer in weights]
+    for i, r in enumerate(picked):
+        g = grads[i::per_row]
+        scale = 1.0
+        if loop.grad_clip is not None:
+            norm = torch.sqrt(sum((x * x).sum() for x in g))
+            scale = loop.grad_clip / norm.clamp_min(loop.grad_clip)
+        k = 0
+        for layer in new:
+            for rows_ in layer:
+                step = loop.lr * scale * g[k]
+                rows_[r] = rows_[r] - (step if create_graph else step.detach())
+                if not create_graph:
+                    rows_[r] = rows_[r].detach().requires_grad_()
+                k += 1
+    return new
+
+
+def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input_ids: torch.Tensor,
+               states: list[dict] | None, head: Callable[[torch.Tensor], torch.Tensor], loop: InnerLoop,
+               check: Callable[[torch.Tensor, int], None]) -> torch.Tensor:
+    """The suffix blocks (those from the first prime layer up) over h (B, T, hidden), their prime
+    MLPs adapting on `input_ids` (B, T) as described above; `head` maps hidden states to logits
+    (final norm and LM head). `states`: the suffix layers' cache dicts (None: no cache); `check(x, i)`
+    is called on suffix block i's output. Returns the last block's output (B, T, hidden)."""
+    b = loop.mini_batch_size
+    batch, t = input_ids.shape
+    dev = h.device
+    mask = ctx.mask if ctx.mask is not None else torch.ones(batch, t, dtype=torch.bool, device=dev)
+    create_graph = torch.is_grad_enabled()
+    first = states[0] if states is not None else {}
+
+    # the unfinished mini-batch of each row, re-read in front of the new tokens
+    n_old = first[PENDING_KEYS[0]].shape[1] if PENDING_KEYS[0] in first else 0
+    if n_old:
+        count = first[PENDING_COUNT]
+        if int(count.max()) > b:
+            raise ValueError(f"a row's unfinished mini-batch spans {int(count.max())} slots > mini_batch_size={b}: "
+                             "the cache continues a sequence with padding inside (pad on the left, before the first call)")
+        old_h, old_ids, old_mask, old_pos = (first[key] for key in PENDING_KEYS)
+        mine = torch.arange(n_old, device=dev)[None, :] >= (n_old - count)[:, None]
+        hx = torch.cat([old_h.to(h.dtype), h], 1)
+        ids = torch.cat([old_ids, input_ids], 1)
+        mask_x = torch.cat([old_mask & mine, mask], 1)
+        pos = torch.cat([old_pos, ctx.positions], 1)
+    else:
+        hx, ids, mask_x, pos = h, input_ids, mask, ctx.positions
+    total = n_old + t
+
+    # attention windows: the stored slots of each row's unfinished mini-batch are read anew
+    local, kept = [], []
+    for state in states or [None] * len(blocks):
+        if state is None or "k" not in state:
+            local.append({})
+            kept.append(None)
+            continue
+        valid = state.get("valid")
+        valid = valid if valid is not None else torch.ones_like(state["pos"], dtype=torch.bool)
+        slots = valid.shape[1]
+        fresh = torch.arange(slots, device=dev)[None, :] >= (slots - first.get(PENDING_COUNT, torch.zeros(
+            batch, dtype=torch.long, device=dev)))[:, None]
+        local.append({"k": state["k"], "v": state["v"], "pos": state["pos"], "valid": valid & ~fresh})
+        kept.append({"k": state["k"], "v": state["v"], "pos": state["pos"], "valid": valid})
+
+    starts = mask_x & (pos % b == 0)  # (B, total): a row's mini-batch starts here
+    starts[:, :n_old] = False  # the unfinished mini-batches' own starts: stepped before
+    cuts = sorted({0, *starts.any(0).nonzero().flatten().tolist(), total})
+    target_ok = torch.zeros_like(mask_x)
+    target_ok[:, :-1] = mask_x[:, :-1] & mask_x[:, 1:]
+
+    weights = _initial_weights(blocks, states, batch)
+    loss_sum = [0.0] * batch
+    count = [0] * batch
+    outputs, new_kv = [], [[] for _ in blocks]
+    for a, z in zip(cuts, cuts[1:]):
+        rows = starts[:, a].tolist()
+        seg = Context(mask=mask_x[:, a:z], positions=pos[:, a:z], differentiable_state=True)
+        with torch.enable_grad():  # the inner step needs a graph even when the caller has none
+            weights = _step(weights, loss_sum, count, rows, loop, create_graph)
+            loss_sum = [0.0 if rows[r] else loss_sum[r] for r in range(batch)]
+            count = [0 if rows[r] else count[r] for r in range(batch)]
+            x = hx[:, a:z]
+            for i, block in enumerate(blocks):
+                x = block(x, seg, local[i], prime_weights=_stacked(weights[i]))
+                check(x, i)
+                new = z - max(a, n_old)
+                if new > 0:
+                    st = local[i]
+                    new_kv[i].append({"k": st["k"][:, :, -new:], "v": st["v"][:, :, -new:],
+                                      "pos": st["pos"][:, -new:], "valid": st["valid"][:, -new:]})
+            hi = min(z, total - 1)
+            if hi > a:
+                ce = F.cross_entropy(head(x[:, : hi - a]).flatten(0, 1).float(), ids[:, a + 1 : hi + 1].flatten(),
+                                     reduction="none").view(batch, hi - a)
+                ok = target_ok[:, a:hi]
+                seg_sum = (ce * ok).sum(1)
+                for r in range(batch):
+                    loss_sum[r] = loss_sum[r] + seg_sum[r]
+                    count[r] += int(ok[r].sum())
+        outputs.append(x if create_graph else x.detach())
+    out = torch.cat(outputs, 1)[:, n_old:]
+
+    if states is not None:
+        _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, first)
+    return out
+
+
+def _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, first) -> None:
+    """Write the adapted weights, the attention windows grown by the new slots and each row's
+    unfinished mini-batch into the cache states (detached)."""
+    total = hx.shape[1]
+    dev = hx.device
+    for state, layer, old, new, block in zip(states, weights, kept, new_kv, blocks):
+        for key, rows in zip(PRIME_KEYS, layer):
+            state[key] = torch.stack(rows).detach()
+        pieces = ([old] if old is not None else []) + new
+        keep = kv_slots(block)
+        for key, dim in (("k", 2), ("v", 2), ("pos", 1), ("valid", 1)):
+            joined = torch.cat([p[key] for p in pieces], dim)
+            joined = joined.narrow(dim, max(0, joined.shape[dim] - keep), min(keep, joined.shape[dim]))
+            state[key] = joined.detach()
+    # slots since each row's last mini-batch start (an old start lies n_old - count before the new tokens)
+    slot = torch.arange(total, device=dev)
+    old_count = first.get(PENDING_COUNT, torch.zeros(hx.shape[0], dtype=torch.long, device=dev))
+    old_start = torch.where(old_count > 0, n_old - old_count, -1)
+    last_start = torch.where(starts, slot, -1).amax(1).maximum(old_start)
+    count = torch.where(last_start >= 0, total - last_start, 0)
+    n = int(count.max())
+    first_state = states[0]
+    for key, value in zip(PENDING_KEYS, (hx, ids, mask_x, pos)):
+        first_state[key] = value[:, total - n:].detach()
+    first_state[PENDING_COUNT] = count
