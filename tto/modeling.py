@@ -176,7 +176,7 @@ class TTOModel(TTOPreTrainedModel):
                                  "loss: it needs input_ids and the LM head (use its ForCausalLM class)")
             c = self.config
             loop = e2e.InnerLoop(c.mini_batch_size, c.inner_lr_init + (c.inner_lr - c.inner_lr_init) * self.inner_lr_warmup,
-                                 c.inner_grad_clip)
+                                 c.inner_grad_clip, c.remat_mini_batches)
             h = e2e.run_suffix(self.layers[first:], h, ctx, input_ids, states[first:] if past_key_values is not None
                                else None, lambda x: lm_head(self.norm(x)), loop,
                                lambda x, i: self._check_finite(x, f"layer {first + i} ({c.layer_mixers[first + i]})"))

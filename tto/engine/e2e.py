@@ -30,9 +30,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import Context
 
@@ -48,11 +51,13 @@ PENDING_COUNT = "e2e.count"
 class InnerLoop:
     """mini_batch_size: tokens per inner step (b); lr: SGD step size of the prime weights (0: the
     SWA transformer); grad_clip: global norm the inner gradient is clipped to, per row over all prime
-    layers (None: no clipping)."""
+    layers (None: no clipping); remat: under grad, keep only each mini-batch's inputs for the
+    backward and recompute the rest (torch.utils.checkpoint), as the official per-mini-batch remat."""
 
     mini_batch_size: int
     lr: float
     grad_clip: float | None
+    remat: bool = True
 
 
 def kv_slots(block: nn.Module) -> int:
@@ -107,6 +112,26 @@ def _step(weights, loss_sum, count, rows, loop: InnerLoop, create_graph: bool):
                     rows_[r] = rows_[r].detach().requires_grad_()
                 k += 1
     return new
+
+
+KV_KEYS = ("k", "v", "pos", "valid")
+
+
+def _segment(blocks, seg: Context, head, check, has_kv: list[bool], n_targets: int, x, targets, ok, *tensors):
+    """The suffix blocks over one segment x (B, n, hidden) with the prime weights and attention
+    windows in `tensors` (3 per block, then 4 per block that has a window); returns the output, the
+    per-row sum of the next-token cross-entropy over its first `n_targets` slots (masked by `ok`)
+    and every block's window after the segment."""
+    n_blocks = len(blocks)
+    flat, kv = tensors[: 3 * n_blocks], list(tensors[3 * n_blocks :])
+    out_kv = []
+    for i, block in enumerate(blocks):
+        state = dict(zip(KV_KEYS, [kv.pop(0) for _ in KV_KEYS])) if has_kv[i] else {}
+        x = block(x, seg, state, prime_weights=flat[3 * i : 3 * i + 3])
+        check(x, i)
+        out_kv += [state[key] for key in KV_KEYS]
+    ce = F.cross_entropy(head(x[:, :n_targets]).flatten(0, 1), targets.flatten(), reduction="none")
+    return x, (ce.view(ok.shape) * ok).sum(1), *out_kv
 
 
 def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input_ids: torch.Tensor,
@@ -168,28 +193,27 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     for a, z in zip(cuts, cuts[1:]):
         rows = starts[:, a].tolist()
         seg = Context(mask=mask_x[:, a:z], positions=pos[:, a:z], differentiable_state=True)
+        hi = min(z, total - 1)  # slots of the segment whose target is known
+        ok = target_ok[:, a:hi]
         with torch.enable_grad():  # the inner step needs a graph even when the caller has none
             weights = _step(weights, loss_sum, count, rows, loop, create_graph)
             loss_sum = [0.0 if rows[r] else loss_sum[r] for r in range(batch)]
             count = [0 if rows[r] else count[r] for r in range(batch)]
-            x = hx[:, a:z]
-            for i, block in enumerate(blocks):
-                x = block(x, seg, local[i], prime_weights=_stacked(weights[i]))
-                check(x, i)
-                new = z - max(a, n_old)
-                if new > 0:
-                    st = local[i]
-                    new_kv[i].append({"k": st["k"][:, :, -new:], "v": st["v"][:, :, -new:],
-                                      "pos": st["pos"][:, -new:], "valid": st["valid"][:, -new:]})
-            hi = min(z, total - 1)
-            if hi > a:
-                ce = F.cross_entropy(head(x[:, : hi - a]).flatten(0, 1).float(), ids[:, a + 1 : hi + 1].flatten(),
-                                     reduction="none").view(batch, hi - a)
-                ok = target_ok[:, a:hi]
-                seg_sum = (ce * ok).sum(1)
-                for r in range(batch):
-                    loss_sum[r] = loss_sum[r] + seg_sum[r]
-                    count[r] += int(ok[r].sum())
+            run = functools.partial(_segment, blocks, seg, head, check, [bool(st) for st in local], ok.shape[1])
+            flat = [w for layer in weights for w in _stacked(layer)]
+            kv = [st[key] for st in local if st for key in KV_KEYS]
+            args = (hx[:, a:z], ids[:, a + 1 : hi + 1], ok, *flat, *kv)
+            # per-mini-batch rematerialisation: only the segment's inputs are saved for the backward
+            x, seg_sum, *kv = checkpoint(run, *args, use_reentrant=False) if loop.remat and create_graph else run(*args)
+            for r in range(batch):
+                loss_sum[r] = loss_sum[r] + seg_sum[r]
+                count[r] += int(ok[r].sum())
+        local = [dict(zip(KV_KEYS, kv[i * 4 : i * 4 + 4])) for i in range(len(blocks))]
+        new = z - max(a, n_old)
+        if new > 0:
+            for i, st in enumerate(local):
+                new_kv[i].append({"k": st["k"][:, :, -new:], "v": st["v"][:, :, -new:],
+                                  "pos": st["pos"][:, -new:], "valid": st["valid"][:, -new:]})
         outputs.append(x if create_graph else x.detach())
     out = torch.cat(outputs, 1)[:, n_old:]
 

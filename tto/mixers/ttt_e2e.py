@@ -57,6 +57,7 @@ class TTTE2EConfig(TTOConfig):
     inner_lr_init: float = 0.1  # ilr at the first training step, raised linearly to inner_lr over the warm-up
     inner_lr_warmup_ratio: float = 0.1  # warm-up length as a fraction of training_args.max_steps (0: none)
     inner_grad_clip: float | None = 1.0  # the inner gradient is clipped to this global norm per row (None: not clipped)
+    remat_mini_batches: bool = True  # training keeps each mini-batch's inputs only and recomputes it in the backward
     # the paper's backbone: every sublayer post-normed, QK-norm, RoPE base 5e5, window 8192
     post_norm: bool = True
     qk_norm: bool = True

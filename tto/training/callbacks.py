@@ -2,9 +2,12 @@
 
 - :class:`StopOnNonFiniteLoss`: a diverging run stops at the step where its loss turns NaN/Inf,
   before that step's update, and is never saved as a finished model (:class:`Diverged`).
+- :class:`InnerLRWarmup`: TTT-E2E's inner learning rate warms up over the first outer steps.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import TrainerCallback
@@ -61,3 +64,27 @@ class StopOnNonFiniteLoss(TrainerCallback):
         if module.training and loss is not None and not bool(torch.isfinite(loss).all()):
             self._remove()
             raise Diverged(self._state.global_step + 1, f"the training loss is {loss.detach().float().item()}")
+
+
+class InnerLRWarmup(TrainerCallback):
+    """The inner-lr warm-up of models with prime layers (TTT-E2E): at outer step s (0-based) of N,
+    the inner lr is ``inner_lr_init + (inner_lr - inner_lr_init) * min(1, (s + 1) / W)`` with
+    ``W = ceil(inner_lr_warmup_ratio * N)`` (W = 0: ``inner_lr`` throughout), as the official
+    ``get_ilr_multiplier``; ``inner_lr`` again after training. Follows the step count alone, so a
+    resumed run continues the same schedule. Other models are left alone."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        for module in self._models(model):
+            steps = math.ceil(module.config.inner_lr_warmup_ratio * state.max_steps)
+            module.inner_lr_warmup = min(1.0, (state.global_step + 1) / steps) if steps else 1.0
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        for module in self._models(model):
+            module.inner_lr_warmup = 1.0
+
+    @staticmethod
+    def _models(model):
+        from ..modeling import TTOModel
+
+        return [m for m in (model.modules() if model is not None else ()) if isinstance(m, TTOModel)
+                and m.config.prime_layers]

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from ..cli import resolve_device
-from .callbacks import Diverged, StopOnNonFiniteLoss
+from .callbacks import Diverged, InnerLRWarmup, StopOnNonFiniteLoss
 from .checkpoints import (FINAL_STAGING_DIR, STAGING_DIR, CheckpointingTrainer, StopOnSignal, TrainingInterrupted,
                           fsync, newest_complete_checkpoint, remove_staging, resolve_resume)
 from .curriculum import CurriculumTrainer
@@ -198,7 +198,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
 
     common = dict(model=model, args=training_args, eval_dataset=eval_set if eval_set is not None and len(eval_set) else None,
                   data_collator=default_data_collator, processing_class=tokenizer,
-                  callbacks=[StopOnNonFiniteLoss(), *callbacks, StopOnSignal()], optimizer_cls_and_kwargs=optimizer)
+                  callbacks=[StopOnNonFiniteLoss(), InnerLRWarmup(), *callbacks, StopOnSignal()], optimizer_cls_and_kwargs=optimizer)
     if recipe.curriculum:
         trainer = CurriculumTrainer(stages=recipe.curriculum, stage_sets=train_sets, **common)
     else:
