@@ -30,11 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..cache import Context
@@ -86,52 +88,57 @@ def _stacked(layer: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack(rows) for rows in layer)
 
 
-def _step(weights, loss_sum, count, rows, loop: InnerLoop, create_graph: bool):
-    """One SGD step of the prime weights of `rows` (B,) bool on their mini-batch mean loss."""
-    picked = [r for r in range(len(count)) if rows[r] and count[r] > 0]
-    if not picked:
-        return weights
-    loss = sum(loss_sum[r] / count[r] for r in picked)
-    inputs = [rows_[r] for layer in weights for rows_ in layer for r in picked]
-    # other rows' mini-batches may still need this graph (rows start mini-batches at different slots)
-    grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, retain_graph=True)
-    per_row = len(picked)
-    new = [[list(rows_) for rows_ in layer] for layer in weights]
-    for i, r in enumerate(picked):
-        g = grads[i::per_row]
+def _step(weights, loss, rows: list[int], loop: InnerLoop, create_graph: bool):
+    """One SGD step of the prime weights of `rows` on their losses `loss` (B,) (each row's own
+    weights get the gradient of its own loss only); returns the new weights."""
+    inputs = [per_row[r] for layer in weights for per_row in layer for r in rows]
+    # rows whose mini-batch continues may still need this graph (rows start mini-batches at different slots)
+    grads = torch.autograd.grad(loss[rows].sum(), inputs, create_graph=create_graph, retain_graph=True)
+    new = [[list(per_row) for per_row in layer] for layer in weights]
+    for i, r in enumerate(rows):
+        g = grads[i :: len(rows)]
         scale = 1.0
         if loop.grad_clip is not None:
             norm = torch.sqrt(sum((x * x).sum() for x in g))
             scale = loop.grad_clip / norm.clamp_min(loop.grad_clip)
-        k = 0
-        for layer in new:
-            for rows_ in layer:
-                step = loop.lr * scale * g[k]
-                rows_[r] = rows_[r] - (step if create_graph else step.detach())
-                if not create_graph:
-                    rows_[r] = rows_[r].detach().requires_grad_()
-                k += 1
+        for k, per_row in enumerate(per_row for layer in new for per_row in layer):
+            step = loop.lr * scale * g[k]
+            per_row[r] = per_row[r] - step if create_graph else (per_row[r] - step).detach().requires_grad_()
     return new
 
 
 KV_KEYS = ("k", "v", "pos", "valid")
 
 
-def _segment(blocks, seg: Context, head, check, has_kv: list[bool], n_targets: int, x, targets, ok, *tensors):
-    """The suffix blocks over one segment x (B, n, hidden) with the prime weights and attention
-    windows in `tensors` (3 per block, then 4 per block that has a window); returns the output, the
-    per-row sum of the next-token cross-entropy over its first `n_targets` slots (masked by `ok`)
-    and every block's window after the segment."""
-    n_blocks = len(blocks)
-    flat, kv = tensors[: 3 * n_blocks], list(tensors[3 * n_blocks :])
+def _mini_batch(blocks, seg: Context, head, check, has_kv: list[bool], n_targets: int, ending: list[int],
+                loop: InnerLoop, create_graph: bool, x, targets, ok, loss_sum, count, *tensors):
+    """Apply, then update, over one segment x (B, n, hidden) of the slots between mini-batch starts.
+
+    The suffix blocks run with the per-row prime weights and the attention windows in `tensors`
+    (B x 3 per block, then 4 per block that has a window); the next-token cross-entropy of the first
+    `n_targets` slots (masked by `ok`) is added to each row's running sum `loss_sum` (B,); the rows in
+    `ending`, whose mini-batch ends with this segment, take an SGD step on their mean loss (sum /
+    `count`, the mini-batch's targets) and restart their sum. Returns the output, the sums, the
+    weights and every block's window. With `create_graph` the outer gradient will differentiate the
+    inner one, so the attention runs in SDPA's math kernel (the fused kernels have no double backward)."""
+    batch, n_blocks = x.shape[0], len(blocks)
+    flat, kv = tensors[: 3 * batch * n_blocks], list(tensors[3 * batch * n_blocks :])
+    weights = [[list(flat[(3 * i + j) * batch : (3 * i + j + 1) * batch]) for j in range(3)] for i in range(n_blocks)]
     out_kv = []
-    for i, block in enumerate(blocks):
-        state = dict(zip(KV_KEYS, [kv.pop(0) for _ in KV_KEYS])) if has_kv[i] else {}
-        x = block(x, seg, state, prime_weights=flat[3 * i : 3 * i + 3])
-        check(x, i)
-        out_kv += [state[key] for key in KV_KEYS]
+    with sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext():
+        for i, block in enumerate(blocks):
+            state = dict(zip(KV_KEYS, [kv.pop(0) for _ in KV_KEYS])) if has_kv[i] else {}
+            x = block(x, seg, state, prime_weights=_stacked(weights[i]))
+            check(x, i)
+            out_kv += [state[key] for key in KV_KEYS]
     ce = F.cross_entropy(head(x[:, :n_targets]).flatten(0, 1), targets.flatten(), reduction="none")
-    return x, (ce.view(ok.shape) * ok).sum(1), *out_kv
+    loss_sum = loss_sum + (ce.view(ok.shape) * ok).sum(1)
+    if ending:
+        weights = _step(weights, loss_sum / count.clamp_min(1), ending, loop, create_graph)
+        restart = torch.zeros_like(loss_sum, dtype=torch.bool)
+        restart[ending] = True
+        loss_sum = torch.where(restart, 0.0, loss_sum)
+    return x, loss_sum, *[w for layer in weights for per_row in layer for w in per_row], *out_kv
 
 
 def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input_ids: torch.Tensor,
@@ -187,27 +194,28 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     target_ok[:, :-1] = mask_x[:, :-1] & mask_x[:, 1:]
 
     weights = _initial_weights(blocks, states, batch)
-    loss_sum = [0.0] * batch
-    count = [0] * batch
+    flat = [w for layer in weights for per_row in layer for w in per_row]
+    loss_sum = torch.zeros(batch, dtype=torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype,
+                           device=dev)
+    count = torch.zeros(batch, dtype=torch.long, device=dev)
     outputs, new_kv = [], [[] for _ in blocks]
     for a, z in zip(cuts, cuts[1:]):
-        rows = starts[:, a].tolist()
         seg = Context(mask=mask_x[:, a:z], positions=pos[:, a:z], differentiable_state=True)
         hi = min(z, total - 1)  # slots of the segment whose target is known
         ok = target_ok[:, a:hi]
+        count = count + ok.sum(1)
+        # rows whose next mini-batch starts at z, with targets in theirs, step now
+        ending = (starts[:, z] & (count > 0)).nonzero().flatten().tolist() if z < total else []
+        run = functools.partial(_mini_batch, blocks, seg, head, check, [bool(st) for st in local], hi - a, ending,
+                                loop, create_graph)
+        kv = [st[key] for st in local if st for key in KV_KEYS]
+        args = (hx[:, a:z], ids[:, a + 1 : hi + 1], ok, loss_sum, count, *flat, *kv)
         with torch.enable_grad():  # the inner step needs a graph even when the caller has none
-            weights = _step(weights, loss_sum, count, rows, loop, create_graph)
-            loss_sum = [0.0 if rows[r] else loss_sum[r] for r in range(batch)]
-            count = [0 if rows[r] else count[r] for r in range(batch)]
-            run = functools.partial(_segment, blocks, seg, head, check, [bool(st) for st in local], ok.shape[1])
-            flat = [w for layer in weights for w in _stacked(layer)]
-            kv = [st[key] for st in local if st for key in KV_KEYS]
-            args = (hx[:, a:z], ids[:, a + 1 : hi + 1], ok, *flat, *kv)
-            # per-mini-batch rematerialisation: only the segment's inputs are saved for the backward
-            x, seg_sum, *kv = checkpoint(run, *args, use_reentrant=False) if loop.remat and create_graph else run(*args)
-            for r in range(batch):
-                loss_sum[r] = loss_sum[r] + seg_sum[r]
-                count[r] += int(ok[r].sum())
+            # per-mini-batch rematerialisation: only the segment's inputs are kept for the backward
+            x, loss_sum, *rest = checkpoint(run, *args, use_reentrant=False) if loop.remat and create_graph else run(*args)
+        if z < total:
+            count = torch.where(starts[:, z], 0, count)
+        flat, kv = rest[: len(flat)], rest[len(flat) :]
         local = [dict(zip(KV_KEYS, kv[i * 4 : i * 4 + 4])) for i in range(len(blocks))]
         new = z - max(a, n_old)
         if new > 0:
@@ -215,6 +223,7 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
                 new_kv[i].append({"k": st["k"][:, :, -new:], "v": st["v"][:, :, -new:],
                                   "pos": st["pos"][:, -new:], "valid": st["valid"][:, -new:]})
         outputs.append(x if create_graph else x.detach())
+    weights = [[list(flat[(3 * i + j) * batch : (3 * i + j + 1) * batch]) for j in range(3)] for i in range(len(blocks))]
     out = torch.cat(outputs, 1)[:, n_old:]
 
     if states is not None:
@@ -234,7 +243,8 @@ def _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x
         keep = kv_slots(block)
         for key, dim in (("k", 2), ("v", 2), ("pos", 1), ("valid", 1)):
             joined = torch.cat([p[key] for p in pieces], dim)
-            joined = joined.narrow(dim, max(0, joined.shape[dim] - keep), min(keep, joined.shape[dim]))
+            if keep is not None:  # None: full attention keeps every slot
+                joined = joined.narrow(dim, max(0, joined.shape[dim] - keep), min(keep, joined.shape[dim]))
             state[key] = joined.detach()
     # slots since each row's last mini-batch start (an old start lies n_old - count before the new tokens)
     slot = torch.arange(total, device=dev)
