@@ -294,7 +294,7 @@ def test_inner_lr_warm_up_follows_the_outer_step():
 
 @pytest.mark.parametrize("fields,message", [
     (dict(sliding_window=8, mini_batch_size=16), "sliding_window=8 < mini_batch_size=16"),
-    (dict(num_ttt_blocks=0), "'num_ttt_blocks'=0"),
+    (dict(num_ttt_blocks=-1), "'num_ttt_blocks'=-1"),
     (dict(num_ttt_blocks=4, num_hidden_layers=3), "'num_ttt_blocks'=4"),
     (dict(layer_mixers=["ttt_e2e", "ttt_e2e", "transformer"]), "layers \\[2\\] are not"),
     (dict(inner_lr=-1.0), "'inner_lr'=-1.0"),
@@ -341,3 +341,23 @@ def test_transformer_qk_norm_normalises_each_head_of_q_and_k():
             torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
         else:  # float64: any change beyond rounding (~1e-15) shows
             assert (a - b).abs().max() > 1e-5
+
+
+def test_retrofit_adds_prime_mlps_that_leave_the_pretrained_model_unchanged_until_they_step():
+    """tto.retrofit(llama, type="ttt_e2e"): the last quarter of the blocks get prime MLPs with a zero
+    output projection beside the pretrained attention and MLPs, so the first mini-batch's logits are
+    the Llama's; from the second on the prime MLPs have stepped and the logits move."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    e2e = tto.retrofit(llama, type="ttt_e2e", mini_batch_size=4, inner_lr=3.0).eval()
+    assert e2e.config.prime_layers == (3,) and not e2e.config.post_norm and not e2e.config.qk_norm
+    x = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        source, got = llama(x).logits, e2e(x).logits
+        static = tto.retrofit(llama, type="ttt_e2e", mini_batch_size=4, inner_lr=0.0).eval()(x).logits
+    torch.testing.assert_close(static, source, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:, :4], source[:, :4], atol=1e-5, rtol=0)
+    assert (got[:, 4:] - source[:, 4:]).abs().max() > 1e-3

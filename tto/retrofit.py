@@ -96,6 +96,7 @@ def backbone_fields(source) -> dict[str, Any]:
     # Mistral windows every layer when sliding_window is set; configs with layer_types say which do
     window = getattr(source, "sliding_window", None)
     fields["sliding_window"] = window if layer_types is None or "sliding_attention" in kinds else None
+    fields["post_norm"] = fields["qk_norm"] = False  # Llama-family blocks: pre-norm only, no q/k norms
     return fields
 
 
@@ -227,6 +228,10 @@ def retrofit(model: nn.Module, type: str, layers="last_quarter", **fields) -> nn
     for i, block in enumerate(target.model.layers):
         spec = registry.get(config.layer_mixers[i]).from_attention
         _copy_attention(model.model.layers[i].self_attn, block.mixer, spec, config, model.config, i)
+    for block in target.model.layers:
+        if block.prime is not None:  # a prime MLP (TTT-E2E) added to a pretrained block: zero output, model unchanged
+            with torch.no_grad():
+                block.prime.down_proj.weight.zero_()
     if config.tie_word_embeddings:
         target.tie_weights()
     target.generation_config = copy.deepcopy(model.generation_config)

@@ -68,15 +68,22 @@ def kv_slots(block: nn.Module) -> int:
     return block.mixer.max_cached
 
 
+def _matrix(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a bias-free linear map computes, as its map of the identity: the weight
+    itself for nn.Linear (exactly), base plus adapter for a peft LoRA-wrapped one."""
+    weight = linear.weight
+    return linear(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)).T
+
+
 def _initial_weights(blocks, states, batch: int) -> list[list[list[torch.Tensor]]]:
     """Per layer, per (gate, up, down): one tensor per row (out, in), each its own autograd node:
-    views of the parameters (training), or of the weights adapted so far (from the cache)."""
+    views of the prime MLP's matrices (a new sequence), or of the weights adapted so far (the cache)."""
     weights = []
     for block, state in zip(blocks, states or [None] * len(blocks)):
         if state is not None and PRIME_KEYS[0] in state:
             stored = [state[key] for key in PRIME_KEYS]
         else:
-            params = (block.prime.gate_proj.weight, block.prime.up_proj.weight, block.prime.down_proj.weight)
+            params = [_matrix(m) for m in (block.prime.gate_proj, block.prime.up_proj, block.prime.down_proj)]
             stored = [p.unsqueeze(0).expand(batch, *p.shape) for p in params]
         rows = [list(w.unbind(0)) for w in stored]
         weights.append([[r if r.requires_grad and torch.is_grad_enabled() else r.detach().requires_grad_()

@@ -51,7 +51,9 @@ class TTTE2EConfig(TTOConfig):
     model_type: ClassVar[str] = "tto_ttt_e2e"
     positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("mini_batch_size",)
 
-    num_ttt_blocks: int | None = None  # the last blocks with a prime MLP (None: a quarter of the blocks, at least 1)
+    # the last blocks with a prime MLP (None: a quarter of the blocks, at least 1, but no more than the
+    # trailing run of ttt_e2e layers: 0 when the last layer is a plain attention layer); 0: the SWA transformer
+    num_ttt_blocks: int | None = None
     mini_batch_size: int = 1024  # b: tokens per inner SGD step; the sliding window k must be >= b
     inner_lr: float = 1.0  # ilr: SGD step size of the prime MLPs (0: the SWA transformer with static prime MLPs)
     inner_lr_init: float = 0.1  # ilr at the first training step, raised linearly to inner_lr over the warm-up
@@ -66,15 +68,19 @@ class TTTE2EConfig(TTOConfig):
 
     @property
     def prime_layers(self) -> tuple[int, ...]:
-        n = self.num_ttt_blocks if self.num_ttt_blocks is not None else max(1, self.num_hidden_layers // 4)
+        n = self.num_ttt_blocks
+        if n is None:
+            trailing = next((i for i, kind in enumerate(reversed(self.layer_mixers)) if kind != self.tto_type),
+                            self.num_hidden_layers)
+            n = min(max(1, self.num_hidden_layers // 4), trailing)
         return tuple(range(self.num_hidden_layers - n, self.num_hidden_layers))
 
     def validate(self) -> None:
         super().validate()
         n = self.num_ttt_blocks
-        if n is not None and (not isinstance(n, int) or not 1 <= n <= self.num_hidden_layers):
-            raise config_error("num_ttt_blocks", n, f"must be an integer in [1, num_hidden_layers={self.num_hidden_layers}]")
-        if self.sliding_window is not None and self.sliding_window < self.mini_batch_size:
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.num_hidden_layers):
+            raise config_error("num_ttt_blocks", n, f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.prime_layers and self.sliding_window is not None and self.sliding_window < self.mini_batch_size:
             raise ValueError(f"config fields sliding_window={self.sliding_window} < mini_batch_size={self.mini_batch_size}: "
                              "the window k must hold a whole mini-batch b (k >= b)")
         wrong = [i for i in self.prime_layers if self.layer_mixers[i] != self.tto_type]
