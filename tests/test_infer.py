@@ -73,6 +73,15 @@ def llama(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def ttt_e2e(tmp_path_factory):
+    """configs/tiny/ttt_e2e.yml's model, random, with prime MLPs that step every 8 tokens by 3.0."""
+    out = tmp_path_factory.mktemp("ttt_e2e")
+    tiny_model("ttt_e2e", mini_batch_size=8, inner_lr=3.0).save_pretrained(out)
+    load_tokenizer("builtin:bytes").save_pretrained(out)
+    return out
+
+
 def chat(monkeypatch, argv: list[str], turns: list[str]) -> list[tuple[int, int]]:
     """Run infer.py --chat greedily on `turns` (the first as --prompt); per turn, (tokens the cache held,
     tokens of the ids given) when the reply started."""
@@ -99,9 +108,12 @@ def greedy_reply(model, tok, messages) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_chat_keeps_a_memory_models_state_instead_of_rereading(trained, capsys, monkeypatch):
-    """The second reply, produced from the carried state (fast weights) plus the new turn only, equals a
-    greedy continuation of the whole conversation in the chat template read from scratch."""
+@pytest.mark.parametrize("model_dir", ["trained", "ttt_e2e"])
+def test_chat_keeps_a_memory_models_state_instead_of_rereading(model_dir, capsys, monkeypatch, request):
+    """The second reply, produced from the carried state (fast weights; TTT-E2E's adapted prime MLPs and
+    windows) plus the new turn only, equals a greedy continuation of the whole conversation in the chat
+    template read from scratch."""
+    trained = request.getfixturevalue(model_dir)
     (first_cached, first_len), (second_cached, second_len) = chat(monkeypatch, ["--model", str(trained)],
                                                                   ["first turn", "second turn"])
     assert first_cached == 0 and 0 < second_cached < second_len  # turn 2 reads only what is new
