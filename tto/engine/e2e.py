@@ -62,12 +62,6 @@ class InnerLoop:
     remat: bool = True
 
 
-def kv_slots(block: nn.Module) -> int:
-    """Attention slots a suffix layer keeps between calls: its window (k - 1) plus the slots of an
-    unfinished mini-batch (up to b) that the next call re-reads with a fresh graph."""
-    return block.mixer.max_cached
-
-
 def _matrix(linear: nn.Module) -> torch.Tensor:
     """The (out, in) matrix a bias-free linear map computes, as its map of the identity: the weight
     itself for nn.Linear (exactly), base plus adapter for a peft LoRA-wrapped one."""
@@ -162,15 +156,15 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     create_graph = torch.is_grad_enabled()
     first = states[0] if states is not None else {}
 
-    # the unfinished mini-batch of each row, re-read in front of the new tokens
+    # the unfinished mini-batch of each row (its last `pending` slots), re-read in front of the new tokens
     n_old = first[PENDING_KEYS[0]].shape[1] if PENDING_KEYS[0] in first else 0
+    pending = first.get(PENDING_COUNT, torch.zeros(batch, dtype=torch.long, device=dev))
+    if int(pending.max()) > b:
+        raise ValueError(f"a row's unfinished mini-batch spans {int(pending.max())} slots > mini_batch_size={b}: "
+                         "the cache continues a sequence with padding inside (pad on the left, before the first call)")
     if n_old:
-        count = first[PENDING_COUNT]
-        if int(count.max()) > b:
-            raise ValueError(f"a row's unfinished mini-batch spans {int(count.max())} slots > mini_batch_size={b}: "
-                             "the cache continues a sequence with padding inside (pad on the left, before the first call)")
         old_h, old_ids, old_mask, old_pos = (first[key] for key in PENDING_KEYS)
-        mine = torch.arange(n_old, device=dev)[None, :] >= (n_old - count)[:, None]
+        mine = torch.arange(n_old, device=dev)[None, :] >= (n_old - pending)[:, None]
         hx = torch.cat([old_h.to(h.dtype), h], 1)
         ids = torch.cat([old_ids, input_ids], 1)
         mask_x = torch.cat([old_mask & mine, mask], 1)
@@ -189,8 +183,7 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
         valid = state.get("valid")
         valid = valid if valid is not None else torch.ones_like(state["pos"], dtype=torch.bool)
         slots = valid.shape[1]
-        fresh = torch.arange(slots, device=dev)[None, :] >= (slots - first.get(PENDING_COUNT, torch.zeros(
-            batch, dtype=torch.long, device=dev)))[:, None]
+        fresh = torch.arange(slots, device=dev)[None, :] >= (slots - pending)[:, None]
         local.append({"k": state["k"], "v": state["v"], "pos": state["pos"], "valid": valid & ~fresh})
         kept.append({"k": state["k"], "v": state["v"], "pos": state["pos"], "valid": valid})
 
@@ -234,11 +227,11 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     out = torch.cat(outputs, 1)[:, n_old:]
 
     if states is not None:
-        _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, first)
+        _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, pending)
     return out
 
 
-def _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, first) -> None:
+def _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, pending) -> None:
     """Write the adapted weights, the attention windows grown by the new slots and each row's
     unfinished mini-batch into the cache states (detached)."""
     total = hx.shape[1]
@@ -247,7 +240,7 @@ def _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x
         for key, rows in zip(PRIME_KEYS, layer):
             state[key] = torch.stack(rows).detach()
         pieces = ([old] if old is not None else []) + new
-        keep = kv_slots(block)
+        keep = block.mixer.max_cached  # the window (k - 1) plus an unfinished mini-batch (up to b)
         for key, dim in (("k", 2), ("v", 2), ("pos", 1), ("valid", 1)):
             joined = torch.cat([p[key] for p in pieces], dim)
             if keep is not None:  # None: full attention keeps every slot
@@ -255,8 +248,7 @@ def _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x
             state[key] = joined.detach()
     # slots since each row's last mini-batch start (an old start lies n_old - count before the new tokens)
     slot = torch.arange(total, device=dev)
-    old_count = first.get(PENDING_COUNT, torch.zeros(hx.shape[0], dtype=torch.long, device=dev))
-    old_start = torch.where(old_count > 0, n_old - old_count, -1)
+    old_start = torch.where(pending > 0, n_old - pending, -1)
     last_start = torch.where(starts, slot, -1).amax(1).maximum(old_start)
     count = torch.where(last_start >= 0, total - last_start, 0)
     n = int(count.max())
