@@ -55,7 +55,9 @@ class TTOConfig(PreTrainedConfig):
     """Backbone fields shared by every type.
 
     A model is ``embed_tokens -> num_hidden_layers x Block -> norm -> lm_head``. Each block is
-    pre-norm: ``h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h))``. The mixer of layer ``i`` is
+    pre-norm: ``h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h))`` (``post_norm``: each output is
+    RMS-normalised before its add; a type's ``prime_layers`` add a prime SwiGLU between the two,
+    trained at test time by :mod:`tto.engine.e2e`). The mixer of layer ``i`` is
     ``layer_mixers[i]``: the config's own type or ``"transformer"`` (softmax attention), so hybrids
     need no code.
     """

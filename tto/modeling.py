@@ -1,7 +1,9 @@
 """The one causal LM every registered type runs on.
 
 ``TTOModel``: embeddings -> blocks -> final RMSNorm. Each block is pre-norm with residuals:
-an optional short-conv branch (``pre_conv``), the mixer of its layer type, and a SwiGLU MLP.
+an optional short-conv branch (``pre_conv``), the mixer of its layer type, in the type's
+``prime_layers`` a prime SwiGLU MLP, and a SwiGLU MLP (``post_norm``: sublayer outputs normalised).
+With prime layers, the blocks from the first one up run in TTT-E2E's inner loop (:mod:`.engine.e2e`).
 ``TTOForCausalLM`` adds the LM head, the loss and generation. The registry derives one pair of
 these classes per type (``TTTForCausalLM``, ...) that differ only in their config class.
 """
