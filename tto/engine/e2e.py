@@ -27,11 +27,10 @@ suffix compute per token (exact, not the paper's decode kernel).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
 import contextlib
 import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
