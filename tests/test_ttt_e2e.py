@@ -361,3 +361,13 @@ def test_retrofit_adds_prime_mlps_that_leave_the_pretrained_model_unchanged_unti
     torch.testing.assert_close(static, source, atol=1e-5, rtol=0)
     torch.testing.assert_close(got[:, :4], source[:, :4], atol=1e-5, rtol=0)
     assert (got[:, 4:] - source[:, 4:]).abs().max() > 1e-3
+
+
+def test_adapted_weights_stay_float32_under_bf16_autocast():
+    """The prime weights step and are cached in float32 while the model computes in bf16."""
+    m = model().float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = m(tokens(), use_cache=True).past_key_values
+    adapted = [state[key] for i in m.config.prime_layers for state in [cache.states[i]] for key in PRIME_KEYS]
+    assert adapted and all(w.dtype == torch.float32 for w in adapted)
+    assert (adapted[0][0] - m.model.layers[m.config.prime_layers[0]].prime.gate_proj.weight).abs().max() > 1e-4

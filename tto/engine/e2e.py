@@ -63,9 +63,11 @@ class InnerLoop:
 
 def _matrix(linear: nn.Module) -> torch.Tensor:
     """The (out, in) matrix a bias-free linear map computes, as its map of the identity: the weight
-    itself for nn.Linear (exactly), base plus adapter for a peft LoRA-wrapped one."""
+    itself for nn.Linear (exactly), base plus adapter for a peft LoRA-wrapped one. Outside autocast,
+    so under bf16 autocast the adapted weights start, step and are cached in the weights' dtype."""
     weight = linear.weight
-    return linear(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)).T
+    with torch.autocast(weight.device.type, enabled=False):
+        return linear(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)).T
 
 
 def _initial_weights(blocks, states, batch: int) -> list[list[list[torch.Tensor]]]:
