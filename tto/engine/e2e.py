@@ -21,8 +21,9 @@ arrives (that token is the mini-batch's last target).
 Decoding continues a sequence across calls through the layers' cache states: the adapted weights
 (``prime.*``, (B, out, in)), the suffix attention windows and the first suffix block's inputs of
 each row's unfinished mini-batch (``e2e.*``). A call re-runs that unfinished mini-batch with the new
-tokens, so its step sees the whole mini-batch with its graph; decoding thus costs up to b tokens of
-suffix compute per token (exact, not the paper's decode kernel).
+tokens when a row steps in that call, so the step sees the whole mini-batch with its graph; other
+calls read their tokens against the cached windows. Decoding thus re-reads b tokens of the suffix
+once per b tokens (exact; not the paper's decode kernel).
 """
 
 from __future__ import annotations
@@ -174,7 +175,12 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
         hx, ids, mask_x, pos = h, input_ids, mask, ctx.positions
     total = n_old + t
 
-    # attention windows: the stored slots of each row's unfinished mini-batch are read anew
+    starts = mask_x & (pos % b == 0)  # (B, total): a row's mini-batch starts here
+    starts[:, :n_old] = False  # the unfinished mini-batches' own starts: stepped before
+    # a call in which no row steps reads its new tokens against the cached windows as they are (the
+    # unfinished mini-batches' slots there were computed with the current weights); one in which a
+    # row steps re-reads them, so the step differentiates the whole mini-batch
+    reread = n_old if bool(starts.any()) else 0
     local, kept = [], []
     for state in states or [None] * len(blocks):
         if state is None or "k" not in state:
@@ -184,13 +190,10 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
         valid = state.get("valid")
         valid = valid if valid is not None else torch.ones_like(state["pos"], dtype=torch.bool)
         slots = valid.shape[1]
-        fresh = torch.arange(slots, device=dev)[None, :] >= (slots - pending)[:, None]
+        fresh = torch.arange(slots, device=dev)[None, :] >= (slots - (pending if reread else torch.zeros_like(pending)))[:, None]
         local.append({"k": state["k"], "v": state["v"], "pos": state["pos"], "valid": valid & ~fresh})
         kept.append({"k": state["k"], "v": state["v"], "pos": state["pos"], "valid": valid})
-
-    starts = mask_x & (pos % b == 0)  # (B, total): a row's mini-batch starts here
-    starts[:, :n_old] = False  # the unfinished mini-batches' own starts: stepped before
-    cuts = sorted({0, *starts.any(0).nonzero().flatten().tolist(), total})
+    cuts = sorted({n_old - reread, *starts.any(0).nonzero().flatten().tolist(), total})
     target_ok = torch.zeros_like(mask_x)
     target_ok[:, :-1] = mask_x[:, :-1] & mask_x[:, 1:]
 
@@ -225,7 +228,7 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
                                   "pos": st["pos"][:, -new:], "valid": st["valid"][:, -new:]})
         outputs.append(x if create_graph else x.detach())
     weights = [[list(flat[(3 * i + j) * batch : (3 * i + j + 1) * batch]) for j in range(3)] for i in range(len(blocks))]
-    out = torch.cat(outputs, 1)[:, n_old:]
+    out = torch.cat(outputs, 1)[:, reread:]
 
     if states is not None:
         _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, pending)
