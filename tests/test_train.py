@@ -298,19 +298,26 @@ def test_two_process_ddp(tmp_path):
     assert not (tmp_path / "ddp" / ".staging").exists()
 
 
+def torchrun_tiny_ttt(tmp_path: Path, out: Path, max_steps: int, save_steps: int) -> tuple[list[str], dict]:
+    """The command and environment of a 2-rank torchrun of configs/tiny/ttt.yml through DDP_DRIVER,
+    logging every step."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={out}",
+           f"training_args.max_steps={max_steps}", "training_args.logging_steps=1", "training_args.save_strategy=steps",
+           f"training_args.save_steps={save_steps}", "dataset.eval_fraction=0"]
+    return cmd, {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
+
+
 def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """torchrun, SIGINT to rank 1 alone at the end of step 3: the ranks agree (all-reduce) and both stop
     after step 3 and save checkpoint-3 together (each rank's random state in it; a rank that ran on would
     leave rank 0 waiting in the save). Each exits 130 saying how to resume; torchrun ends the other worker
     as soon as it sees the first such status, which may be before that one reports."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(DDP_DRIVER)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={out}",
-           "training_args.max_steps=8", "training_args.logging_steps=1", "training_args.save_strategy=steps",
-           "training_args.save_steps=100", "dataset.eval_fraction=0"]
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")])), "SIGNAL_AT": "1:3"}
+    cmd, env = torchrun_tiny_ttt(tmp_path, out, max_steps=8, save_steps=100)
+    env["SIGNAL_AT"] = "1:3"
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     # a worker's status 130 is a failure to torchrun: its one traceback (ChildFailedError), none of ours
     assert result.returncode == 1 and result.stderr.count("Traceback") == 1, result.stderr[-3000:]
@@ -326,14 +333,8 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_ctrl_c_on_torchrun_saves_one_checkpoint_for_every_rank(tmp_path):
     """Ctrl-C reaches torchrun alone (its workers run in their own sessions); it forwards SIGINT to
     each worker: both stop after the same step, save that step's checkpoint and exit 130."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(DDP_DRIVER)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={out}",
-           "training_args.max_steps=100000", "training_args.logging_steps=1", "training_args.save_strategy=steps",
-           "training_args.save_steps=100000", "dataset.eval_fraction=0"]
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
+    cmd, env = torchrun_tiny_ttt(tmp_path, out, max_steps=100000, save_steps=100000)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # rank 0 logs each step's loss: training runs
