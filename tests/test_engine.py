@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import initialization as init
 
+import tto
 from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, LargeChunkMemory, LpError, LqNormalization,
                         MiniBatchGD, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow, PolynomialFeatures,
                         SoftmaxRetention, SquaredError, SwiGLUMemory, naive_delta_rule, naive_large_chunk,
@@ -688,6 +689,44 @@ def test_polynomial_features_are_a_taylor_kernel():
     expect = sum(a**2 * dot**i for i, a in enumerate([0.5, -1.0, 2.0, 0.3]))
     torch.testing.assert_close((features(q) * features(k)).sum(-1), expect, atol=1e-12, rtol=0)
     assert features(q).shape[-1] == features.out_dim == 1 + 5 + 15 + 35
+
+
+def saved_for_backward(fn, *args) -> list[torch.Tensor]:
+    """The tensors autograd keeps for the backward pass of fn(*args), as its pack hook sees them."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn(*args)
+    return saved
+
+
+def test_polynomial_features_keep_only_their_input_for_backward():
+    """phi(x) is out_dim / dim wider than x (2145 / 64 for ATLAS 340m): its backward recomputes the
+    monomials from x instead of keeping them (degree 2 kept 3 x out_dim floats per token, 0.5 GB per
+    layer at 512 tokens), and the gradients are those of the monomials kept."""
+    features = PolynomialFeatures(6, 3).double()
+    features._tto_init(0.02, init)
+    x = torch.randn(2, 7, 3, 6, dtype=torch.float64, requires_grad=True)
+    kept = sum(t.numel() for t in saved_for_backward(features, x))
+    assert kept <= x.numel(), f"{kept} elements kept for the backward of phi, {x.numel()} in its input"
+    w = torch.randn(2, 7, 3, features.out_dim, dtype=torch.float64)
+    grads = torch.autograd.grad((features(x) * w).sum(), (x, features.coefficients))
+    direct = torch.autograd.grad((features._features(x) * w).sum(), (x, features.coefficients))
+    for g, d in zip(grads, direct):
+        torch.testing.assert_close(g, d, atol=1e-12, rtol=0)
+
+
+def test_atlas_keeps_no_tensor_wider_than_its_features_for_backward():
+    """Training ATLAS keeps, per layer, nothing larger than phi(k) of the sequence (tokens x heads x
+    out_dim): no per-token x window or per-token x weight tensor, no monomial factors per degree."""
+    config = tto.build_config("atlas", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_mem_heads=2, chunk_size=4, omega_window=3,
+                              scan_checkpoint_group_size=2)
+    torch.manual_seed(0)
+    model = tto.get("atlas").model_class(config).train()
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    features = model.model.layers[0].mixer.memory.feature_map
+    largest = max(t.numel() for t in saved_for_backward(lambda: model(input_ids=ids, labels=ids)))
+    assert largest <= ids.numel() * config.num_mem_heads * features.out_dim, largest
 
 
 def test_muon_retention_orthogonalises_the_chunk_step():
