@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tto
-from tto.engine import MEMORIES, Memory, MLPMemory, MomentumGD, SquaredError
+from tto.engine import Float32Parameters, Memory, MLPMemory, MomentumGD, SquaredError
+from tto.engine.e2e import PRIME_KEYS
 from tto.training import Diverged, build_trainer, load_recipe, parse_recipe, run
 from tto.training.monitor import memory_layers
 from tto.training.optim import freeze
@@ -140,7 +141,8 @@ def tiny_model(name: str):
 
 
 def memory_parameters(model) -> set[str]:
-    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, MEMORIES) for p, _ in m.named_parameters()}
+    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Float32Parameters)
+            for p, _ in m.named_parameters()}
 
 
 @pytest.mark.parametrize("name", list(tto.available()))
@@ -148,8 +150,8 @@ def test_memory_parameters_stay_float32_when_the_model_is_cast_or_loaded_in_bf16
     model = tiny_model(name)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     kept = memory_parameters(model)
-    # the delta rule has none; ttt_e2e's inner weights are its prime MLPs, which follow the cast (not kept float32 yet)
-    assert bool(kept) == (name not in ("transformer", "deltanet", "gated_deltanet", "ttt_e2e"))
+    # the delta rule has none; ttt_e2e's are its prime MLPs
+    assert bool(kept) == (name not in ("transformer", "deltanet", "gated_deltanet"))
     model.save_pretrained(tmp_path)
     for cast in (model.to(torch.bfloat16), AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)):
         for n, p in cast.named_parameters():
@@ -159,7 +161,8 @@ def test_memory_parameters_stay_float32_when_the_model_is_cast_or_loaded_in_bf16
         x = torch.randint(0, SIZES["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             cache = cast(x, use_cache=True).past_key_values
-        states = [t for state in cache.states for key, t in state.items() if ".W." in key or ".S." in key]
+        states = [t for state in cache.states for key, t in state.items()
+                  if ".W." in key or ".S." in key or key in PRIME_KEYS]
         assert all(t.dtype == torch.float32 for t in states)
 
 

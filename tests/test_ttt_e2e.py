@@ -371,3 +371,26 @@ def test_adapted_weights_stay_float32_under_bf16_autocast():
     adapted = [state[key] for i in m.config.prime_layers for state in [cache.states[i]] for key in PRIME_KEYS]
     assert adapted and all(w.dtype == torch.float32 for w in adapted)
     assert (adapted[0][0] - m.model.layers[m.config.prime_layers[0]].prime.gate_proj.weight).abs().max() > 1e-4
+
+
+def test_prime_mlps_stay_float32_when_the_model_is_cast_to_bf16(tmp_path):
+    """A bf16 cast (and a bf16 load) keeps the prime MLPs, the inner loop's initial weights, float32
+    and unrounded like every memory's parameters; the weights they adapt to are float32 too."""
+    m = model().float()
+    m.save_pretrained(tmp_path)
+    initial = {n: p.detach().clone() for n, p in m.named_parameters() if ".prime." in n}
+    assert len(initial) == 3 * len(m.config.prime_layers)
+    loaded = tto.get("ttt_e2e").model_class.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    for cast in (m.to(torch.bfloat16), loaded):
+        for n, p in cast.named_parameters():
+            assert p.dtype == (torch.float32 if n in initial else torch.bfloat16), n
+            if n in initial:
+                assert torch.equal(p, initial[n]), n  # never rounded through bf16
+        with torch.no_grad():
+            out = cast(tokens(), use_cache=True)
+        assert out.logits.dtype == torch.bfloat16 and bool(torch.isfinite(out.logits).all())
+        adapted = [out.past_key_values.states[i][key] for i in m.config.prime_layers for key in PRIME_KEYS]
+        assert all(w.dtype == torch.float32 for w in adapted)
+        # they stepped (by more than bf16 could resolve on these weights: 2^-8 of their scale)
+        first = cast.model.layers[m.config.prime_layers[0]].prime.gate_proj.weight
+        assert (adapted[0][0] - first).abs().max() > first.abs().max() / 2**8

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import registry
 from .cache import Context, TTOCache
 from .config import TTOConfig
-from .engine import ChunkwiseMemory, e2e
+from .engine import ChunkwiseMemory, Float32Parameters, e2e
 from .layers.conv import ShortConv
 from .layers.mlp import SwiGLU
 
@@ -61,7 +61,7 @@ class Block(GradientCheckpointingLayer):
         self.prime = None
         if layer_idx in config.prime_layers:
             self.prime_norm, self.prime_post_norm = norm(), post()
-            self.prime = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act)
+            self.prime = e2e.PrimeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.mlp_norm, self.mlp_post_norm = norm(), post()
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
@@ -87,11 +87,11 @@ class TTOPreTrainedModel(PreTrainedModel):
 
     def post_init(self) -> None:
         """Also: ``from_pretrained(dtype=torch.bfloat16 or float16)`` loads every memory's parameters
-        as float32 (Transformers' per-instance keep-in-float32 list; casts keep them float32 too,
-        see :class:`tto.engine.ChunkwiseMemory`)."""
+        and prime MLP as float32 (Transformers' per-instance keep-in-float32 list; casts keep them
+        float32 too, see :class:`tto.engine.Float32Parameters`)."""
         super().post_init()
         self._keep_in_fp32_modules_strict.update(
-            "^" + re.escape(name) + r"\." for name, m in self.named_modules() if isinstance(m, ChunkwiseMemory))
+            "^" + re.escape(name) + r"\." for name, m in self.named_modules() if isinstance(m, Float32Parameters))
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

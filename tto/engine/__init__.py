@@ -4,7 +4,7 @@ reference); the exact per-token delta rule of linear memories (with its recurren
 large-chunk apply-then-update memories with Muon and weight norm (LaCT); feature maps (ATLAS).
 Each memory runs its chunks through one step (``chunkwise.ChunkwiseMemory``), optionally compiled."""
 
-from .chunkwise import ChunkwiseMemory
+from .chunkwise import ChunkwiseMemory, Float32Parameters
 from .delta_rule import DeltaRule, naive_delta_rule
 from .fast_models import ACTIVATIONS, FastModel, MLPMemory, SwiGLUMemory
 from .feature_maps import PolynomialFeatures
@@ -18,7 +18,7 @@ from .retention import LqNormalization, MuonRetention, Retention, SoftmaxRetenti
 #: every kind of inner-loop memory (a layer holding one keeps fast weights in its state)
 MEMORIES = (Memory, DeltaRule, LargeChunkMemory)
 
-__all__ = ["ACTIVATIONS", "MEMORIES", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel", "Huber",
+__all__ = ["ACTIVATIONS", "MEMORIES", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel", "Float32Parameters", "Huber",
            "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MLPMemory", "Memory", "MiniBatchGD",
            "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "PolynomialFeatures", "Retention", "SoftmaxRetention", "SquaredError", "SwiGLUMemory",
            "naive_delta_rule", "naive_large_chunk", "naive_memory", "newton_schulz5"]

@@ -2,10 +2,11 @@
 chunk, the option to run that step compiled, float32 parameters, and statistics of the inner loop
 for monitoring (:meth:`ChunkwiseMemory.inner_stats`).
 
-Float32: a memory's parameters (the fast model's initial weights, its LayerNorm, the inner
-optimizer's) stay float32 when the model is cast to a lower precision (``model.to(torch.bfloat16)``,
-``.half()``; loading with ``from_pretrained(dtype=torch.bfloat16)`` goes through the same cast), and
-the engines run their inner arithmetic in float32 with autocast off. bf16 fast weights drift: a
+Float32 (:class:`Float32Parameters`): a memory's parameters (the fast model's initial weights, its
+LayerNorm, the inner optimizer's; TTT-E2E's prime MLPs) stay float32 when the model is cast to a
+lower precision (``model.to(torch.bfloat16)``, ``.half()``; loading with
+``from_pretrained(dtype=torch.bfloat16)`` keeps them float32 too), and the engines run their inner
+arithmetic in float32 with autocast off. bf16 fast weights drift: a
 bf16 state lost the float32 run's result within 10,000 updates (``tests/test_finetune.py``)."""
 
 from __future__ import annotations
@@ -33,7 +34,22 @@ def _tokens(x, shape: tuple, index):
     return x[index] if is_tokens else x
 
 
-class ChunkwiseMemory(nn.Module):
+class Float32Parameters(nn.Module):
+    """A module holding inner-loop (fast-weight) parameters: module casts (``.to``, ``.half``,
+    ``.bfloat16``, ...) move its parameters and buffers to their new device but never below float32
+    (float64 stays float64), and ``TTOPreTrainedModel`` loads them float32 under any ``dtype``."""
+
+    def _apply(self, fn, recurse=True):
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
+                return t.to(device=out.device, dtype=torch.promote_types(t.dtype, torch.float32))
+            return out
+
+        return super()._apply(keep_float32, recurse)
+
+
+class ChunkwiseMemory(Float32Parameters):
     """Base class of the memory engines; a subclass defines ``_chunk`` and calls :attr:`step`."""
 
     def __init__(self):
@@ -45,18 +61,6 @@ class ChunkwiseMemory(nn.Module):
         kernels. Each new input shape, dtype or grad mode compiles once."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self._compiled_chunk = torch.compile(self._chunk)
-
-    def _apply(self, fn, recurse=True):
-        """Module casts (``.to``, ``.half``, ``.bfloat16``, ...) move parameters and buffers to their new
-        device but never below float32 (float64 stays float64)."""
-
-        def keep_float32(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            if out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
-                return t.to(device=out.device, dtype=torch.promote_types(t.dtype, torch.float32))
-            return out
-
-        return super()._apply(keep_float32, recurse)
 
     @property
     def step(self):

@@ -40,6 +40,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..cache import Context
+from ..layers.mlp import SwiGLU
+from .chunkwise import Float32Parameters
+from .fast_models import inner
 
 #: cache keys of a prime layer's adapted weights, in the order SwiGLU.forward takes them
 PRIME_KEYS = ("prime.gate_proj", "prime.up_proj", "prime.down_proj")
@@ -47,6 +50,16 @@ PRIME_KEYS = ("prime.gate_proj", "prime.up_proj", "prime.down_proj")
 #: real-token mask, positions, and the number of trailing slots that belong to it per row
 PENDING_KEYS = ("e2e.h", "e2e.ids", "e2e.mask", "e2e.pos")
 PENDING_COUNT = "e2e.count"
+
+
+class PrimeMLP(Float32Parameters, SwiGLU):
+    """A prime SwiGLU MLP: its weights are the inner loop's initial weights, so they stay float32
+    under a bf16 cast like every memory's, and it reads in float32 (float64 for float64 inputs) with
+    autocast off: x (B, T, hidden) -> (B, T, hidden) in x's dtype, the (adapted) weights' gradients float32."""
+
+    def forward(self, x, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(inner(x), weights).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,8 @@ class InnerLoop:
 def _matrix(linear: nn.Module) -> torch.Tensor:
     """The (out, in) matrix a bias-free linear map computes, as its map of the identity: the weight
     itself for nn.Linear (exactly), base plus adapter for a peft LoRA-wrapped one. Outside autocast,
-    so under bf16 autocast the adapted weights start, step and are cached in the weights' dtype."""
+    so the adapted weights start, step and are cached in the weights' dtype (float32 at least: a
+    :class:`PrimeMLP`'s)."""
     weight = linear.weight
     with torch.autocast(weight.device.type, enabled=False):
         return linear(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)).T
