@@ -208,11 +208,14 @@ def assert_stopped_unsaved(out: Path) -> None:
 @pytest.mark.parametrize("check_finite", [True, False])
 def test_a_diverging_run_stops_at_its_step_and_is_not_saved(tmp_path, check_finite):
     """A NaN loss stops the run at the step it happens (not at logging time, where the Trainer would
-    log the mean of the finite steps), before its update; with check_finite the layer is named."""
+    log the mean of the finite steps), before its update; with check_finite the layer is named. The
+    signal handlers of the run are put back (a stale one swallowed a later test's Ctrl-C)."""
     recipe = recipe_for("ttt", tmp_path, *DIVERGING, f"model.check_finite={str(check_finite).lower()}")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(Diverged) as caught:
         train(recipe, callbacks=[PoisonAt(5)])
     assert caught.value.step == 5
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     expected = r"layer 1 \(ttt\) produced NaN/Inf" if check_finite else r"the training loss is nan"
     assert re.fullmatch(rf"non-finite loss at step 5: {expected}.*", str(caught.value))
     assert_stopped_unsaved(tmp_path / "out")

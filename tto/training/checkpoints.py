@@ -225,9 +225,10 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
-        self._restore()
+        self.restore()
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Put back the handlers that were there before training (also when training raised)."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
@@ -240,10 +241,10 @@ class StopOnSignal(TrainerCallback):
             received = int(flag.item())
         if received:
             self.received = received
-            self._restore()
+            self.restore()
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
+        self.restore()
 

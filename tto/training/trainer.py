@@ -223,6 +223,9 @@ def run(trainer, resume=None) -> dict:
         result = trainer.train(resume_from_checkpoint=resume)
     except FloatingPointError as err:
         raise Diverged.at(trainer.state, err) from err
+    finally:  # a run that raised (diverged, a second Ctrl-C) never reaches on_train_end
+        if stop is not None:
+            stop.restore()
     if stop is not None and stop.received is not None:
         raise TrainingInterrupted(stop.received, Path(trainer.args.output_dir) / f"checkpoint-{result.global_step}")
     metrics = dict(result.metrics)
