@@ -141,6 +141,10 @@ def fork_train(log: Path, argv: list[str], points=None, callbacks=()) -> int:
     if pid == 0:  # the training process: never returns into pytest
         code = 1
         gc.freeze()  # the Trainer's gc.collect() passes over this test process's objects
+        # the signal handling of a fresh python process, whatever this test process had installed
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 1)

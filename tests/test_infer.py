@@ -217,13 +217,21 @@ def test_end_of_input_at_the_prompt_ends_with_status_0(chat, monkeypatch, capsys
     assert capsys.readouterr().err == ""
 
 
+def as_from_a_terminal() -> None:
+    """In a child before it runs a command: SIGINT handled by default and not blocked, as a shell
+    starts a command, whatever the test process inherited or changed (an ignored or blocked signal
+    would survive the exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt():
     """A real process and real SIGINTs: the first stops an endless reply and the chat goes on (the
     next reply is written from the kept state); Ctrl-C at the prompt then ends it, status 130."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "infer.py"), "--config-type", "ttt", "--chat",
                              "--max_new_tokens", "1000000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, preexec_fn=as_from_a_terminal)
     out = bytearray()
     threading.Thread(target=lambda: [out.extend(c) for c in iter(lambda: proc.stdout.read(1), b"")], daemon=True).start()
 
