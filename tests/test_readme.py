@@ -45,8 +45,10 @@ def test_quickstart_commands_as_written(tmp_path):
         argv = line.split("#")[0].split()
         assert argv[0] == "python"
         script, args = root / argv[1], [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', line.split("#")[0])[2:]]
+        # a hang guard, not a speed check: in CI the quickstart training shares the machine with the
+        # full-size group (models up to 3B) and took longer than 1500 s there
         result = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=1500)
+                                timeout=3600)
         assert result.returncode == 0, result.stderr[-2000:]
         outputs.append(result.stdout)
     metrics = json.loads((tmp_path / "runs" / "quickstart" / "train_metrics.json").read_text())
