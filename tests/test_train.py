@@ -294,7 +294,8 @@ print(resident() - before)
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(), reason="glibc on Linux")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(),
+                    reason="the mmap threshold is a glibc setting, measured through Linux's /proc")
 def test_return_freed_memory_gives_freed_tensors_back_to_the_system():
     """train.py fixes glibc's mmap threshold (tto.cli.return_freed_memory): a freed 16 MiB tensor
     leaves no resident pages behind even after a larger one was freed, as it does by default (the
