@@ -7,13 +7,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread unless asked (OMP_NUM_THREADS=N): for this process (torch reads it at import) and every
+# script a test starts. Measured on the shared 2-core CPU: the ttt-linear conformance tests take
+# 15.9-25.4 s with two threads and 8.6-9.3 s with one; a busy second thread beside another process
+# runs tiny matmuls 50-100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 
-# One thread per pytest-xdist worker (pytest.ini starts one per core): two threads per worker
-# oversubscribe the cores, and two busy threads beside another process run 50-100x slower.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def require_memory(need: int, what: str) -> None:
@@ -25,17 +28,6 @@ def require_memory(need: int, what: str) -> None:
     if available < need:
         pytest.skip(f"{what} needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB are available")
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for a module of tiny-model tests (use with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``): they gain nothing from a second
-    thread and lose 50-100x when the cores are shared (measured: 10 tiny steps 0.6 s on 1 thread,
-    55 s on 2 beside another busy process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def damaged_copy(model_dir, dst, how: str):

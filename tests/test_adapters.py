@@ -20,7 +20,6 @@ from tto.adapters import ADAPTER_CONFIG, load_adapted, parse_adapter
 from tto.data import load_tokenizer
 from tto.training import load_recipe, parse_recipe, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALOGS = ROOT / "tests" / "data" / "dialogs.jsonl"

@@ -36,7 +36,6 @@ RUN = ["dataset.name=builtin:recall", "dataset.options.num_documents=300", "trai
        "training_args.logging_steps=1", "dataset.eval_fraction=0"]
 RESUME = "training_args.resume_from_checkpoint=true"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_main():

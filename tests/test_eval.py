@@ -34,7 +34,6 @@ spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
 eval_cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(eval_cli)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOK = load_tokenizer("builtin:bytes")
 V = len(TOK)
@@ -345,7 +344,7 @@ def test_harness_runs_lm_eval_on_a_tto_checkpoint_offline(models, tmp_path):
         f"task: toy_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: bits_per_byte\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-m", "tto.harness", "--model", "hf", "--model_args",
          f"pretrained={models / 'ttt'},dtype=float32", "--tasks", "toy_ppl", "--include_path", str(tmp_path),

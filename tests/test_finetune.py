@@ -22,7 +22,6 @@ from test_train import StopAt
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_recipe(tmp_path: Path, *overrides: str, name: str = "ttt"):

@@ -30,7 +30,6 @@ infer = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(infer)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [(name, variant) for name, entry in ((n, tto.get(n)) for n in tto.available())
          for variant in (entry.variants or [None])]
@@ -194,7 +193,7 @@ def test_prompt_bytes_that_are_not_utf8_are_replaced(monkeypatch, capsys):
 
 
 def run_infer(*argv, stdin=b""):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "infer.py"), *argv], input=stdin, capture_output=True,
                           env=env, timeout=600)
 
@@ -228,7 +227,7 @@ def as_from_a_terminal() -> None:
 def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt():
     """A real process and real SIGINTs: the first stops an endless reply and the chat goes on (the
     next reply is written from the kept state); Ctrl-C at the prompt then ends it, status 130."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(ROOT / "infer.py"), "--config-type", "ttt", "--chat",
                              "--max_new_tokens", "1000000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, preexec_fn=as_from_a_terminal)
@@ -283,7 +282,7 @@ def test_unreadable_weights_or_directory_is_permission_denied(trained, tmp_path,
     model = tmp_path / "m"
     shutil.copytree(trained, model)
     (model / target).chmod(0)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
         done = subprocess.run([*without_file_permission_override(), sys.executable, str(ROOT / "infer.py"),
                                "--model", str(model), "--prompt", "x"], capture_output=True, env=env, timeout=600)
@@ -352,7 +351,7 @@ print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.st
 def test_prefill_peak_memory_does_not_grow_with_the_prompt():
     """4x the prompt (8192 -> 32768 tokens), < 10% more peak memory for ttt. Read in one piece, the same
     prompts measured 541 and 711 MB (+31%); in pieces 501 and 502 MB (notes/infer.md)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ)
     peak = [float(subprocess.run([sys.executable, "-c", PEAK_DURING_PREFILL, str(n), str(ROOT)], env=env, check=True,
                                  capture_output=True, text=True, timeout=900).stdout.split()[-1]) for n in (8192, 32768)]
     assert peak[1] < 1.1 * peak[0], peak

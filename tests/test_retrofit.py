@@ -7,6 +7,7 @@ scale ~1.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,6 @@ import tto
 from tto.layers.rope import apply_rope, apply_rope_interleaved, rope_cos_sin
 from tto.retrofit import LAYER_CHOICES, backbone_fields, interleave_order, retrofit_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -278,7 +278,7 @@ freeze: ["model.embed_tokens.*", "model.norm.*", "model.layers.[0-2].*", "model.
 training_args: {{max_steps: 2, per_device_train_batch_size: 2, report_to: none, save_strategy: "no",
                  output_dir: {tmp_path / 'out'}}}
 """)
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     bad = subprocess.run([sys.executable, str(ROOT / "train.py"), str(recipe), "model.retrofit.chunk_sise=4"],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "did you mean 'chunk_size'" in bad.stderr and not (tmp_path / "out").exists()

@@ -33,7 +33,6 @@ from tto.engine import DecayGD, MiniBatchGD, MomentumGD, OmegaWindow
 from tto.engine.optimizers import Coefficients
 from tto.engine.optimizers import STEP_MARGIN, stable_step_factor
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: largest RMS of a fast-weight or momentum entry counted as bounded (module docstring)
 MAX_FAST_RMS = 1e3

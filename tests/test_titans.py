@@ -88,12 +88,9 @@ def value_losses(x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, t
     return nll[:, :PAIRS].mean(), nll[:, PAIRS:].mean()
 
 
-def test_lmm_memorizes_at_test_time(request):
+def test_lmm_memorizes_at_test_time():
     """A one-layer LMM trained briefly on random key->value lists recalls a list it read once:
     values are unpredictable on the first read (~log 16), and far better on the second."""
-    threads = torch.get_num_threads()
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
-    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead
     torch.manual_seed(0)
     # a matrix memory (depth 1) that writes almost without decay or momentum, with a step bound
     # that allows one-shot writes of unit-norm keys (delta rule beta = 2 * theta <= 1)

@@ -23,10 +23,11 @@ from tto.training.checkpoints import is_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # for train.py subprocesses (see one_thread)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+def script_env() -> dict:
+    """The environment for a script run with ``python -c`` that imports tto from this checkout."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def recipe_for(name: str, tmp_path: Path, *overrides: str):
@@ -131,7 +132,7 @@ def test_resume_without_a_checkpoint_fails_before_training(tmp_path):
 
 def test_train_py_reports_recipe_errors_in_one_line(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), str(TINY / "ttt.yml"), "training_args.learning_rat=1"]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "did you mean 'learning_rate'" in result.stderr and "Traceback" not in result.stderr
 
@@ -240,7 +241,7 @@ def test_train_py_exits_non_zero_on_divergence_in_one_line(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(driver), str(ROOT / "tests"), str(ROOT / "train.py"), str(TINY / "ttt.yml"),
            f"training_args.output_dir={out}", "training_args.disable_tqdm=true", *DIVERGING]
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
+    env = script_env()
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
@@ -301,7 +302,7 @@ def test_return_freed_memory_gives_freed_tensors_back_to_the_system():
     leaves no resident pages behind even after a larger one was freed, as it does by default (the
     heap kept ATLAS 340m's chunk-loop tensors until 24 GB were resident)."""
     def grown(mode: str) -> int:
-        result = subprocess.run([sys.executable, "-c", FREED_PAGES_DRIVER, mode], cwd=ROOT, env=ENV,
+        result = subprocess.run([sys.executable, "-c", FREED_PAGES_DRIVER, mode], cwd=ROOT, env=os.environ,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         return int(result.stdout)
@@ -318,7 +319,7 @@ def test_two_process_ddp(tmp_path):
            str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'ddp'}",
            "training_args.max_steps=4", "training_args.logging_steps=1", "training_args.save_strategy=steps",
            "training_args.save_steps=2"]
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
+    env = script_env()
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: eval_loss=" in result.stdout
@@ -341,7 +342,7 @@ def torchrun_tiny_ttt(tmp_path: Path, out: Path, max_steps: int, save_steps: int
            str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={out}",
            f"training_args.max_steps={max_steps}", "training_args.logging_steps=1", "training_args.save_strategy=steps",
            f"training_args.save_steps={save_steps}", "dataset.eval_fraction=0"]
-    return cmd, {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")]))}
+    return cmd, script_env()
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
@@ -412,7 +413,7 @@ def test_unreachable_hub_name_fails_fast_with_advice(tmp_path):
     threading.Thread(target=record, daemon=True).start()
     cmd = [sys.executable, str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'o'}",
            "dataset.name=someone/not-a-local-dataset"]
-    env = {k: v for k, v in ENV.items() if k.upper() not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NO_PROXY")}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NO_PROXY")}
     url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
     # the endpoint never resolves, whatever the network; a request to it would reach the proxy
     env.update(HF_ENDPOINT="https://hub.invalid", HTTPS_PROXY=url, HTTP_PROXY=url)
@@ -427,7 +428,7 @@ def test_unreachable_hub_name_fails_fast_with_advice(tmp_path):
 
 
 def test_wandb_without_credentials_logs_offline(tmp_path):
-    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(WANDB_DIR=str(tmp_path), HOME=str(tmp_path))
     cmd = [sys.executable, str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'o'}",
            "training_args.max_steps=2", "training_args.report_to=wandb", "training_args.project=tto-test"]

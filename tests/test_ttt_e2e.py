@@ -19,7 +19,6 @@ from tto.layers.rope import apply_rope, rope_cos_sin
 from tto.mixers.ttt_e2e import TRANSFORMER_INTERMEDIATE, TTT_E2E_PRESETS
 from tto.training import InnerLRWarmup
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = dict(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
              num_ttt_blocks=2, mini_batch_size=4, sliding_window=6, rms_norm_eps=1e-12)
