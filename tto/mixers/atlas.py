@@ -56,7 +56,6 @@ ATLAS_PRESETS = {
 class AtlasConfig(MemoryLayerConfig):
     """ATLAS fields, beside the memory layer's (:class:`MemoryLayerConfig`)."""
 
-    model_type: ClassVar[str] = "tto_atlas"
     choices: ClassVar[dict[str, tuple]] = {**MemoryLayerConfig.choices, "variant": ("omeganet", "atlas")}
     variant_field: ClassVar[str] = "variant"
     positive_fields: ClassVar[tuple[str, ...]] = MemoryLayerConfig.positive_fields + ("omega_window", "poly_degree")

@@ -60,7 +60,6 @@ GATED_DELTANET_PRESETS = {
 class DeltaNetConfig(TTOConfig):
     """DeltaNet fields (fla's names where it has them)."""
 
-    model_type: ClassVar[str] = "tto_deltanet"
     positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("num_heads", "chunk_size")
 
     num_heads: int = 16  # memory heads
@@ -92,7 +91,6 @@ class DeltaNetConfig(TTOConfig):
 class GatedDeltaNetConfig(DeltaNetConfig):
     """DeltaNet fields plus the Mamba2 decay gate's initialisation."""
 
-    model_type: ClassVar[str] = "tto_gated_deltanet"
 
     use_gate: bool = True
     a_init_max: float = 16.0  # A ~ U(0, a_init_max] per head (Mamba2)

@@ -55,7 +55,6 @@ LACT_PRESETS = {
 class LaCTConfig(TTOConfig):
     """LaCT fields, named as in the official ``LaCTSWIGLUConfig``."""
 
-    model_type: ClassVar[str] = "tto_lact"
     positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("num_lact_heads", "lact_chunk_size")
 
     num_lact_heads: int = 4  # fast-weight heads; each has its own SwiGLU memory of width hidden_size // num_lact_heads

@@ -62,7 +62,6 @@ MIRAS_PRESETS = {
 class MirasConfig(MemoryLayerConfig):
     """Miras fields, beside the memory layer's (:class:`MemoryLayerConfig`)."""
 
-    model_type: ClassVar[str] = "tto_miras"
     choices: ClassVar[dict[str, tuple]] = {**MemoryLayerConfig.choices, "variant": ("moneta", "yaad", "memora")}
     variant_field: ClassVar[str] = "variant"
 

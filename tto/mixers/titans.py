@@ -109,7 +109,6 @@ class TitansConfig(MemoryLayerConfig):
     """Titans fields; the names of the original TTO Titans configs, and its defaults (the memory
     layer's fields shared with Miras and ATLAS are defined in :class:`MemoryLayerConfig`)."""
 
-    model_type: ClassVar[str] = "tto_titans"
     choices: ClassVar[dict[str, tuple]] = {**MemoryLayerConfig.choices, "variant": ("lmm", "mac", "mag", "mal")}
     variant_field: ClassVar[str] = "variant"
 

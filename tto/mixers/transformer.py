@@ -7,15 +7,13 @@ fields of :class:`TTOConfig`.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from ..config import TTOConfig
 from ..layers.attention import Attention
 from ..registry import FromAttention, qkvo, register
 
 
 class TransformerConfig(TTOConfig):
-    model_type: ClassVar[str] = "tto_transformer"
+    """Only backbone fields: the attention layer is the backbone's own."""
 
 
 @register("transformer", config=TransformerConfig, paper="Attention Is All You Need (arXiv:1706.03762); Llama-style block",

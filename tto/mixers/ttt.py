@@ -55,7 +55,6 @@ TTT_PRESETS = {
 class TTTConfig(TTOConfig):
     """TTT fields, named as in the reference's ``TTTConfig`` (its defaults are the 1B model's)."""
 
-    model_type: ClassVar[str] = "tto_ttt"
     choices: ClassVar[dict[str, tuple]] = {**TTOConfig.choices, "ttt_layer_type": ("linear", "mlp")}
     variant_field: ClassVar[str] = "ttt_layer_type"
     positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("mini_batch_size", "pretraining_tp")

@@ -48,7 +48,6 @@ class TTTE2EConfig(TTOConfig):
     """TTT-E2E fields; names follow the official config (``suffix_len`` is ``num_ttt_blocks``,
     ``ilr`` is ``inner_lr``)."""
 
-    model_type: ClassVar[str] = "tto_ttt_e2e"
     positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("mini_batch_size",)
 
     # the last blocks with a prime MLP (None: a quarter of the blocks, at least 1, but no more than the
