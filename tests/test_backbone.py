@@ -48,6 +48,35 @@ def test_hybrid_layers_are_declared_in_config():
     assert kinds == ["AttentionMixer", "AttentionMixer", "TTTMixer", "TTTMixer"]
 
 
+def test_any_type_is_a_hybrid_partner_with_its_own_fields(tmp_path):
+    """A gated_deltanet layer under TTT: built from gated_deltanet's config with the model's backbone
+    fields and its `mixer_fields` (its defaults otherwise); the hybrid saves and loads as one model."""
+    model = ttt(layer_mixers=["gated_deltanet", "ttt"], mixer_fields={"gated_deltanet": {"num_heads": 4}})
+    partner, config = model.model.layers[0].mixer, model.config.layer_config(0)
+    assert type(partner).__name__ == "GatedDeltaNetMixer" and partner.num_heads == 4
+    assert type(config).__name__ == "GatedDeltaNetConfig" and config.num_heads == 4
+    assert config.hidden_size == SIZES["hidden_size"] and config.vocab_size == SIZES["vocab_size"]
+    assert config.chunk_size == tto.get("gated_deltanet").config_class().chunk_size  # a default
+    assert model.config.layer_config(1) is model.config
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(layer_mixers=["ttt_e2e", "ttt"]), "'ttt_e2e': trains prime MLPs across the whole model"),
+    (dict(layer_mixers=["deltanet", "ttt"], mixer_fields={"deltanet": {"num_head": 4}}),
+     r"mixer_fields\['deltanet'\]: unknown config field.*did you mean 'num_heads'"),
+    (dict(layer_mixers=["deltanet", "ttt"], mixer_fields={"deltanet": {"hidden_size": 8}}),
+     r"\['hidden_size'\] are backbone fields"),
+    (dict(layer_mixers=["deltanet", "ttt"], mixer_fields={"lact": {}}), r"names no other type.*\['deltanet'\]"),
+])
+def test_hybrid_errors_name_the_problem(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tto.build_config("ttt", **{**SIZES, **fields})
+
+
 def test_untied_embeddings_are_separate_parameters():
     tied, untied = ttt(), ttt(tie_word_embeddings=False)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight

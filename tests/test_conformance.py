@@ -3,7 +3,7 @@
 Parametrized from the registry: a new entry is tested by registering it (with a ``tiny`` preset
 for any of its own fields that must be small). Every variant runs; so does every preset named
 ``tiny-*`` (an entry's way to put other wirings, e.g. TTT's Mamba backbone, under the same
-invariants), and each memory type runs as a hybrid with an attention layer below it.
+invariants), and each type runs as a hybrid with another registered type's layer below it.
 
 Tolerances: the models are tiny and fp32; two mathematically equal evaluation orders agree to
 ~1e-6 on logits of scale ~1, so 2e-5 (absolute) separates rounding from bugs.
@@ -33,11 +33,28 @@ def _cases():
         for preset, fields in entry.presets.items():
             if preset.startswith("tiny-"):
                 cases.append(pytest.param(name, fields, id=f"{name}-{preset}"))
-        if name != "transformer":
-            variant, fields = entry.variant_configs()[0]
-            fields = {**fields, "layer_mixers": ["transformer", name]}
-            cases.append(pytest.param(name, fields, id=f"{name}-{variant or ''}-hybrid"))
+        variant, fields = entry.variant_configs()[0]
+        partner = hybrid_partner(name)
+        fields = {**fields, "layer_mixers": [partner, name], "mixer_fields": {partner: tiny(partner)}}
+        cases.append(pytest.param(name, fields, id=f"{name}-{variant or ''}-{partner}-hybrid"))
     return cases
+
+
+def tiny(name: str) -> dict:
+    """A type's own fields of its tiny preset (backbone fields left out)."""
+    backbone = tto.TTOConfig.field_names()
+    return {k: v for k, v in tto.get(name).presets.get("tiny", {}).items() if k not in backbone}
+
+
+def hybrid_partner(name: str) -> str:
+    """The layer below `name` in its hybrid case: the next registered type (cyclically) that can be a
+    layer of another type's model, so that every such type is some case's partner."""
+    names = list(tto.available())
+    for offset in range(1, len(names)):
+        partner = names[(names.index(name) + offset) % len(names)]
+        if not tto.build_config(partner, num_hidden_layers=1).prime_layers:
+            return partner
+    raise AssertionError("no type can be a hybrid partner")
 
 
 CASES = _cases()

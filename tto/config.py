@@ -58,8 +58,10 @@ class TTOConfig(PreTrainedConfig):
     pre-norm: ``h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h))`` (``post_norm``: each output is
     RMS-normalised before its add; a type's ``prime_layers`` add a prime SwiGLU between the two,
     trained at test time by :mod:`tto.engine.e2e`). The mixer of layer ``i`` is
-    ``layer_mixers[i]``: the config's own type or ``"transformer"`` (softmax attention), so hybrids
-    need no code.
+    ``layer_mixers[i]``: any registered type (``"transformer"``: softmax attention), so hybrids need
+    no code. A layer of another type is built from that type's config (:meth:`layer_config`): this
+    config's backbone fields, that type's own fields from ``mixer_fields[type]``, its defaults
+    otherwise.
     """
 
     model_type: ClassVar[str] = "tto"
@@ -96,7 +98,10 @@ class TTOConfig(PreTrainedConfig):
     initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
     tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
     mlp_bias: bool = False  # biases in the SwiGLU MLP projections
-    layer_mixers: list[str] | None = None  # per-layer mixer: this type or "transformer" (None: all this type)
+    layer_mixers: list[str] | None = None  # per-layer mixer: any registered type (None: all this type)
+    # the own fields of the other types in layer_mixers, {type: {field: value}} (e.g. {"gated_deltanet":
+    # {"num_heads": 4}}); a type not listed takes its defaults; backbone fields are always this config's
+    mixer_fields: dict[str, dict[str, Any]] | None = None
     pre_conv: bool = False  # Mamba-style branch before the mixer: h += ShortConv(RMSNorm(h))
     post_norm: bool = False  # RMSNorm on each sublayer's output before its residual: h += RMSNorm'(f(RMSNorm(h)))
     conv_kernel: int = 4  # kernel size of the pre_conv branch (and of mixers' short convs unless they say otherwise)
@@ -175,7 +180,36 @@ class TTOConfig(PreTrainedConfig):
                 self.layer_mixers,
                 f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})",
             )
-        valid_layers = {self.tto_type, "transformer"}
+        from . import registry
+
+        registered = registry.available()
         for kind in self.layer_mixers:
-            if kind not in valid_layers:
-                raise config_error("layer_mixers", kind, "unknown layer mixer", valid_layers)
+            if kind not in registered:
+                raise config_error("layer_mixers", kind, "unknown layer mixer", registered)
+        partners = sorted(set(self.layer_mixers) - {self.tto_type})
+        for kind in self.mixer_fields or {}:
+            if kind not in partners:
+                raise config_error("mixer_fields", kind, "names no other type of layer_mixers", partners)
+        for kind in partners:
+            if self._partner_config(kind).prime_layers:
+                raise config_error("layer_mixers", kind, f"trains prime MLPs across the whole model (a model-level "
+                                   f"inner loop), so it cannot be a layer of a {self.tto_type!r} model")
+
+    def layer_config(self, layer_idx: int) -> TTOConfig:
+        """The config of layer `layer_idx`'s mixer: this one, or for a layer of another type that
+        type's config (see the class docstring)."""
+        kind = self.layer_mixers[layer_idx]
+        return self if kind == self.tto_type else self._partner_config(kind)
+
+    def _partner_config(self, kind: str) -> TTOConfig:
+        from . import registry
+
+        backbone = {name: getattr(self, name) for name in TTOConfig.field_names() - {"layer_mixers", "mixer_fields"}}
+        own = (self.mixer_fields or {}).get(kind, {})
+        shared = sorted(set(own) & backbone.keys())
+        if shared:
+            raise config_error(f"mixer_fields[{kind!r}]", own, f"{shared} are backbone fields: set them on the model's config")
+        try:
+            return registry.get(kind).config_class(**backbone, **own)
+        except ValueError as err:
+            raise ValueError(f"mixer_fields[{kind!r}]: {err}") from None

@@ -57,7 +57,7 @@ class Block(GradientCheckpointingLayer):
         self.layer_type = config.layer_mixers[layer_idx]
         self.pre_conv = ConvBranch(config) if config.pre_conv else None
         self.mixer_norm, self.mixer_post_norm = norm(), post()
-        self.mixer = registry.get(self.layer_type).mixer_class(config, layer_idx)
+        self.mixer = registry.get(self.layer_type).mixer_class(config.layer_config(layer_idx), layer_idx)
         self.prime = None
         if layer_idx in config.prime_layers:
             self.prime_norm, self.prime_post_norm = norm(), post()
