@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
+import pytest
+
 import tto
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def test_every_registered_type_is_in_the_table():
@@ -16,11 +20,18 @@ def test_every_registered_type_is_in_the_table():
     assert rows == set(tto.available()), f"README table lists {sorted(rows)}, registry has {sorted(tto.available())}"
 
 
-def test_every_variant_is_named_in_the_table():
-    for name, variants in tto.available().items():
-        row = next(line for line in README.splitlines() if line.startswith(f"| `{name}` |"))
-        for variant in variants:
-            assert f"`{variant}`" in row, f"variant {variant!r} of {name!r} missing from the README table"
+@pytest.mark.parametrize("name", list(tto.available()))
+def test_each_row_matches_its_entry(name):
+    """A type's row names its registration's paper (its arXiv id), every variant, and the file that
+    defines its mixer."""
+    entry = tto.get(name)
+    row = next(line for line in README.splitlines() if line.startswith(f"| `{name}` |"))
+    for arxiv in re.findall(r"arXiv:\d{4}\.\d{4,5}", entry.paper):
+        assert arxiv in row, f"{name!r}: the row does not cite its paper {arxiv}"
+    for variant in entry.variants:
+        assert f"`{variant}`" in row, f"variant {variant!r} of {name!r} missing from the README table"
+    source = Path(inspect.getsourcefile(entry.mixer_class)).relative_to(ROOT).as_posix()
+    assert f"`{source}`" in row, f"{name!r}: the row does not name its file {source}"
 
 
 def test_python_snippet_runs(tmp_path, monkeypatch):

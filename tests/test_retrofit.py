@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 SIZES = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64)
-#: per type, fields that keep its memory small enough for a 4-layer, 32-wide test model
-TINY = {name: {k: v for k, v in tto.get(name).presets.get("tiny", {}).items()
-               if k not in ("num_mem_heads", "num_heads", "num_key_value_heads", "num_persistent_mem_tokens",
-                            "sliding_window", "expand_v")}
+#: per type, its own tiny fields that keep its memory small enough for a 4-layer, 32-wide test model
+#: (the backbone comes from the source Llama)
+TINY = {name: {k: v for k, v in tto.get(name).presets["tiny"].items()
+               if k not in tto.TTOConfig.field_names() | {"num_mem_heads", "num_heads", "num_persistent_mem_tokens",
+                                                          "expand_v"}}
         for name in tto.available()}
 
 

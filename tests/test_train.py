@@ -37,6 +37,9 @@ def recipe_for(name: str, tmp_path: Path, *overrides: str):
 @pytest.mark.parametrize("name", list(tto.available()))
 def test_every_type_has_a_tiny_config_that_trains(name, tmp_path):
     assert (TINY / f"{name}.yml").exists(), f"configs/tiny/{name}.yml is missing"
+    model = load_recipe(TINY / f"{name}.yml").model  # the one tiny model: the preset, at most a variant
+    variant_field = tto.get(name).config_class.variant_field
+    assert {k: v for k, v in model.items() if k != variant_field} == {"type": name, "preset": "tiny"}, model
     metrics = train(recipe_for(name, tmp_path, "training_args.max_steps=4"))
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     out = tmp_path / "out"
@@ -437,38 +440,39 @@ def test_wandb_without_credentials_logs_offline(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-#: the model size each paper gives for the recipe (parameters, tied or untied as the recipe says)
-PAPER_SIZES = {
-    # TTT's "125m" follows GPT-3's size names; its reference code builds 110.3M / 114.4M
-    "ttt_linear_125m.yml": 110.3e6,
-    "ttt_mlp_125m.yml": 114.4e6,
-    "titans_lmm_300m.yml": 300e6,
-    "titans_mag_335m.yml": 335e6,  # the original recipe sets variant: mal
-    "deltanet_340m.yml": 340e6,
-    "gated_deltanet_1.3b.yml": 1.3e9,
-    "miras_moneta_340m.yml": 340e6,
-    "lact_760m.yml": 760e6,
-    "atlas_340m.yml": 340e6,
-}
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yml") if p.name != "quickstart.yml")
 
 
-def recipe_parameters(name: str, override: dict | None = None) -> int:
-    """Parameters of a recipe's model, built on the meta device (no memory)."""
-    recipe = load_recipe(ROOT / "configs" / name)
-    fields = {**{k: v for k, v in recipe.model.items() if k != "type"}, **(override or {})}
+def parameters(name: str, fields: dict) -> int:
+    """Parameters of a type's model, built on the meta device (no memory)."""
     with torch.device("meta"):
-        model = tto.get(recipe.model["type"]).model_class(tto.build_config(recipe.model["type"], **fields))
-    return sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for p in tto.get(name).model_class(tto.build_config(name, **fields)).parameters())
 
 
-@pytest.mark.parametrize("name,override", [(n, {}) for n in RECIPES] + [("titans_mag_335m.yml", {"variant": "mag"})])
-def test_paper_scale_recipes_build_at_the_papers_size(name, override):
-    """Every paper-scale recipe is valid, and its model (built on the meta device: no memory) is
-    within 10% of the size its paper gives."""
-    assert name in PAPER_SIZES, f"configs/{name}: add the paper's model size to PAPER_SIZES"
-    count = recipe_parameters(name, override)
-    assert abs(count - PAPER_SIZES[name]) / PAPER_SIZES[name] < 0.10, f"{count / 1e6:.1f}M parameters"
+def recipe_parameters(recipe: str) -> int:
+    """Parameters of a recipe's model in configs/."""
+    model = load_recipe(ROOT / "configs" / recipe).model
+    return parameters(model["type"], {k: v for k, v in model.items() if k != "type"})
+
+
+@pytest.mark.parametrize("name,preset", [(e.name, p) for e in tto.registry.entries() for p in e.paper_sizes])
+def test_size_presets_build_at_the_papers_size(name, preset):
+    """Every size preset with a paper size in its registration builds within 10% of it."""
+    target = tto.get(name).paper_sizes[preset]
+    count = parameters(name, {"preset": preset})
+    assert abs(count - target) / target < 0.10, f"{count / 1e6:.1f}M parameters, the paper's {target / 1e6:.1f}M"
+
+
+@pytest.mark.parametrize("recipe,override", [(n, {}) for n in RECIPES] + [("titans_mag_335m.yml", {"variant": "mag"})])
+def test_paper_scale_recipes_build_at_the_papers_size(recipe, override):
+    """Every paper-scale recipe is valid, names a size preset whose paper size the registration gives,
+    and its model (with the recipe's own fields) is within 10% of that size."""
+    model = load_recipe(ROOT / "configs" / recipe).model
+    sizes = tto.get(model["type"]).paper_sizes
+    assert model.get("preset") in sizes, f"configs/{recipe}: name a size preset of {model['type']!r}: {sorted(sizes)}"
+    count = parameters(model["type"], {**{k: v for k, v in model.items() if k != "type"}, **override})
+    target = sizes[model["preset"]]
+    assert abs(count - target) / target < 0.10, f"{count / 1e6:.1f}M parameters, the paper's {target / 1e6:.1f}M"
 
 
 def test_training_args_project_names_the_wandb_project(tmp_path, monkeypatch):

@@ -69,6 +69,9 @@ class Entry:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     paper: str = ""
     from_attention: FromAttention | None = None  # how tto.retrofit maps a pretrained attention onto it
+    #: size preset -> the parameter count its paper (or official code) gives; tests build each preset
+    #: and every recipe of configs/ (which names its size preset) within 10% of it
+    paper_sizes: dict[str, float] = field(default_factory=dict)
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -84,15 +87,25 @@ class Entry:
 
 _REGISTRY: dict[str, Entry] = {}
 
+#: the backbone of every type's ``tiny`` preset, the one tiny model of tto: ``configs/tiny/<type>.yml``
+#: (smoke runs, ``infer.py --config-type``) and the tests (which may narrow it further) build it.
+#: A type's own ``tiny`` entry adds its chunk and head choices: chunks of 2-8 tokens, so that a
+#: test sequence of a dozen tokens crosses several chunk boundaries.
+TINY_BACKBONE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
 
 def _camel(name: str) -> str:
     return "".join(part.upper() if len(part) <= 3 else part.capitalize() for part in name.split("_"))
 
 
 def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | None = None, paper: str = "",
-             from_attention: FromAttention | None = None):
+             paper_sizes: dict[str, float] | None = None, from_attention: FromAttention | None = None):
     """Class decorator registering a mixer (and its config) under the type key `name`;
+    `paper_sizes` gives the paper's parameter count of size presets (see :class:`Entry`),
     `from_attention` declares how :func:`tto.retrofit` starts it from a pretrained attention."""
+    unknown = sorted(set(paper_sizes or {}) - set(presets or {}))
+    if unknown:
+        raise ValueError(f"type {name!r}: paper_sizes names presets {unknown} it does not have; presets: {sorted(presets or {})}")
 
     def decorate(mixer_class: type[nn.Module]) -> type[nn.Module]:
         from . import modeling
@@ -113,7 +126,9 @@ def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | N
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModel.register(config, base, exist_ok=True)
         AutoModelForCausalLM.register(config, lm, exist_ok=True)
-        _REGISTRY[name] = Entry(name, config, mixer_class, lm, base, dict(presets or {}), paper, from_attention)
+        all_presets = {**(presets or {}), "tiny": {**TINY_BACKBONE, **(presets or {}).get("tiny", {})}}
+        _REGISTRY[name] = Entry(name, config, mixer_class, lm, base, all_presets, paper, from_attention,
+                                dict(paper_sizes or {}))
         return mixer_class
 
     return decorate
@@ -132,6 +147,7 @@ def get(name: str) -> Entry:
 
 
 def entries() -> list[Entry]:
+    """Every registered entry, in registration order (the order of :func:`available`)."""
     return list(_REGISTRY.values())
 
 

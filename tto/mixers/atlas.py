@@ -94,7 +94,7 @@ ATLAS_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.memory),
                                      heads=lambda heads, head_dim: {"num_mem_heads": heads})
 
 
-@register("atlas", config=AtlasConfig, presets=ATLAS_PRESETS, paper="arXiv:2505.23735 (Behrouz et al., 2025)",
+@register("atlas", config=AtlasConfig, presets=ATLAS_PRESETS, paper_sizes={"340m": 340e6}, paper="arXiv:2505.23735 (Behrouz et al., 2025)",
           from_attention=ATLAS_FROM_ATTENTION)
 class AtlasMixer(nn.Module):
     """ATLAS memory layer: x (B, T, hidden) -> (B, T, hidden), optimizer of `config.variant`."""

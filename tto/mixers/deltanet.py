@@ -113,7 +113,8 @@ class GatedDeltaNetConfig(DeltaNetConfig):
 DELTANET_FROM_ATTENTION = FromAttention(qkvo, heads=lambda heads, head_dim: {"num_heads": heads, "head_k_dim": head_dim})
 
 
-@register("deltanet", config=DeltaNetConfig, presets=DELTANET_PRESETS, paper="arXiv:2406.06484 (Yang et al., 2024)",
+@register("deltanet", config=DeltaNetConfig, presets=DELTANET_PRESETS, paper_sizes={"340m": 340e6, "1.3b": 1.3e9},
+          paper="arXiv:2406.06484 (Yang et al., 2024)",
           from_attention=DELTANET_FROM_ATTENTION)
 class DeltaNetMixer(nn.Module):
     """DeltaNet layer: x (B, T, hidden) -> (B, T, hidden). State: ``memory.W.S`` and the conv tails."""
@@ -154,7 +155,7 @@ class DeltaNetMixer(nn.Module):
         return self.o_proj(o)
 
 
-@register("gated_deltanet", config=GatedDeltaNetConfig, presets=GATED_DELTANET_PRESETS,
+@register("gated_deltanet", config=GatedDeltaNetConfig, presets=GATED_DELTANET_PRESETS, paper_sizes={"1.3b": 1.3e9},
           paper="arXiv:2412.06464 (Yang, Kautz, Hatamizadeh, 2024)", from_attention=DELTANET_FROM_ATTENTION)
 class GatedDeltaNetMixer(DeltaNetMixer):
     """Gated DeltaNet layer: DeltaNet with the decay ``a_t`` (its only difference)."""

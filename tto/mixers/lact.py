@@ -94,7 +94,7 @@ LACT_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.attention),
                                     heads=lambda heads, head_dim: {"num_key_value_heads": heads})
 
 
-@register("lact", config=LaCTConfig, presets=LACT_PRESETS, paper="arXiv:2505.23884 (Zhang et al., 2025)",
+@register("lact", config=LaCTConfig, presets=LACT_PRESETS, paper_sizes={"760m": 760e6}, paper="arXiv:2505.23884 (Zhang et al., 2025)",
           from_attention=LACT_FROM_ATTENTION)
 class LaCTMixer(nn.Module):
     """LaCT layer: x (B, T, hidden) -> (B, T, hidden). State: the attention window, ``memory.*``."""

@@ -110,7 +110,8 @@ MIRAS_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.memory),
                                      heads=lambda heads, head_dim: {"num_mem_heads": heads})
 
 
-@register("miras", config=MirasConfig, presets=MIRAS_PRESETS, paper="arXiv:2504.13173 (Behrouz et al., 2025)",
+@register("miras", config=MirasConfig, presets=MIRAS_PRESETS, paper_sizes={"340m": 340e6, "760m": 760e6},
+          paper="arXiv:2504.13173 (Behrouz et al., 2025)",
           from_attention=MIRAS_FROM_ATTENTION)
 class MirasMixer(nn.Module):
     """Miras memory layer: x (B, T, hidden) -> (B, T, hidden), with the bias and retention of `config.variant`."""

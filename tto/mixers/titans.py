@@ -239,7 +239,8 @@ TITANS_FROM_ATTENTION = FromAttention(
     heads=lambda heads, head_dim: {"num_mem_heads": heads})
 
 
-@register("titans", config=TitansConfig, presets=TITANS_PRESETS, paper="arXiv:2501.00663 (Behrouz et al., 2025)",
+@register("titans", config=TitansConfig, presets=TITANS_PRESETS, paper_sizes={"300m": 300e6, "335m": 335e6},
+          paper="arXiv:2501.00663 (Behrouz et al., 2025)",
           from_attention=TITANS_FROM_ATTENTION)
 class TitansMixer(nn.Module):
     """Titans mixer: x (B, T, hidden) -> (B, T, hidden), wired as `config.variant`."""

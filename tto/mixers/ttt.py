@@ -92,7 +92,9 @@ class TTTConfig(TTOConfig):
 TTT_FROM_ATTENTION = FromAttention(qkvo, rope="interleaved")
 
 
-@register("ttt", config=TTTConfig, presets=TTT_PRESETS, paper="arXiv:2407.04620 (Sun et al., 2024)",
+# "125m" follows GPT-3's size names; the reference code builds 110.3M (TTT-Linear) and 114.4M (TTT-MLP) at it
+@register("ttt", config=TTTConfig, presets=TTT_PRESETS, paper_sizes={"125m": 110.3e6, "350m": 350e6, "760m": 760e6,
+                                                                   "1b": 1.3e9}, paper="arXiv:2407.04620 (Sun et al., 2024)",
           from_attention=TTT_FROM_ATTENTION)
 class TTTMixer(nn.Module):
     """TTT layer: x (B, T, hidden) -> (B, T, hidden)."""
