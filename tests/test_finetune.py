@@ -136,7 +136,7 @@ SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
 def tiny_model(name: str):
     entry = tto.get(name)
     torch.manual_seed(0)
-    return entry.model_class(tto.build_config(name, **SIZES, **entry.presets.get("tiny", {})))
+    return entry.model_class(tto.build_config(name, **{**entry.presets["tiny"], **SIZES}))
 
 
 def memory_parameters(model) -> set[str]:
