@@ -26,9 +26,6 @@ from tto.engine import ChunkwiseMemory
 #: The "small" configuration of PEERS-CPU.md, passed to every model.
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              tie_word_embeddings=True)
-#: Fields set only on configs that have them, so that every model has 4 heads x 64 (a memory's
-#: own head count would otherwise keep its paper-scale default, e.g. 32 heads x 8 at this width).
-MATCH_IF_PRESENT = dict(num_mem_heads=4)
 #: Per (type, variant) settings matched to a peer: Titans MAC as titans-pytorch's MAC case, whose
 #: memory chunk is its attention segment (128 tokens + its 16 long-term memory tokens). Its inner
 #: step keeps the default bound: the engine's step bound keeps a 128-token chunk stable.
@@ -163,9 +160,8 @@ def _tto_mixer_call(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _tto_config(entry, variant_fields: dict, **overrides):
-    matched = {k: v for k, v in MATCH_IF_PRESENT.items() if k in entry.config_class.field_names()}
     variant = next(iter(variant_fields.values()), None)
-    fields = {**SMALL, **matched, **variant_fields, **MATCH_VARIANT.get((entry.name, variant), {}), **overrides}
+    fields = {**SMALL, **variant_fields, **MATCH_VARIANT.get((entry.name, variant), {}), **overrides}
     return fields, tto.build_config(entry.name, **fields)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -51,10 +52,10 @@ def test_hybrid_layers_are_declared_in_config():
 def test_any_type_is_a_hybrid_partner_with_its_own_fields(tmp_path):
     """A gated_deltanet layer under TTT: built from gated_deltanet's config with the model's backbone
     fields and its `mixer_fields` (its defaults otherwise); the hybrid saves and loads as one model."""
-    model = ttt(layer_mixers=["gated_deltanet", "ttt"], mixer_fields={"gated_deltanet": {"num_heads": 4}})
+    model = ttt(layer_mixers=["gated_deltanet", "ttt"], mixer_fields={"gated_deltanet": {"num_memory_heads": 4}})
     partner, config = model.model.layers[0].mixer, model.config.layer_config(0)
     assert type(partner).__name__ == "GatedDeltaNetMixer" and partner.num_heads == 4
-    assert type(config).__name__ == "GatedDeltaNetConfig" and config.num_heads == 4
+    assert type(config).__name__ == "GatedDeltaNetConfig" and config.num_memory_heads == 4
     assert config.hidden_size == SIZES["hidden_size"] and config.vocab_size == SIZES["vocab_size"]
     assert config.chunk_size == tto.get("gated_deltanet").config_class().chunk_size  # a default
     assert model.config.layer_config(1) is model.config
@@ -66,8 +67,8 @@ def test_any_type_is_a_hybrid_partner_with_its_own_fields(tmp_path):
 
 @pytest.mark.parametrize("fields,message", [
     (dict(layer_mixers=["ttt_e2e", "ttt"]), "'ttt_e2e': trains prime MLPs across the whole model"),
-    (dict(layer_mixers=["deltanet", "ttt"], mixer_fields={"deltanet": {"num_head": 4}}),
-     r"mixer_fields\['deltanet'\]: unknown config field.*did you mean 'num_heads'"),
+    (dict(layer_mixers=["deltanet", "ttt"], mixer_fields={"deltanet": {"num_memory_head": 4}}),
+     r"mixer_fields\['deltanet'\]: unknown config field.*did you mean 'num_memory_heads'"),
     (dict(layer_mixers=["deltanet", "ttt"], mixer_fields={"deltanet": {"hidden_size": 8}}),
      r"\['hidden_size'\] are backbone fields"),
     (dict(layer_mixers=["deltanet", "ttt"], mixer_fields={"lact": {}}), r"names no other type.*\['deltanet'\]"),
@@ -167,3 +168,29 @@ def test_attention_query_subset_equals_full_attention_rows(bound):
                     full.append(attention(x[:, lo:hi], ctx, state_full)[:, queries])
                     part.append(attention(x[:, lo:hi], ctx, state_part, queries=queries))
             torch.testing.assert_close(torch.cat(part, 1), torch.cat(full, 1), atol=1e-12, rtol=0)
+
+
+MEMORY_TYPES = [n for n in tto.available() if issubclass(tto.get(n).config_class, tto.MemoryConfig)]
+
+
+@pytest.mark.parametrize("name", MEMORY_TYPES)
+def test_memory_heads_follow_the_attention_heads_unless_given(name):
+    """One name for a memory's heads in every type; by default as many as the attention has, so a
+    resized model keeps heads as wide as its attention's (hidden 64 with 2 heads: 2 heads of 32)."""
+    small = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    assert tto.build_config(name, **small).num_memory_heads == 2
+    assert tto.build_config(name, **{**small, "num_memory_heads": 4}).num_memory_heads == 4
+
+
+@pytest.mark.parametrize("name,old", [(n, old) for n in MEMORY_TYPES for old in tto.get(n).config_class.aliases])
+def test_former_memory_head_names_are_accepted(name, old, tmp_path):
+    """A config (or a saved config.json) that uses a type's former name for its memory heads builds
+    the same model; giving both names with different values is an error naming both."""
+    small = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    assert tto.build_config(name, **small, **{old: 4}).num_memory_heads == 4
+    saved = tto.build_config(name, **small, num_memory_heads=4).to_dict()
+    saved[old] = saved.pop("num_memory_heads")
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AutoConfig.from_pretrained(tmp_path).num_memory_heads == 4
+    with pytest.raises(ValueError, match=f"'{old}'=4: is the former name of 'num_memory_heads', also given \\(8\\)"):
+        tto.build_config(name, **small, **{old: 4, "num_memory_heads": 8})

@@ -719,14 +719,14 @@ def test_atlas_keeps_no_tensor_wider_than_its_features_for_backward():
     """Training ATLAS keeps, per layer, nothing larger than phi(k) of the sequence (tokens x heads x
     out_dim): no per-token x window or per-token x weight tensor, no monomial factors per degree."""
     config = tto.build_config("atlas", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_mem_heads=2, chunk_size=4, omega_window=3,
+                              num_attention_heads=2, num_memory_heads=2, chunk_size=4, omega_window=3,
                               scan_checkpoint_group_size=2)
     torch.manual_seed(0)
     model = tto.get("atlas").model_class(config).train()
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
     features = model.model.layers[0].mixer.memory.feature_map
     largest = max(t.numel() for t in saved_for_backward(lambda: model(input_ids=ids, labels=ids)))
-    assert largest <= ids.numel() * config.num_mem_heads * features.out_dim, largest
+    assert largest <= ids.numel() * config.num_memory_heads * features.out_dim, largest
 
 
 def test_muon_retention_orthogonalises_the_chunk_step():

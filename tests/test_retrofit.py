@@ -29,7 +29,7 @@ SIZES = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_la
 #: per type, its own tiny fields that keep its memory small enough for a 4-layer, 32-wide test model
 #: (the backbone comes from the source Llama)
 TINY = {name: {k: v for k, v in tto.get(name).presets["tiny"].items()
-               if k not in tto.TTOConfig.field_names() | {"num_mem_heads", "num_heads", "num_persistent_mem_tokens",
+               if k not in tto.TTOConfig.field_names() | {"num_memory_heads", "num_persistent_mem_tokens",
                                                           "expand_v"}}
         for name in tto.available()}
 

@@ -58,8 +58,8 @@ def test_lmm_has_no_attention_and_no_persistent_tokens():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="num_mem_heads"):
-        tto.build_config("titans", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_mem_heads=6)
+    with pytest.raises(ValueError, match="num_memory_heads"):
+        tto.build_config("titans", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_memory_heads=6)
     with pytest.raises(ValueError, match="num_persistent_mem_tokens"):
         tto.build_config("titans", num_persistent_mem_tokens=-1)
     with pytest.raises(ValueError, match="mem_activation.*did you mean 'silu'"):
@@ -95,7 +95,7 @@ def test_lmm_memorizes_at_test_time():
     # a matrix memory (depth 1) that writes almost without decay or momentum, with a step bound
     # that allows one-shot writes of unit-norm keys (delta rule beta = 2 * theta <= 1)
     cfg = tto.build_config("titans", variant="lmm", vocab_size=KEYS + VALUES, hidden_size=64, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, num_mem_heads=2, chunk_size=2, mem_depth=1,
+                           num_hidden_layers=1, num_attention_heads=2, num_memory_heads=2, chunk_size=2, mem_depth=1,
                            mem_residual_norm=False, mem_max_lr=0.5, lr_gate_bias_init=2.0, forget_gate_bias_init=-6.0,
                            momentum_gate_bias_init=-6.0, num_persistent_mem_tokens=0, tie_word_embeddings=True)
     model = tto.get("titans").model_class(cfg).train()

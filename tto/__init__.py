@@ -5,7 +5,7 @@
 
 from . import mixers  # noqa: F401  (registers every type)
 from .cache import TTOCache
-from .config import TTOConfig
+from .config import MemoryConfig, TTOConfig
 from .convert import convert_official_ttt
 from .mixers.titans import TitansConfig
 from .mixers.ttt import TTTConfig
@@ -13,5 +13,5 @@ from .modeling import TitansForCausalLM, TTOForCausalLM, TTOModel, TTTForCausalL
 from .registry import available, build_config, get
 from .retrofit import retrofit
 
-__all__ = ["TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "TTTConfig", "TTTForCausalLM", "TitansConfig",
+__all__ = ["MemoryConfig", "TTOCache", "TTOConfig", "TTOForCausalLM", "TTOModel", "TTTConfig", "TTTForCausalLM", "TitansConfig",
            "TitansForCausalLM", "available", "build_config", "convert_official_ttt", "get", "retrofit"]

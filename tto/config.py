@@ -71,6 +71,8 @@ class TTOConfig(PreTrainedConfig):
     choices: ClassVar[dict[str, tuple]] = {"hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu")}
     #: the field that selects the paper's variant (None: the type has one variant)
     variant_field: ClassVar[str | None] = None
+    #: former names of fields, still accepted in configs and saved config.json files: {old: field}
+    aliases: ClassVar[dict[str, str]] = {}
     #: integer fields that must be > 0 (subclasses extend)
     positive_fields: ClassVar[tuple[str, ...]] = (
         "vocab_size",
@@ -121,6 +123,7 @@ class TTOConfig(PreTrainedConfig):
     eos_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        self._take_aliases(kwargs)
         generation_keys = set(GenerationConfig._get_default_generation_params())
         unknown = sorted(k for k in kwargs if k not in _HF_INTERNAL_KEYS and k not in generation_keys)
         if unknown:
@@ -135,6 +138,16 @@ class TTOConfig(PreTrainedConfig):
             self.layer_mixers = [self.tto_type] * self.num_hidden_layers
         self.validate()
         super().__post_init__(**kwargs)
+
+    def _take_aliases(self, kwargs: dict) -> None:
+        """Moves values given under a former name (:attr:`aliases`) from `kwargs` to their field."""
+        for old, name in self.aliases.items():
+            if old in kwargs:
+                value = kwargs.pop(old)
+                if getattr(self, name) is not None and getattr(self, name) != value:
+                    raise config_error(old, value, f"is the former name of {name!r}, also given ({getattr(self, name)!r}): "
+                                       "give one")
+                setattr(self, name, value)
 
     @property
     def prime_layers(self) -> tuple[int, ...]:
@@ -213,3 +226,20 @@ class TTOConfig(PreTrainedConfig):
             return registry.get(kind).config_class(**backbone, **own)
         except ValueError as err:
             raise ValueError(f"mixer_fields[{kind!r}]: {err}") from None
+
+
+class MemoryConfig(TTOConfig):
+    """The fields every type whose layers hold a memory (fast weights trained while reading) shares."""
+
+    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("num_memory_heads",)
+
+    # memory heads, each with its own fast weights (None: num_attention_heads, so that a resized model
+    # keeps heads as wide as its attention's); their width is hidden_size // num_memory_heads unless
+    # the type has a head-width field
+    num_memory_heads: int | None = None
+
+    def __post_init__(self, **kwargs):
+        self._take_aliases(kwargs)
+        if self.num_memory_heads is None:
+            self.num_memory_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)

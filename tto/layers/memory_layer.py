@@ -21,20 +21,20 @@ from torch import nn
 from typing import ClassVar
 
 from ..cache import Context
-from ..config import TTOConfig, config_error
+from ..config import MemoryConfig, TTOConfig, config_error
 from ..engine import ACTIVATIONS
 from .conv import ShortConv
 
 
-class MemoryLayerConfig(TTOConfig):
+class MemoryLayerConfig(MemoryConfig):
     """Fields of the memory layer and its deep MLP memory, shared by the types built on it."""
 
+    aliases: ClassVar[dict[str, str]] = {"num_mem_heads": "num_memory_heads"}
     choices: ClassVar[dict[str, tuple]] = {**TTOConfig.choices, "mem_activation": tuple(ACTIVATIONS)}
-    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + (
-        "chunk_size", "num_mem_heads", "mem_depth", "mem_expansion_factor")
+    positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + (
+        "chunk_size", "mem_depth", "mem_expansion_factor")
 
     chunk_size: int = 16  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
-    num_mem_heads: int = 16  # memory heads; each has its own memory of width hidden_size // num_mem_heads
     mem_depth: int = 2  # layers of the memory MLP (1: a matrix memory)
     mem_expansion_factor: int = 4  # hidden width of the memory MLP, in multiples of its head width
     mem_activation: str = "silu"  # activation between the memory MLP's layers
@@ -51,8 +51,8 @@ class MemoryLayerConfig(TTOConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.hidden_size % self.num_mem_heads:
-            raise config_error("num_mem_heads", self.num_mem_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.hidden_size % self.num_memory_heads:
+            raise config_error("num_memory_heads", self.num_memory_heads, f"must divide hidden_size={self.hidden_size}")
         if self.scan_checkpoint_group_size < 0:
             raise config_error("scan_checkpoint_group_size", self.scan_checkpoint_group_size, "must be >= 0")
 
@@ -65,9 +65,9 @@ class MemoryLayer(nn.Module):
                  feature_map: nn.Module | None = None):
         super().__init__()
         self.name = name
-        self.num_heads = config.num_mem_heads
-        self.head_dim = config.hidden_size // config.num_mem_heads
-        width, inner = config.hidden_size, config.num_mem_heads * self.head_dim
+        self.num_heads = config.num_memory_heads
+        self.head_dim = config.hidden_size // config.num_memory_heads
+        width, inner = config.hidden_size, config.num_memory_heads * self.head_dim
         self.q_proj = nn.Linear(width, inner, bias=False)
         self.k_proj = nn.Linear(width, inner, bias=False)
         self.v_proj = nn.Linear(width, inner, bias=False)

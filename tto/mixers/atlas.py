@@ -47,9 +47,9 @@ from ..registry import FromAttention, qkvo, register
 ATLAS_PRESETS = {
     # a 24 x 1024 model of the paper's 340M class: degree-2 features of 64-wide heads (2145 features)
     # make the memories' initial weights large, so the MLP is narrower and the memory one layer
-    "340m": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=24, num_mem_heads=16,
+    "340m": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=24, num_memory_heads=16,
                  num_attention_heads=16, mem_depth=1),
-    "tiny": dict(num_mem_heads=2, chunk_size=4, omega_window=2),
+    "tiny": dict(chunk_size=4, omega_window=2),
 }
 
 
@@ -83,15 +83,15 @@ class AtlasConfig(MemoryLayerConfig):
 VARIANTS: dict[str, Callable[[AtlasConfig], tuple[InnerOptimizer, Retention | None, dict[str, nn.Module]]]] = {
     "omeganet": lambda c: (DecayGD(), None, {}),
     "atlas": lambda c: (MomentumGD(), MuonRetention(c.muon_scale), {
-        "momentum": Gate(c.hidden_size, c.num_mem_heads, 1.0, c.momentum_gate_bias_init)}),  # theta_t
+        "momentum": Gate(c.hidden_size, c.num_memory_heads, 1.0, c.momentum_gate_bias_init)}),  # theta_t
 }
 
 
-#: retrofit (tto.retrofit): one memory head per attention head (num_mem_heads); the memory layer's
+#: retrofit (tto.retrofit): one memory head per attention head (num_memory_heads); the memory layer's
 #: q, k, v, o from the attention's (k, v repeated from grouped KV heads; no RoPE, so the positions are
 #: lost). Convs, gates, feature coefficients, the output gate and norm and the memory start from init.
 ATLAS_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.memory),
-                                     heads=lambda heads, head_dim: {"num_mem_heads": heads})
+                                     heads=lambda heads, head_dim: {"num_memory_heads": heads})
 
 
 @register("atlas", config=AtlasConfig, presets=ATLAS_PRESETS, paper_sizes={"340m": 340e6}, paper="arXiv:2505.23735 (Behrouz et al., 2025)",
@@ -102,7 +102,7 @@ class AtlasMixer(nn.Module):
     def __init__(self, config: AtlasConfig, layer_idx: int):
         super().__init__()
         optimizer, retention, extra_gates = VARIANTS[config.variant](config)
-        heads, width = config.num_mem_heads, config.hidden_size
+        heads, width = config.num_memory_heads, config.hidden_size
         features = PolynomialFeatures(width // heads, config.poly_degree)
         fast = MLPMemory(heads, width // heads, depth=config.mem_depth, expansion=config.mem_expansion_factor,
                          activation=config.mem_activation, bias=False, residual_norm=False,

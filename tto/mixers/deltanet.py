@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Context
-from ..config import TTOConfig, config_error
+from ..config import MemoryConfig, config_error
 from ..engine import DeltaRule
 from ..layers.conv import ShortConv
 from ..layers.gates import DecayGate, Gate
@@ -45,25 +45,25 @@ from ..registry import FromAttention, qkvo, register
 #: sizes of the papers' tables: 340M (DeltaNet Table 2, fla configs/delta_net_340M), 1.3B
 #: (DeltaNet Table 2 and Gated DeltaNet Table 1; fla gated_deltanet_1B: head_dim 256, expand_v 2)
 DELTANET_PRESETS = {
-    "340m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_heads=8, num_attention_heads=16),
-    "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_heads=16, num_attention_heads=32),
-    "tiny": dict(num_heads=2, chunk_size=4),
-    "tiny-neg-eigval": dict(num_heads=2, chunk_size=4, allow_neg_eigval=True),
+    "340m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_memory_heads=8, num_attention_heads=16),
+    "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_memory_heads=16, num_attention_heads=32),
+    "tiny": dict(chunk_size=4),
+    "tiny-neg-eigval": dict(chunk_size=4, allow_neg_eigval=True),
 }
 GATED_DELTANET_PRESETS = {
-    "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=21, num_heads=6,
+    "1.3b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=21, num_memory_heads=6,
                  head_k_dim=256, expand_v=2.0, num_attention_heads=32),
-    "tiny": dict(num_heads=2, chunk_size=4, expand_v=2.0),
+    "tiny": dict(chunk_size=4, expand_v=2.0),
 }
 
 
-class DeltaNetConfig(TTOConfig):
-    """DeltaNet fields (fla's names where it has them)."""
+class DeltaNetConfig(MemoryConfig):
+    """DeltaNet fields (fla's names where it has them; fla's ``num_heads`` is ``num_memory_heads``)."""
 
-    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("num_heads", "chunk_size")
+    aliases: ClassVar[dict[str, str]] = {"num_heads": "num_memory_heads"}
+    positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + ("chunk_size",)
 
-    num_heads: int = 16  # memory heads
-    head_k_dim: int | None = None  # key/query width per head (None: hidden_size // num_heads)
+    head_k_dim: int | None = None  # key/query width per head (None: hidden_size // num_memory_heads)
     expand_v: float = 1.0  # value width per head = expand_v * head_k_dim
     use_gate: bool = False  # output gated by silu(g_proj(x)) (fla DeltaNet: off; Gated DeltaNet: on)
     lr_gate_bias_init: float = 0.0  # initial bias of the beta gate (pre-sigmoid)
@@ -72,7 +72,7 @@ class DeltaNetConfig(TTOConfig):
 
     @property
     def key_dim(self) -> int:
-        return self.head_k_dim or self.hidden_size // self.num_heads
+        return self.head_k_dim or self.hidden_size // self.num_memory_heads
 
     @property
     def value_dim(self) -> int:
@@ -80,8 +80,8 @@ class DeltaNetConfig(TTOConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.head_k_dim is None and self.hidden_size % self.num_heads:
-            raise config_error("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size} (or set head_k_dim)")
+        if self.head_k_dim is None and self.hidden_size % self.num_memory_heads:
+            raise config_error("num_memory_heads", self.num_memory_heads, f"must divide hidden_size={self.hidden_size} (or set head_k_dim)")
         if self.head_k_dim is not None and self.head_k_dim <= 0:
             raise config_error("head_k_dim", self.head_k_dim, "must be a positive integer or None")
         if self.expand_v <= 0 or (self.key_dim * self.expand_v) % 1:
@@ -106,11 +106,11 @@ class GatedDeltaNetConfig(DeltaNetConfig):
             raise config_error("a_init_max", self.a_init_max, "must be > 0")
 
 
-#: retrofit (tto.retrofit): one delta-rule head per attention head, as wide (num_heads, head_k_dim);
+#: retrofit (tto.retrofit): one delta-rule head per attention head, as wide (num_memory_heads, head_k_dim);
 #: q, k, v, o from the attention's (k, v repeated from grouped KV heads; no RoPE, so the positions are
 #: lost; with expand_v != 1, v and o do not fit and start from init). Convs, the beta gate (and the
 #: decay gate), the output norm and gate start from init.
-DELTANET_FROM_ATTENTION = FromAttention(qkvo, heads=lambda heads, head_dim: {"num_heads": heads, "head_k_dim": head_dim})
+DELTANET_FROM_ATTENTION = FromAttention(qkvo, heads=lambda heads, head_dim: {"num_memory_heads": heads, "head_k_dim": head_dim})
 
 
 @register("deltanet", config=DeltaNetConfig, presets=DELTANET_PRESETS, paper_sizes={"340m": 340e6, "1.3b": 1.3e9},
@@ -121,7 +121,7 @@ class DeltaNetMixer(nn.Module):
 
     def __init__(self, config: DeltaNetConfig, layer_idx: int):
         super().__init__()
-        width, heads = config.hidden_size, config.num_heads
+        width, heads = config.hidden_size, config.num_memory_heads
         self.num_heads, self.head_k_dim, self.head_v_dim = heads, config.key_dim, config.value_dim
         key_width, value_width = heads * self.head_k_dim, heads * self.head_v_dim
         self.q_proj = nn.Linear(width, key_width, bias=False)
@@ -162,7 +162,7 @@ class GatedDeltaNetMixer(DeltaNetMixer):
 
     def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.forget_gate = DecayGate(config.hidden_size, config.num_heads, config.a_init_max, config.dt_min,
+        self.forget_gate = DecayGate(config.hidden_size, config.num_memory_heads, config.a_init_max, config.dt_min,
                                      config.dt_max, config.dt_init_floor)
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Context
-from ..config import TTOConfig, config_error
+from ..config import MemoryConfig, config_error
 from ..engine import DotProduct, LargeChunkMemory, SwiGLUMemory
 from ..layers.attention import Attention
 from ..layers.rope import apply_rope, rope_cos_sin
@@ -44,20 +44,21 @@ from ..registry import FromAttention, qkvo, register
 LACT_PRESETS = {
     # lact_llm/configs 760M: hidden 1536, 24 layers, 24 attention heads, 4 fast heads, chunk = window = 2048
     "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=24,
-                 num_lact_heads=4, lact_chunk_size=2048, window_size=2048, rope_theta=1e6),
-    "tiny": dict(num_lact_heads=2, lact_chunk_size=4, window_size=4),
+                 num_memory_heads=4, lact_chunk_size=2048, window_size=2048, rope_theta=1e6),
+    "tiny": dict(lact_chunk_size=4, window_size=4),
     # the other branch of every option: Muon, no momentum, no weight norm, no RoPE on the fast branch
-    "tiny-muon": dict(num_lact_heads=2, lact_chunk_size=4, window_size=4, use_muon=True, use_momentum=False,
+    "tiny-muon": dict(lact_chunk_size=4, window_size=4, use_muon=True, use_momentum=False,
                       weight_norm=False, ttt_nope=True, learnable_ttt_scale=False, qkv_silu=False),
 }
 
 
-class LaCTConfig(TTOConfig):
-    """LaCT fields, named as in the official ``LaCTSWIGLUConfig``."""
+class LaCTConfig(MemoryConfig):
+    """LaCT fields, named as in the official ``LaCTSWIGLUConfig`` (its ``num_lact_heads`` is
+    ``num_memory_heads``: few wide heads, 4 in every official config, which the presets set)."""
 
-    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("num_lact_heads", "lact_chunk_size")
+    aliases: ClassVar[dict[str, str]] = {"num_lact_heads": "num_memory_heads"}
+    positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + ("lact_chunk_size",)
 
-    num_lact_heads: int = 4  # fast-weight heads; each has its own SwiGLU memory of width hidden_size // num_lact_heads
     inter_multi: float = 1.0  # hidden width of the SwiGLU memory, in multiples of its head width
     lact_chunk_size: int = 2048  # tokens per fast-weight update (apply-then-update)
     window_size: int | None = 2048  # sliding-window attention span (None: full causal attention)
@@ -74,8 +75,8 @@ class LaCTConfig(TTOConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.hidden_size % self.num_lact_heads:
-            raise config_error("num_lact_heads", self.num_lact_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.hidden_size % self.num_memory_heads:
+            raise config_error("num_memory_heads", self.num_memory_heads, f"must divide hidden_size={self.hidden_size}")
         if self.num_key_value_heads != self.num_attention_heads:
             raise config_error("num_key_value_heads", self.num_key_value_heads,
                                f"must equal num_attention_heads={self.num_attention_heads} (k also feeds the fast weights)")
@@ -101,7 +102,7 @@ class LaCTMixer(nn.Module):
 
     def __init__(self, config: LaCTConfig, layer_idx: int):
         super().__init__()
-        width, self.heads = config.hidden_size, config.num_lact_heads
+        width, self.heads = config.hidden_size, config.num_memory_heads
         self.head_dim, self.rope_theta, self.nope = width // self.heads, config.rope_theta, config.ttt_nope
         self.attention = Attention(config, window=config.window_size)  # q/k/v/o projections shared with the fast branch
         self.attn_heads, self.attn_head_dim = config.num_attention_heads, config.head_dim

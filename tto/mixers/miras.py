@@ -50,12 +50,12 @@ from ..registry import FromAttention, qkvo, register
 MIRAS_PRESETS = {
     # the paper's 340M / 760M rows (Table 2): 24 layers of 1024 / 1536; at 340M the MLP is 2560 wide
     # (not 2816) so that the output gate and the memories' initial weights fit the size
-    "340m": dict(hidden_size=1024, intermediate_size=2560, num_hidden_layers=24, num_mem_heads=16,
+    "340m": dict(hidden_size=1024, intermediate_size=2560, num_hidden_layers=24, num_memory_heads=16,
                  num_attention_heads=16),
-    "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_mem_heads=16,
+    "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_memory_heads=16,
                  num_attention_heads=16),
     # small chunks; Yaad's threshold at 1, inside the spread of unit-scale errors, so both regimes occur
-    "tiny": dict(num_mem_heads=2, chunk_size=2, huber_delta_bias_init=0.0),
+    "tiny": dict(chunk_size=2, huber_delta_bias_init=0.0),
 }
 
 
@@ -98,7 +98,7 @@ class MirasConfig(MemoryLayerConfig):
 VARIANTS: dict[str, Callable[[MirasConfig], tuple[Objective, Retention, dict[str, nn.Module], float]]] = {
     "moneta": lambda c: (LpError(c.lp_p, c.lp_eps), LqNormalization(c.lq_q, c.lq_min_norm), {}, c.initializer_range),
     "yaad": lambda c: (Huber(), Retention(), {
-        "huber_delta": Gate(c.hidden_size, c.num_mem_heads, c.huber_delta_max, c.huber_delta_bias_init)},
+        "huber_delta": Gate(c.hidden_size, c.num_memory_heads, c.huber_delta_max, c.huber_delta_bias_init)},
         c.initializer_range),
     "memora": lambda c: (SquaredError(1.0), SoftmaxRetention(c.memora_scale), {}, c.memora_logit_std),
 }
@@ -107,7 +107,7 @@ VARIANTS: dict[str, Callable[[MirasConfig], tuple[Objective, Retention, dict[str
 #: retrofit (tto.retrofit): as ATLAS and Titans LMM, the memory layer's q, k, v, o from the
 #: attention's, one memory head per attention head; everything else from init
 MIRAS_FROM_ATTENTION = FromAttention(lambda mixer: qkvo(mixer.memory),
-                                     heads=lambda heads, head_dim: {"num_mem_heads": heads})
+                                     heads=lambda heads, head_dim: {"num_memory_heads": heads})
 
 
 @register("miras", config=MirasConfig, presets=MIRAS_PRESETS, paper_sizes={"340m": 340e6, "760m": 760e6},
@@ -119,7 +119,7 @@ class MirasMixer(nn.Module):
     def __init__(self, config: MirasConfig, layer_idx: int):
         super().__init__()
         objective, retention, bias_gates, init_std = VARIANTS[config.variant](config)
-        heads, width = config.num_mem_heads, config.hidden_size
+        heads, width = config.num_memory_heads, config.hidden_size
         fast = MLPMemory(heads, width // heads, depth=config.mem_depth, expansion=config.mem_expansion_factor,
                          activation=config.mem_activation, bias=False, residual_norm=config.mem_residual_norm,
                          norm_eps=config.rms_norm_eps, init_std=init_std)

@@ -86,21 +86,21 @@ from ..registry import FromAttention, qkvo, register
 
 #: the original TTO recipes' model fields (configs/titans_lmm_300m.yml, configs/titans_mag_335m.yml)
 _RECIPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2736, num_hidden_layers=16,
-               hidden_act="silu", chunk_size=8, num_mem_heads=16, num_persistent_mem_tokens=4,
+               hidden_act="silu", chunk_size=8, num_memory_heads=16, num_persistent_mem_tokens=4,
                use_output_proj=True)
 TITANS_PRESETS = {
     "300m": dict(_RECIPE, variant="lmm", use_gate=False, scan_checkpoint_group_size=16),
     "335m": dict(_RECIPE, variant="mal", num_attention_heads=16, num_key_value_heads=4, use_gate=True,
                  scan_checkpoint_group_size=8, sliding_window=256, rms_qk_norm=True),
     # small chunks and windows, so 13 tokens cross every boundary (tests, smoke runs)
-    "tiny": dict(num_mem_heads=2, chunk_size=2, sliding_window=5, num_persistent_mem_tokens=2,
+    "tiny": dict(chunk_size=2, sliding_window=5, num_persistent_mem_tokens=2,
                  num_key_value_heads=1),
     # the other branch of every option: RMSNorm q/k, no gate, no output projection, linear memory
-    "tiny-rms-linear": dict(num_mem_heads=2, chunk_size=2, sliding_window=5,
+    "tiny-rms-linear": dict(chunk_size=2, sliding_window=5,
                             num_persistent_mem_tokens=1, rms_qk_norm=True, use_gate=False,
                             use_output_proj=False, mem_depth=1, variant="mal"),
     # MAC with attention segments longer than (and not a multiple of) the memory chunks
-    "tiny-mac-segments": dict(num_mem_heads=2, chunk_size=2, segment_size=5, num_persistent_mem_tokens=2,
+    "tiny-mac-segments": dict(chunk_size=2, segment_size=5, num_persistent_mem_tokens=2,
                               num_key_value_heads=1, variant="mac"),
 }
 
@@ -125,7 +125,6 @@ class TitansConfig(MemoryLayerConfig):
     # --- Titans ---
     variant: str = "lmm"  # "lmm": memory alone; "mac": memory as context; "mag": memory as a gate; "mal": memory as a layer
     chunk_size: int = 8  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
-    num_mem_heads: int = 32  # memory heads; each has its own MLP memory of width hidden_size // num_mem_heads
     mem_residual_norm: bool = False  # memory is x + LayerNorm(MLP(x)) (titans-pytorch) instead of MLP(x)
     mem_loss_scale: float = 2.0  # inner loss scale/2 * ||M(k) - v||^2: 2 is the paper's unhalved square
     mem_max_lr: float = 0.1  # theta_t = mem_max_lr * sigmoid(.): bound of the inner step (titans-pytorch train_mac: 0.1; 1.0 diverges)
@@ -144,13 +143,13 @@ class TitansConfig(MemoryLayerConfig):
 def neural_memory(config: TitansConfig) -> MemoryLayer:
     """The neural long-term memory: a deep MLP memory trained with momentum and forgetting,
     theta = ``mem_max_lr * sigmoid``, eta and alpha sigmoids of the input (Eqs. 13-14)."""
-    fast = MLPMemory(config.num_mem_heads, config.hidden_size // config.num_mem_heads, depth=config.mem_depth,
+    fast = MLPMemory(config.num_memory_heads, config.hidden_size // config.num_memory_heads, depth=config.mem_depth,
                      expansion=config.mem_expansion_factor, activation=config.mem_activation, bias=False,
                      residual_norm=config.mem_residual_norm, norm_eps=config.rms_norm_eps,
                      init_std=config.initializer_range)
     memory = Memory(fast, SquaredError(config.mem_loss_scale), MomentumGD(), config.chunk_size,
                     checkpoint_group=config.scan_checkpoint_group_size)
-    width, heads = config.hidden_size, config.num_mem_heads
+    width, heads = config.hidden_size, config.num_memory_heads
     return MemoryLayer(config, memory, {
         "lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init),  # theta_t
         "momentum": Gate(width, heads, 1.0, config.momentum_gate_bias_init),  # eta_t
@@ -230,13 +229,13 @@ class MAL(nn.Module):
 VARIANTS: dict[str, type[nn.Module]] = {"lmm": LMM, "mac": MAC, "mag": MAG, "mal": MAL}
 
 
-#: retrofit (tto.retrofit): one memory head per attention head (num_mem_heads); the memory layer's
+#: retrofit (tto.retrofit): one memory head per attention head (num_memory_heads); the memory layer's
 #: q, k, v, o from the attention's (k, v repeated from grouped KV heads; the memory has no RoPE, so
 #: the positions are lost), and in MAC/MAG/MAL the attention branch's q, k, v, o too. Convs, gates,
 #: output gate and norm, persistent tokens and the memory MLP start from init.
 TITANS_FROM_ATTENTION = FromAttention(
     lambda mixer: qkvo(mixer.wiring.memory) + qkvo(getattr(mixer.wiring, "attention", None)),
-    heads=lambda heads, head_dim: {"num_mem_heads": heads})
+    heads=lambda heads, head_dim: {"num_memory_heads": heads})
 
 
 @register("titans", config=TitansConfig, presets=TITANS_PRESETS, paper_sizes={"300m": 300e6, "335m": 335e6},

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Context
-from ..config import TTOConfig, config_error
+from ..config import MemoryConfig, TTOConfig, config_error
 from ..engine import MiniBatchGD, MLPMemory, Memory, SquaredError
 from ..layers.conv import ShortConv
 from ..layers.rope import apply_rope_interleaved, rope_cos_sin
@@ -52,17 +52,17 @@ TTT_PRESETS = {
 }
 
 
-class TTTConfig(TTOConfig):
+class TTTConfig(MemoryConfig):
     """TTT fields, named as in the reference's ``TTTConfig`` (its defaults are the 1B model's)."""
 
     choices: ClassVar[dict[str, tuple]] = {**TTOConfig.choices, "ttt_layer_type": ("linear", "mlp")}
     variant_field: ClassVar[str] = "ttt_layer_type"
-    positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("mini_batch_size", "pretraining_tp")
+    positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + ("mini_batch_size", "pretraining_tp")
 
     hidden_size: int = 2048
     intermediate_size: int = 5504
     num_hidden_layers: int = 24
-    num_attention_heads: int = 32  # TTT heads: the fast model of each head is head_dim wide
+    num_attention_heads: int = 32  # the reference's TTT heads (num_memory_heads defaults to it)
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     ttt_layer_type: str = "linear"  # "linear": TTT-Linear; "mlp": TTT-MLP
@@ -101,8 +101,8 @@ class TTTMixer(nn.Module):
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_memory_heads
+        self.head_dim = config.hidden_size // config.num_memory_heads
         self.mini_batch_size = config.mini_batch_size
         self.base_lr = config.ttt_base_lr
         self.rope_theta = config.rope_theta
