@@ -9,6 +9,9 @@ where a chunk commits its weights; inside a chunk the update stays linear (the e
 * :meth:`Retention.chunk_end` maps (start weights, linearly updated end weights, the chunk's
   total linear decay) to the next chunk's start weights.
 
+LaCT's large-chunk update (:class:`tto.engine.LargeChunkMemory`) commits through the same parts:
+Muon (:class:`MuonRetention` at scale 1) and its weight norm (:class:`WeightNorm`), chained.
+
 The base class is the identity (every optimizer without a nonlinear retention).
 """
 
@@ -33,6 +36,13 @@ class Retention:
     def chunk_end(self, start: Params, end: Params, keep: torch.Tensor | None) -> Params:
         """keep (N,): the product of the chunk's linear decays (None: 1)."""
         return end
+
+    def commit(self, start: Params, end: Params, keep: torch.Tensor | None, active: torch.Tensor) -> Params:
+        """:meth:`chunk_end` at the rows (N,) `active` in the chunk; other rows, a chunk of pads (left
+        padding), keep `end`: an identity step, retention included (and no gradient through the
+        retention of a zero step, Muon's normalisation of which is 1 / eps)."""
+        retained = self.chunk_end(start, end, keep)
+        return {n: torch.where(active[:, None, None], w, end[n]) for n, w in retained.items()}
 
 
 def _entry_norm(w: torch.Tensor, q: float) -> torch.Tensor:
@@ -121,3 +131,39 @@ def _orthogonalize(step: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return newton_schulz5(step)
     return checkpoint(newton_schulz5, step, use_reentrant=False)
+
+
+class WeightNorm(Retention):
+    """LaCT's weight norm: after each chunk's update every column of every fast weight is rescaled
+    to its norm in the learned initial weights, ``W[:, j] <- W[:, j] ||W_0[:, j]|| / ||W[:, j]||``
+    (``fast``: the fast model holding W_0)."""
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def chunk_end(self, start, end, keep):
+        first = next(iter(end.values()))
+        initial = self.fast.initial_params(first.shape[0] // self.fast.num_heads)
+        return {name: w * (initial[name].norm(dim=-2, keepdim=True) / w.norm(dim=-2, keepdim=True))
+                for name, w in end.items()}
+
+
+class ChainedRetention(Retention):
+    """Several retentions one after the other (LaCT: Muon, then weight norm); none may scale the
+    gradients (:meth:`Retention.grad_scale` of one would be taken at another's weights)."""
+
+    def __init__(self, *parts: Retention):
+        scaling = [type(p).__name__ for p in parts if type(p).grad_scale is not Retention.grad_scale]
+        if scaling:
+            raise ValueError(f"ChainedRetention cannot chain gradient-scaling retentions: {scaling}")
+        self.parts = parts
+
+    def start(self, params):
+        for part in self.parts:
+            params = part.start(params)
+        return params
+
+    def chunk_end(self, start, end, keep):
+        for part in self.parts:
+            end = part.chunk_end(start, end, keep)
+        return end
