@@ -18,7 +18,7 @@ from .retention import ChainedRetention, LqNormalization, MuonRetention, Retenti
 #: every kind of inner-loop memory (a layer holding one keeps fast weights in its state)
 MEMORIES = (Memory, DeltaRule, LargeChunkMemory)
 
-__all__ = ["ACTIVATIONS", "MEMORIES", "ChainedRetention", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel", "Float32Parameters", "Huber",
-           "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MLPMemory", "Memory", "MiniBatchGD",
-           "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "PolynomialFeatures", "Retention", "SoftmaxRetention", "SquaredError", "SwiGLUMemory", "WeightNorm",
-           "naive_delta_rule", "naive_large_chunk", "naive_memory", "newton_schulz5"]
+__all__ = ["ACTIVATIONS", "ChainedRetention", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel",
+           "Float32Parameters", "Huber", "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MEMORIES", "MLPMemory", "Memory",
+           "MiniBatchGD", "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "PolynomialFeatures", "Retention", "SoftmaxRetention",
+           "SquaredError", "SwiGLUMemory", "WeightNorm", "naive_delta_rule", "naive_large_chunk", "naive_memory", "newton_schulz5"]
