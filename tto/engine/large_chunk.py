@@ -9,10 +9,11 @@ update every fast weight once::
     W_{i+1}[:, j] <- W_{i+1}[:, j] ||W_0[:, j]|| / ||W_{i+1}[:, j]||     weight norm (optional)
 
 each weight W with its own per-token lr. The momentum ``S`` is the optimizer's running update
-before Muon (the state's ``S.<name>``, as every engine's momentum). Muon and the weight norm are
-the chunk-end retentions :class:`tto.engine.MuonRetention` (scale 1: ``W - NS5(W - (W + S)) =
-W + NS5(S)``, NS5 being odd) and :class:`tto.engine.retention.WeightNorm`. A chunk costs a few
-large batched matmuls and no (chunk x chunk) term. Within a chunk the memory is not causal by
+before Muon (the state's ``S.<name>``, as every engine's momentum). Muon is ATLAS' part,
+:meth:`tto.engine.MuonRetention.orthogonalize` at scale 1 (applied to S itself: recovering S as
+``W_{i+1} - W_i`` would cost its precision relative to W), and the weight norm is the chunk-end
+retention :class:`tto.engine.retention.WeightNorm`. A chunk costs a few large batched matmuls and
+no (chunk x chunk) term. Within a chunk the memory is not causal by
 itself: LaCT pairs it with sliding-window attention.
 
 The engine base (:class:`tto.engine.chunkwise.ChunkwiseMemory`) lays the tokens out (an
@@ -31,7 +32,7 @@ from .fast_models import FastModel, upcast
 from .layout import heads_first
 from .muon import NS5_COEFFICIENTS
 from .objectives import Objective
-from .retention import ChainedRetention, MuonRetention, WeightNorm
+from .retention import MuonRetention, Retention, WeightNorm
 
 
 class LargeChunkMemory(ChunkwiseMemory):
@@ -44,8 +45,8 @@ class LargeChunkMemory(ChunkwiseMemory):
         super().__init__()
         self.fast, self.objective, self.chunk_size = fast, objective, chunk_size
         self.has_momentum, self.use_muon, self.weight_norm = use_momentum, use_muon, weight_norm
-        self.retention = ChainedRetention(*([MuonRetention(1.0)] if use_muon else []),
-                                          *([WeightNorm(fast)] if weight_norm else []))
+        self.muon = MuonRetention(1.0) if use_muon else None
+        self.retention = WeightNorm(fast) if weight_norm else Retention()
         self.prefix = state_prefix + "."
 
     def param_names(self):
@@ -74,18 +75,21 @@ class LargeChunkMemory(ChunkwiseMemory):
                                                    valid.any(-1).unbind(1))):
             reads.append(self.fast.apply(q, self.fast.plain_linear(params)))
             if i < n_commit:  # the incomplete last chunk is only read
-                end, momentum = self.step(params, momentum, k, v, lr[:, i], None if mean_gate is None else mean_gate[:, i])
-                params = self.retention.commit(params, end, None, active)
+                step = self.step(params, momentum, k, v, lr[:, i], None if mean_gate is None else mean_gate[:, i])
+                momentum = step if self.has_momentum else None
+                if self.muon is not None:
+                    step = {n: self.muon.orthogonalize(s) for n, s in step.items()}
+                params = self.retention.commit(params, {n: params[n] + s for n, s in step.items()}, None, active)
         return torch.stack(reads, dim=1), params, momentum
 
     def _chunk(self, params, momentum, k, v, lr, mean_gate):
-        """One committed chunk's linear update from W_i (N, ...): (W_i + S_i before the retention, S_i or None)."""
+        """One committed chunk's linear step from W_i (N, ...): S_i, the update before Muon."""
         names = self.fast.weight_names
         grads = self.fast.forward_backward(params, k, lambda y: self.objective.grad(y, v, {}))
         step = {name: -x.transpose(-1, -2) @ (lr[:, :, names.index(name), None] * delta) for name, x, delta in grads}
-        if momentum is not None:
-            step = {n: torch.addcmul(s, mean_gate[:, None, None], momentum[n]) for n, s in step.items()}
-        return {n: params[n] + s for n, s in step.items()}, (step if momentum is not None else None)
+        if momentum is None:
+            return step
+        return {n: torch.addcmul(s, mean_gate[:, None, None], momentum[n]) for n, s in step.items()}
 
 
 def naive_newton_schulz(u: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

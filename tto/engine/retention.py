@@ -10,7 +10,8 @@ where a chunk commits its weights; inside a chunk the update stays linear (the e
   total linear decay) to the next chunk's start weights.
 
 LaCT's large-chunk update (:class:`tto.engine.LargeChunkMemory`) commits through the same parts:
-Muon (:class:`MuonRetention` at scale 1) and its weight norm (:class:`WeightNorm`), chained.
+Muon (:meth:`MuonRetention.orthogonalize` of its momentum, scale 1) and its weight norm
+(:class:`WeightNorm`).
 
 The base class is the identity (every optimizer without a nonlinear retention).
 """
@@ -119,9 +120,13 @@ class MuonRetention(Retention):
     def __init__(self, scale: float):
         self.scale = scale
 
+    def orthogonalize(self, step: torch.Tensor) -> torch.Tensor:
+        """Muon's step from a linear one (N, a, b): ``scale * NS5(step)``."""
+        return self.scale * _orthogonalize(step)
+
     def chunk_end(self, start, end, keep):
         keep = 1.0 if keep is None else keep[:, None, None]
-        return {name: keep * start[name] - self.scale * _orthogonalize(keep * start[name] - w) for name, w in end.items()}
+        return {name: keep * start[name] - self.orthogonalize(keep * start[name] - w) for name, w in end.items()}
 
 
 def _orthogonalize(step: torch.Tensor) -> torch.Tensor:
@@ -146,24 +151,3 @@ class WeightNorm(Retention):
         initial = self.fast.initial_params(first.shape[0] // self.fast.num_heads)
         return {name: w * (initial[name].norm(dim=-2, keepdim=True) / w.norm(dim=-2, keepdim=True))
                 for name, w in end.items()}
-
-
-class ChainedRetention(Retention):
-    """Several retentions one after the other (LaCT: Muon, then weight norm); none may scale the
-    gradients (:meth:`Retention.grad_scale` of one would be taken at another's weights)."""
-
-    def __init__(self, *parts: Retention):
-        scaling = [type(p).__name__ for p in parts if type(p).grad_scale is not Retention.grad_scale]
-        if scaling:
-            raise ValueError(f"ChainedRetention cannot chain gradient-scaling retentions: {scaling}")
-        self.parts = parts
-
-    def start(self, params):
-        for part in self.parts:
-            params = part.start(params)
-        return params
-
-    def chunk_end(self, start, end, keep):
-        for part in self.parts:
-            end = part.chunk_end(start, end, keep)
-        return end
