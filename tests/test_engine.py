@@ -361,10 +361,12 @@ def test_chunkwise_delta_rule_matches_recurrence(chunk, decay, max_beta):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("chunk", [3, 8])
+@pytest.mark.parametrize("chunk", [3, 8, 64])
 def test_delta_rule_padding_and_streaming_match_recurrence(chunk):
     """Through the engine's layout (float64): left padding and any split of the sequence into calls
-    give the recurrence's outputs at the real tokens and its final state (nothing pending)."""
+    give the recurrence's outputs at the real tokens and its final state (nothing pending); at
+    chunk 64 every call is shorter than a chunk and runs one chunk of its own length (decoding: one
+    token, no padding to 64)."""
     q, k, v, beta, log_decay, _ = (t.detach() for t in delta_inputs(length=11))
     mask = torch.ones(2, 11, dtype=torch.bool)
     mask[1, :4] = False

@@ -142,9 +142,12 @@ class ChunkwiseMemory(Float32Parameters):
             params, momentum, pending, n_pending = loaded
             tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
         total = tokens["q"].shape[1]
-        layout = Layout.build(valid, total, batch, self.chunk_size, q.device, self.commits_incomplete_chunk)
+        # an engine of exact steps gives the same outputs at any chunk size: a short call (decoding one
+        # token) runs one chunk of its own length instead of padding to a whole chunk
+        chunk_size = max(1, min(self.chunk_size, total)) if self.commits_incomplete_chunk else self.chunk_size
+        layout = Layout.build(valid, total, batch, chunk_size, q.device, self.commits_incomplete_chunk)
         if layout.n_chunks == 0:  # every token a pad: nothing to read or write
-            reads = tokens["v"].new_zeros(batch * heads, 0, *([2] if read_start else []), self.chunk_size,
+            reads = tokens["v"].new_zeros(batch * heads, 0, *([2] if read_start else []), chunk_size,
                                           tokens["v"].shape[-1])
         else:
             chunks = {name: layout.chunks(t) for name, t in tokens.items()}
