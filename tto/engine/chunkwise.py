@@ -21,7 +21,7 @@ from torch import nn
 
 from ..reference import in_reference_mode
 from .fast_models import upcast
-from .layout import Layout, load_state, prepend_pending, store_state
+from .layout import Layout, heads_first, load_state, prepend_pending, store_state
 
 
 #: graphs ``torch.compile`` may keep for one step function: every engine configuration (fast model,
@@ -160,7 +160,7 @@ class ChunkwiseMemory(Float32Parameters):
         return layout.tokens(reads)[:, total - new_len:]
 
     # ------------------------------------------------------------------ monitoring
-    # An engine defines three methods for its statistics; the normal forward pays nothing for them.
+    # Statistics from the engine's own parts; the normal forward pays nothing for them.
     def fast_weights(self, state: dict, call: dict) -> tuple[dict, dict | None]:
         """The committed fast weights (and momentum, or None) that `state` holds, or the initial ones
         when it holds none; tensors (batch * heads, ...). `call`: the forward's arguments by name."""
@@ -170,8 +170,11 @@ class ChunkwiseMemory(Float32Parameters):
         return loaded[:2]
 
     def inner_loss(self, params: dict, call: dict) -> torch.Tensor:
-        """Per-token inner loss (batch * heads, T) of the keys and values of `call` at `params`."""
-        raise NotImplementedError
+        """Per-token inner loss (batch * heads, T) of the keys and values of `call` at `params`: the
+        engine's objective on its fast model's outputs."""
+        k, v = heads_first(call["k"]), heads_first(call["v"])
+        gates = {n: heads_first(call["gates"][n]) for n in self.objective.gate_names}
+        return self.objective.loss(self.fast.apply(k, self.fast.plain_linear(params)), v, gates)
 
     def gate_values(self, call: dict) -> dict[str, torch.Tensor]:
         """The gates of `call` by the engine's names (``lr``: theta, ``momentum``: eta, ``forget``:

@@ -29,7 +29,6 @@ import torch
 
 from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, upcast
-from .layout import heads_first
 from .muon import NS5_COEFFICIENTS
 from .objectives import Objective
 from .retention import MuonRetention, Retention, WeightNorm
@@ -58,11 +57,6 @@ class LargeChunkMemory(ChunkwiseMemory):
 
     def naive(self, q, k, v, gates, mask, read_start):
         return naive_large_chunk(self, q, k, v, gates, mask)
-
-    # ------------------------------------------------------------------ monitoring (ChunkwiseMemory.inner_stats)
-    def inner_loss(self, params, call):
-        k, v = heads_first(call["k"]), heads_first(call["v"])
-        return self.objective.loss(self.fast.apply(k, self.fast.plain_linear(params)), v, {})
 
     # ------------------------------------------------------------------ the scan
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):

@@ -55,7 +55,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, upcast
-from .layout import heads_first
 from .objectives import Objective
 from .optimizers import Coefficients, InnerOptimizer, stable_step_factor
 from .retention import Retention
@@ -113,12 +112,6 @@ class Memory(ChunkwiseMemory):
     def naive(self, q, k, v, gates, mask, read_start):
         out, start, _ = naive_memory(self, q, k, v, gates, mask)
         return (out, start) if read_start else out
-
-    # ------------------------------------------------------------------ monitoring (ChunkwiseMemory.inner_stats)
-    def inner_loss(self, params, call):
-        k, v = heads_first(call["k"]), heads_first(call["v"])
-        gates = {n: heads_first(call["gates"][n]) for n in self.objective.gate_names}
-        return self.objective.loss(self.fast.apply(k, self.fast.plain_linear(params)), v, gates)
 
     # ------------------------------------------------------------------ the scan
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
