@@ -13,8 +13,8 @@ before Muon (the state's ``S.<name>``, as every engine's momentum). Muon is ATLA
 :meth:`tto.engine.MuonRetention.orthogonalize` at scale 1 (applied to S itself: recovering S as
 ``W_{i+1} - W_i`` would cost its precision relative to W), and the weight norm is the chunk-end
 retention :class:`tto.engine.retention.WeightNorm`. A chunk costs a few large batched matmuls and
-no (chunk x chunk) term. Within a chunk the memory is not causal by
-itself: LaCT pairs it with sliding-window attention.
+no (chunk x chunk) term. Within a chunk the memory is not causal by itself: LaCT pairs it with
+sliding-window attention.
 
 The engine base (:class:`tto.engine.chunkwise.ChunkwiseMemory`) lays the tokens out (an
 incomplete last chunk is only read and kept pending), keeps the state and runs the scan.
