@@ -21,6 +21,7 @@ from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, Larg
                         SoftmaxRetention, SquaredError, SwiGLUMemory, naive_delta_rule, naive_large_chunk,
                         naive_memory, newton_schulz5)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
+from tto.engine.layout import Layout
 from tto.engine.muon import GRAM_ASPECT, NS5_COEFFICIENTS
 from tto.engine.optimizers import NEGLIGIBLE, segsum
 
@@ -329,6 +330,17 @@ def delta_inputs(batch=2, length=13, heads=2, dk=6, dv=5, decay=True, seed=0, dt
     return [t.requires_grad_(True) for t in (q, k, v, beta, log_decay, s0)]
 
 
+def delta_scan(chunk, q, k, v, beta, log_decay, s0):
+    """The delta rule's chunkwise scan from the state s0 (B, H, d_k, d_v) over every token of
+    q, k, v: (outputs (B, T, H, d_v), final state)."""
+    memory = DeltaRule(chunk)
+    heads = q.shape[2]
+    layout = Layout.build(None, q.shape[1], q.shape[0], chunk, q.device, commit_incomplete=True)
+    chunks = {n: layout.chunks(t) for n, t in {"q": q, "k": k, "v": v, "gate.lr": beta, "gate.log_decay": log_decay}.items()}
+    reads, params, _ = memory._scan({"S": s0.flatten(0, 1)}, None, chunks, layout.chunk_valid(heads), layout.n_commit, False)
+    return layout.tokens(reads), params["S"].unflatten(0, (q.shape[0], heads))
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 5, 16])
 @pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("max_beta", [1.0, 2.0], ids=["beta<1", "neg-eigval"])
@@ -337,7 +349,7 @@ def test_chunkwise_delta_rule_matches_recurrence(chunk, decay, max_beta):
     the chunkwise form is exact, so they agree to rounding (1e-10) at any chunk size, also with
     beta up to 2 (negative eigenvalues of the transition)."""
     inputs = delta_inputs(decay=decay, max_beta=max_beta)
-    out, state = DeltaRule(chunk)._chunked(*inputs)
+    out, state = delta_scan(chunk, *inputs)
     ref_out, ref_state = naive_delta_rule(*inputs)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
     torch.testing.assert_close(state, ref_state, atol=1e-10, rtol=0)
@@ -347,6 +359,30 @@ def test_chunkwise_delta_rule_matches_recurrence(chunk, decay, max_beta):
     ref_grads = torch.autograd.grad(loss(ref_out, ref_state), inputs)
     for name, g, r in zip(["q", "k", "v", "beta", "log_decay", "s0"], grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 64])
+def test_delta_rule_padding_and_streaming_match_recurrence(chunk):
+    """Through the engine's layout (float64): left padding and any split of the sequence into calls
+    give the recurrence's outputs at the real tokens and its final state (nothing pending); at
+    chunk 64 every call is shorter than a chunk and runs one chunk of its own length (decoding: one
+    token, no padding to 64)."""
+    q, k, v, beta, log_decay, _ = (t.detach() for t in delta_inputs(length=11))
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :4] = False
+    s0 = torch.zeros(2, 2, 6, 5, dtype=torch.float64)
+    masked = mask[..., None]
+    ref, ref_state = naive_delta_rule(q, k, v, beta * masked, log_decay * masked, s0)
+    memory, gates = DeltaRule(chunk), {"lr": beta, "log_decay": log_decay}
+    torch.testing.assert_close(memory(q, k, v, gates, mask) * mask[..., None, None], ref * mask[..., None, None],
+                               atol=1e-12, rtol=0)
+    for cuts in ([0, 11], [0, 5, 6, 11], list(range(12))):
+        state: dict = {}
+        outs = [memory(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], {n: g[:, lo:hi] for n, g in gates.items()},
+                       mask[:, lo:hi], state) for lo, hi in zip(cuts, cuts[1:])]
+        torch.testing.assert_close(torch.cat(outs, 1) * mask[..., None, None], ref * mask[..., None, None], atol=1e-12, rtol=0)
+        torch.testing.assert_close(state["memory.W.S"], ref_state, atol=1e-12, rtol=0)
+        assert int(state["memory.n_pending"].max()) == 0
 
 
 def test_delta_rule_step_is_gradient_descent_after_decay():
@@ -371,18 +407,19 @@ def test_delta_rule_without_decay_is_the_chunk_one_memory():
     memory = Memory(fast, SquaredError(2.0), MomentumGD(), chunk_size=1)
     zeros = torch.zeros_like(beta)
     general = memory(q, k, v, {"lr": beta / 2, "momentum": zeros, "forget": zeros})
-    torch.testing.assert_close(DeltaRule(4)(q, k, v, beta), general, atol=1e-5, rtol=0)
+    torch.testing.assert_close(DeltaRule(4)(q, k, v, {"lr": beta}), general, atol=1e-5, rtol=0)
 
 
 def test_delta_rule_zero_beta_and_pads_keep_the_state():
-    q, k, v, beta, _, s0 = (t.detach() for t in delta_inputs(decay=False))
-    state = {"memory.W.S": s0.float()}
-    DeltaRule(4)(q.float(), k.float(), v.float(), torch.zeros_like(beta).float(), state=state)
-    torch.testing.assert_close(state["memory.W.S"], s0.float(), atol=0, rtol=0)
-    state = {"memory.W.S": s0.float()}
+    q, k, v, beta, log_decay, _ = (t.detach() for t in delta_inputs())
+    memory, state = DeltaRule(4), {}
+    memory(q, k, v, {"lr": beta, "log_decay": log_decay}, state=state)  # some state S != 0
+    s = state["memory.W.S"].clone()
+    memory(q, k, v, {"lr": torch.zeros_like(beta), "log_decay": torch.zeros_like(beta)}, state=state)
+    torch.testing.assert_close(state["memory.W.S"], s, atol=0, rtol=0)
     mask = torch.zeros(q.shape[:2], dtype=torch.bool)
-    DeltaRule(4)(q.float(), k.float(), v.float(), beta.float(), -torch.ones_like(beta).float(), mask=mask, state=state)
-    torch.testing.assert_close(state["memory.W.S"], s0.float(), atol=0, rtol=0)
+    memory(q, k, v, {"lr": beta, "log_decay": log_decay}, mask=mask, state=state)
+    torch.testing.assert_close(state["memory.W.S"], s, atol=0, rtol=0)
 
 
 def test_delta_rule_overwrites_orthonormal_keys():
@@ -394,7 +431,7 @@ def test_delta_rule_overwrites_orthonormal_keys():
     k = keys[order][None, :, None]
     v = torch.randn(1, len(order), 1, dv)
     state: dict = {}
-    DeltaRule(2)(k, k, v, torch.ones(1, len(order), 1), state=state)
+    DeltaRule(2)(k, k, v, {"lr": torch.ones(1, len(order), 1)}, state=state)
     read = keys[:4] @ state["memory.W.S"][0, 0]
     torch.testing.assert_close(read, v[0, [0, 4, 2, 3], 0], atol=1e-5, rtol=0)  # float32 state
 

@@ -225,7 +225,7 @@ def expected_gates(name: str, model) -> set[str]:
     if isinstance(layer, Memory):
         return {f"{g}_gate" for g in layer.optimizer.gate_names + layer.objective.gate_names}
     return {"lr_gate", "forget_gate"} if name == "gated_deltanet" else {"lr_gate"} | (
-        {"momentum_gate"} if getattr(layer, "use_momentum", False) else set())
+        {"momentum_gate"} if layer.has_momentum else set())
 
 
 class Reporter(TrainerCallback):

@@ -1,6 +1,9 @@
-"""What every memory engine shares: a Python loop over chunks that calls one step, ``_chunk``, per
-chunk, the option to run that step compiled, float32 parameters, and statistics of the inner loop
-for monitoring (:meth:`ChunkwiseMemory.inner_stats`).
+"""The engine base every memory shares (:class:`ChunkwiseMemory`): the dtype / autocast /
+reference switch, the chunked layout of the tokens with padding and pending tokens
+(:mod:`tto.engine.layout`), the decoding state, the scan over chunks through one step
+(``_chunk``, optionally compiled), float32 parameters, and statistics of the inner loop for
+monitoring (:meth:`ChunkwiseMemory.inner_stats`). An engine plugs in what a chunk does: its
+initial fast weights, its scan and its naive reference.
 
 Float32 (:class:`Float32Parameters`): a memory's parameters (the fast model's initial weights, its
 LayerNorm, the inner optimizer's; TTT-E2E's prime MLPs) stay float32 when the model is cast to a
@@ -16,7 +19,9 @@ import inspect
 import torch
 from torch import nn
 
-from .fast_models import inner
+from ..reference import in_reference_mode
+from .fast_models import upcast
+from .layout import Layout, heads_first, load_state, prepend_pending, store_state
 
 
 #: graphs ``torch.compile`` may keep for one step function: every engine configuration (fast model,
@@ -50,7 +55,26 @@ class Float32Parameters(nn.Module):
 
 
 class ChunkwiseMemory(Float32Parameters):
-    """Base class of the memory engines; a subclass defines ``_chunk`` and calls :attr:`step`."""
+    """Base class of the memory engines (module docstring).
+
+    forward(q, k, v (B, T, H, d), gates {name: (B, T, H, ...)}, mask (B, T) or None, state,
+    read_start) -> reads (B, T, H, d_v); with ``read_start=True`` the pair (reads, reads of the
+    chunk-start weights). Inner arithmetic runs in float32 (float64 for float64 inputs), autocast
+    off; under :func:`tto.reference.reference_mode` the engine's naive reference runs instead.
+
+    A subclass sets ``chunk_size``, ``prefix`` (its state keys' prefix) and ``has_momentum``, and
+    defines :meth:`param_names`, :meth:`initial_weights`, :meth:`_scan` (calling :attr:`step`, its
+    ``_chunk``, per chunk) and :meth:`naive`.
+    """
+
+    chunk_size: int
+    prefix: str
+    has_momentum: bool = False
+    #: every token takes an exact step (the delta rule): an incomplete last chunk commits, with its
+    #: pad slots as identity steps, and nothing is kept pending
+    commits_incomplete_chunk: bool = False
+    #: the scan can also return the reads of the chunk-start weights (``read_start``)
+    reads_chunk_start: bool = False
 
     def __init__(self):
         super().__init__()
@@ -67,21 +91,95 @@ class ChunkwiseMemory(Float32Parameters):
         """The per-chunk step: ``_chunk``, compiled after :meth:`compile_step`."""
         return self._compiled_chunk or self._chunk
 
+    # ------------------------------------------------------------------ what an engine plugs in
+    def param_names(self) -> list[str]:
+        """Names of the fast weights (the state's ``W.<name>`` keys)."""
+        raise NotImplementedError
+
+    def initial_weights(self, tokens: dict) -> tuple[dict, dict | None]:
+        """Fast weights (and momentum, or None) at the start of a sequence, (B * H, ...) each, for
+        `tokens` {"q", "k", "v": (B, T, H, d)} in the inner dtype."""
+        raise NotImplementedError
+
+    def _scan(self, params: dict, momentum: dict | None, chunks: dict, valid: torch.Tensor, n_commit: int,
+              read_start: bool) -> tuple[torch.Tensor, dict, dict | None]:
+        """Run all chunks: `chunks` {"q", "k", "v", "gate.<name>"} (B * H, n, C, ...), `valid`
+        (B * H, n, C); the first `n_commit` chunks update the weights, the rest are only read.
+        Returns (reads (B * H, n, C, d_v), or (B * H, n, 2, C, d_v) with the chunk-start reads
+        second, the committed params, momentum)."""
+        raise NotImplementedError
+
+    def naive(self, q, k, v, gates: dict, mask: torch.Tensor | None, read_start: bool):
+        """The slow reference of the whole forward (no state): reads (B, T, H, d_v), or the pair
+        with ``read_start``. It shares no update code with the scan."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the pipeline
+    def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
+                state: dict | None = None, read_start: bool = False):
+        if read_start and not self.reads_chunk_start:
+            raise ValueError(f"{type(self).__name__} has no chunk-start reads (read_start=True)")
+        out_dtype = q.dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            if in_reference_mode():
+                if state is not None:
+                    raise RuntimeError("the naive reference does not keep a decoding state")
+                reads = self.naive(q, k, v, gates, mask, read_start)
+            else:
+                reads = self._pipeline(q, k, v, gates, mask, state, read_start)
+        return tuple(r.to(out_dtype) for r in reads) if read_start else reads.to(out_dtype)
+
+    def _pipeline(self, q, k, v, gates, mask, state, read_start: bool):
+        """Load the state, put its pending tokens in front, lay the tokens out in chunks, scan,
+        scatter the reads back to the new tokens and store the state."""
+        batch, new_len, heads = q.shape[:3]
+        tokens = {"q": upcast(q), "k": upcast(k), "v": upcast(v), **{"gate." + n: upcast(g) for n, g in gates.items()}}
+        loaded = load_state(state, self.prefix, self.param_names(), self.has_momentum)
+        valid = mask
+        if loaded is None:
+            params, momentum = self.initial_weights(tokens)
+        else:
+            params, momentum, pending, n_pending = loaded
+            tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
+        total = tokens["q"].shape[1]
+        # an engine of exact steps gives the same outputs at any chunk size: a short call (decoding one
+        # token) runs one chunk of its own length instead of padding to a whole chunk
+        chunk_size = max(1, min(self.chunk_size, total)) if self.commits_incomplete_chunk else self.chunk_size
+        layout = Layout.build(valid, total, batch, chunk_size, q.device, self.commits_incomplete_chunk)
+        if layout.n_chunks == 0:  # every token a pad: nothing to read or write
+            reads = tokens["v"].new_zeros(batch * heads, 0, *([2] if read_start else []), chunk_size,
+                                          tokens["v"].shape[-1])
+        else:
+            chunks = {name: layout.chunks(t) for name, t in tokens.items()}
+            reads, params, momentum = self._scan(params, momentum, chunks, layout.chunk_valid(heads), layout.n_commit,
+                                                 read_start)
+        if state is not None:
+            store_state(state, self.prefix, heads, params, momentum, tokens, layout)
+        if read_start:
+            return tuple(layout.tokens(r)[:, total - new_len:] for r in reads.unbind(2))
+        return layout.tokens(reads)[:, total - new_len:]
+
     # ------------------------------------------------------------------ monitoring
-    # An engine defines three methods for its statistics; the normal forward pays nothing for them.
+    # Statistics from the engine's own parts; the normal forward pays nothing for them.
     def fast_weights(self, state: dict, call: dict) -> tuple[dict, dict | None]:
         """The committed fast weights (and momentum, or None) that `state` holds, or the initial ones
         when it holds none; tensors (batch * heads, ...). `call`: the forward's arguments by name."""
-        raise NotImplementedError
+        loaded = load_state(state, self.prefix, self.param_names(), self.has_momentum)
+        if loaded is None:
+            return self.initial_weights({n: upcast(call[n]) for n in ("q", "k", "v")})
+        return loaded[:2]
 
     def inner_loss(self, params: dict, call: dict) -> torch.Tensor:
-        """Per-token inner loss (batch * heads, T) of the keys and values of `call` at `params`."""
-        raise NotImplementedError
+        """Per-token inner loss (batch * heads, T) of the keys and values of `call` at `params`: the
+        engine's objective on its fast model's outputs."""
+        k, v = heads_first(call["k"]), heads_first(call["v"])
+        gates = {n: heads_first(call["gates"][n]) for n in self.objective.gate_names}
+        return self.objective.loss(self.fast.apply(k, self.fast.plain_linear(params)), v, gates)
 
     def gate_values(self, call: dict) -> dict[str, torch.Tensor]:
         """The gates of `call` by the engine's names (``lr``: theta, ``momentum``: eta, ``forget``:
         alpha, ...), each (B, T, heads, ...)."""
-        raise NotImplementedError
+        return call["gates"]
 
     def inner_stats(self, args: tuple, kwargs: dict) -> dict[str, float]:
         """Statistics of the inner loop on one forward call's inputs (as a forward pre-hook sees them),
@@ -91,8 +189,8 @@ class ChunkwiseMemory(Float32Parameters):
           the weights before / after that chunk's update (the update should lower it); absent
           when no chunk is complete. With padding each row is replayed alone, on its real tokens:
           the engine's chunks of that row;
-        - ``weight_norm`` / ``momentum_norm``: Frobenius norm of all fast weights (momentum; for
-          LaCT the last chunk update) after the sequence, mean over batch and heads;
+        - ``weight_norm`` / ``momentum_norm``: Frobenius norm of all fast weights (momentum)
+          after the sequence, mean over batch and heads;
         - ``<gate>_gate``: mean of each gate over the real tokens (``lr_gate``, ``momentum_gate``,
           ``forget_gate``, ...).
 
@@ -113,7 +211,7 @@ class ChunkwiseMemory(Float32Parameters):
             if replays[0][4] is not None:
                 stats["momentum_norm"] = torch.cat([r[4] for r in replays]).mean()
             for name, gate in self.gate_values(call).items():
-                stats[f"{name}_gate"] = inner(gate).mean() if mask is None else inner(gate)[mask.bool()].mean()
+                stats[f"{name}_gate"] = upcast(gate).mean() if mask is None else upcast(gate)[mask.bool()].mean()
         return {n: float(v) for n, v in stats.items()}
 
     def _replay(self, call: dict) -> tuple:
@@ -131,5 +229,5 @@ class ChunkwiseMemory(Float32Parameters):
             totals += torch.stack([loss_before.double(), loss_after.double(),
                                    torch.tensor(q.shape[0] * heads * self.chunk_size, device=q.device).double()])
         params, momentum = self.fast_weights(state, call)
-        norm = lambda d: torch.stack([inner(w).flatten(1).pow(2).sum(1) for w in d.values()]).sum(0).sqrt()  # noqa: E731
+        norm = lambda d: torch.stack([upcast(w).flatten(1).pow(2).sum(1) for w in d.values()]).sum(0).sqrt()  # noqa: E731
         return (*totals, norm(params), None if momentum is None else norm(momentum))

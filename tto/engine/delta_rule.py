@@ -17,7 +17,9 @@ triangular system::
     S_C = gamma_C S0 + (K * gamma_C / gamma)^T U
 
 so a chunk costs a few (C x C) and (C x d) matmuls and one triangular solve. Outputs do not depend
-on C; a sequence gives the same outputs in one call or token by token.
+on C; a sequence gives the same outputs in one call or token by token. The engine base
+(:class:`tto.engine.chunkwise.ChunkwiseMemory`) lays the tokens out, keeps the state and runs
+the scan; the delta rule plugs in the chunk step above.
 
 Stability needs no bound here: the update is exact per token (no chunk-start gradients), and with
 l2-normalised keys (DeltaNet and Gated DeltaNet normalise them) and ``beta_t in (0, 2)``,
@@ -26,56 +28,49 @@ a_t max(1, |1 - beta_t|) <= 1``, so ``||S_t|| <= ||S_{t-1}|| + beta_t ||v_t||``:
 most linearly in the tokens, never geometrically.
 
 :func:`naive_delta_rule` is the per-token recurrence above, the reference the chunked form is
-tested against. Padding: tokens with ``mask`` False get ``beta = 0`` and no decay, the identity
-step, so the state skips them.
+tested against. Padding: a pad slot has ``beta = 0`` and no decay, the identity step, so the
+state skips it; every step is exact, so an incomplete last chunk commits too (nothing is pending).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..reference import in_reference_mode
 from .chunkwise import ChunkwiseMemory
-from .fast_models import inner
-from .memory import heads_first
+from .fast_models import upcast
+from .layout import heads_first
 
 
 class DeltaRule(ChunkwiseMemory):
-    """forward(q, k (B, T, H, d_k), v (B, T, H, d_v), beta (B, T, H), log_decay (B, T, H) or None,
-    mask (B, T) or None, state) -> outputs (B, T, H, d_v). The state holds ``<prefix>.W.S``
-    (B, H, d_k, d_v) in float32; inner arithmetic runs in float32 (float64 for float64 inputs), autocast off."""
+    """forward(q, k (B, T, H, d_k), v (B, T, H, d_v), gates, mask (B, T) or None, state) -> outputs
+    (B, T, H, d_v); gates ``lr``: beta_t (B, T, H) and, for a decay, ``log_decay``: log a_t
+    (B, T, H). State: ``<prefix>.W.S`` (B, H, d_k, d_v), float32 (float64 for float64 inputs)."""
+
+    commits_incomplete_chunk = True
 
     def __init__(self, chunk_size: int, state_prefix: str = "memory"):
         super().__init__()
         self.chunk_size = chunk_size
-        self.key = state_prefix + ".W.S"
+        self.prefix = state_prefix + "."
 
-    def forward(self, q, k, v, beta, log_decay=None, mask=None, state: dict | None = None):
-        out_dtype = q.dtype
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            q, k, v, beta = inner(q), inner(k), inner(v), inner(beta)
-            log_decay = torch.zeros_like(beta) if log_decay is None else inner(log_decay)
-            if mask is not None:  # pads: beta = 0 and a = 1, the identity step
-                beta = beta * mask[..., None]
-                log_decay = log_decay * mask[..., None]
-            s0 = state.get(self.key) if state is not None else None
-            if s0 is None:
-                s0 = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-            run = naive_delta_rule if in_reference_mode() else self._chunked
-            out, s = run(q, k, v, beta, log_decay, s0)
-        if state is not None:
-            state[self.key] = s.detach()
-        return out.to(out_dtype)
+    def param_names(self):
+        return ["S"]
+
+    def initial_weights(self, tokens):
+        """S_0 = 0."""
+        q, v = tokens["q"], tokens["v"]
+        return {"S": q.new_zeros(q.shape[0] * q.shape[2], q.shape[3], v.shape[3])}, None
+
+    def naive(self, q, k, v, gates, mask, read_start):
+        beta = upcast(gates["lr"])
+        log_decay = upcast(gates["log_decay"]) if "log_decay" in gates else torch.zeros_like(beta)
+        if mask is not None:  # pads: beta = 0 and a = 1, the identity step
+            beta, log_decay = beta * mask[..., None], log_decay * mask[..., None]
+        s0 = upcast(q).new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        out, _ = naive_delta_rule(upcast(q), upcast(k), upcast(v), beta, log_decay, s0)
+        return out if mask is None else out * mask[..., None, None]
 
     # ------------------------------------------------------------------ monitoring (ChunkwiseMemory.inner_stats)
-    def fast_weights(self, state, call):
-        s = state.get(self.key)
-        if s is None:
-            q, v = call["q"], call["v"]
-            s = inner(q).new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-        return {"S": s.flatten(0, 1)}, None
-
     def inner_loss(self, params, call):
         """``1/2 ||S^T k_t - v_t||^2``, the loss each step descends."""
         k, v = heads_first(call["k"]), heads_first(call["v"])
@@ -83,46 +78,41 @@ class DeltaRule(ChunkwiseMemory):
 
     def gate_values(self, call):
         """``lr``: beta; ``forget``: 1 - a_t (the share of the state each token forgets)."""
-        gates = {"lr": call["beta"]}
-        if call.get("log_decay") is not None:
-            gates["forget"] = -torch.expm1(call["log_decay"])
+        gates = {"lr": call["gates"]["lr"]}
+        if "log_decay" in call["gates"]:
+            gates["forget"] = -torch.expm1(call["gates"]["log_decay"])
         return gates
 
-    def _chunked(self, q, k, v, beta, log_decay, s0):
-        batch, length, heads, _ = q.shape
-        c = self.chunk_size
-        n = -(-length // c)
-        pad = n * c - length  # trailing pads: beta = 0 and a = 1 leave the state as it is
-
-        def chunked(x):  # (B, T, H, ...) -> (B, H, n, C, ...)
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)).transpose(1, 2)
-            return x.reshape(batch, heads, n, c, *x.shape[3:])
-
-        Q, K, V, B, G = chunked(q), chunked(k), chunked(v), chunked(beta), chunked(log_decay).cumsum(-1)
-        lower = torch.tril(torch.ones(c, c, dtype=torch.bool, device=q.device))
-        gamma_ratio = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf")))
-        strict = gamma_ratio.tril(-1) * (K @ K.transpose(-1, -2)) * B[..., None]
-        system = torch.eye(c, device=q.device) + strict  # unit lower triangular
-        gamma = G.exp()[..., None]
+    # ------------------------------------------------------------------ the scan
+    def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
+        """The WY form of every chunk at once (module docstring), then the chunk-to-chunk scan.
+        Pad slots hold zeros: beta = 0 and log a = 0, identity steps."""
+        q, k, v, beta = chunks["q"], chunks["k"], chunks["v"], chunks["gate.lr"]  # (N, n, C, ...)
+        size = q.shape[-2]
+        log_gamma = chunks["gate.log_decay"].cumsum(-1) if "gate.log_decay" in chunks else torch.zeros_like(beta)
+        lower = torch.tril(torch.ones(size, size, dtype=torch.bool, device=q.device))
+        gamma_ratio = torch.exp((log_gamma[..., :, None] - log_gamma[..., None, :]).masked_fill(~lower, float("-inf")))
+        strict = gamma_ratio.tril(-1) * (k @ k.transpose(-1, -2)) * beta[..., None]
+        system = torch.eye(size, dtype=q.dtype, device=q.device) + strict  # unit lower triangular
+        gamma = log_gamma.exp()[..., None]
         # U = (I + A)^{-1} diag(beta) (V - diag(gamma) K S0) = U_v - W S0, both solved for all chunks
-        rhs = torch.cat([B[..., None] * V, B[..., None] * gamma * K], dim=-1)
+        rhs = torch.cat([beta[..., None] * v, beta[..., None] * gamma * k], dim=-1)
         solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-        u_v, w = solved.split([V.shape[-1], K.shape[-1]], dim=-1)
-        qk = gamma_ratio * (Q @ K.transpose(-1, -2))
-        to_end = torch.exp(G[..., -1:] - G)[..., None] * K  # K * gamma_C / gamma
+        u_v, w = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
+        qk = gamma_ratio * (q @ k.transpose(-1, -2))
+        to_end = torch.exp(log_gamma[..., -1:] - log_gamma)[..., None] * k  # K * gamma_C / gamma
 
-        s, outs = s0, []
-        # per-chunk views via unbind: indexing [:, :, i] would make every chunk's backward write a
+        s, outs = params["S"], []
+        # per-chunk views via unbind: indexing [:, i] would make every chunk's backward write a
         # zero tensor of the whole sequence's size
-        for chunk in zip(*(x.unbind(2) for x in (Q, qk, u_v, w, gamma, to_end))):
+        for chunk in zip(*(x.unbind(1) for x in (q, qk, u_v, w, gamma, to_end))):
             out, s = self.step(s, *chunk)
             outs.append(out)
-        out = torch.stack(outs, dim=2).reshape(batch, heads, n * c, -1)[:, :, :length]
-        return out.transpose(1, 2), s
+        return torch.stack(outs, dim=1), {"S": s}, None
 
     @staticmethod
     def _chunk(s, q, qk, u_v, w, gamma, to_end):
-        """One chunk from its start state s (B, H, d_k, d_v): outputs (B, H, C, d_v), end state."""
+        """One chunk from its start state s (N, d_k, d_v): outputs (N, C, d_v), end state."""
         u = u_v - w @ s
         out = gamma * (q @ s) + qk @ u
         return out, gamma[..., -1:, :] * s + to_end.transpose(-1, -2) @ u
@@ -133,8 +123,8 @@ def naive_delta_rule(q, k, v, beta, log_decay, s0):
     ``o_t = S_t^T q_t``. Returns (outputs (B, T, H, d_v), final state (B, H, d_k, d_v))."""
     s, outs = s0, []
     for t in range(q.shape[1]):
-        a, b = log_decay[:, t].exp()[..., None, None], beta[:, t][..., None, None]
+        a, step = log_decay[:, t].exp()[..., None, None], beta[:, t][..., None, None]
         kt, vt = k[:, t, :, :, None], v[:, t, :, None, :]
-        s = a * (s - b * kt @ (kt.transpose(-1, -2) @ s)) + b * kt @ vt
+        s = a * (s - step * kt @ (kt.transpose(-1, -2) @ s)) + step * kt @ vt
         outs.append((s.transpose(-1, -2) @ q[:, t, :, :, None])[..., 0])
     return torch.stack(outs, dim=1), s

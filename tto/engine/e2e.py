@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from ..cache import Context
 from ..layers.mlp import SwiGLU
 from .chunkwise import Float32Parameters
-from .fast_models import inner
+from .fast_models import upcast
 
 #: cache keys of a prime layer's adapted weights, in the order SwiGLU.forward takes them
 PRIME_KEYS = ("prime.gate_proj", "prime.up_proj", "prime.down_proj")
@@ -59,7 +59,7 @@ class PrimeMLP(Float32Parameters, SwiGLU):
 
     def forward(self, x, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(inner(x), weights).to(x.dtype)
+            return super().forward(upcast(x), weights).to(x.dtype)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import nn
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def inner(t: torch.Tensor) -> torch.Tensor:
+def upcast(t: torch.Tensor) -> torch.Tensor:
     """`t` in the dtype of inner (fast-weight) arithmetic: float32, or float64 when `t` is float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -133,15 +133,15 @@ class MLPMemory(FastModel):
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
         params = {}
         for i, name in enumerate(self.weight_names):
-            params[name] = inner(getattr(self, name)).repeat(batch, 1, 1)
+            params[name] = upcast(getattr(self, name)).repeat(batch, 1, 1)
             if self.has_bias:
-                params[f"b{i + 1}"] = inner(getattr(self, f"b{i + 1}")).repeat(batch, 1, 1)
+                params[f"b{i + 1}"] = upcast(getattr(self, f"b{i + 1}")).repeat(batch, 1, 1)
         return params
 
     def _norm_affine(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """LayerNorm gamma, beta broadcast to (N, 1, dim) for N = batch * heads rows."""
         reps = n // self.num_heads
-        return (inner(self.norm_weight).repeat(reps, 1)[:, None], inner(self.norm_bias).repeat(reps, 1)[:, None])
+        return (upcast(self.norm_weight).repeat(reps, 1)[:, None], upcast(self.norm_bias).repeat(reps, 1)[:, None])
 
     def _layer_norm(self, z: torch.Tensor):
         """Per-head LN(z) = gamma * normalize(z) + beta, and what its backward needs."""
@@ -234,7 +234,7 @@ class SwiGLUMemory(FastModel):
             init.normal_(w, mean=0.0, std=self.init_gain / w.shape[1] ** 0.5)
 
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
-        return {name: inner(getattr(self, name)).repeat(batch, 1, 1) for name in self.weight_names}
+        return {name: upcast(getattr(self, name)).repeat(batch, 1, 1) for name in self.weight_names}
 
     def core(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
         return linear("W1", F.silu(linear("W0", x)) * linear("W2", x))

@@ -12,11 +12,8 @@ chunk commits ``W_b`` (and the momentum) as the next chunk's start. On request
 (``read_start=True``) the queries also read the chunk-start weights, ``f(q_t; W_c)``: retrieval
 from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
 
-Ragged lengths, padding and decoding share one mechanism. Each row's real tokens are laid out so
-that its complete chunks end at the same chunk index; leading whole chunks of pads are identity
-steps, and the row's last, incomplete chunk is only read, then kept in the state as *pending*
-tokens that the next call completes. So a sequence gives the same outputs whether it arrives in
-one call or token by token, left-padded or not, and decoding costs at most one chunk per token.
+Padding and decoding follow the engine's layout (:mod:`tto.engine.layout`): an incomplete last
+chunk is only read and kept pending, so decoding costs at most one chunk per token.
 
 **Step bound.** Because every gradient of a chunk is taken at its start weights, a chunk applies
 up to (chunk length x theta) of a token's step at once, amplified by momentum (up to 1 / (1 - eta))
@@ -51,129 +48,42 @@ recurrence on probes (:func:`naive_chunk_map`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..reference import in_reference_mode
 from .chunkwise import ChunkwiseMemory
-from .fast_models import FastModel, inner
+from .fast_models import FastModel, upcast
 from .objectives import Objective
 from .optimizers import Coefficients, InnerOptimizer, stable_step_factor
 from .retention import Retention
-
-
-def heads_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, ...) -> (B * H, T, ...) in the inner dtype."""
-    return inner(x).transpose(1, 2).flatten(0, 1)
 
 
 def _bias_name(weight_name: str) -> str:
     return "b" + weight_name[1:]
 
 
-@dataclass
-class Layout:
-    """Where each token of the (pending + new) sequence goes in the chunked layout (B, length)."""
+class Chunk(NamedTuple):
+    """One chunk's inputs to :meth:`Memory._chunk` (N = batch * heads rows, C tokens)."""
 
-    length: int  # padded length, a multiple of the chunk size
-    total: int  # tokens in the (pending + new) sequence
-    n_commit: int  # leading chunks whose updates are committed; a following chunk, if any, is only read
-    valid: torch.Tensor  # (B, length) True at real tokens
-    src: torch.Tensor | None  # (B, length) token index feeding each slot (T = the zero row); None: identity
-    dest: torch.Tensor | None  # (B, T) slot of each token (length = dropped); None: identity
-    remainder: torch.Tensor  # (B,) real tokens in the read-only last chunk
-
-    @classmethod
-    def build(cls, valid: torch.Tensor | None, total: int, batch: int, chunk: int, device) -> "Layout":
-        if valid is None:  # every token real: keep order, pad the end
-            n_commit, rem = divmod(total, chunk)
-            length = (n_commit + (rem > 0)) * chunk
-            slots = torch.arange(length, device=device)
-            return cls(length, total, n_commit, (slots < total).expand(batch, length), None, None,
-                       torch.full((batch,), rem, device=device))
-        count = valid.sum(1)
-        full = count // chunk
-        n_commit = int(full.max())
-        remainder = count - full * chunk
-        length = (n_commit + int(bool((remainder > 0).any()))) * chunk
-        rank = valid.long().cumsum(1) - 1
-        dest = torch.where(valid, (n_commit - full)[:, None] * chunk + rank, length)
-        src = torch.full((batch, length + 1), total, dtype=torch.long, device=device)
-        src.scatter_(1, dest, torch.arange(total, device=device).expand(batch, total))
-        slots = torch.arange(length, device=device)
-        start = ((n_commit - full) * chunk)[:, None]
-        slot_valid = (slots >= start) & (slots < start + count[:, None])
-        return cls(length, total, n_commit, slot_valid, src[:, :length], dest, remainder)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) tokens -> (B, length, ...) slots (zeros at pad slots)."""
-        if self.src is None:
-            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.length - x.shape[1]))
-        x = torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
-        idx = self.src.view(*self.src.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-        return x.gather(1, idx)
-
-    def scatter(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, length, ...) slots -> (B, T, ...) tokens (zeros at pads)."""
-        if self.dest is None:
-            return y[:, : self.total]
-        y = torch.cat([y, y.new_zeros(y.shape[0], 1, *y.shape[2:])], dim=1)
-        idx = self.dest.view(*self.dest.shape, *([1] * (y.dim() - 2))).expand(-1, -1, *y.shape[2:])
-        return y.gather(1, idx)
-
-
-def load_state(state: dict | None, prefix: str, batch: int, names, with_momentum: bool):
-    """What a previous call left in `state` under `prefix`: (params, momentum or None, pending
-    tokens, pending counts (B,)), params as (batch * heads, ...); None when the sequence is new."""
-    if state is None or prefix + "n_pending" not in state:
-        return None
-    unpack = lambda key: state[key].flatten(0, 1)  # noqa: E731
-    params = {n: unpack(prefix + "W." + n) for n in names}
-    momentum = {n: unpack(prefix + "S." + n) for n in names} if with_momentum else None
-    pending = {k[len(prefix + "pending."):]: v for k, v in state.items() if k.startswith(prefix + "pending.")}
-    return params, momentum, pending, state[prefix + "n_pending"]
-
-
-def prepend_pending(tokens: dict, pending: dict, n_pending: torch.Tensor, mask: torch.Tensor | None):
-    """The pending tokens of an incomplete chunk in front of the new ones: (tokens, validity of the
-    joined sequence (B, pending + new), None when every slot is real)."""
-    first = next(iter(tokens.values()))
-    tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
-    old = torch.arange(pending["q"].shape[1], device=first.device)[None, :] < n_pending[:, None]
-    if mask is None and bool(old.all()):
-        return tokens, None
-    new = mask if mask is not None else torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
-    return tokens, torch.cat([old, new], dim=1)
-
-
-def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
-                layout: Layout, chunk: int) -> None:
-    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
-    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
-    for key in [k for k in state if k.startswith(prefix)]:
-        del state[key]
-    batch = layout.valid.shape[0]
-    split = lambda t: t.detach().reshape(batch, heads, *t.shape[1:])  # noqa: E731
-    for n, p in params.items():
-        state[prefix + "W." + n] = split(p)
-        if momentum is not None:
-            state[prefix + "S." + n] = split(momentum[n])
-    tail = slice(layout.n_commit * chunk, layout.n_commit * chunk + int(layout.remainder.max()))
-    for n, t in tokens.items():
-        state[prefix + "pending." + n] = layout.gather(t)[:, tail].detach()
-    state[prefix + "n_pending"] = layout.remainder
+    q: torch.Tensor  # (N, C, d)
+    k: torch.Tensor  # (N, C, d)
+    v: torch.Tensor  # (N, C, d)
+    mixed_qk: torch.Tensor  # (N, C, C): mix * (q . k [+ 1]), the first layer's dual-form term
+    coefficients: Coefficients
+    objective_gates: dict  # {name: (N, C)}
+    active: torch.Tensor  # (N,) the row has a real token in this chunk
 
 
 class Memory(ChunkwiseMemory):
     """A fast model trained online by an inner optimizer, chunk by chunk (see module docstring).
 
-    forward(q, k, v, gates, mask, state) with q, k, v (B, T, H, d) and gates {name: (B, T, H)}
-    returns the read-outs (B, T, H, d); with ``read_start=True`` the pair (read-outs, reads of the
-    chunk-start weights). Inner arithmetic runs in float32 (float64 for float64 inputs), autocast off.
+    forward(q, k, v, gates, mask, state, read_start) as :class:`ChunkwiseMemory`'s, with q, k, v
+    (B, T, H, d) and gates {name: (B, T, H)}: the optimizer's and the objective's.
     """
+
+    reads_chunk_start = True
 
     def __init__(self, fast_model: FastModel, objective: Objective, optimizer: InnerOptimizer,
                  chunk_size: int, checkpoint_group: int = 0, state_prefix: str = "memory",
@@ -184,122 +94,72 @@ class Memory(ChunkwiseMemory):
         self.optimizer = optimizer
         self.retention = retention or Retention()
         self.has_retention = retention is not None
-        if retention is not None and set(self._param_names()) != set(fast_model.weight_names):
+        if retention is not None and set(self.param_names()) != set(fast_model.weight_names):
             raise ValueError(f"{type(retention).__name__} acts on weight matrices; use a fast model without biases")
         self.chunk_size = chunk_size
         self.checkpoint_group = checkpoint_group
         self.prefix = state_prefix + "."
+        self.has_momentum = optimizer.has_momentum
 
-    # ------------------------------------------------------------------ state
-    def _load(self, state: dict | None, batch: int):
-        loaded = load_state(state, self.prefix, batch, self._param_names(), self.optimizer.has_momentum)
-        if loaded is not None:
-            return loaded
-        params = self.retention.start(self.fast.initial_params(batch))
-        momentum = {k: torch.zeros_like(v) for k, v in params.items()} if self.optimizer.has_momentum else None
-        return params, momentum, None, None
-
-    def _param_names(self) -> list[str]:
+    def param_names(self) -> list[str]:
         return list(self.fast.initial_params(1).keys())
 
-    # ------------------------------------------------------------------ monitoring (ChunkwiseMemory.inner_stats)
-    def fast_weights(self, state, call):
-        params, momentum, _, _ = self._load(state, call["q"].shape[0])
+    def initial_weights(self, tokens):
+        params = self.retention.start(self.fast.initial_params(tokens["q"].shape[0]))
+        momentum = {n: torch.zeros_like(w) for n, w in params.items()} if self.has_momentum else None
         return params, momentum
 
-    def inner_loss(self, params, call):
-        k, v = heads_first(call["k"]), heads_first(call["v"])
-        gates = {n: heads_first(call["gates"][n]) for n in self.objective.gate_names}
-        return self.objective.loss(self.fast.apply(k, self.fast.plain_linear(params)), v, gates)
+    def naive(self, q, k, v, gates, mask, read_start):
+        out, start, _ = naive_memory(self, q, k, v, gates, mask)
+        return (out, start) if read_start else out
 
-    def gate_values(self, call):
-        return call["gates"]
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
-                state: dict | None = None, read_start: bool = False):
-        out_dtype = q.dtype
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            if in_reference_mode():
-                if state is not None:
-                    raise RuntimeError("the naive reference does not keep a decoding state")
-                out, start, _ = naive_memory(self, q, k, v, gates, mask)
-            else:
-                out, start = self._forward(q, k, v, gates, mask, state, read_start)
-        return (out.to(out_dtype), start.to(out_dtype)) if read_start else out.to(out_dtype)
-
-    def _forward(self, q, k, v, gates, mask, state, read_start: bool):
-        batch, new_len, heads = q.shape[:3]
-        b = self.chunk_size
-        tokens = {"q": inner(q), "k": inner(k), "v": inner(v)}
-        tokens.update({"gate." + n: inner(g) for n, g in gates.items()})
-        params, momentum, pending, n_pending = self._load(state, batch)
-        valid = mask
-        if pending is not None:
-            tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
-        total = next(iter(tokens.values())).shape[1]
-        layout = Layout.build(valid, total, batch, b, q.device)
-        n = layout.length // b
-
-        def chunked(x):  # (B, length, H, ...) -> (B*H, n, b, ...)
-            x = layout.gather(x).transpose(1, 2)
-            return x.reshape(batch * heads, n, b, *x.shape[3:])
-
-        Q, K, V = chunked(tokens["q"]), chunked(tokens["k"]), chunked(tokens["v"])
-        G = {name: chunked(tokens["gate." + name]) for name in gates}
-        slot_valid = layout.valid[:, None].expand(batch, heads, layout.length).reshape(batch * heads, n, b)
-        coef = self.optimizer.coefficients(G, slot_valid).without_negligible()
+    # ------------------------------------------------------------------ the scan
+    def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
+        n = valid.shape[1]
+        queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
+        gates = {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
+        coef = self.optimizer.coefficients(gates, valid).without_negligible()
         # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
         # does not depend on the weights, so it is built for all chunks at once
-        qk = Q @ K.transpose(-1, -2)
+        qk = queries @ keys.transpose(-1, -2)
         if _bias_name(self.fast.weight_names[0]) in params:
             qk = qk + 1.0
-        # per-chunk views via unbind: indexing Q[:, i] instead would make every chunk's backward
-        # write a zero tensor of the whole sequence's size
+        # per-chunk views via unbind: indexing queries[:, i] instead would make every chunk's
+        # backward write a zero tensor of the whole sequence's size
         objective_gates = [dict(zip(self.objective.gate_names, g))
-                           for g in zip(*(G[n].unbind(1) for n in self.objective.gate_names))] or [{}] * n
-        chunks = list(zip(Q.unbind(1), K.unbind(1), V.unbind(1), (coef.mix * qk).unbind(1), coef.unbind(),
-                          objective_gates, slot_valid.any(-1).unbind(1)))
-
+                           for g in zip(*(gates[name].unbind(1) for name in self.objective.gate_names))] or [{}] * n
+        chunk_list = [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1),
+                                             (coef.mix * qk).unbind(1), coef.unbind(), objective_gates,
+                                             valid.any(-1).unbind(1))]
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
             hi = min(n, lo + group)
             run = lambda p, m, lo=lo, hi=hi: self._chunks(  # noqa: E731
-                p, m, chunks[lo:hi], layout.n_commit - lo, read_start)
+                p, m, chunk_list[lo:hi], n_commit - lo, read_start)
             if group < n:
                 out, params, momentum = checkpoint(run, params, momentum, use_reentrant=False)
             else:
                 out, params, momentum = run(params, momentum)
             outs.append(out)
+        reads = torch.cat(outs, dim=1)  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
+        x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start else queries
+        return self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape), params, momentum
 
-        def unchunk(h):  # (B*H, n, [reads,] b, d) chunk read-outs -> (B, new_len, H, d) token outputs
-            out = self.fast.wrap(Q.flatten(1, 2), h.flatten(1, 2)).reshape(batch, heads, layout.length, -1)
-            return layout.scatter(out.transpose(1, 2))[:, total - new_len :]
-
-        reads = torch.cat(outs, dim=1)
-        out = unchunk(reads[:, :, 0]) if read_start else unchunk(reads)
-        start = unchunk(reads[:, :, 1]) if read_start else None
-
-        if state is not None:
-            store_state(state, self.prefix, heads, params, momentum, tokens, layout, b)
-        return out, start
-
-    def _chunks(self, params, momentum, chunks: list, n_commit: int, read_start: bool):
+    def _chunks(self, params, momentum, chunks: list[Chunk], n_commit: int, read_start: bool):
         """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
-        (N, chunks, b, d), or (N, chunks, 2, b, d) with the chunk-start reads second."""
+        (N, chunks, C, d), or (N, chunks, 2, C, d) with the chunk-start reads second."""
         outs = []
         for i, chunk in enumerate(chunks):
-            *inputs, active = chunk
-            out, new_params, new_momentum = self.step(params, momentum, *inputs)
+            out, new_params, new_momentum = self.step(params, momentum, chunk.q, chunk.k, chunk.v, chunk.mixed_qk,
+                                                      chunk.coefficients, chunk.objective_gates)
             if read_start:
-                out = torch.stack([out, self.fast.core(chunk[0], self.fast.plain_linear(params))], dim=1)
+                out = torch.stack([out, self.fast.core(chunk.q, self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
                 if self.has_retention:
-                    keep = chunk[4].decay[:, -1] if chunk[4].decay is not None else None
-                    retained = self.retention.chunk_end(params, new_params, keep)
-                    # a row's chunk of pads (left padding) is an identity step: no retention either
-                    new_params = {n: torch.where(active[:, None, None], w, new_params[n]) for n, w in retained.items()}
+                    decay = chunk.coefficients.decay
+                    new_params = self.retention.commit(params, new_params, None if decay is None else decay[:, -1],
+                                                       chunk.active)
                 params, momentum = new_params, new_momentum
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
@@ -440,7 +300,7 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     weights committed after its last complete chunk)."""
     fast, opt, b, retention = memory.fast, memory.optimizer, memory.chunk_size, memory.retention
     batch, length, heads = q.shape[:3]
-    outs = inner(q.new_zeros(batch, length, heads, v.shape[-1]))
+    outs = upcast(q.new_zeros(batch, length, heads, v.shape[-1]))
     starts = torch.zeros_like(outs)
     committed = []
     for row in range(batch):
@@ -455,8 +315,8 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
                 chunk_start = {key: (dict(x) if isinstance(x, dict) else list(x) if isinstance(x, list) else x)
                                for key, x in state.items()}
                 written = []
-            kt, vt, qt = (inner(x[row, t])[:, None, :] for x in (k, v, q))
-            token_gates = {n: inner(g[row, t]) for n, g in gates.items()}
+            kt, vt, qt = (upcast(x[row, t])[:, None, :] for x in (k, v, q))
+            token_gates = {n: upcast(g[row, t]) for n, g in gates.items()}
             with torch.enable_grad():
                 y = fast.apply(kt, fast.plain_linear(start))
                 loss = memory.objective.loss(y, vt, {n: g[:, None] for n, g in token_gates.items()}).sum()

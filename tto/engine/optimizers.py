@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fast_models import inner
+from .fast_models import upcast
 
 #: Coefficients below this are set to zero. Products of many gates (prod (1 - alpha) over a chunk
 #: of 128 tokens at alpha = 0.5 is 3e-39) otherwise reach subnormal floats, and so do their products
@@ -202,7 +202,7 @@ class MiniBatchGD(InnerOptimizer):
         init.zeros_(self.token_offset)
 
     def position_scale(self) -> torch.Tensor:
-        offset = inner(self.token_offset)
+        offset = upcast(self.token_offset)
         base = 1.0 / torch.arange(1, self.chunk_size + 1, device=offset.device, dtype=offset.dtype)
         return (base + offset).clamp_min(0.0)
 

@@ -9,6 +9,10 @@ where a chunk commits its weights; inside a chunk the update stays linear (the e
 * :meth:`Retention.chunk_end` maps (start weights, linearly updated end weights, the chunk's
   total linear decay) to the next chunk's start weights.
 
+LaCT's large-chunk update (:class:`tto.engine.LargeChunkMemory`) commits through the same parts:
+Muon (:meth:`MuonRetention.orthogonalize` of its momentum, scale 1) and its weight norm
+(:class:`WeightNorm`).
+
 The base class is the identity (every optimizer without a nonlinear retention).
 """
 
@@ -33,6 +37,13 @@ class Retention:
     def chunk_end(self, start: Params, end: Params, keep: torch.Tensor | None) -> Params:
         """keep (N,): the product of the chunk's linear decays (None: 1)."""
         return end
+
+    def commit(self, start: Params, end: Params, keep: torch.Tensor | None, active: torch.Tensor) -> Params:
+        """:meth:`chunk_end` at the rows (N,) `active` in the chunk; other rows, a chunk of pads (left
+        padding), keep `end`: an identity step, retention included (and no gradient through the
+        retention of a zero step, Muon's normalisation of which is 1 / eps)."""
+        retained = self.chunk_end(start, end, keep)
+        return {n: torch.where(active[:, None, None], w, end[n]) for n, w in retained.items()}
 
 
 def _entry_norm(w: torch.Tensor, q: float) -> torch.Tensor:
@@ -109,9 +120,13 @@ class MuonRetention(Retention):
     def __init__(self, scale: float):
         self.scale = scale
 
+    def orthogonalize(self, step: torch.Tensor) -> torch.Tensor:
+        """Muon's step from a linear one (N, a, b): ``scale * NS5(step)``."""
+        return self.scale * _orthogonalize(step)
+
     def chunk_end(self, start, end, keep):
         keep = 1.0 if keep is None else keep[:, None, None]
-        return {name: keep * start[name] - self.scale * _orthogonalize(keep * start[name] - w) for name, w in end.items()}
+        return {name: keep * start[name] - self.orthogonalize(keep * start[name] - w) for name, w in end.items()}
 
 
 def _orthogonalize(step: torch.Tensor) -> torch.Tensor:
@@ -121,3 +136,18 @@ def _orthogonalize(step: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return newton_schulz5(step)
     return checkpoint(newton_schulz5, step, use_reentrant=False)
+
+
+class WeightNorm(Retention):
+    """LaCT's weight norm: after each chunk's update every column of every fast weight is rescaled
+    to its norm in the learned initial weights, ``W[:, j] <- W[:, j] ||W_0[:, j]|| / ||W[:, j]||``
+    (``fast``: the fast model holding W_0)."""
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def chunk_end(self, start, end, keep):
+        first = next(iter(end.values()))
+        initial = self.fast.initial_params(first.shape[0] // self.fast.num_heads)
+        return {name: w * (initial[name].norm(dim=-2, keepdim=True) / w.norm(dim=-2, keepdim=True))
+                for name, w in end.items()}

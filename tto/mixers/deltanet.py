@@ -136,9 +136,9 @@ class DeltaNetMixer(nn.Module):
         self.g_proj = nn.Linear(width, value_width, bias=False) if config.use_gate else None
         self.o_proj = nn.Linear(value_width, width, bias=False)
 
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
-        """log a_t (B, T, heads); None: no decay (DeltaNet)."""
-        return None
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The delta rule's gates, (B, T, heads) each: ``lr`` beta_t (DeltaNet has no decay)."""
+        return {"lr": self.lr_gate(x)}
 
     def _view(self, proj: nn.Linear, conv: ShortConv, x, ctx: Context, state, key: str, dim: int) -> torch.Tensor:
         """SiLU(conv(proj(x))) per head: (B, T, heads, dim)."""
@@ -148,7 +148,7 @@ class DeltaNetMixer(nn.Module):
         q = F.normalize(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q", self.head_k_dim), dim=-1)
         k = F.normalize(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k", self.head_k_dim), dim=-1)
         v = self._view(self.v_proj, self.conv_v, x, ctx, state, "conv_v", self.head_v_dim)
-        o = self.memory(q * self.head_k_dim**-0.5, k, v, self.lr_gate(x), self.log_decay(x), ctx.mask, state)
+        o = self.memory(q * self.head_k_dim**-0.5, k, v, self.gates(x), ctx.mask, state)
         o = self.out_norm(o).flatten(2)
         if self.g_proj is not None:
             o = o * F.silu(self.g_proj(x))
@@ -165,5 +165,6 @@ class GatedDeltaNetMixer(DeltaNetMixer):
         self.forget_gate = DecayGate(config.hidden_size, config.num_memory_heads, config.a_init_max, config.dt_min,
                                      config.dt_max, config.dt_init_floor)
 
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forget_gate(x)
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DeltaNet's gates and ``log_decay``: log a_t."""
+        return {**super().gates(x), "log_decay": self.forget_gate(x)}

@@ -1,0 +1,148 @@
+"""Where a memory's tokens go: the chunked layout of a (pending + new) sequence and the decoding
+state, shared by every engine (:class:`tto.engine.chunkwise.ChunkwiseMemory`).
+
+Ragged lengths, padding and decoding share one mechanism. Each row's real tokens are laid out so
+that its complete chunks end at the same chunk index; leading whole chunks of pads are identity
+steps, and the row's last, incomplete chunk is only read, then kept in the state as *pending*
+tokens that the next call completes (an engine whose every token takes an exact step, the delta
+rule, commits the incomplete chunk instead and keeps nothing pending). So a sequence gives the
+same outputs whether it arrives in one call or token by token, left-padded or not.
+
+State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
+
+    <prefix>.W.<name>        committed fast weight <name>                    (B, heads, ...)
+    <prefix>.S.<name>        the inner optimizer's momentum of weight <name>  (B, heads, ...)
+    <prefix>.pending.<name>  tokens of the incomplete last chunk              (B, pending, heads, ...)
+    <prefix>.n_pending       real tokens among them                           (B,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .fast_models import upcast
+
+
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, ...) -> (B * H, T, ...) in the inner dtype."""
+    return rearrange(upcast(x), "b t h ... -> (b h) t ...")
+
+
+@dataclass
+class Layout:
+    """Where each token of the (pending + new) sequence goes in the chunked layout (B, length)."""
+
+    length: int  # padded length, a multiple of the chunk size
+    total: int  # tokens in the (pending + new) sequence
+    chunk_size: int
+    n_commit: int  # leading chunks whose updates are committed; a following chunk, if any, is only read
+    valid: torch.Tensor  # (B, length) True at real tokens
+    src: torch.Tensor | None  # (B, length) token index feeding each slot (T = the zero row); None: identity
+    dest: torch.Tensor | None  # (B, T) slot of each token (length = dropped); None: identity
+    remainder: torch.Tensor  # (B,) real tokens in the read-only last chunk
+
+    @classmethod
+    def build(cls, valid: torch.Tensor | None, total: int, batch: int, chunk_size: int, device,
+              commit_incomplete: bool = False) -> "Layout":
+        """`valid` (B, total) or None (every token real). With `commit_incomplete` the last,
+        incomplete chunk commits too (its pad slots must then be identity steps): nothing is pending."""
+        if valid is None:  # every token real: keep order, pad the end
+            n_full, rem = divmod(total, chunk_size)
+            length = (n_full + (rem > 0)) * chunk_size
+            slots = torch.arange(length, device=device)
+            n_commit, rem = (length // chunk_size, 0) if commit_incomplete else (n_full, rem)
+            return cls(length, total, chunk_size, n_commit, (slots < total).expand(batch, length), None, None,
+                       torch.full((batch,), rem, device=device))
+        count = valid.sum(1)
+        full = count // chunk_size
+        n_full = int(full.max())
+        remainder = count - full * chunk_size
+        length = (n_full + int(bool((remainder > 0).any()))) * chunk_size
+        rank = valid.long().cumsum(1) - 1
+        dest = torch.where(valid, (n_full - full)[:, None] * chunk_size + rank, length)
+        src = torch.full((batch, length + 1), total, dtype=torch.long, device=device)
+        src.scatter_(1, dest, torch.arange(total, device=device).expand(batch, total))
+        slots = torch.arange(length, device=device)
+        start = ((n_full - full) * chunk_size)[:, None]
+        slot_valid = (slots >= start) & (slots < start + count[:, None])
+        if commit_incomplete:
+            n_full, remainder = length // chunk_size, torch.zeros_like(remainder)
+        return cls(length, total, chunk_size, n_full, slot_valid, src[:, :length], dest, remainder)
+
+    @property
+    def n_chunks(self) -> int:
+        return self.length // self.chunk_size
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) tokens -> (B, length, ...) slots (zeros at pad slots)."""
+        if self.src is None:
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.length - x.shape[1]))
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
+        idx = self.src.view(*self.src.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, idx)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, length, ...) slots -> (B, T, ...) tokens (zeros at pads)."""
+        if self.dest is None:
+            return y[:, : self.total]
+        y = torch.cat([y, y.new_zeros(y.shape[0], 1, *y.shape[2:])], dim=1)
+        idx = self.dest.view(*self.dest.shape, *([1] * (y.dim() - 2))).expand(-1, -1, *y.shape[2:])
+        return y.gather(1, idx)
+
+    def chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, ...) tokens -> (B * H, n_chunks, chunk_size, ...) slots, heads first."""
+        return rearrange(self.gather(x), "b (n c) h ... -> (b h) n c ...", c=self.chunk_size)
+
+    def tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """(B * H, n_chunks, chunk_size, ...) slots -> (B, T, H, ...) tokens: the inverse of :meth:`chunks`."""
+        return self.scatter(rearrange(y, "(b h) n c ... -> b (n c) h ...", b=self.valid.shape[0]))
+
+    def chunk_valid(self, heads: int) -> torch.Tensor:
+        """(B * H, n_chunks, chunk_size): True at the slots of real tokens."""
+        return rearrange(self.valid, "b (n c) -> b n c", c=self.chunk_size).repeat_interleave(heads, dim=0)
+
+
+def load_state(state: dict | None, prefix: str, names, with_momentum: bool):
+    """What a previous call left in `state` under `prefix`: (params, momentum or None, pending
+    tokens, pending counts (B,)), params as (batch * heads, ...); None when the sequence is new."""
+    if state is None or prefix + "n_pending" not in state:
+        return None
+    unpack = lambda key: state[key].flatten(0, 1)  # noqa: E731
+    params = {n: unpack(prefix + "W." + n) for n in names}
+    momentum = {n: unpack(prefix + "S." + n) for n in names} if with_momentum else None
+    pending = {k[len(prefix + "pending."):]: v for k, v in state.items() if k.startswith(prefix + "pending.")}
+    return params, momentum, pending, state[prefix + "n_pending"]
+
+
+def prepend_pending(tokens: dict, pending: dict, n_pending: torch.Tensor, mask: torch.Tensor | None):
+    """The pending tokens of an incomplete chunk in front of the new ones: (tokens, validity of the
+    joined sequence (B, pending + new), None when every slot is real)."""
+    first = next(iter(tokens.values()))
+    tokens = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
+    old = torch.arange(pending["q"].shape[1], device=first.device)[None, :] < n_pending[:, None]
+    if mask is None and bool(old.all()):
+        return tokens, None
+    new = mask if mask is not None else torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
+    return tokens, torch.cat([old, new], dim=1)
+
+
+def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
+                layout: Layout) -> None:
+    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
+    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    split = lambda t: rearrange(t.detach(), "(b h) ... -> b h ...", h=heads)  # noqa: E731
+    for n, p in params.items():
+        state[prefix + "W." + n] = split(p)
+        if momentum is not None:
+            state[prefix + "S." + n] = split(momentum[n])
+    start = layout.n_commit * layout.chunk_size
+    tail = slice(start, start + int(layout.remainder.max()))
+    for n, t in tokens.items():
+        state[prefix + "pending." + n] = layout.gather(t)[:, tail].detach()
+    state[prefix + "n_pending"] = layout.remainder
