@@ -102,7 +102,7 @@ class TTOConfig(PreTrainedConfig):
     mlp_bias: bool = False  # biases in the SwiGLU MLP projections
     layer_mixers: list[str] | None = None  # per-layer mixer: any registered type (None: all this type)
     # the own fields of the other types in layer_mixers, {type: {field: value}} (e.g. {"gated_deltanet":
-    # {"num_heads": 4}}); a type not listed takes its defaults; backbone fields are always this config's
+    # {"num_memory_heads": 4}}); a type not listed takes its defaults; backbone fields are always this config's
     mixer_fields: dict[str, dict[str, Any]] | None = None
     pre_conv: bool = False  # Mamba-style branch before the mixer: h += ShortConv(RMSNorm(h))
     post_norm: bool = False  # RMSNorm on each sublayer's output before its residual: h += RMSNorm'(f(RMSNorm(h)))

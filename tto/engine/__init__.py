@@ -15,10 +15,7 @@ from .objectives import DotProduct, Huber, LpError, Objective, SquaredError
 from .optimizers import Coefficients, DecayGD, InnerOptimizer, MiniBatchGD, MomentumGD, OmegaWindow
 from .retention import LqNormalization, MuonRetention, Retention, SoftmaxRetention, WeightNorm
 
-#: every kind of inner-loop memory (a layer holding one keeps fast weights in its state)
-MEMORIES = (Memory, DeltaRule, LargeChunkMemory)
-
 __all__ = ["ACTIVATIONS", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel",
-           "Float32Parameters", "Huber", "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MEMORIES", "MLPMemory", "Memory",
+           "Float32Parameters", "Huber", "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MLPMemory", "Memory",
            "MiniBatchGD", "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "PolynomialFeatures", "Retention", "SoftmaxRetention",
            "SquaredError", "SwiGLUMemory", "WeightNorm", "naive_delta_rule", "naive_large_chunk", "naive_memory", "newton_schulz5"]
