@@ -68,7 +68,7 @@ def kappa_of(c, curvature: torch.Tensor) -> torch.Tensor:
     carry = c.carry[:, 0, -1] if c.carry is not None else None
     s_decay = c.s_decay[:, 0] if c.s_decay is not None else None
     s_mix = c.s_mix[:, 0] if c.s_mix is not None else None
-    return stable_step_factor(decay, carry, s_decay, c.mix[:, 0, -1], s_mix, curvature)
+    return stable_step_factor(decay, carry, s_decay, c.mix[:, 0, -1], s_mix, [curvature.sqrt()[..., None]])
 
 
 def radius(m: torch.Tensor) -> torch.Tensor:
