@@ -121,10 +121,12 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
     ``||M||_P <= 1`` as soon as ``||K_lo|| / t_max(eps(lo)) + ||K_hi|| / t_max(eps(hi)) <= 1``
     (take w proportional to ||K|| / t_max), with ||K|| bounded by (*). So::
 
-        kappa = min(1, STEP_MARGIN / max_P-candidates-inverse),   1 / kappa_P = N_lo / t_lo(P) + N_hi / t_hi(P)
+        kappa = min(1, STEP_MARGIN / (N_lo / t_max(eps(lo); P) + N_hi / t_max(eps(hi); P)))
 
     N_lo, N_hi the right side of (*) at weights u and v; kappa = 1 exactly (the paper's update)
-    wherever the chunk meets the condition by itself. With one token, or equal lam_s, it is
+    wherever the chunk meets the condition by itself. P is the candidate (below) that minimises the
+    same sum with ``sum_s u_s`` and ``sum_s v_s`` in place of N_lo and N_hi: a function of the gates
+    alone, so that chunks with equal gates share their Lyapunov function whatever their keys. With one token, or equal lam_s, it is
     ``t_max / ||sum_s (m_s + p_s) H_s||``: the chunk's Gram matrix of keys, not the sum of its tokens'
     curvatures.
 
@@ -132,7 +134,7 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
     Without forgetting (d = 1) ``gamma = c / (1 - e)`` (W + gamma S is where the momentum carries W)
     is the only gamma with ``||D||_P <= 1``; otherwise any gamma works with nu large enough.
     :data:`LYAPUNOV_SHIFT` and co. give a fixed set of candidates (gamma, nu) per chunk, every
-    one with ``||D||_P <= 1``; each gives valid t_max and the best is used. In the scaled
+    one with ``||D||_P <= 1``; each gives valid t_max. In the scaled
     coordinates ``D`` is ``N0 = [[d, delta / nu], [0, e]]``, ``delta = c + gamma (e - d)``, and a step
     ``t eps e_1^T`` is ``t w z^T``, ``w = (eps_1 + gamma eps_2, nu eps_2)``, ``z = (1, -gamma / nu)``.
     With ``Q = I - N0^T N0 >= 0`` and ``l = N0^T w``::
@@ -173,23 +175,30 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
     z2 = -gamma / nu
     valid_p = (q22 >= 0) & (det_q >= 0)  # candidates with ||D||_P <= 1 (without forgetting only shift 1)
     size = mix + s_mix
-    counted = (size > 0) & (sum(f.pow(2).sum(-1) for f in factors) > 0)  # tokens that take a step
-    lam = torch.where(counted, s_mix / size.clamp_min(tiny), 0.0)
-    lo = torch.where(counted, lam, torch.inf).amin(-1, keepdim=True)
-    hi = torch.where(counted, lam, -torch.inf).amax(-1, keepdim=True)
-    spread = (hi - lo).clamp_min(tiny)
-    to_hi = torch.where(hi > lo, ((lam - lo) / spread).clamp(0.0, 1.0), 0.0)
-    weights = torch.where(counted, size, 0.0) * torch.stack([1 - to_hi, to_hi])  # (2, N, b): u_s, v_s
-    norms = curvature_norm(factors, weights)  # (2, N): N_lo, N_hi
-    inverse = 0.0  # 1 / kappa_P per candidate P
-    for end, norm in zip((lo, hi), norms):
+    steps = size > 0  # tokens with a step (from the gates alone: the choice of P below must not see the keys)
+    lam = torch.where(steps, s_mix / size.clamp_min(tiny), 0.0)
+    lo = torch.where(steps, lam, torch.inf).amin(-1, keepdim=True)
+    hi = torch.where(steps, lam, -torch.inf).amax(-1, keepdim=True)
+    to_hi = torch.where(hi > lo, ((lam - lo) / (hi - lo).clamp_min(tiny)).clamp(0.0, 1.0), 0.0)
+    weights = torch.where(steps, size, 0.0) * torch.stack([1 - to_hi, to_hi])  # (2, N, b): u_s, v_s
+    norms = curvature_norm(factors, weights)[..., None]  # (2, N, 1): N_lo, N_hi
+    mass = weights.sum(-1)[..., None]  # (2, N, 1): the gates' stand-in for N_lo, N_hi that picks P
+    inverse_t = []  # 1 / t_max per end and candidate P (0 where the direction never expands V)
+    for end in (lo, hi):
         w1, w2 = 1 - end + gamma * end, nu * end
         l1, l2 = d * w1, off * w1 + e * w2
         beta = q22 * l1 - q12 * (l2 + z2 * l1) + q11 * z2 * l2
         alpha = (w1**2 + w2**2) * (q22 - 2 * q12 * z2 + q11 * z2**2) + (l2 - z2 * l1) ** 2
-        t = (beta + (beta**2 + alpha * det_q.clamp_min(0.0)).sqrt()) / alpha
-        inverse = inverse + torch.where(norm[:, None] > 0, norm[:, None] / t, 0.0)
-    best = torch.where(valid_p & (inverse < torch.inf), 1 / inverse, 0.0).amax(-1)
+        inverse_t.append(alpha / (beta + (beta**2 + alpha * det_q.clamp_min(0.0)).sqrt()))
+
+    def inverse_kappa(n):  # sum over the ends of n / t_max, per candidate P (a zero n adds nothing)
+        return sum(torch.where(x > 0, x * inv, 0.0) for x, inv in zip(n, inverse_t))
+
+    by_gates = torch.where(valid_p, inverse_kappa(mass), torch.inf).nan_to_num(torch.inf)
+    choice = by_gates.argmin(-1, keepdim=True)  # the P of these gates, the same whatever the keys
+    inverse = inverse_kappa(norms).gather(-1, choice)[:, 0]
+    best = torch.where(by_gates.gather(-1, choice)[:, 0] < torch.inf, 1 / inverse, 0.0).nan_to_num(0.0)
+    counted = steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)  # tokens that take a step
     return torch.where(counted.any(-1), (STEP_MARGIN * best).clamp_max(1.0), 1.0)
 
 
