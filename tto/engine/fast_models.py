@@ -37,10 +37,6 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "relu": (F.relu, lambda g, z: g * (z > 0).to(g.dtype)),
 }
 
-#: activation name -> sup_z |function'(z)| (rounded up): a layer's gain in the step bound's
-#: curvature (:meth:`MLPMemory.curvature_gains`)
-ACTIVATION_SLOPES: dict[str, float] = {"gelu_tanh": 1.12900, "gelu": 1.12891, "silu": 1.09984, "relu": 1.0}
-
 
 def layer_norm(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, tuple]:
     """Affine-free LayerNorm over the last dim, and what its backward needs (fused kernels)."""
@@ -81,10 +77,11 @@ class FastModel(nn.Module):
         """Forward `x` at `params`, then backward ``dloss(y)``: [(name, input, delta)] per layer."""
         raise NotImplementedError
 
-    def curvature_gains(self, params: dict) -> dict[str, torch.Tensor]:
-        """Per fast linear layer, a bound (N,) on ``||d f / d z||_2^2`` (z the layer's output) at
-        `params`: the token's Gauss-Newton curvature of the inner loss in that layer's weights is
-        at most ``loss curvature * (||layer input||^2 [+ 1 with a bias]) * gain``."""
+    def curvature_gains(self, params: dict, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per fast linear layer, a bound (N, b) per token on ``||d f / d z||_2^2`` (z the layer's
+        output) at `params`, given every layer's inputs (N, b, d_l) there: a token's Gauss-Newton
+        curvature of the inner loss in that layer's weights is at most ``loss curvature * (||layer
+        input||^2 [+ 1 with a bias]) * gain``."""
         raise NotImplementedError
 
 
@@ -105,7 +102,6 @@ class MLPMemory(FastModel):
             raise ValueError(f"unknown fast-model activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
         self.num_heads, self.dim, self.depth = num_heads, dim, depth
         self.act, self.act_backward = ACTIVATIONS[activation]
-        self.slope = ACTIVATION_SLOPES[activation]
         self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std
         in_dim = dim if in_dim is None else in_dim
         if residual_norm and in_dim != dim:
@@ -163,23 +159,30 @@ class MLPMemory(FastModel):
         applies it once to all read-outs instead of chunk by chunk."""
         return x + self._layer_norm(h)[0] if self.residual_norm else h
 
-    def curvature_gains(self, params):
+    def curvature_gains(self, params, inputs):
         """Backward through the layers: the last layer's gain is 1, or ``max |gamma|^2`` with the
         ``x + LN(g(x))`` wrapper (the LayerNorm's Jacobian at unit-RMS g: LN(g) does not change when
         g is scaled, so a step that its 1 / RMS(g) factor would call large grows g and shrinks that
-        factor instead of oscillating); layer l's is ``slope^2 ||W_{l+1}||_2^2`` times layer l+1's,
-        slope = sup |activation'| (:data:`ACTIVATION_SLOPES`). Non-finite weights (a run that has
-        already diverged) count as zero here, so the NaN reaches the layer's output, where
+        factor instead of oscillating); layer l's is ``a_s^2 ||W_{l+1}||_2^2`` times layer l+1's,
+        ``a_s = max_j |activation'(z_sj)|`` over the token's pre-activations z_s of layer l (the
+        Jacobian ``diag(activation'(z_s)) W_{l+1}`` has at most that norm). Non-finite weights (a run
+        that has already diverged) count as zero here, so the NaN reaches the layer's output, where
         ``check_finite`` names the layer, instead of stopping the SVD."""
-        first = params[self.weight_names[0]]
-        gain = first.new_ones(first.shape[0])
+        first = inputs[self.weight_names[0]]
+        gain = first.new_ones(first.shape[:2])
         if self.residual_norm:
-            gain = self._norm_affine(first.shape[0])[0].abs().amax((-2, -1)).pow(2)
+            gain = gain * self._norm_affine(first.shape[0])[0].abs().amax((-2, -1)).pow(2)[:, None]
         gains = {}
+        linear = self.plain_linear(params)
         for i in reversed(range(self.depth)):
             name = self.weight_names[i]
             gains[name] = gain
-            gain = gain * (self.slope * torch.linalg.matrix_norm(params[name].nan_to_num(0.0, 0.0, 0.0), ord=2)).pow(2)
+            if i > 0:
+                below = self.weight_names[i - 1]
+                z = linear(below, inputs[below])
+                slope = self.act_backward(torch.ones_like(z), z).abs().amax(-1).nan_to_num(0.0, 0.0, 0.0)
+                norm = torch.linalg.matrix_norm(params[name].nan_to_num(0.0, 0.0, 0.0), ord=2)
+                gain = gain * (slope * norm[:, None]).pow(2)
         return gains
 
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:

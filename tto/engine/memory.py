@@ -27,22 +27,28 @@ geometrically (Titans at 300M: reads 0.8 -> 5e7 -> inf within 150 tokens at init
 with kappa from :func:`tto.engine.optimizers.stable_step_factor`: the chunk map does not expand a
 quadratic norm of (W, S) that does not see the key directions (``||M||_P <= 1`` with ``P x I``, P a
 2 x 2 matrix of the chunk's gates: the chunks' maps cannot compound along keys that rotate from chunk
-to chunk; for plain descent ``||d I - kappa sum_s m_s H_s||_2 < 1``) for every token Hessian ``H_s``
-with ``0 <= H_s <= L_s I``, where ``L_s`` bounds token s's Gauss-Newton curvature at the chunk-start
-weights::
+to chunk; for plain descent ``||d I - kappa sum_s m_s H_s||_2 < 1``) for the tokens' Gauss-Newton
+Hessians ``H_s`` at the chunk-start weights. What the bound uses of them is one *curvature factor*
+F_l (N, b, d_l) per fast layer, row s::
 
-    L_s = objective curvature(y_s) * sum_l (|x_s^(l)|^2 [+ 1 with a bias]) * gain_l * retention scale_l
+    F_l[s] = sqrt(objective curvature(y_s) * gain_l,s) * [x_s^(l), 1 with a bias]
 
-(``x_s^(l)`` layer l's input, ``gain_l`` from :meth:`FastModel.curvature_gains`: products of the
-later layers' spectral norms and sup |activation'|). kappa = 1 exactly wherever the step is stable
-by itself, so the paper's update is computed unchanged there; the reads inside a chunk are the
+(``x_s^(l)`` layer l's input, ``gain_l,s`` from :meth:`FastModel.curvature_gains`: a bound on
+``||d f / d z^(l)||^2`` from the later layers' spectral norms and the token's own activation slopes),
+for which ``||sum_s a_s H_s||_2 <= sum_l ||F_l^T diag(a) F_l||_2`` for every a >= 0: ``H_s = J_s^T
+Lambda_s J_s`` with ``Lambda_s <= curvature(y_s) I``, layer l's part of ``J_s J_t^T`` is ``(x_s . x_t)
+E_s E_t^T`` with ``||E_s||^2 <= gain_l,s``, and for a PSD Gram matrix G,
+``||blockdiag(E_s) (G x I) blockdiag(E_s)^T|| <= ||diag(sqrt gain) G diag(sqrt gain)||``. Keys that
+point in different directions make this the chunk's Gram matrix, not the sum of its tokens'
+curvatures. kappa = 1 exactly wherever the step is stable by itself, so the paper's update is
+computed unchanged there; the reads inside a chunk are the
 paper's in any case (a bound that depended on a chunk's later tokens would break causality), and a
 read-only incomplete chunk commits nothing. kappa is not differentiated (like a clipping norm).
 
 :func:`naive_memory` is the slow reference: per row, per real token, gradients by autograd at the
 chunk-start weights and the optimizer's per-token recurrence; the commit replays the chunk's
 recurrence with the gradients times kappa, computed from the objective's autograd Hessian, the
-layer inputs the naive forward records, and the chunk-end coefficients read off the optimizer's
+layer inputs the naive forward records (:func:`naive_curvature`), and the chunk-end coefficients read off the optimizer's
 recurrence on probes (:func:`naive_chunk_map`).
 """
 
@@ -222,22 +228,32 @@ class Memory(ChunkwiseMemory):
                     new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
         return out, new_params, new_momentum
 
+    def curvature_factors(self, params, grads, y, v, objective_gates, scale) -> list[torch.Tensor]:
+        """The chunk's curvature factors F_l (N, b, d_l [+ 1 with a bias]), one per fast layer, at the
+        chunk-start weights `params` (module docstring): ``sqrt(objective curvature * gain) *
+        [x^(l), 1]`` per token, so that ``||sum_s a_s H_s|| <= sum_l ||F_l^T diag(a) F_l||`` for the
+        tokens' Gauss-Newton Hessians H_s and any a >= 0. `grads` as :meth:`FastModel.forward_backward`
+        returns them, y the fast model's outputs."""
+        inputs = {name: x.detach() for name, x, _ in grads}
+        gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs)
+        curvature = self.objective.curvature(y.detach(), v, objective_gates)  # (N, b)
+        factors = []
+        for name, x in inputs.items():
+            if _bias_name(name) in params:
+                x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+            gain = gains[name] if scale is None else gains[name] * scale[name][:, :1, 0]
+            factors.append((curvature * gain).sqrt()[..., None] * x)
+        return factors
+
     def _step_bound(self, params, grads, y, v, objective_gates, c: Coefficients, scale) -> torch.Tensor:
-        """The factor kappa (N,) on the gradients the chunk commits (module docstring): each token's
-        curvature bound from its layer inputs at the chunk-start weights, then
-        :func:`stable_step_factor` of the chunk-end coefficients. Not differentiated (a bound, like
-        a clipping threshold)."""
+        """The factor kappa (N,) on the gradients the chunk commits (module docstring):
+        :func:`stable_step_factor` of the chunk-end coefficients and the chunk's curvature factors.
+        Not differentiated (a bound, like a clipping threshold)."""
         with torch.no_grad():
-            gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()})
-            weights = 0.0
-            for name, x, _ in grads:
-                norm = x.detach().pow(2).sum(-1) + (1.0 if _bias_name(name) in params else 0.0)
-                factor = gains[name] if scale is None else gains[name] * scale[name][:, 0, 0]
-                weights = weights + norm * factor[:, None]
-            curvature = self.objective.curvature(y.detach(), v, objective_gates) * weights  # (N, b)
-            decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(curvature[:, 0])
+            factors = self.curvature_factors(params, grads, y, v, objective_gates, scale)
+            decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(factors[0][..., 0, 0])
             carry = c.carry[:, -1] if c.carry is not None else None
-            return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, curvature)
+            return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, factors)
 
 
 def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype) -> tuple:
@@ -266,10 +282,11 @@ def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: i
 
 
 def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tensor, gates: dict,
-                    scale: dict | None) -> torch.Tensor:
-    """Token curvature bound (heads,) of the step bound for one token x, v (heads, 1, d) at the
-    chunk-start weights: the objective's curvature as the top eigenvalue of its autograd Hessian in
-    the output, times sum over layers of (|layer input|^2 [+ 1]) * the fast model's gain."""
+                    scale: dict | None) -> list[torch.Tensor]:
+    """Curvature factors of the step bound for one token x, v (heads, 1, d) at the chunk-start
+    weights, one (heads, d_l) per layer: the layer's input [with a 1 for a bias] times the square root
+    of the objective's curvature (the top eigenvalue of its autograd Hessian in the output) and the
+    fast model's gain."""
     fast, inputs = memory.fast, {}
     plain = fast.plain_linear({n: w.detach() for n, w in start.items()})
 
@@ -278,11 +295,7 @@ def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tenso
         return plain(name, h)
 
     y = fast.apply(x, recording).detach()
-    gains = fast.curvature_gains({n: w.detach() for n, w in start.items()})
-    weights = 0.0
-    for name, h in inputs.items():
-        factor = gains[name] * (1.0 if scale is None else scale[name].detach()[:, 0, 0])
-        weights = weights + factor * (h[:, 0].pow(2).sum(-1) + (1.0 if _bias_name(name) in start else 0.0))
+    gains = fast.curvature_gains({n: w.detach() for n, w in start.items()}, inputs)
     top = []
     for head in range(y.shape[0]):
         head_gates = {n: g[head: head + 1, None] for n, g in gates.items()}
@@ -290,7 +303,12 @@ def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tenso
             return memory.objective.loss(yh[None, None], v[head: head + 1], head_gates).sum()
 
         top.append(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, y[head, 0]))[-1].clamp_min(0.0))
-    return torch.stack(top) * weights
+    factors = []
+    for name, h in inputs.items():
+        gain = gains[name][:, 0] * (1.0 if scale is None else scale[name].detach()[:, 0, 0])
+        row = h[:, 0] if _bias_name(name) not in start else F.pad(h[:, 0], (0, 1), value=1.0)
+        factors.append((torch.stack(top) * gain).sqrt()[:, None] * row)
+    return factors
 
 
 def naive_memory(memory: Memory, q, k, v, gates, mask=None):
@@ -328,7 +346,7 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
             read = opt.naive_step(state, grads, token_gates, pos)
             curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
                                         scale)
-            written.append((grads, token_gates, curvature.detach()))
+            written.append((grads, token_gates, [f.detach() for f in curvature]))
             if "forget" in token_gates:
                 keep = keep * (1 - token_gates["forget"])
             row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
@@ -336,7 +354,7 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
                 # the commit: the chunk's recurrence again from its start, gradients times the step bound
                 with torch.no_grad():  # a bound, not differentiated
                     coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype)
-                    kappa = stable_step_factor(*coefficients, torch.stack([c for *_, c in written], -1))
+                    kappa = stable_step_factor(*coefficients, [torch.stack(f, 1) for f in zip(*(c for *_, c in written))])
                 state = chunk_start
                 for r, (grads, token_gates, _) in enumerate(written):
                     opt.naive_step(state, {n: kappa[:, None, None] * g for n, g in grads.items()}, token_gates, r)

@@ -68,33 +68,73 @@ LYAPUNOV_SHIFT, LYAPUNOV_BALANCE, LYAPUNOV_SLACK = torch.cartesian_prod(
     torch.tensor([1.0, 0.5, 0.25, 0.125, 0.0]), torch.tensor([0.25, 1.0, 4.0]), torch.tensor([1.1, 1.5, 2.0, 4.0])).T
 
 
+def curvature_norm(factors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_l ||F_l^T diag(weights) F_l||_2`` (N,) for curvature factors F_l (N, b, d_l) and token
+    weights (..., N, b) >= 0 (leading dims kept): the largest eigenvalue of the smaller of the two
+    Gram matrices, b x b or d_l x d_l, which share their non-zero eigenvalues."""
+    total = 0.0
+    for f in factors:
+        if f.shape[-2] <= f.shape[-1]:
+            scaled = weights.clamp_min(0.0).sqrt()[..., None] * f
+            gram = scaled @ f.transpose(-1, -2) * weights.clamp_min(0.0).sqrt()[..., None, :]
+        else:
+            gram = f.transpose(-1, -2) @ (weights.clamp_min(0.0)[..., None] * f)
+        # non-finite entries (a run that has already diverged) count as zero, as in the curvature gains,
+        # so the NaN reaches the layer's output instead of stopping the eigensolver
+        total = total + torch.linalg.eigvalsh(gram.nan_to_num(0.0, 0.0, 0.0))[..., -1].clamp_min(0.0)
+    return total
+
+
 def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
-                       mix: torch.Tensor, s_mix: torch.Tensor | None, curvature: torch.Tensor) -> torch.Tensor:
+                       mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor]) -> torch.Tensor:
     """The factor kappa (N,) in (0, 1] on one chunk's gradients that keeps the chunk map non-expanding.
 
     A chunk commits ``W' = d W + c S - sum_s m_s g_s``, ``S' = e S - sum_s p_s g_s`` (d = decay, c =
     carry, e = s_decay at the chunk end, m_s = mix[-1, s], p_s = s_mix[s] >= 0; every g_s at the
-    chunk-start W). Near a minimum ``g_s = H_s (W - W*)`` with ``0 <= H_s <= L_s I`` (L_s = curvature),
-    so on z = (W, S) the chunk is the linear map ``M = D x I - [[A, 0], [B, 0]]``, ``D = [[d, c], [0, e]]``,
-    ``A = sum_s m_s H_s``, ``B = sum_s p_s H_s``. The key directions (the H_s' eigenvectors) change from
-    chunk to chunk, so a spectral-radius condition per direction does not bound products of such maps
-    (the momentum map is not normal). The bound asks instead for a common quadratic Lyapunov function:
-    a 2 x 2 ``P > 0`` with ``||M||_P <= 1`` (``||M||_P = ||(P^1/2 x I) M (P^-1/2 x I)||_2``; ``P x I``
-    does not see rotations of the directions), which then holds for every product of chunks with the
-    same gates, whatever their keys.
+    chunk-start W). Near a minimum ``g_s = H_s (W - W*)`` with token Hessians ``H_s >= 0``, so on
+    z = (W, S) the chunk is the linear map ``M = D x I - [[A, 0], [B, 0]]``, ``D = [[d, c], [0, e]]``,
+    ``A = sum_s m_s H_s``, ``B = sum_s p_s H_s``. What is known of the H_s is the *curvature factors*
+    F_l (N, b, d_l), one per fast layer: for every token weighting a >= 0::
 
-    *Reduction to two 2 x 2 checks.* With ``w_s = (m_s + p_s) L_s / T``, ``T = sum_s (m_s + p_s) L_s``,
-    ``M = sum_s w_s M_s``, ``M_s = D x I - T eps_s e_1^T x (H_s / L_s)``, ``eps_s = (1 - lam_s, lam_s)``,
-    ``lam_s = p_s / (m_s + p_s)``; so ``||M||_P <= max_s ||M_s||_P``. ``M_s`` splits along the
-    eigenvectors of H_s into 2 x 2 blocks ``D - t eps_s e_1^T``, t in [0, T]; the P-norm is convex in
-    t and in eps_s, so ``||M||_P <= 1`` once ``||D||_P <= 1`` and ``||D - T eps e_1^T||_P <= 1`` at
-    ``lam = min_s lam_s`` and ``max_s lam_s``.
+        || sum_s a_s H_s ||_2  <=  sum_l || F_l^T diag(a) F_l ||_2                        (*)
+
+    (:func:`curvature_norm`; the engine's F_l are the layer inputs times the curvature along them,
+    :mod:`tto.engine.memory`). Keys that point in different directions make (*) smaller than the sum of
+    the tokens' own curvatures sum_s a_s |F_s|^2, which it equals when they are parallel.
+
+    The key directions change from chunk to chunk, so a spectral-radius condition per direction does
+    not bound products of such maps (the momentum map is not normal). The bound asks instead for a
+    common quadratic Lyapunov function: a 2 x 2 ``P > 0`` with ``||M||_P <= 1`` (``||M||_P =
+    ||(P^1/2 x I) M (P^-1/2 x I)||_2``; ``P x I`` does not see rotations of the directions), which then
+    holds for every product of chunks with the same gates, whatever their keys.
+
+    *Reduction to 2 x 2 checks.* Token s steps along ``(m_s, p_s) = (m_s + p_s) eps(lam_s)``,
+    ``eps(lam) = (1 - lam, lam)``, ``lam_s = p_s / (m_s + p_s)`` in [lo, hi] (the least and largest
+    lam_s). Every such vector is a non-negative combination of the two extremes,
+    ``(m_s, p_s) = u_s eps(lo) + v_s eps(hi)``, ``u_s = (m_s + p_s) (hi - lam_s) / (hi - lo)``,
+    ``v_s = (m_s + p_s) (lam_s - lo) / (hi - lo)`` (u_s = m_s + p_s, v_s = 0 if hi = lo), so
+    ``[[A], [B]] = eps(lo) x K_lo + eps(hi) x K_hi`` with ``K_lo = sum_s u_s H_s >= 0`` and
+    ``K_hi = sum_s v_s H_s >= 0``. With weights ``w_lo + w_hi = 1``,
+    ``M = w_lo (D x I - eps(lo) e_1^T x K_lo / w_lo) + w_hi (D x I - eps(hi) e_1^T x K_hi / w_hi)``,
+    and each term splits along the eigenvectors of its K into 2 x 2 blocks ``D - t eps e_1^T`` with
+    t in [0, ||K|| / w]. If ``||D - t eps e_1^T||_P <= 1`` for t in [0, t_max(eps)] (below), then
+    ``||M||_P <= 1`` as soon as ``||K_lo|| / t_max(eps(lo)) + ||K_hi|| / t_max(eps(hi)) <= 1``
+    (take w proportional to ||K|| / t_max), with ||K|| bounded by (*). So::
+
+        kappa = min(1, STEP_MARGIN / (N_lo / t_max(eps(lo); P) + N_hi / t_max(eps(hi); P)))
+
+    N_lo, N_hi the right side of (*) at weights u and v; kappa = 1 exactly (the paper's update)
+    wherever the chunk meets the condition by itself. P is the candidate (below) that minimises the
+    same sum with ``sum_s u_s`` and ``sum_s v_s`` in place of N_lo and N_hi: a function of the gates
+    alone, so that chunks with equal gates share their Lyapunov function whatever their keys. With one token, or equal lam_s, it is
+    ``t_max / ||sum_s (m_s + p_s) H_s||``: the chunk's Gram matrix of keys, not the sum of its tokens'
+    curvatures.
 
     *P.* ``P = R^T diag(1, nu^2) R``, ``R = [[1, gamma], [0, 1]]``: V = (W + gamma S)^2 + nu^2 S^2.
     Without forgetting (d = 1) ``gamma = c / (1 - e)`` (W + gamma S is where the momentum carries W)
     is the only gamma with ``||D||_P <= 1``; otherwise any gamma works with nu large enough.
     :data:`LYAPUNOV_SHIFT` and co. give a fixed set of candidates (gamma, nu) per chunk, every
-    one with ``||D||_P <= 1``; each gives a valid t_max below and the largest is used. In the scaled
+    one with ``||D||_P <= 1``; each gives valid t_max. In the scaled
     coordinates ``D`` is ``N0 = [[d, delta / nu], [0, e]]``, ``delta = c + gamma (e - d)``, and a step
     ``t eps e_1^T`` is ``t w z^T``, ``w = (eps_1 + gamma eps_2, nu eps_2)``, ``z = (1, -gamma / nu)``.
     With ``Q = I - N0^T N0 >= 0`` and ``l = N0^T w``::
@@ -104,21 +144,21 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
     a 2 x 2 matrix whose determinant is ``det Q + 2 beta t - alpha t^2`` with ``beta = z^T adj(Q) l``,
     ``alpha = |w|^2 z^T adj(Q) z + (z_1 l_2 - z_2 l_1)^2``; it is positive semidefinite (it is at
     t = 0, and its determinant stays >= 0) for ``0 <= t <= t_max = (beta + sqrt(beta^2 + alpha det Q))
-    / alpha``. So ``kappa = min(1, STEP_MARGIN * t_max / T)`` over both lam; kappa = 1 exactly (the
-    paper's update) wherever the chunk meets the condition by itself. Without forgetting and one
-    token of momentum eta per chunk (d = 1, c = e = eta, m = p = theta) this is
-    ``theta L <= 2 (1 - eta)^2 / (1 + eta)``, the heavy-ball step whose averaged iterate
-    ``W + gamma S`` moves by at most ``2 (1 - eta) / (1 + eta)`` of its distance to the minimum.
+    / alpha``. Without forgetting and one token of momentum eta per chunk (d = 1, c = e = eta,
+    m = p = theta) this is ``theta L <= 2 (1 - eta)^2 / (1 + eta)``, the heavy-ball step whose averaged
+    iterate ``W + gamma S`` moves by at most ``2 (1 - eta) / (1 + eta)`` of its distance to the minimum.
 
-    Without momentum (c = e = 0, no S) the condition is ``kappa sum_s m_s L_s <= STEP_MARGIN (1 + d)``:
-    ``||d I - kappa sum_s m_s H_s||_2 <= max(d, kappa sum_s m_s L_s - d) < 1`` for every such H_s.
+    Without momentum (c = e = 0, no S) the condition is ``kappa ||A|| <= STEP_MARGIN (1 + d)``:
+    ``||d I - kappa A||_2 <= max(d, kappa ||A|| - d) < 1`` for every A >= 0 of that norm, ||A|| by (*)
+    at weights m.
     P depends on the chunk's gates (d, c, e), not on its keys: the non-expansion holds across chunks
     whose keys rotate at equal gates.
 
-    decay, carry, s_decay (N,) (carry and s_decay None: no momentum), mix, s_mix, curvature (N, b).
+    decay, carry, s_decay (N,) (carry and s_decay None: no momentum), mix, s_mix (N, b), factors a list
+    of (N, b, d_l).
     """
     if carry is None:
-        worst = (mix * curvature).sum(-1)
+        worst = curvature_norm(factors, mix)
         return torch.where(worst > 0, STEP_MARGIN * (1 + decay) / worst, 1.0).clamp_max(1.0)
     tiny = torch.finfo(decay.dtype).tiny
     one_minus_e = (1 - s_decay).clamp_min(torch.finfo(decay.dtype).eps)[:, None]  # e = 1 only if a momentum gate rounds to 1
@@ -134,23 +174,31 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
     det_q = q11 * q22 - q12**2
     z2 = -gamma / nu
     valid_p = (q22 >= 0) & (det_q >= 0)  # candidates with ||D||_P <= 1 (without forgetting only shift 1)
-    counted = (mix + s_mix) * curvature > 0  # tokens that take a step
-    best = torch.zeros_like(decay)  # the largest kappa * total any weighting and candidate allows, per total
-    for rho in (1.0, 0.0):  # the two weightings of the tokens (docstring)
-        size = mix + rho * s_mix
-        total = (size * curvature).sum(-1)
-        ratio = s_mix / size  # eps_2 (eps_1 = 1 - rho eps_2); inf where m_s = 0 at rho = 0: that weighting fails
-        t_max = None
-        for end in (torch.where(counted, ratio, 0.0).amin(-1), torch.where(counted, ratio, 0.0).amax(-1)):
-            end = end[:, None]
-            w1, w2 = 1 - rho * end + gamma * end, nu * end
-            l1, l2 = d * w1, off * w1 + e * w2
-            beta = q22 * l1 - q12 * (l2 + z2 * l1) + q11 * z2 * l2
-            alpha = (w1**2 + w2**2) * (q22 - 2 * q12 * z2 + q11 * z2**2) + (l2 - z2 * l1) ** 2
-            t = (beta + (beta**2 + alpha * det_q.clamp_min(0.0)).sqrt()) / alpha
-            t_max = t if t_max is None else torch.minimum(t_max, t)
-        factor = torch.where(valid_p & t_max.isfinite(), t_max, 0.0).amax(-1) / total
-        best = torch.maximum(best, torch.where(factor.isfinite(), factor, 0.0))
+    size = mix + s_mix
+    steps = size > 0  # tokens with a step (from the gates alone: the choice of P below must not see the keys)
+    lam = torch.where(steps, s_mix / size.clamp_min(tiny), 0.0)
+    lo = torch.where(steps, lam, torch.inf).amin(-1, keepdim=True)
+    hi = torch.where(steps, lam, -torch.inf).amax(-1, keepdim=True)
+    to_hi = torch.where(hi > lo, ((lam - lo) / (hi - lo).clamp_min(tiny)).clamp(0.0, 1.0), 0.0)
+    weights = torch.where(steps, size, 0.0) * torch.stack([1 - to_hi, to_hi])  # (2, N, b): u_s, v_s
+    norms = curvature_norm(factors, weights)[..., None]  # (2, N, 1): N_lo, N_hi
+    mass = weights.sum(-1)[..., None]  # (2, N, 1): the gates' stand-in for N_lo, N_hi that picks P
+    inverse_t = []  # 1 / t_max per end and candidate P (0 where the direction never expands V)
+    for end in (lo, hi):
+        w1, w2 = 1 - end + gamma * end, nu * end
+        l1, l2 = d * w1, off * w1 + e * w2
+        beta = q22 * l1 - q12 * (l2 + z2 * l1) + q11 * z2 * l2
+        alpha = (w1**2 + w2**2) * (q22 - 2 * q12 * z2 + q11 * z2**2) + (l2 - z2 * l1) ** 2
+        inverse_t.append(alpha / (beta + (beta**2 + alpha * det_q.clamp_min(0.0)).sqrt()))
+
+    def inverse_kappa(n):  # sum over the ends of n / t_max, per candidate P (a zero n adds nothing)
+        return sum(torch.where(x > 0, x * inv, 0.0) for x, inv in zip(n, inverse_t))
+
+    by_gates = torch.where(valid_p, inverse_kappa(mass), torch.inf).nan_to_num(torch.inf)
+    choice = by_gates.argmin(-1, keepdim=True)  # the P of these gates, the same whatever the keys
+    inverse = inverse_kappa(norms).gather(-1, choice)[:, 0]
+    best = torch.where(by_gates.gather(-1, choice)[:, 0] < torch.inf, 1 / inverse, 0.0).nan_to_num(0.0)
+    counted = steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)  # tokens that take a step
     return torch.where(counted.any(-1), (STEP_MARGIN * best).clamp_max(1.0), 1.0)
 
 
