@@ -148,9 +148,11 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
     m = p = theta) this is ``theta L <= 2 (1 - eta)^2 / (1 + eta)``, the heavy-ball step whose averaged
     iterate ``W + gamma S`` moves by at most ``2 (1 - eta) / (1 + eta)`` of its distance to the minimum.
 
-    Without momentum (c = e = 0, no S) the condition is ``kappa ||A|| <= STEP_MARGIN (1 + d)``:
-    ``||d I - kappa A||_2 <= max(d, kappa ||A|| - d) < 1`` for every A >= 0 of that norm, ||A|| by (*)
-    at weights m.
+    Without momentum (no S, or a chunk that neither reads nor keeps it: c = e = 0) the condition is
+    ``kappa ||A|| <= STEP_MARGIN (1 + d)``: ``||d I - kappa A||_2 <= max(d, kappa ||A|| - d) < 1`` for
+    every A >= 0 of that norm, ||A|| by (*) at weights m. (At c = e = 0 the S' that the chunk writes
+    reaches W only through a later chunk's carry, which at equal gates is 0 too: the p_s drop out, so
+    a momentum optimizer with its momentum gate at 0 takes exactly the momentum-free step.)
     P depends on the chunk's gates (d, c, e), not on its keys: the non-expansion holds across chunks
     whose keys rotate at equal gates.
 
@@ -161,6 +163,7 @@ def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay:
         worst = curvature_norm(factors, mix)
         return torch.where(worst > 0, STEP_MARGIN * (1 + decay) / worst, 1.0).clamp_max(1.0)
     tiny = torch.finfo(decay.dtype).tiny
+    s_mix = torch.where(((carry == 0) & (s_decay == 0))[:, None], 0.0, s_mix)  # S unread: see above
     one_minus_e = (1 - s_decay).clamp_min(torch.finfo(decay.dtype).eps)[:, None]  # e = 1 only if a momentum gate rounds to 1
     d, c, e = decay[:, None], carry[:, None], 1 - one_minus_e
     shift = LYAPUNOV_SHIFT.to(d)
