@@ -18,6 +18,13 @@ import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+from tto.cli import return_freed_memory  # noqa: E402
+
+# As train.py does: freed tensors go back to the system. Without it a worker's heap keeps what the
+# full-size tests freed (12 GB resident after a few of them), and the next test's free-memory check
+# (require_memory) sees the worker's own leftovers.
+return_freed_memory()
+
 
 def require_memory(need: int, what: str) -> None:
     """Skip the test, naming `what`, when less than `need` bytes of memory are available (a

@@ -409,7 +409,7 @@ SIZE_PRESET = re.compile(r"\d+(\.\d+)?[mb]")
 #: real-size runs: tokens per sequence, two chunks of the memory's chunk length up to this cap
 #: (LaCT's 2048-token chunks are read, not updated, within it; the conformance suite tests its update)
 MAX_FULL_SIZE_TOKENS = 64
-#: models above this many parameters run one at a time in the full-size group, marked slow
+#: models above this many parameters are marked slow (every full-size case runs in the one-at-a-time group)
 FULL_SIZE_PARAMETERS = 400_000_000
 #: float32 weights, and beside them one short no-grad forward, the interpreter and torch
 FORWARD_BYTES_PER_PARAMETER = 4
@@ -446,7 +446,8 @@ def full_size_cases() -> list:
     for case_id, name, fields in cases:
         with torch.device("meta"):
             n = sum(p.numel() for p in tto.get(name).model_class(tto.build_config(name, **fields)).parameters())
-        marks = [pytest.mark.slow, pytest.mark.xdist_group("full_size")] if n > FULL_SIZE_PARAMETERS else []
+        # all in one group, so no two run at once and none beside a full-size training (up to 16 GB)
+        marks = [pytest.mark.xdist_group("full_size")] + ([pytest.mark.slow] if n > FULL_SIZE_PARAMETERS else [])
         params.append(pytest.param(name, fields, n, id=case_id, marks=marks))
     return params
 
