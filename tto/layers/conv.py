@@ -15,13 +15,21 @@ class ShortConv(nn.Module):
     an unpadded sequence sees before its first token.
     """
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, normal_init: bool = False):
+        """``normal_init``: weights ~ N(0, std) and zero bias, as fla initialises its short convs (its
+        models' ``_init_weights`` covers ``nn.Conv1d``); otherwise torch's Conv1d default."""
         super().__init__()
         self.kernel_size = kernel_size
+        self.normal_init = normal_init
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
 
     def _tto_init(self, std: float, init) -> None:
+        if self.normal_init:
+            init.normal_(self.weight, std=std)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+            return
         init.kaiming_uniform_(self.weight, a=5**0.5)  # torch's Conv1d default
         if self.bias is not None:
             init.uniform_(self.bias, -(1.0 / self.kernel_size) ** 0.5, (1.0 / self.kernel_size) ** 0.5)

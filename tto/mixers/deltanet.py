@@ -14,8 +14,9 @@ after a decay ``a_t`` (the forget gate)::
 computed by the engine's :class:`tto.engine.DeltaRule` in its exact chunkwise (WY) form, with the
 per-token recurrence as the reference.
 
-* views: q, k, v are linear maps of x, each followed by a short causal conv and SiLU; q and k are
-  l2-normalised per head;
+* views: q, k, v are linear maps of x, each followed by a short causal conv and SiLU (conv weights
+  ~ N(0, initializer_range), as fla's models initialise them); q and k are l2-normalised per head as
+  fla's ``l2norm``: ``x / sqrt(|x|^2 + qk_norm_eps)``;
 * inner lr (``lr_gate``): ``beta_t = sigmoid(x . w_h + b_h)`` per head, or twice that with
   ``allow_neg_eigval`` (fla's option: beta in (0, 2), so the transition ``I - beta k k^T`` can have
   the eigenvalue ``1 - beta < 0`` along k, which lets the state flip signs: state tracking);
@@ -67,6 +68,7 @@ class DeltaNetConfig(MemoryConfig):
     expand_v: float = 1.0  # value width per head = expand_v * head_k_dim
     use_gate: bool = False  # output gated by silu(g_proj(x)) (fla DeltaNet: off; Gated DeltaNet: on)
     lr_gate_bias_init: float = 0.0  # initial bias of the beta gate (pre-sigmoid)
+    qk_norm_eps: float = 1e-6  # q, k = x / sqrt(|x|^2 + qk_norm_eps) per head (fla's l2norm)
     allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1): negative eigenvalues (fla's option)
     chunk_size: int = 64  # tokens per chunk of the exact chunkwise form (changes speed, not results)
 
@@ -82,6 +84,8 @@ class DeltaNetConfig(MemoryConfig):
         super().validate()
         if self.head_k_dim is None and self.hidden_size % self.num_memory_heads:
             raise config_error("num_memory_heads", self.num_memory_heads, f"must divide hidden_size={self.hidden_size} (or set head_k_dim)")
+        if not self.qk_norm_eps > 0:
+            raise config_error("qk_norm_eps", self.qk_norm_eps, "must be > 0")
         if self.head_k_dim is not None and self.head_k_dim <= 0:
             raise config_error("head_k_dim", self.head_k_dim, "must be a positive integer or None")
         if self.expand_v <= 0 or (self.key_dim * self.expand_v) % 1:
@@ -127,9 +131,10 @@ class DeltaNetMixer(nn.Module):
         self.q_proj = nn.Linear(width, key_width, bias=False)
         self.k_proj = nn.Linear(width, key_width, bias=False)
         self.v_proj = nn.Linear(width, value_width, bias=False)
-        self.conv_q = ShortConv(key_width, config.conv_kernel, bias=False)
-        self.conv_k = ShortConv(key_width, config.conv_kernel, bias=False)
-        self.conv_v = ShortConv(value_width, config.conv_kernel, bias=False)
+        self.conv_q = ShortConv(key_width, config.conv_kernel, bias=False, normal_init=True)
+        self.conv_k = ShortConv(key_width, config.conv_kernel, bias=False, normal_init=True)
+        self.conv_v = ShortConv(value_width, config.conv_kernel, bias=False, normal_init=True)
+        self.qk_norm_eps = config.qk_norm_eps
         self.lr_gate = Gate(width, heads, 2.0 if config.allow_neg_eigval else 1.0, config.lr_gate_bias_init)  # beta_t
         self.memory = DeltaRule(config.chunk_size)
         self.out_norm = nn.RMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
@@ -144,9 +149,12 @@ class DeltaNetMixer(nn.Module):
         """SiLU(conv(proj(x))) per head: (B, T, heads, dim)."""
         return F.silu(conv(proj(x), ctx.mask, state, key)).view(*x.shape[:2], self.num_heads, dim)
 
+    def _l2norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + self.qk_norm_eps)
+
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
-        q = F.normalize(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q", self.head_k_dim), dim=-1)
-        k = F.normalize(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k", self.head_k_dim), dim=-1)
+        q = self._l2norm(self._view(self.q_proj, self.conv_q, x, ctx, state, "conv_q", self.head_k_dim))
+        k = self._l2norm(self._view(self.k_proj, self.conv_k, x, ctx, state, "conv_k", self.head_k_dim))
         v = self._view(self.v_proj, self.conv_v, x, ctx, state, "conv_v", self.head_v_dim)
         o = self.memory(q * self.head_k_dim**-0.5, k, v, self.gates(x), ctx.mask, state)
         o = self.out_norm(o).flatten(2)
