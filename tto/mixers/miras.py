@@ -14,9 +14,10 @@ three models share the architecture, a per-head 2-layer MLP memory ``x + LN(MLP(
 * ``yaad``: Huber bias, the l2 gradient while the error's RMS ``||M(k) - v|| / sqrt(d) <= delta_t``
   and ``delta_t`` times the l1 gradient beyond (``huber_delta_gate``: ``huber_delta_max * sigmoid``), with l2 retention
   (:class:`tto.engine.Huber`);
-* ``memora``: l2 bias with KL retention: each row of each memory weight is ``memora_scale`` times a
-  probability vector, updated in log space, ``W_t = softmax(alpha_t log W_{t-1} - eta_t grad)``
-  (:class:`tto.engine.SoftmaxRetention`).
+* ``memora``: l2 bias with KL retention: each row of each memory weight is a probability vector,
+  updated in log space, ``W_t = softmax(alpha_t log W_{t-1} - eta_t grad)``
+  (:class:`tto.engine.SoftmaxRetention`; ``memora_scale`` c, not in the paper, makes the rows sum
+  to c instead: ``W_t = c softmax(alpha_t log(W_{t-1} / c) - eta_t grad / c)``).
 
 The layer around the memory is the Titans/Miras memory layer (:class:`tto.layers.memory_layer.MemoryLayer`):
 q, k, v linear maps + short conv + SiLU, l2-normalised q and k, RMSNorm and ``silu`` output gate,
@@ -24,8 +25,10 @@ output projection.
 
 Differences from the paper (which has no public code): the nonlinear retentions act at chunk
 boundaries only, as the paper's parallel training does; inside a chunk Moneta holds the
-normaliser at its chunk-start value and Memora takes linear steps whose sum is applied in log
-space at the chunk end (the paper's "lag token" scheme is not reproduced). Gates are scalar per
+normaliser at its chunk-start value (so even at ``chunk_size`` 1 token t reads
+``A_t / ||A_{t-1}||_q^(q-2)``, where the paper reads ``W_t = A_t / ||A_t||_q^(q-2)``; the next token
+starts from the exact W_t) and Memora takes linear steps whose sum is applied in log space at the
+chunk end (the paper's "lag token" scheme is not reproduced). Gates are scalar per
 head and token (linear maps of x), where the paper allows channel-wise gates from low-rank
 projections; the hybrid "-H" models (with sliding-window attention) are the backbone's
 ``layer_mixers`` hybrids with ``transformer`` layers.
@@ -82,7 +85,7 @@ class MirasConfig(MemoryLayerConfig):
     lq_min_norm: float = 0.1
     huber_delta_max: float = 2.0  # Yaad: delta_t = huber_delta_max * sigmoid(.), the Huber threshold on the error's RMS
     huber_delta_bias_init: float = 2.0  # Yaad: initial bias of the delta gate (pre-sigmoid: delta starts at 1.76, above unit errors)
-    memora_scale: float = 8.0  # Memora: every memory weight row sums to this
+    memora_scale: float = 1.0  # Memora: every memory weight row sums to this (the paper: 1, probability rows)
     memora_logit_std: float = 1.0  # Memora: std of the initial weights' logits (near-uniform rows make x + LN(MLP(x)) ill-conditioned)
 
     def validate(self) -> None:
