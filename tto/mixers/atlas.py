@@ -23,7 +23,15 @@ Gradients are taken at the chunk-start weights (chunks of ``chunk_size``), as in
 Differences from the paper: the Omega window does not reach back across a chunk boundary; Muon
 is applied to each chunk's accumulated update at the chunk end (inside a chunk the reads see the
 linear momentum steps), the chunk-level simplification of the per-token ``NS5(S_t)``; gates are
-scalar per head and token. The DeepTransformer/Dot variants (exponential kernels with
+scalar per head and token, and the Omega weight ``gamma_i`` belongs to token i, the same in every
+step whose window holds it (the paper's ``gamma_i^(t)`` may differ per step t). Because the window
+stops at chunk boundaries, a token's window is ``min(c, its place in the chunk)`` tokens: at
+``chunk_size`` 1 the Omega rule is the online rule whatever ``omega_window``. ``eta_t`` sits inside the
+momentum (``S_t = theta_t S_{t-1} - eta_t g~_t``) as in the omeganet variant, where the paper applies it
+after the orthogonalisation (``M_t = alpha_t M_{t-1} - eta_t NS5(S_t)``): Newton-Schulz normalises the
+chunk's step, so eta_t weighs the tokens within a chunk but not the step's size, which is
+``muon_scale``. The deep memory has no residual (``x + MLP(x)`` in the paper): it reads phi(k), wider
+than the values it writes. The DeepTransformer/Dot variants (exponential kernels with
 dot-product bias) and the MAG/MAL hybrids are not separate variants here (hybrids with attention
 layers come from ``layer_mixers``).
 """

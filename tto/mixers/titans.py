@@ -56,6 +56,9 @@ Differences from the paper: choices it leaves open, decoding necessities, and (M
 * persistent tokens live in the attention only. LMM has no attention, so it has none: a fixed,
   data-independent prefix written into the memory would only move its initial weights, which
   are already learned parameters. In MAG/MAL the memory branch reads x, not [P] || x.
+* the short conv after each of q, k, v is depthwise (as in Mamba2 and fla); the paper says
+  depthwise-separable, whose extra pointwise (1 x 1) map would follow a linear projection that
+  already mixes channels.
 * persistent keys carry no RoPE (they have no position).
 * the memory's q/k/v have no RoPE (the original TTO code rotated them until its MAG/MAL commit; the
   paper does not).
