@@ -34,13 +34,13 @@ def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim:
     torch.manual_seed(seed)
     fast = MLPMemory(heads, dim, depth=depth, expansion=2, residual_norm=residual_norm, activation=activation,
                      bias=retention is None)
-    fast._tto_init(0.02, init)
+    fast._tto_init(init)
     with torch.no_grad():  # move away from the trivial init so every term matters
         for p in fast.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     if optimizer == "gd":
         opt = MiniBatchGD(chunk)
-        opt._tto_init(0.02, init)
+        opt._tto_init(init)
         with torch.no_grad():
             opt.token_offset.add_(torch.randn(chunk) * 0.1)
     else:
@@ -261,7 +261,7 @@ def test_chunk_one_gd_is_per_token_gradient_descent():
     # steps lr * (|k|^2 + 1) <= 1, inside the engine's step bound (at 0.5 they would overshoot)
     q, k, v, gates = make_inputs(batch=1, length=5, heads=1, optimizer="gd", max_lr=0.05)
     mem.fast = MLPMemory(1, 8, depth=1, residual_norm=False)
-    mem.fast._tto_init(0.02, init)
+    mem.fast._tto_init(init)
     out = mem(q, k, v, gates)
     W, b = mem.fast.W1[0].detach().clone(), mem.fast.b1[0].detach().clone()
     for t in range(5):
@@ -276,7 +276,7 @@ def test_linear_memory_chunk_one_is_delta_rule():
     the delta rule S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T with beta = 2 * lr."""
     torch.manual_seed(0)
     fast = MLPMemory(1, 6, depth=1, bias=False, residual_norm=False)
-    fast._tto_init(0.02, init)
+    fast._tto_init(init)
     mem = Memory(fast, SquaredError(2.0), MomentumGD(), chunk_size=1)
     # beta * |k|^2 < 1 (|k|^2 ~ 6 here): contractive, and inside the engine's step bound
     q, k, v, gates = make_inputs(batch=1, length=7, heads=1, dim=6, optimizer="momentum", max_lr=0.05)
@@ -580,7 +580,7 @@ def test_composed_scan_matches_naive(optimizer, objective, retention):
 def test_swiglu_backward_matches_autograd():
     torch.manual_seed(0)
     fast = SwiGLUMemory(2, 6, expansion=2.0)
-    fast._tto_init(0.02, init)
+    fast._tto_init(init)
     params = {n: w.detach().double().requires_grad_(True) for n, w in fast.initial_params(1).items()}
     x = torch.randn(2, 5, 6, dtype=torch.float64)
     probe = torch.randn(2, 5, 6, dtype=torch.float64)
@@ -629,7 +629,7 @@ def test_newton_schulz_equals_the_plain_iteration(shape):
 def make_large_chunk(momentum=True, muon=True, weight_norm=True, chunk=4):
     torch.manual_seed(0)
     fast = SwiGLUMemory(2, 6, expansion=1.0, init_gain=0.5)
-    fast._tto_init(0.02, init)
+    fast._tto_init(init)
     return LargeChunkMemory(fast, DotProduct(), chunk, use_momentum=momentum, use_muon=muon,
                             weight_norm=weight_norm).double()
 
@@ -716,7 +716,7 @@ def test_omega_window_of_one_is_the_wrapped_optimizer():
 def test_polynomial_features_are_a_taylor_kernel():
     """<phi(q), phi(k)> = sum_i a_i^2 (q.k)^i for learned a; at init, the Taylor polynomial of exp."""
     features = PolynomialFeatures(5, 3).double()
-    features._tto_init(0.02, init)
+    features._tto_init(init)
     q, k = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     dot = (q * k).sum(-1)
     taylor = sum(dot**i / math.factorial(i) for i in range(4))
@@ -741,7 +741,7 @@ def test_polynomial_features_keep_only_their_input_for_backward():
     monomials from x instead of keeping them (degree 2 kept 3 x out_dim floats per token, 0.5 GB per
     layer at 512 tokens), and the gradients are those of the monomials kept."""
     features = PolynomialFeatures(6, 3).double()
-    features._tto_init(0.02, init)
+    features._tto_init(init)
     x = torch.randn(2, 7, 3, 6, dtype=torch.float64, requires_grad=True)
     kept = sum(t.numel() for t in saved_for_backward(features, x))
     assert kept <= x.numel(), f"{kept} elements kept for the backward of phi, {x.numel()} in its input"

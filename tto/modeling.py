@@ -94,12 +94,15 @@ class TTOPreTrainedModel(PreTrainedModel):
             "^" + re.escape(name) + r"\." for name, m in self.named_modules() if isinstance(m, Float32Parameters))
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Transformers' initialisation (linear layers and embeddings ~ N(0, initializer_range^2)),
+        RMSNorm weights at 1, then a module's own ``_tto_init(init)`` where it defines one: each such
+        module draws from the fields it was built with (its std among them)."""
         super()._init_weights(module)
         if isinstance(module, nn.RMSNorm):
             init.ones_(module.weight)
         custom = getattr(module, "_tto_init", None)
         if custom is not None:
-            custom(self.config.initializer_range, init)
+            custom(init)
 
 
 class TTOModel(TTOPreTrainedModel):

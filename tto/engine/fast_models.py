@@ -117,7 +117,7 @@ class MLPMemory(FastModel):
             self.norm_weight = nn.Parameter(torch.empty(num_heads, dim))
             self.norm_bias = nn.Parameter(torch.empty(num_heads, dim))
 
-    def _tto_init(self, std: float, init) -> None:
+    def _tto_init(self, init) -> None:
         for i, name in enumerate(self.weight_names):
             init.normal_(getattr(self, name), mean=0.0, std=self.init_std)
             if self.has_bias:
@@ -231,7 +231,7 @@ class SwiGLUMemory(FastModel):
         self.W2 = nn.Parameter(torch.empty(num_heads, dim, hidden))
         self.W1 = nn.Parameter(torch.empty(num_heads, hidden, dim))
 
-    def _tto_init(self, std: float, init) -> None:
+    def _tto_init(self, init) -> None:
         for name in self.weight_names:
             w = getattr(self, name)
             init.normal_(w, mean=0.0, std=self.init_gain / w.shape[1] ** 0.5)

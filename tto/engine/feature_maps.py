@@ -38,7 +38,7 @@ class PolynomialFeatures(nn.Module):
                                  torch.tensor(counts, device=x.device, dtype=x.dtype).sqrt())
         return self._tables[key]
 
-    def _tto_init(self, std: float, init) -> None:
+    def _tto_init(self, init) -> None:
         init.copy_(self.coefficients, torch.tensor([1 / math.sqrt(math.factorial(i)) for i in range(self.degree + 1)],
                                                   dtype=self.coefficients.dtype))
 

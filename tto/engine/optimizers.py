@@ -249,7 +249,7 @@ class MiniBatchGD(InnerOptimizer):
         self.chunk_size = chunk_size
         self.token_offset = nn.Parameter(torch.empty(chunk_size))
 
-    def _tto_init(self, std: float, init) -> None:
+    def _tto_init(self, init) -> None:
         init.zeros_(self.token_offset)
 
     def position_scale(self) -> torch.Tensor:

@@ -112,10 +112,11 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
         self.persistent = nn.Parameter(torch.empty(num_persistent, width)) if num_persistent else None
+        self.persistent_std = config.initializer_range
 
-    def _tto_init(self, std: float, init) -> None:
+    def _tto_init(self, init) -> None:
         if self.persistent is not None:
-            init.normal_(self.persistent, mean=0.0, std=std)
+            init.normal_(self.persistent, mean=0.0, std=self.persistent_std)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None,
                 prefix: torch.Tensor | None = None, queries: slice | None = None) -> torch.Tensor:

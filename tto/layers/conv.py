@@ -15,18 +15,18 @@ class ShortConv(nn.Module):
     an unpadded sequence sees before its first token.
     """
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True, normal_init: bool = False):
-        """``normal_init``: weights ~ N(0, std) and zero bias, as fla initialises its short convs (its
-        models' ``_init_weights`` covers ``nn.Conv1d``); otherwise torch's Conv1d default."""
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, init_std: float | None = None):
+        """``init_std``: weights ~ N(0, init_std^2) and zero bias, as fla initialises its short convs
+        (its models' ``_init_weights`` covers ``nn.Conv1d``); None: torch's Conv1d default."""
         super().__init__()
         self.kernel_size = kernel_size
-        self.normal_init = normal_init
+        self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
 
-    def _tto_init(self, std: float, init) -> None:
-        if self.normal_init:
-            init.normal_(self.weight, std=std)
+    def _tto_init(self, init) -> None:
+        if self.init_std is not None:
+            init.normal_(self.weight, std=self.init_std)
             if self.bias is not None:
                 init.zeros_(self.bias)
             return

@@ -12,14 +12,15 @@ from torch import nn
 class Gate(nn.Module):
     """``scale * sigmoid(x W^T + b)``: (B, T, width) -> (B, T, heads), in (0, scale)."""
 
-    def __init__(self, width: int, heads: int, scale: float, bias_init: float):
+    def __init__(self, width: int, heads: int, scale: float, bias_init: float, init_std: float):
+        """Initialised with weights ~ N(0, init_std^2) and the bias at ``bias_init``."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(heads, width))
         self.bias = nn.Parameter(torch.empty(heads))
-        self.scale, self.bias_init = scale, bias_init
+        self.scale, self.bias_init, self.init_std = scale, bias_init, init_std
 
-    def _tto_init(self, std: float, init) -> None:
-        init.normal_(self.weight, mean=0.0, std=std)
+    def _tto_init(self, init) -> None:
+        init.normal_(self.weight, mean=0.0, std=self.init_std)
         init.constant_(self.bias, self.bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,18 +31,20 @@ class DecayGate(nn.Module):
     """Mamba2's decay in log space: ``log a_t = -exp(A_log) * softplus(x W^T + dt_bias)`` (B, T, heads), <= 0.
 
     Initialised as Mamba2: ``A ~ U(0, a_init_max]`` per head and ``dt_bias = softplus^{-1}(dt)`` with
-    ``dt`` log-uniform in [dt_min, dt_max] (at least dt_init_floor).
+    ``dt`` log-uniform in [dt_min, dt_max] (at least dt_init_floor); weights ~ N(0, init_std^2).
     """
 
-    def __init__(self, width: int, heads: int, a_init_max: float, dt_min: float, dt_max: float, dt_init_floor: float):
+    def __init__(self, width: int, heads: int, a_init_max: float, dt_min: float, dt_max: float, dt_init_floor: float,
+                 init_std: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(heads, width))
         self.A_log = nn.Parameter(torch.empty(heads))
         self.dt_bias = nn.Parameter(torch.empty(heads))
         self.a_init_max, self.dt_range, self.dt_init_floor = a_init_max, (dt_min, dt_max), dt_init_floor
+        self.init_std = init_std
 
-    def _tto_init(self, std: float, init) -> None:
-        init.normal_(self.weight, mean=0.0, std=std)
+    def _tto_init(self, init) -> None:
+        init.normal_(self.weight, mean=0.0, std=self.init_std)
         with torch.no_grad():
             a = torch.empty_like(self.A_log).uniform_(0.0, self.a_init_max).clamp_min(torch.finfo(torch.float32).tiny)
             init.copy_(self.A_log, a.log())

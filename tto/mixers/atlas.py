@@ -91,7 +91,7 @@ class AtlasConfig(MemoryLayerConfig):
 VARIANTS: dict[str, Callable[[AtlasConfig], tuple[InnerOptimizer, Retention | None, dict[str, nn.Module]]]] = {
     "omeganet": lambda c: (DecayGD(), None, {}),
     "atlas": lambda c: (MomentumGD(), MuonRetention(c.muon_scale), {
-        "momentum": Gate(c.hidden_size, c.num_memory_heads, 1.0, c.momentum_gate_bias_init)}),  # theta_t
+        "momentum": Gate(c.hidden_size, c.num_memory_heads, 1.0, c.momentum_gate_bias_init, c.initializer_range)}),  # theta_t
 }
 
 
@@ -110,16 +110,16 @@ class AtlasMixer(nn.Module):
     def __init__(self, config: AtlasConfig, layer_idx: int):
         super().__init__()
         optimizer, retention, extra_gates = VARIANTS[config.variant](config)
-        heads, width = config.num_memory_heads, config.hidden_size
+        heads, width, std = config.num_memory_heads, config.hidden_size, config.initializer_range
         features = PolynomialFeatures(width // heads, config.poly_degree)
         fast = MLPMemory(heads, width // heads, depth=config.mem_depth, expansion=config.mem_expansion_factor,
                          activation=config.mem_activation, bias=False, residual_norm=False,
-                         init_std=config.initializer_range, in_dim=features.out_dim)
+                         init_std=std, in_dim=features.out_dim)
         memory = Memory(fast, SquaredError(2.0), OmegaWindow(optimizer, config.omega_window), config.chunk_size,
                         retention=retention, checkpoint_group=config.scan_checkpoint_group_size)
-        gates = {"lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init),  # eta_t
-                 "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init),  # alpha_t
-                 "omega": Gate(width, heads, 1.0, config.omega_gate_bias_init),  # gamma_t
+        gates = {"lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init, std),  # eta_t
+                 "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init, std),  # alpha_t
+                 "omega": Gate(width, heads, 1.0, config.omega_gate_bias_init, std),  # gamma_t
                  **extra_gates}
         self.memory = MemoryLayer(config, memory, gates, feature_map=features)
 

@@ -125,17 +125,17 @@ class DeltaNetMixer(nn.Module):
 
     def __init__(self, config: DeltaNetConfig, layer_idx: int):
         super().__init__()
-        width, heads = config.hidden_size, config.num_memory_heads
+        width, heads, std = config.hidden_size, config.num_memory_heads, config.initializer_range
         self.num_heads, self.head_k_dim, self.head_v_dim = heads, config.key_dim, config.value_dim
         key_width, value_width = heads * self.head_k_dim, heads * self.head_v_dim
         self.q_proj = nn.Linear(width, key_width, bias=False)
         self.k_proj = nn.Linear(width, key_width, bias=False)
         self.v_proj = nn.Linear(width, value_width, bias=False)
-        self.conv_q = ShortConv(key_width, config.conv_kernel, bias=False, normal_init=True)
-        self.conv_k = ShortConv(key_width, config.conv_kernel, bias=False, normal_init=True)
-        self.conv_v = ShortConv(value_width, config.conv_kernel, bias=False, normal_init=True)
+        self.conv_q = ShortConv(key_width, config.conv_kernel, bias=False, init_std=std)
+        self.conv_k = ShortConv(key_width, config.conv_kernel, bias=False, init_std=std)
+        self.conv_v = ShortConv(value_width, config.conv_kernel, bias=False, init_std=std)
         self.qk_norm_eps = config.qk_norm_eps
-        self.lr_gate = Gate(width, heads, 2.0 if config.allow_neg_eigval else 1.0, config.lr_gate_bias_init)  # beta_t
+        self.lr_gate = Gate(width, heads, 2.0 if config.allow_neg_eigval else 1.0, config.lr_gate_bias_init, std)  # beta_t
         self.memory = DeltaRule(config.chunk_size)
         self.out_norm = nn.RMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.g_proj = nn.Linear(width, value_width, bias=False) if config.use_gate else None
@@ -171,7 +171,7 @@ class GatedDeltaNetMixer(DeltaNetMixer):
     def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.forget_gate = DecayGate(config.hidden_size, config.num_memory_heads, config.a_init_max, config.dt_min,
-                                     config.dt_max, config.dt_init_floor)
+                                     config.dt_max, config.dt_init_floor, config.initializer_range)
 
     def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """DeltaNet's gates and ``log_decay``: log a_t."""

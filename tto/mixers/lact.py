@@ -125,7 +125,7 @@ class LaCTMixer(nn.Module):
         self.ttt_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.ttt_scale_proj = nn.Linear(width, self.heads) if config.learnable_ttt_scale else None
 
-    def _tto_init(self, std: float, init) -> None:
+    def _tto_init(self, init) -> None:
         init.ones_(self.qk_scale)
         init.zeros_(self.qk_offset)
 

@@ -101,7 +101,7 @@ class MirasConfig(MemoryLayerConfig):
 VARIANTS: dict[str, Callable[[MirasConfig], tuple[Objective, Retention, dict[str, nn.Module], float]]] = {
     "moneta": lambda c: (LpError(c.lp_p, c.lp_eps), LqNormalization(c.lq_q, c.lq_min_norm), {}, c.initializer_range),
     "yaad": lambda c: (Huber(), Retention(), {
-        "huber_delta": Gate(c.hidden_size, c.num_memory_heads, c.huber_delta_max, c.huber_delta_bias_init)},
+        "huber_delta": Gate(c.hidden_size, c.num_memory_heads, c.huber_delta_max, c.huber_delta_bias_init, c.initializer_range)},
         c.initializer_range),
     "memora": lambda c: (SquaredError(1.0), SoftmaxRetention(c.memora_scale), {}, c.memora_logit_std),
 }
@@ -122,14 +122,14 @@ class MirasMixer(nn.Module):
     def __init__(self, config: MirasConfig, layer_idx: int):
         super().__init__()
         objective, retention, bias_gates, init_std = VARIANTS[config.variant](config)
-        heads, width = config.num_memory_heads, config.hidden_size
+        heads, width, std = config.num_memory_heads, config.hidden_size, config.initializer_range
         fast = MLPMemory(heads, width // heads, depth=config.mem_depth, expansion=config.mem_expansion_factor,
                          activation=config.mem_activation, bias=False, residual_norm=config.mem_residual_norm,
                          norm_eps=config.rms_norm_eps, init_std=init_std)
         memory = Memory(fast, objective, DecayGD(), config.chunk_size, retention=retention,
                         checkpoint_group=config.scan_checkpoint_group_size)
-        gates = {"lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init),  # eta_t
-                 "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init),  # alpha_t
+        gates = {"lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init, std),  # eta_t
+                 "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init, std),  # alpha_t
                  **bias_gates}
         self.memory = MemoryLayer(config, memory, gates)
 

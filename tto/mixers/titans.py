@@ -152,11 +152,11 @@ def neural_memory(config: TitansConfig) -> MemoryLayer:
                      init_std=config.initializer_range)
     memory = Memory(fast, SquaredError(config.mem_loss_scale), MomentumGD(), config.chunk_size,
                     checkpoint_group=config.scan_checkpoint_group_size)
-    width, heads = config.hidden_size, config.num_memory_heads
+    width, heads, std = config.hidden_size, config.num_memory_heads, config.initializer_range
     return MemoryLayer(config, memory, {
-        "lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init),  # theta_t
-        "momentum": Gate(width, heads, 1.0, config.momentum_gate_bias_init),  # eta_t
-        "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init),  # alpha_t
+        "lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init, std),  # theta_t
+        "momentum": Gate(width, heads, 1.0, config.momentum_gate_bias_init, std),  # eta_t
+        "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init, std),  # alpha_t
     })
 
 

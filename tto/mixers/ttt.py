@@ -118,6 +118,7 @@ class TTTMixer(nn.Module):
         # inner learning-rate gate: one linear map of x to a scalar per head
         self.lr_gate_weight = nn.Parameter(torch.empty(self.num_heads, width))
         self.lr_gate_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.lr_gate_std = config.initializer_range
         self.g_proj = nn.Linear(width, width, bias=False) if config.use_gate else None
         self.post_norm = nn.LayerNorm(width, eps=config.post_norm_eps)
 
@@ -127,8 +128,8 @@ class TTTMixer(nn.Module):
         self.memory = Memory(fast, SquaredError(1.0), MiniBatchGD(config.mini_batch_size), config.mini_batch_size,
                              checkpoint_group=config.scan_checkpoint_group_size)
 
-    def _tto_init(self, std: float, init) -> None:
-        init.normal_(self.lr_gate_weight, mean=0.0, std=std)
+    def _tto_init(self, init) -> None:
+        init.normal_(self.lr_gate_weight, mean=0.0, std=self.lr_gate_std)
         init.zeros_(self.lr_gate_bias)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
