@@ -113,6 +113,11 @@ class MemoryLayer(nn.Module):
             out = out * F.silu(self.gate_proj(x))
         return out if self.o_proj is None else self.o_proj(out)
 
-    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+    def reads(self, x: torch.Tensor, ctx: Context, state: dict | None, read_start: bool = False):
+        """The engine's reads of x's queries (B, T, heads, head_dim); with ``read_start`` the pair
+        (reads, reads of the chunk-start weights), as :class:`tto.engine.ChunkwiseMemory` returns them."""
         q, k, v = self.qkv(x, ctx, state)
-        return self.output(self.memory(q, k, v, self.gates(x), ctx.mask, state), x)
+        return self.memory(q, k, v, self.gates(x), ctx.mask, state, read_start=read_start)
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        return self.output(self.reads(x, ctx, state), x)

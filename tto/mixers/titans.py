@@ -190,8 +190,7 @@ class MAC(nn.Module):
                                    segment=segment, max_cached=2 * (segment - 1))
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
-        q, k, v = self.memory.qkv(x, ctx, state)
-        read, before = self.memory.memory(q, k, v, self.memory.gates(x), ctx.mask, state, read_start=True)
+        read, before = self.memory.reads(x, ctx, state, read_start=True)
         h = self.memory.output(before, x)  # h_t = M*_{t-1}(q_t), in the residual stream's width
         pairs = torch.stack([h, x], dim=2).flatten(1, 2)  # h_1, x_1, h_2, x_2, ...
         twice = lambda t: None if t is None else t.repeat_interleave(2, dim=1)  # noqa: E731
