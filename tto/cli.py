@@ -39,7 +39,6 @@ def return_freed_memory() -> None:
 
 
 #: the tokenizer of a model directory without its own (train.py always saves one)
-DEFAULT_TOKENIZER = "builtin:bytes"
 
 
 def valid_devices() -> list[str]:
@@ -145,9 +144,9 @@ def resolve_model(spec: str) -> str:
 
 def tokenizer_spec(model_dir: str | None, spec: str | None = None) -> str:
     """`spec` when given, else the model directory's own tokenizer when it has one, else builtin:bytes."""
-    from pathlib import Path
+    from .data import BYTE_TOKENIZER
 
     if spec is not None:
         return spec
     has_own = model_dir is not None and (Path(model_dir) / "tokenizer_config.json").exists()
-    return model_dir if has_own else DEFAULT_TOKENIZER
+    return model_dir if has_own else BYTE_TOKENIZER

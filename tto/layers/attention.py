@@ -89,9 +89,8 @@ class Attention(nn.Module):
     kept in it: the last ``max_cached`` slots (default: ``window - 1`` under a sliding window,
     ``segment - 1`` with segments, else all). ``segment``: tokens attend only within their segment
     of positions (``position // segment``). ``qk_norm`` RMS-normalizes q and k per head. Persistent tokens
-    P (N_p, hidden), learned here (``num_persistent``) or passed as ``forward(..., prefix=P)``, are prepended
-    to the keys and values (without RoPE: they have no position) and visible to every query; they
-    are never cached or evicted. ``queries`` (a slice of the T slots) makes only those slots
+    P (N_p, hidden), learned here (``num_persistent``), are prepended to the keys and values (without
+    RoPE: they have no position) and visible to every query; they are never cached or evicted. ``queries`` (a slice of the T slots) makes only those slots
     queries: every slot is still a key and value, and the output has the selected slots only.
     """
 
@@ -119,17 +118,17 @@ class Attention(nn.Module):
             init.normal_(self.persistent, mean=0.0, std=self.persistent_std)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None,
-                prefix: torch.Tensor | None = None, queries: slice | None = None) -> torch.Tensor:
+                queries: slice | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         xq = x if queries is None else x[:, queries]
         q = self.q_norm(self.q_proj(xq).view(b, xq.shape[1], self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        prefix = prefix if prefix is not None else self.persistent
-        if prefix is not None:
-            n = prefix.shape[0]
-            pk = self.k_norm(self.k_proj(prefix).view(n, self.num_kv_heads, self.head_dim)).transpose(0, 1)
-            pv = self.v_proj(prefix).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        prefix = None
+        if self.persistent is not None:
+            n = self.persistent.shape[0]
+            pk = self.k_norm(self.k_proj(self.persistent).view(n, self.num_kv_heads, self.head_dim)).transpose(0, 1)
+            pv = self.v_proj(self.persistent).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
             prefix = (pk.expand(b, -1, -1, -1).to(k.dtype), pv.expand(b, -1, -1, -1).to(v.dtype))
         return self.o_proj(self.attend(q, k, v, ctx, state, prefix, queries))
 

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import yaml
 
 from ..config import suggest
+from ..data import BYTE_TOKENIZER
 from ..typed import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -153,7 +154,7 @@ class DatasetSection:
 class Recipe:
     dataset: DatasetSection
     model: dict[str, Any]
-    tokenizer: str = "builtin:bytes"
+    tokenizer: str = BYTE_TOKENIZER
     training_args: dict[str, Any] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns that do not train
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -322,7 +323,7 @@ def parse_recipe(raw: dict) -> Recipe:
     curriculum = [_section("curriculum[]", stage, Stage) for stage in stages]
     if curriculum:
         args["max_steps"] = check_steps(curriculum, args)
-    tokenizer = convert("tokenizer", raw.get("tokenizer") or model.get("from_pretrained") or "builtin:bytes", str)
+    tokenizer = convert("tokenizer", raw.get("tokenizer") or model.get("from_pretrained") or BYTE_TOKENIZER, str)
     adapter = None
     if raw.get("adapter") is not None:
         from ..adapters import parse_adapter  # peft is imported by recipes that use it only
