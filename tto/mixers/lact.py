@@ -27,7 +27,11 @@ full-rank fast weights start at ``fw_init_gain`` 0.5 / sqrt(fan_in) (official 1 
 ``attn_qk_norm`` is on (off in the official LM configs), the layer's RMSNorms use ``rms_norm_eps``
 1e-6 (official 1e-5), and there is no ``ttt_prenorm`` option. With the official values the 760M
 recipe's full-size check (4 AdamW steps at its peak lr on one block) rose 10.38 -> 5.87 -> 5.19 ->
-11.22, so they stay options until that is understood.
+11.22, so they stay options until that is understood. Parameter layout (for converting official
+weights): q/k/v are three projections (the official one ``qkv``), ``qk_scale``/``qk_offset`` are
+(2, hidden) (official (hidden, 2)), the fast weights are the official ``w0``, ``w2``, ``w1``
+transposed (x @ W), and ``lr_gate``'s three rows per head are in that order, W0, W2, W1 (the
+official ``lr_proj``'s: w0, w1, w2).
 """
 
 from __future__ import annotations
