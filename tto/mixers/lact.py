@@ -13,9 +13,9 @@ One q/k/v projection feeds two branches whose outputs are summed before the outp
   (``momentum_gate``: ``sigmoid(x W)``, averaged over the chunk), Muon (``use_muon``) and weight
   norm (columns keep their initial norms). Fast q and k are a per-channel affine of the
   attention's normalised q and k; q, k, v pass through SiLU (``qkv_silu``), q and k are
-  l2-normalised per fast head and rotated with the attention's RoPE (unless ``ttt_nope``). The
-  read-out is RMS-normalised per fast head and scaled by ``silu(x W)`` per head
-  (``learnable_ttt_scale``).
+  l2-normalised per fast head as the official ``l2_norm``, ``x / (|x| + qk_norm_eps)``, and
+  rotated with the attention's RoPE (unless ``ttt_nope``). The read-out is RMS-normalised per
+  fast head and scaled by ``silu(x W)`` per head (``learnable_ttt_scale``).
 
 Differences from the official code: the Newton-Schulz iterations run in the inner dtype (float32)
 rather than bfloat16, and the weight norm has no epsilon; the attention's q/k RMSNorm is per head
@@ -27,7 +27,11 @@ full-rank fast weights start at ``fw_init_gain`` 0.5 / sqrt(fan_in) (official 1 
 ``attn_qk_norm`` is on (off in the official LM configs), the layer's RMSNorms use ``rms_norm_eps``
 1e-6 (official 1e-5), and there is no ``ttt_prenorm`` option. With the official values the 760M
 recipe's full-size check (4 AdamW steps at its peak lr on one block) rose 10.38 -> 5.87 -> 5.19 ->
-11.22, so they stay options until that is understood.
+11.22, so they stay options until that is understood. Parameter layout (for converting official
+weights): q/k/v are three projections (the official one ``qkv``), ``qk_scale``/``qk_offset`` are
+(2, hidden) (official (hidden, 2)), the fast weights are the official ``w0``, ``w2``, ``w1``
+transposed (x @ W), and ``lr_gate``'s three rows per head are in that order, W0, W2, W1 (the
+official ``lr_proj``'s: w0, w1, w2).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class LaCTConfig(MemoryConfig):
     ttt_nope: bool = False  # no RoPE on the fast branch's q and k
     learnable_ttt_scale: bool = True  # scale the fast read-out by silu(x W) per head
     rope_theta: float = 1e6  # RoPE base of both branches (the official configs' value)
+    qk_norm_eps: float = 1e-5  # fast q, k = x / (|x| + qk_norm_eps) per fast head (the official l2_norm)
 
     def validate(self) -> None:
         super().validate()
@@ -87,7 +92,7 @@ class LaCTConfig(MemoryConfig):
                                f"must equal num_attention_heads={self.num_attention_heads} (k also feeds the fast weights)")
         if self.window_size is not None and self.window_size <= 0:
             raise config_error("window_size", self.window_size, "must be a positive integer or None")
-        for name in ("inter_multi", "base_lr", "fw_init_gain"):
+        for name in ("inter_multi", "base_lr", "fw_init_gain", "qk_norm_eps"):
             if getattr(self, name) <= 0:
                 raise config_error(name, getattr(self, name), "must be > 0")
 
@@ -115,7 +120,7 @@ class LaCTMixer(nn.Module):
         self.q_norm, self.k_norm = norm(), norm()
         self.qk_scale = nn.Parameter(torch.empty(2, width))  # per-channel affine making fast q, k from q, k
         self.qk_offset = nn.Parameter(torch.empty(2, width))
-        self.qkv_silu = config.qkv_silu
+        self.qkv_silu, self.qk_norm_eps = config.qkv_silu, config.qk_norm_eps
         fast = SwiGLUMemory(self.heads, self.head_dim, expansion=config.inter_multi, init_gain=config.fw_init_gain)
         self.memory = LargeChunkMemory(fast, DotProduct(), config.lact_chunk_size, use_momentum=config.use_momentum,
                                        use_muon=config.use_muon, weight_norm=config.weight_norm)
@@ -133,6 +138,10 @@ class LaCTMixer(nn.Module):
         """(B, T, hidden) -> (B, T, fast heads, head_dim)."""
         return x.reshape(*x.shape[:2], self.heads, self.head_dim)
 
+    def _l2_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """x / (|x| + qk_norm_eps) over the last dim."""
+        return x / (x.norm(dim=-1, keepdim=True) + self.qk_norm_eps)
+
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None = None) -> torch.Tensor:
         b, t, width = x.shape
         attn = self.attention
@@ -146,8 +155,7 @@ class LaCTMixer(nn.Module):
         fast_v = v.flatten(2)
         if self.qkv_silu:
             fast_q, fast_k, fast_v = F.silu(fast_q), F.silu(fast_k), F.silu(fast_v)
-        fast_q = F.normalize(self._fast_heads(fast_q), dim=-1)
-        fast_k = F.normalize(self._fast_heads(fast_k), dim=-1)
+        fast_q, fast_k = self._l2_norm(self._fast_heads(fast_q)), self._l2_norm(self._fast_heads(fast_k))
         if not self.nope:  # the attention's RoPE, on the attention's head layout
             cos, sin = rope_cos_sin(ctx.positions, self.attn_head_dim, self.rope_theta)
             rotate = lambda h: apply_rope(h.reshape(b, t, self.attn_heads, self.attn_head_dim), cos, sin)  # noqa: E731

@@ -69,6 +69,10 @@ Differences from the paper: choices it leaves open, decoding necessities, and (M
   from the weights before each memory *chunk* (the paper: before each segment); with
   ``segment_size = chunk_size`` (the default, as titans-pytorch's default memory chunk = segment)
   the two coincide, a longer segment reads fresher, still causal, weights.
+* the weights a chunk passes on take its gradients times the engine's step bound
+  (:mod:`tto.engine.memory`), exactly 1, the paper's update, wherever that update does not expand
+  the memory (with momentum eta and no forgetting it allows ``theta L <= 2 (1 - eta)^2 / (1 + eta)``
+  for one token).
 """
 
 from __future__ import annotations
@@ -128,7 +132,9 @@ class TitansConfig(MemoryLayerConfig):
     # --- Titans ---
     variant: str = "lmm"  # "lmm": memory alone; "mac": memory as context; "mag": memory as a gate; "mal": memory as a layer
     chunk_size: int = 8  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
-    mem_residual_norm: bool = False  # memory is x + LayerNorm(MLP(x)) (titans-pytorch) instead of MLP(x)
+    # memory is x + LayerNorm(MLP(x)) instead of MLP(x); titans-pytorch's ResidualNorm, except that its
+    # LayerNorm gain is a fast weight (trained by the inner loop) and here an outer parameter
+    mem_residual_norm: bool = False
     mem_loss_scale: float = 2.0  # inner loss scale/2 * ||M(k) - v||^2: 2 is the paper's unhalved square
     mem_max_lr: float = 0.1  # theta_t = mem_max_lr * sigmoid(.): bound of the inner step (titans-pytorch train_mac: 0.1; 1.0 diverges)
     momentum_gate_bias_init: float = 0.0  # initial bias of the eta gate (pre-sigmoid)

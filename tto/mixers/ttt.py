@@ -20,8 +20,10 @@ The Mamba-style backbone of the paper (``share_qk``, ``use_gate``, ``pre_conv``)
 flags; ``pre_conv`` is the backbone's conv branch (:class:`tto.modeling.ConvBranch`).
 
 Differences from the reference: decoding works from any position (the reference's cache raises
-"fractional update not supported" mid-mini-batch) and padded tokens are masked out of the inner
-updates (the reference lets left padding enter the state).
+"fractional update not supported" mid-mini-batch), padded tokens are masked out of the inner
+updates (the reference lets left padding enter the state), and the weights a mini-batch passes on
+take its gradients times the engine's step bound (:mod:`tto.engine.memory`), which is exactly 1,
+the reference's update, wherever that update does not expand the fast weights.
 """
 
 from __future__ import annotations
