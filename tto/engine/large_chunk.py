@@ -17,7 +17,8 @@ no (chunk x chunk) term. Within a chunk the memory is not causal by itself: LaCT
 sliding-window attention.
 
 The engine base (:class:`tto.engine.chunkwise.ChunkwiseMemory`) lays the tokens out (an
-incomplete last chunk is only read and kept pending), keeps the state and runs the scan.
+incomplete last chunk is only read and kept pending), keeps the state and runs the scan. A
+decoding step that completes no chunk reads only its new queries, at the committed weights.
 :func:`naive_large_chunk` is the reference, written from the equations above: per row and token,
 autograd gradients summed over each chunk, then momentum, a plain Newton-Schulz iteration and the
 column rescaling, none of it shared with the fast path.

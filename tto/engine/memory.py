@@ -13,7 +13,10 @@ chunk commits ``W_b`` (and the momentum) as the next chunk's start. On request
 from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
 
 Padding and decoding follow the engine's layout (:mod:`tto.engine.layout`): an incomplete last
-chunk is only read and kept pending, so decoding costs at most one chunk per token.
+chunk is only read and kept pending. A decoding step that completes no chunk
+(:meth:`Memory._read_chunk`) takes the gradients of the pending keys and the new ones at the
+committed weights (the chunk's real tokens, no pad slots) and reads the new queries' rows of the
+dual form; no step bound and no chunk-end weights, which only a commit needs.
 
 **Step bound.** Because every gradient of a chunk is taken at its start weights, a chunk applies
 up to (chunk length x theta) of a token's step at once, amplified by momentum (up to 1 / (1 - eta))
