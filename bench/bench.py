@@ -45,7 +45,7 @@ import tto
 from measure import (CEILING_FLOPS, ForeignCPU, PeakRSS, count_flops, matmul_ceiling, timed, trim,
                      wait_idle)
 from models import (COMPILED_SUFFIX, DECODE_TOKENS, LAYER_BASELINE, LM_BASELINE, SMALL, Case,
-                    baseline_cases, peer_cases, titans_pytorch_version, tto_cases)
+                    baseline_cases, official_ttt_cases, peer_cases, titans_pytorch_version, tto_cases)
 
 BASELINE = {"lm": LM_BASELINE, "layer": LAYER_BASELINE}
 CEILING = "mm1024"
@@ -356,6 +356,8 @@ def parse_args(argv=None):
                    help="before each round, wait up to this many seconds for other processes to leave the CPUs")
     p.add_argument("--no-layers", dest="layers", action="store_false", help="skip the single-layer cases")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip titans-pytorch even if installed")
+    p.add_argument("--ttt-official", metavar="TTT_PY",
+                   help="also run the official TTT-Linear / TTT-MLP from this copy of ttt-lm-pytorch's ttt.py")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     p.add_argument("--compile", action="store_true",
                    help=f"also run every memory type with compile_inner_step (cases named <case>{COMPILED_SUFFIX})")
@@ -379,6 +381,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = baseline_cases() + tto_cases(args.types, args.variants, args.compile) + (peer_cases() if args.peers else [])
+    if args.ttt_official:
+        cases += official_ttt_cases(args.ttt_official)
     if not args.layers:
         cases = [c for c in cases if c.group != "layer"]
     info = settings(args)

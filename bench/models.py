@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -106,6 +107,27 @@ class TitansPytorchMAC:
     def prefill(self, batch: int, seq: int) -> None:
         self.module.eval()
         self.module(token_ids(batch, seq))
+
+
+class OfficialTTT(CausalLM):
+    """The official TTT code's ``TTTForCausalLM`` (test-time-training/ttt-lm-pytorch ``ttt.py``): its
+    decoding state is a ``TTTCache`` passed as ``cache_params`` (it has no ``past_key_values``)."""
+
+    @torch.no_grad()
+    def start_decode(self, batch: int, context: int):
+        self.module.eval()
+        x, cache, out = token_ids(batch, context), None, None
+        for start in range(0, context, PREFILL_PIECE):  # pieces of whole mini-batches, as its cache requires
+            out = self.module(x[:, start : start + PREFILL_PIECE], cache_params=cache, use_cache=True)
+            cache = out.cache_params
+        return cache, out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def decode(self, state) -> None:
+        cache, token = state
+        for _ in range(DECODE_TOKENS):
+            out = self.module(token, cache_params=cache, use_cache=True)
+            cache, token = out.cache_params, out.logits[:, -1:].argmax(-1)
 
 
 class Layer:
@@ -231,6 +253,33 @@ def _matched_chunk_size() -> int:
     """The chunk size of tto's titans memory at the small config (the peer layer is matched to it)."""
     entry = tto.get("titans")
     return _tto_config(entry, {})[1].chunk_size
+
+
+def load_official_ttt(path: str):
+    """The official TTT module from the file `path` (ttt-lm-pytorch's ``ttt.py``, not part of tto).
+    Its ``TTTForCausalLM`` declares its tied weights as a list, which transformers 5 rejects in
+    ``post_init``; the class gets the mapping form of the same tie (lm_head <- embed_tokens)."""
+    spec = importlib.util.spec_from_file_location("ttt_official", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.TTTForCausalLM._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    return module
+
+
+def official_ttt_cases(path: str) -> list[Case]:
+    """TTT-Linear and TTT-MLP of the official code at `path` (lm), the small configuration with its
+    defaults otherwise (mini-batch 16, base lr 1, no pre-conv), decoding with its ``TTTCache``."""
+    fields = dict(SMALL, max_position_embeddings=2048)
+    out = []
+    for layer_type in ("linear", "mlp"):
+        config = dict(fields, ttt_layer_type=layer_type)
+
+        def build(config=config):
+            module = load_official_ttt(path)
+            return OfficialTTT(module.TTTForCausalLM(module.TTTConfig(**config)))
+
+        out.append(Case(f"ttt-official-{layer_type}", "lm", build, {"class": "ttt.TTTForCausalLM", "path": path, **config}))
+    return out
 
 
 def peer_cases() -> list[Case]:

@@ -781,3 +781,35 @@ def test_muon_retention_orthogonalises_the_chunk_step():
     assert torch.linalg.svdvals(applied).min() > 0.6 and torch.linalg.svdvals(applied).max() < 1.25
     same = MuonRetention(0.05).chunk_end({"W": start}, {"W": start}, None)["W"]
     torch.testing.assert_close(same, start, atol=0, rtol=0)
+
+
+def test_decoding_reads_only_new_tokens_without_padding_or_commit_work():
+    """Token by token, a call that completes no chunk runs its keys' forward/backward at the
+    chunk's real length (the pending tokens and the new one, no pad slots), no step bound, and
+    reads the new query only; the outputs stay the naive ones. LaCT reads the new query alone."""
+    mem = make_memory(2, "momentum")
+    q, k, v, gates = make_inputs(optimizer="momentum", length=11)
+    ref = naive_memory(mem, q, k, v, gates)[0]
+    keys, bounds, reads = [], [], []
+    forward_backward, step_bound, read = mem.fast.forward_backward, mem._step_bound, mem._read
+    mem.fast.forward_backward = lambda params, x, dloss: keys.append(x.shape[1]) or forward_backward(params, x, dloss)
+    mem._step_bound = lambda *a: bounds.append(1) or step_bound(*a)
+    mem._read = lambda params, momentum, grads, xq, *a: reads.append(xq.shape[1]) or read(params, momentum, grads, xq, *a)
+    state: dict = {}
+    outs = [mem(*(x[:, t:t + 1] for x in (q, k, v)), {n: g[:, t:t + 1] for n, g in gates.items()}, state=state)
+            for t in range(11)]
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=ATOL, rtol=0)
+    assert keys == [t % 4 + 1 for t in range(11)]  # chunk 4: real lengths, the whole chunk when it completes
+    assert len(bounds) == 11 // 4  # only the commits
+    assert reads == [1 if t % 4 < 3 else 4 for t in range(11)]
+
+    lact = make_large_chunk()
+    q, k, v, gates = large_chunk_inputs(length=11)
+    ref = naive_large_chunk(lact, q, k, v, gates)
+    applied, apply = [], lact.fast.apply
+    lact.fast.apply = lambda x, linear: applied.append(x.shape[1]) or apply(x, linear)
+    state = {}
+    outs = [lact(*(x[:, t:t + 1] for x in (q, k, v)), {n: g[:, t:t + 1] for n, g in gates.items()}, state=state)
+            for t in range(11)]
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-10, rtol=0)
+    assert applied == [1 if t % 4 < 3 else 4 for t in range(11)]  # a completed chunk reads its 4 queries

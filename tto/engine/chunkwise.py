@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..reference import in_reference_mode
@@ -64,7 +65,8 @@ class ChunkwiseMemory(Float32Parameters):
 
     A subclass sets ``chunk_size``, ``prefix`` (its state keys' prefix) and ``has_momentum``, and
     defines :meth:`param_names`, :meth:`initial_weights`, :meth:`_scan` (calling :attr:`step`, its
-    ``_chunk``, per chunk) and :meth:`naive`.
+    ``_chunk``, per chunk), :meth:`naive` and, unless it ``commits_incomplete_chunk``,
+    :meth:`_read_chunk` (a call that completes no chunk, e.g. decoding one token).
     """
 
     chunk_size: int
@@ -109,6 +111,14 @@ class ChunkwiseMemory(Float32Parameters):
         second, the committed params, momentum)."""
         raise NotImplementedError
 
+    def _read_chunk(self, params: dict, momentum: dict | None, chunk: dict, valid: torch.Tensor, first: int,
+                    read_start: bool) -> torch.Tensor:
+        """The reads of one read-only chunk's slots from `first` on (the earlier ones are pending
+        tokens already read): `chunk` {"q", "k", "v", "gate.<name>"} (B * H, L, ...), `valid`
+        (B * H, L). Returns (B * H, L - first, d_v), or (B * H, 2, L - first, d_v) with the
+        chunk-start reads second. Nothing is committed."""
+        raise NotImplementedError
+
     def naive(self, q, k, v, gates: dict, mask: torch.Tensor | None, read_start: bool):
         """The slow reference of the whole forward (no state): reads (B, T, H, d_v), or the pair
         with ``read_start``. It shares no update code with the scan."""
@@ -149,6 +159,12 @@ class ChunkwiseMemory(Float32Parameters):
         if layout.n_chunks == 0:  # every token a pad: nothing to read or write
             reads = tokens["v"].new_zeros(batch * heads, 0, *([2] if read_start else []), chunk_size,
                                           tokens["v"].shape[-1])
+        elif layout.n_commit == 0:  # a decoding step: one read-only chunk, at its real length, new tokens read
+            layout = layout.read_only()
+            first = 0 if loaded is None else int(n_pending.min())  # slots of pending tokens in every row
+            chunk = {name: layout.chunks(t)[:, 0] for name, t in tokens.items()}
+            reads = self._read_chunk(params, momentum, chunk, layout.chunk_valid(heads)[:, 0], first, read_start)
+            reads = F.pad(reads, (0, 0, first, 0))[:, None]
         else:
             chunks = {name: layout.chunks(t) for name, t in tokens.items()}
             reads, params, momentum = self._scan(params, momentum, chunks, layout.chunk_valid(heads), layout.n_commit,

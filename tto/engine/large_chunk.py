@@ -17,7 +17,8 @@ no (chunk x chunk) term. Within a chunk the memory is not causal by itself: LaCT
 sliding-window attention.
 
 The engine base (:class:`tto.engine.chunkwise.ChunkwiseMemory`) lays the tokens out (an
-incomplete last chunk is only read and kept pending), keeps the state and runs the scan.
+incomplete last chunk is only read and kept pending), keeps the state and runs the scan. A
+decoding step that completes no chunk reads only its new queries, at the committed weights.
 :func:`naive_large_chunk` is the reference, written from the equations above: per row and token,
 autograd gradients summed over each chunk, then momentum, a plain Newton-Schulz iteration and the
 column rescaling, none of it shared with the fast path.
@@ -75,6 +76,10 @@ class LargeChunkMemory(ChunkwiseMemory):
                     step = {n: self.muon.orthogonalize(s) for n, s in step.items()}
                 params = self.retention.commit(params, {n: params[n] + s for n, s in step.items()}, None, active)
         return torch.stack(reads, dim=1), params, momentum
+
+    def _read_chunk(self, params, momentum, chunk, valid, first, read_start):
+        """A read-only chunk's reads depend on its queries and the committed weights only."""
+        return self.fast.apply(chunk["q"][:, first:], self.fast.plain_linear(params))
 
     def _chunk(self, params, momentum, k, v, lr, mean_gate):
         """One committed chunk's linear step from W_i (N, ...): S_i, the update before Muon."""

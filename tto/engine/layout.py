@@ -8,6 +8,10 @@ tokens that the next call completes (an engine whose every token takes an exact 
 rule, commits the incomplete chunk instead and keeps nothing pending). So a sequence gives the
 same outputs whether it arrives in one call or token by token, left-padded or not.
 
+Decoding: a call whose tokens complete no chunk commits nothing, so its one chunk runs at its
+real length (:meth:`Layout.read_only`, no pad slots) and only the new tokens are read; the
+pending tokens' reads were returned by the calls that brought them.
+
 State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
 
     <prefix>.W.<name>        committed fast weight <name>                    (B, heads, ...)
@@ -72,6 +76,14 @@ class Layout:
         if commit_incomplete:
             n_full, remainder = length // chunk_size, torch.zeros_like(remainder)
         return cls(length, total, chunk_size, n_full, slot_valid, src[:, :length], dest, remainder)
+
+    def read_only(self) -> "Layout":
+        """This layout of a sequence that completes no chunk (its one chunk only read) cut to its
+        longest row: the chunk runs at that length instead of a whole chunk of pads."""
+        length = int(self.remainder.max())
+        dest = None if self.dest is None else self.dest.clamp_max(length)  # dropped tokens stay dropped
+        return Layout(length, self.total, length, 0, self.valid[:, :length],
+                      None if self.src is None else self.src[:, :length], dest, self.remainder)
 
     @property
     def n_chunks(self) -> int:

@@ -13,7 +13,10 @@ chunk commits ``W_b`` (and the momentum) as the next chunk's start. On request
 from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
 
 Padding and decoding follow the engine's layout (:mod:`tto.engine.layout`): an incomplete last
-chunk is only read and kept pending, so decoding costs at most one chunk per token.
+chunk is only read and kept pending. A decoding step that completes no chunk
+(:meth:`Memory._read_chunk`) takes the gradients of the pending keys and the new ones at the
+committed weights (the chunk's real tokens, no pad slots) and reads the new queries' rows of the
+dual form; no step bound and no chunk-end weights, which only a commit needs.
 
 **Step bound.** Because every gradient of a chunk is taken at its start weights, a chunk applies
 up to (chunk length x theta) of a token's step at once, amplified by momentum (up to 1 / (1 - eta))
@@ -121,7 +124,8 @@ class Memory(ChunkwiseMemory):
         return (out, start) if read_start else out
 
     # ------------------------------------------------------------------ the scan
-    def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
+    def _chunk_inputs(self, params, chunks, valid) -> list[Chunk]:
+        """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...)."""
         n = valid.shape[1]
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
         gates = {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
@@ -135,9 +139,14 @@ class Memory(ChunkwiseMemory):
         # backward write a zero tensor of the whole sequence's size
         objective_gates = [dict(zip(self.objective.gate_names, g))
                            for g in zip(*(gates[name].unbind(1) for name in self.objective.gate_names))] or [{}] * n
-        chunk_list = [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1),
-                                             (coef.mix * qk).unbind(1), coef.unbind(), objective_gates,
-                                             valid.any(-1).unbind(1))]
+        return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1),
+                                       (coef.mix * qk).unbind(1), coef.unbind(), objective_gates,
+                                       valid.any(-1).unbind(1))]
+
+    def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
+        n = valid.shape[1]
+        queries = chunks["q"]
+        chunk_list = self._chunk_inputs(params, chunks, valid)
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
@@ -171,8 +180,24 @@ class Memory(ChunkwiseMemory):
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
-    def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, objective_gates: dict):
-        """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention."""
+    def _read_chunk(self, params, momentum, chunk, valid, first, read_start):
+        """Reads of the queries from `first` on: the chunk's keys' gradients at the committed
+        weights and the dual form's rows of those queries; no step bound, no commit."""
+        c = self._chunk_inputs(params, {n: t[:, None] for n, t in chunk.items()}, valid[:, None])[0]
+        grads, _ = self._gradients(params, c.k, c.v, c.objective_gates)
+        scale = self.retention.grad_scale(params)
+        if scale is not None:
+            grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
+        q = c.q[:, first:]
+        out = self._read(params, momentum, grads, q, c.mixed_qk[:, first:], c.coefficients.rows(first))
+        if read_start:
+            out = torch.stack([out, self.fast.core(q, self.fast.plain_linear(params))], dim=1)
+            return self.fast.wrap(q[:, None].expand(-1, 2, -1, -1).flatten(1, -2), out.flatten(1, -2)).view(out.shape)
+        return self.fast.wrap(q, out)
+
+    def _gradients(self, params, k, v, objective_gates: dict) -> tuple[list, torch.Tensor]:
+        """The chunk's keys' (name, layer input, output gradient) per fast layer at `params`, and
+        the fast model's outputs y (N, C, d)."""
         outputs = []
 
         def dloss(y):
@@ -180,10 +205,12 @@ class Memory(ChunkwiseMemory):
             return self.objective.grad(y, v, objective_gates)
 
         grads = self.fast.forward_backward(params, k, dloss)
-        scale = self.retention.grad_scale(params)
-        kappa = self._step_bound(params, grads, outputs[0], v, objective_gates, c, scale)
-        if scale is not None:
-            grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
+        return grads, outputs[0]
+
+    def _read(self, params, momentum, grads: list, q, mixed_qk, c: Coefficients) -> torch.Tensor:
+        """Read-outs g(q) (N, C_q, d) of queries q (N, C_q, d) through the dual form: the weights
+        `params` (and momentum) at the chunk start, the keys' `grads` (N, C, ...) per layer, the
+        queries' rows of `mixed_qk` (N, C_q, C) and of the coefficients `c`."""
         by_name = {name: (x, delta) for name, x, delta in grads}
 
         def read(name: str, xq: torch.Tensor) -> torch.Tensor:
@@ -204,7 +231,16 @@ class Memory(ChunkwiseMemory):
                 z = z + c.carry[..., None] * s
             return torch.baddbmm(z, mixed, delta, alpha=-1.0)
 
-        out = self.fast.core(q, read)
+        return self.fast.core(q, read)
+
+    def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, objective_gates: dict):
+        """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention."""
+        grads, y = self._gradients(params, k, v, objective_gates)
+        scale = self.retention.grad_scale(params)
+        kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
+        if scale is not None:
+            grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
+        out = self._read(params, momentum, grads, q, mixed_qk, c)
 
         end = kappa[:, None, None] * c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
         new_params, new_momentum = {}, ({} if momentum is not None else None)

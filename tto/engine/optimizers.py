@@ -49,6 +49,11 @@ class Coefficients:
         parts = zip(*(split(t) for t in (self.mix, self.decay, self.carry, self.s_decay, self.s_mix)))
         return [Coefficients(*p) for p in parts]
 
+    def rows(self, first: int) -> "Coefficients":
+        """The coefficients of the rows (tokens) from `first` on: what their reads use."""
+        cut = lambda t: None if t is None else t[..., first:]  # noqa: E731
+        return Coefficients(self.mix[..., first:, :], cut(self.decay), cut(self.carry), self.s_decay, self.s_mix)
+
     def without_negligible(self) -> "Coefficients":
         """The same coefficients with every entry below :data:`NEGLIGIBLE` in magnitude set to 0."""
         flush = lambda t: None if t is None else t.masked_fill(t.abs() < NEGLIGIBLE, 0.0)  # noqa: E731
