@@ -53,6 +53,8 @@ class CausalLM:
     """A Hugging Face causal LM (Llama or a tto model): loss from labels, decoding with its own cache."""
 
     can_decode = True
+    #: the forward's argument and output field that carry the decoding state
+    cache_field = "past_key_values"
 
     def __init__(self, model: nn.Module):
         self.module = model
@@ -75,9 +77,9 @@ class CausalLM:
         """Prefill `context` tokens in pieces; returns (cache, first greedy token) to decode from."""
         self.module.eval()
         x, cache, out = token_ids(batch, context), None, None
-        for start in range(0, context, PREFILL_PIECE):
-            out = self.module(x[:, start : start + PREFILL_PIECE], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+        for start in range(0, context, PREFILL_PIECE):  # whole mini-batches of the official TTT, as its cache requires
+            out = self.module(x[:, start : start + PREFILL_PIECE], **{self.cache_field: cache}, use_cache=True)
+            cache = getattr(out, self.cache_field)
         return cache, out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
@@ -85,8 +87,8 @@ class CausalLM:
         """DECODE_TOKENS greedy tokens one at a time from `state` (which it advances)."""
         cache, token = state
         for _ in range(DECODE_TOKENS):
-            out = self.module(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = self.module(token, **{self.cache_field: cache}, use_cache=True)
+            cache, token = getattr(out, self.cache_field), out.logits[:, -1:].argmax(-1)
 
 
 class TitansPytorchMAC:
@@ -113,21 +115,7 @@ class OfficialTTT(CausalLM):
     """The official TTT code's ``TTTForCausalLM`` (test-time-training/ttt-lm-pytorch ``ttt.py``): its
     decoding state is a ``TTTCache`` passed as ``cache_params`` (it has no ``past_key_values``)."""
 
-    @torch.no_grad()
-    def start_decode(self, batch: int, context: int):
-        self.module.eval()
-        x, cache, out = token_ids(batch, context), None, None
-        for start in range(0, context, PREFILL_PIECE):  # pieces of whole mini-batches, as its cache requires
-            out = self.module(x[:, start : start + PREFILL_PIECE], cache_params=cache, use_cache=True)
-            cache = out.cache_params
-        return cache, out.logits[:, -1:].argmax(-1)
-
-    @torch.no_grad()
-    def decode(self, state) -> None:
-        cache, token = state
-        for _ in range(DECODE_TOKENS):
-            out = self.module(token, cache_params=cache, use_cache=True)
-            cache, token = out.cache_params, out.logits[:, -1:].argmax(-1)
+    cache_field = "cache_params"
 
 
 class Layer:

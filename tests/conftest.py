@@ -74,3 +74,20 @@ def hub_cache(tmp_path, monkeypatch):
         return repo / "snapshots" / commit
 
     return put
+
+
+@pytest.fixture
+def step_factors(monkeypatch):
+    """The factors tto's step bound (tto.engine.memory) applies to the chunks' commits, recorded."""
+    import tto.engine.memory
+
+    seen = []
+
+    def recorded(*args):
+        kappa = stable_step_factor(*args)
+        seen.append(kappa)
+        return kappa
+
+    stable_step_factor = tto.engine.memory.stable_step_factor
+    monkeypatch.setattr(tto.engine.memory, "stable_step_factor", recorded)
+    return seen

@@ -64,23 +64,6 @@ def titans_pytorch_memory(layer, x, q, k, v, batch_size: int) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-@pytest.fixture
-def step_factors(monkeypatch):
-    """The factors tto's step bound (tto.engine.memory) applies to the chunks' commits, recorded."""
-    import tto.engine.memory
-
-    seen = []
-
-    def recorded(*args):
-        kappa = stable_step_factor(*args)
-        seen.append(kappa)
-        return kappa
-
-    stable_step_factor = tto.engine.memory.stable_step_factor
-    monkeypatch.setattr(tto.engine.memory, "stable_step_factor", recorded)
-    return seen
-
-
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("depth", [1, 2])
 def test_memory_matches_a_transcription_of_titans_pytorch(chunk, depth, step_factors):

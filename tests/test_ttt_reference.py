@@ -103,23 +103,6 @@ def official_ttt_layer(layer, x: torch.Tensor, layer_type: str) -> torch.Tensor:
     return z @ layer.o_proj.weight.T
 
 
-@pytest.fixture
-def step_factors(monkeypatch):
-    """The factors tto's step bound (tto.engine.memory) applies to the chunks' commits, recorded."""
-    import tto.engine.memory
-
-    seen = []
-
-    def recorded(*args):
-        kappa = stable_step_factor(*args)
-        seen.append(kappa)
-        return kappa
-
-    stable_step_factor = tto.engine.memory.stable_step_factor
-    monkeypatch.setattr(tto.engine.memory, "stable_step_factor", recorded)
-    return seen
-
-
 @pytest.mark.parametrize("mamba", [False, True], ids=["llama", "mamba"])
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
 def test_layer_matches_a_transcription_of_the_official_layer(layer_type, mamba, step_factors):
