@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import initialization as init
 
 import tto
@@ -512,6 +513,51 @@ def test_lq_normalization_floor_bounds_the_read_weights_and_is_inactive_above_it
         else:
             torch.testing.assert_close(out, paper.chunk_end({"W": w_c}, {"W": w_b}, keep)["W"], atol=0, rtol=0)
             torch.testing.assert_close(out, a_b / norm(a_b).pow(q_norm - 2), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_moneta_normalises_at_chunk_boundaries(chunk, step_factors):
+    """Moneta as Miras writes it with its parallel training's normalisation at chunk boundaries,
+    transcribed per head: ``A_t = (1 - alpha_t) A_{t-1} - eta_t grad`` of ``||M(k_t) - v_t||_3^3`` at
+    the chunk-start weights W_c, reads ``A_t / ||A_c||_4^2`` inside a chunk and the normalised
+    ``W_b = A_b / ||A_b||_4^2`` at its last token; at chunk 1 this is the online rule with
+    ``W_t = A_t / ||A_t||_4^2`` at every token. The memory is ``x + LN(W2 gelu(W1 x))``; float64.
+    The engine's former reads (the chunk-start normaliser at the last token too) differ by 0.12
+    (chunk 1) and 0.56 (chunk 4) here. The steps are
+    small (eta <= 5e-6) so that the step bound leaves the commits alone: this random memory's l_3
+    curvature through its LayerNorm needs kappa ~0.1 already at 5e-5; the gradients still move the
+    reads by ~1e-6, far above the tolerance."""
+    mem = make_memory(2, "decay", chunk=chunk, objective=LpError(3.0), retention=LqNormalization(4.0)).double()
+    q, k, v, gates = make_inputs(batch=2, length=9, optimizer="decay", max_lr=5e-6, dtype=torch.float64)
+    out = mem(q, k, v, gates)
+    assert step_factors and all((f == 1).all() for f in step_factors)  # the bound leaves every commit alone
+
+    fast = mem.fast
+    norm = lambda a: a.abs().pow(4).sum().pow(0.25)  # noqa: E731
+
+    def memory(x, w1, w2, head):
+        h = F.gelu(x @ w1, approximate="tanh") @ w2
+        h = (h - h.mean()) / (h.var(unbiased=False) + fast.norm_eps).sqrt()
+        return x + fast.norm_weight[head].double() * h + fast.norm_bias[head].double()
+
+    for row in range(2):
+        for head in range(2):
+            w = [fast.W1[head].double().detach(), fast.W2[head].double().detach()]
+            a = [x / norm(x) ** 2 for x in w]  # ||W|| = 1 / ||A|| at q = 4, so A = W / ||W||^2
+            for t in range(9):
+                if t % chunk == 0:
+                    start, n_c = [x.clone().requires_grad_(True) for x in w], [norm(x) ** 2 for x in a]
+                loss = (memory(k[row, t, head], *start, head) - v[row, t, head]).abs().pow(3).sum()
+                grads = torch.autograd.grad(loss, start)
+                forget, lr = gates["forget"][row, t, head], gates["lr"][row, t, head]
+                a = [(1 - forget) * x - lr * g for x, g in zip(a, grads)]
+                if t % chunk == chunk - 1:  # a boundary: normalise
+                    w = [x / norm(x) ** 2 for x in a]
+                    read = w
+                else:
+                    read = [x / n for x, n in zip(a, n_c)]
+                torch.testing.assert_close(out[row, t, head], memory(q[row, t, head], *read, head).detach(),
+                                           atol=1e-12, rtol=0)
 
 
 def test_softmax_retention_is_the_mirror_descent_step():

@@ -8,7 +8,9 @@ the dual form (update-then-read: token t sees its own write)::
           - sum_{s<=t} mix[t, s] * (x_t . x_s + 1) * delta_s
 
 one masked (b x b) matmul per fast linear layer, never a per-token weight tensor. The end of the
-chunk commits ``W_b`` (and the momentum) as the next chunk's start. On request
+chunk commits ``W_b`` (and the momentum) as the next chunk's start. A retention that
+``reads_chunk_end`` (Moneta's normalisation) maps the weights at every chunk boundary, so the
+chunk's last token reads its retained weights rather than the linear ones. On request
 (``read_start=True``) the queries also read the chunk-start weights, ``f(q_t; W_c)``: retrieval
 from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
 
@@ -241,7 +243,17 @@ class Memory(ChunkwiseMemory):
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         out = self._read(params, momentum, grads, q, mixed_qk, c)
+        if self.retention.reads_chunk_end:
+            # the chunk's last token reads the retained weights of its own (unbounded) linear steps
+            linear_end, _ = self._end_state(params, momentum, grads, c, torch.ones_like(kappa))
+            decay = None if c.decay is None else c.decay[:, -1]
+            last = self.fast.core(q[:, -1:], self.fast.plain_linear(self.retention.chunk_end(params, linear_end, decay)))
+            out = torch.cat([out[:, :-1], last], dim=1)
+        new_params, new_momentum = self._end_state(params, momentum, grads, c, kappa)
+        return out, new_params, new_momentum
 
+    def _end_state(self, params, momentum, grads: list, c: Coefficients, kappa: torch.Tensor) -> tuple:
+        """The chunk's end weights (and momentum) from its gradients times kappa (N,), before retention."""
         end = kappa[:, None, None] * c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
         new_params, new_momentum = {}, ({} if momentum is not None else None)
         for name, x, delta in grads:
@@ -263,7 +275,7 @@ class Memory(ChunkwiseMemory):
                     left, right, alpha=-1.0)
                 if momentum is not None:
                     new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
-        return out, new_params, new_momentum
+        return new_params, new_momentum
 
     def curvature_factors(self, params, grads, y, v, objective_gates, scale) -> list[torch.Tensor]:
         """The chunk's curvature factors F_l (N, b, d_l [+ 1 with a bias]), one per fast layer, at the
@@ -381,11 +393,13 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
             if scale is not None:
                 grads = {n: grad * scale[n] for n, grad in grads.items()}
             read = opt.naive_step(state, grads, token_gates, pos)
+            if "forget" in token_gates:
+                keep = keep * (1 - token_gates["forget"])
+            if pos == b - 1 and retention.reads_chunk_end:
+                read = retention.chunk_end(start, read, keep if "forget" in token_gates else None)
             curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
                                         scale)
             written.append((grads, token_gates, [f.detach() for f in curvature]))
-            if "forget" in token_gates:
-                keep = keep * (1 - token_gates["forget"])
             row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
             if pos == b - 1:
                 # the commit: the chunk's recurrence again from its start, gradients times the step bound

@@ -27,6 +27,10 @@ Params = dict[str, torch.Tensor]
 
 
 class Retention:
+    #: the chunk's last token, at the boundary where the retention acts, reads the weights that
+    #: :meth:`chunk_end` maps its linear weights to (the others read the linear ones)
+    reads_chunk_end = False
+
     def start(self, params: Params) -> Params:
         return params
 
@@ -54,10 +58,13 @@ def _entry_norm(w: torch.Tensor, q: float) -> torch.Tensor:
 class LqNormalization(Retention):
     """Moneta's l_q retention: the memory accumulates ``A`` and reads ``W = A / ||A||_q^(q-2)``.
 
-    With ``n_c = ||A_c||_q^(q-2)`` held at its chunk-start value inside a chunk, the read weights
+    Normalisation happens at chunk boundaries, as in the paper's parallel training: with
+    ``n_c = ||A_c||_q^(q-2)`` held at its chunk-start value inside a chunk, the read weights
     ``W_t = A_t / n_c`` take the optimizer's linear steps with gradients scaled by ``1 / n_c``; at the
-    chunk end ``A_b = n_c W_b`` is renormalised exactly. Since ``||W|| = ||A||^(3-q)``, ``n_c`` is
-    recovered from ``W_c`` alone (q != 3), so the state is just W.
+    chunk end ``A_b = n_c W_b`` is renormalised exactly, and the chunk's last token reads that
+    ``W_b = A_b / ||A_b||_q^(q-2)`` (``reads_chunk_end``; at chunk size 1 every token reads the
+    paper's per-token W_t). Since ``||W|| = ||A||^(3-q)``, ``n_c`` is recovered from ``W_c`` alone
+    (q != 3), so the state is just W.
 
     ``min_norm`` (not in the paper) floors ``||A||``: a chunk end whose ``||A_b|| < min_norm`` scales
     A_b up to that norm, direction kept. For q > 3, ``||W|| = ||A||^(3-q)`` grows without bound as a
@@ -65,6 +72,8 @@ class LqNormalization(Retention):
     ``||W|| <= min_norm^(3-q)``, and ``||A|| >= min_norm`` keeps W determining A. Above the floor
     (and with ``min_norm = 0``) the update is the paper's.
     """
+
+    reads_chunk_end = True
 
     def __init__(self, q: float, min_norm: float = 0.0, eps: float = 1e-12):
         if q == 3:

@@ -24,11 +24,12 @@ q, k, v linear maps + short conv + SiLU, l2-normalised q and k, RMSNorm and ``si
 output projection.
 
 Differences from the paper (which has no public code): the nonlinear retentions act at chunk
-boundaries only, as the paper's parallel training does; inside a chunk Moneta holds the
-normaliser at its chunk-start value (so even at ``chunk_size`` 1 token t reads
-``A_t / ||A_{t-1}||_q^(q-2)``, where the paper reads ``W_t = A_t / ||A_t||_q^(q-2)``; the next token
-starts from the exact W_t) and Memora takes linear steps whose sum is applied in log space at the
-chunk end (the paper's "lag token" scheme is not reproduced). Gates are scalar per
+boundaries only, as the paper's parallel training does. Inside a chunk Moneta holds the normaliser
+at its chunk-start value, ``A_t / ||A_c||_q^(q-2)``; the chunk's last token reads the normalised
+``W_b = A_b / ||A_b||_q^(q-2)``, so at ``chunk_size`` 1 every read is the paper's per-token
+``W_t = A_t / ||A_t||_q^(q-2)``. Memora takes linear steps whose sum is applied in log space at the
+chunk end, and every token of the chunk reads the linear steps (the paper's "lag token" scheme is
+not reproduced). Gates are scalar per
 head and token (linear maps of x), where the paper allows channel-wise gates from low-rank
 projections; the hybrid "-H" models (with sliding-window attention) are the backbone's
 ``layer_mixers`` hybrids with ``transformer`` layers.
