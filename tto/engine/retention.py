@@ -51,8 +51,9 @@ class Retention:
 
 
 def _entry_norm(w: torch.Tensor, q: float) -> torch.Tensor:
-    """Entrywise l_q norm of each head's matrix: (N, a, b) -> (N, 1, 1)."""
-    return w.abs().pow(q).sum((-2, -1), keepdim=True).pow(1 / q)
+    """Entrywise l_q norm of each head's matrix: (N, a, b) -> (N, 1, 1). ``|w|^q`` as ``(w^2)^(q/2)``:
+    at q = 4 a square twice, an order of magnitude cheaper than a general power of |w| on CPU."""
+    return w.square().pow(q / 2).sum((-2, -1), keepdim=True).pow(1 / q)
 
 
 class LqNormalization(Retention):
