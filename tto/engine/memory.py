@@ -48,11 +48,25 @@ computed unchanged there; the reads inside a chunk are the
 paper's in any case (a bound that depended on a chunk's later tokens would break causality), and a
 read-only incomplete chunk commits nothing. kappa is not differentiated (like a clipping norm).
 
+**Muon commits need no bound.** ATLAS' commit (:class:`tto.engine.MuonRetention`) is a step along the
+orthogonalised chunk-end momentum, ``W' = a W_c + eta_bar NS5(S_b)`` with ``a = prod_t alpha_t <= 1``
+and ``eta_bar = sum_t (prod_{r>t} alpha_r) eta_t``. NS5 normalises its input (``X_0 = S / ||S||_F``,
+singular values in [0, 1]) and maps each singular value through a fixed polynomial whose maximum on
+[0, 1] is ``NS5_MAX_GAIN`` = 1.145 (:mod:`tto.engine.muon`), so for any gradients and curvature::
+
+    ||W' - a W_c||_2 <= NS5_MAX_GAIN * eta_bar,    ||W_n||_2 <= ||W_0||_2 + NS5_MAX_GAIN * sum_{j<n} eta_bar_j
+
+(eta_bar <= chunk x the lr gate's maximum): the weights grow at most linearly in the chunks, never
+geometrically, and stay below ``NS5_MAX_GAIN max eta_bar / (1 - a)`` once ``a < 1``. The momentum is
+a linear filter of gradients taken at these bounded weights and enters W only through its direction.
+So such chunks commit the paper's step unscaled (kappa = 1) and the engine skips the bound.
+
 :func:`naive_memory` is the slow reference: per row, per real token, gradients by autograd at the
 chunk-start weights and the optimizer's per-token recurrence; the commit replays the chunk's
 recurrence with the gradients times kappa, computed from the objective's autograd Hessian, the
 layer inputs the naive forward records (:func:`naive_curvature`), and the chunk-end coefficients read off the optimizer's
-recurrence on probes (:func:`naive_chunk_map`).
+recurrence on probes (:func:`naive_chunk_map`); a Muon commit steps from the chunk start token by token,
+``M_t = alpha_t M_{t-1} + eta_t NS5(S_b)``, NS5 as written (:func:`tto.engine.muon.naive_newton_schulz`).
 """
 
 from __future__ import annotations
@@ -66,6 +80,7 @@ from torch.utils.checkpoint import checkpoint
 from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, upcast
 from .objectives import Objective
+from .muon import naive_newton_schulz
 from .optimizers import Coefficients, InnerOptimizer, stable_step_factor
 from .retention import Retention
 
@@ -106,6 +121,8 @@ class Memory(ChunkwiseMemory):
         self.has_retention = retention is not None
         if retention is not None and set(self.param_names()) != set(fast_model.weight_names):
             raise ValueError(f"{type(retention).__name__} acts on weight matrices; use a fast model without biases")
+        if self.retention.steps_along_momentum and not optimizer.has_momentum:
+            raise ValueError(f"{type(retention).__name__} steps along the momentum; use an optimizer with momentum")
         self.chunk_size = chunk_size
         self.checkpoint_group = checkpoint_group
         self.prefix = state_prefix + "."
@@ -175,7 +192,7 @@ class Memory(ChunkwiseMemory):
                 if self.has_retention:
                     decay = chunk.coefficients.decay
                     new_params = self.retention.commit(params, new_params, None if decay is None else decay[:, -1],
-                                                       chunk.active)
+                                                       chunk.active, new_momentum, chunk.coefficients.step)
                 params, momentum = new_params, new_momentum
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
@@ -234,10 +251,16 @@ class Memory(ChunkwiseMemory):
         return self.fast.core(q, read)
 
     def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, objective_gates: dict):
-        """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention."""
+        """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention. A
+        retention that steps along the momentum (Muon) replaces the end weights: they are not
+        computed (the start weights stand in for them) and the momentum takes no step bound."""
         grads, y = self._gradients(params, k, v, objective_gates)
         scale = self.retention.grad_scale(params)
-        kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
+        along_momentum = self.retention.steps_along_momentum
+        if along_momentum:
+            kappa = torch.ones_like(c.s_decay)
+        else:
+            kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         out = self._read(params, momentum, grads, q, mixed_qk, c)
@@ -254,6 +277,11 @@ class Memory(ChunkwiseMemory):
             # weight-sized terms are few passes over memory: the scaled weights are a new tensor
             # that the update is accumulated into in place
             for p, (left, right) in updates.items():
+                if momentum is not None:
+                    new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
+                if along_momentum:
+                    new_params[p] = params[p]
+                    continue
                 w = params[p]
                 if c.decay is not None:
                     w = c.decay[:, -1, None, None] * w
@@ -261,8 +289,6 @@ class Memory(ChunkwiseMemory):
                     w = torch.addcmul(w, c.carry[:, -1, None, None], momentum[p])
                 new_params[p] = torch.baddbmm(w, left, right, alpha=-1.0) if w is params[p] else w.baddbmm_(
                     left, right, alpha=-1.0)
-                if momentum is not None:
-                    new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
         return out, new_params, new_momentum
 
     def curvature_factors(self, params, grads, y, v, objective_gates, scale) -> list[torch.Tensor]:
@@ -387,7 +413,18 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
             if "forget" in token_gates:
                 keep = keep * (1 - token_gates["forget"])
             row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
-            if pos == b - 1:
+            if pos == b - 1 and retention.steps_along_momentum:
+                # ATLAS' Muon, M_t = alpha_t M_{t-1} - eta_t NS5(S_t) token by token from the chunk start,
+                # with the chunk-end momentum's NS5(S_b) for every NS5(S_t) (S: the negated momentum)
+                direction = {n: torch.stack([naive_newton_schulz(m) for m in s]) for n, s in state["S"].items()}
+                weights = dict(start)
+                for _, token_gates, _ in written:
+                    alpha, eta = 1 - token_gates["forget"][:, None, None], token_gates["lr"][:, None, None]
+                    weights = {n: alpha * w + eta * direction[n] for n, w in weights.items()}
+                opt.naive_chunk_end(state)
+                state["W"] = weights
+                last_commit = dict(weights)
+            elif pos == b - 1:
                 # the commit: the chunk's recurrence again from its start, gradients times the step bound
                 with torch.no_grad():  # a bound, not differentiated
                     coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype)
