@@ -753,8 +753,10 @@ def test_polynomial_features_keep_only_their_input_for_backward():
 
 
 def test_atlas_keeps_no_tensor_wider_than_its_features_for_backward():
-    """Training ATLAS keeps, per layer, nothing larger than phi(k) of the sequence (tokens x heads x
-    out_dim): no per-token x window or per-token x weight tensor, no monomial factors per degree."""
+    """Training ATLAS keeps, per layer, nothing larger than phi(k) of the sequence with each chunk's
+    keys preceded by the window's lookback (omega_window - 1 tokens of the chunk before): (chunk +
+    lookback) / chunk x tokens x heads x out_dim; no per-token x window or per-token x weight tensor,
+    no monomial factors per degree."""
     config = tto.build_config("atlas", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, num_memory_heads=2, chunk_size=4, omega_window=3,
                               scan_checkpoint_group_size=2)
@@ -763,7 +765,8 @@ def test_atlas_keeps_no_tensor_wider_than_its_features_for_backward():
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
     features = model.model.layers[0].mixer.memory.feature_map
     largest = max(t.numel() for t in saved_for_backward(lambda: model(input_ids=ids, labels=ids)))
-    assert largest <= ids.numel() * config.num_memory_heads * features.out_dim, largest
+    lookback_keys = (config.chunk_size + config.omega_window - 1) / config.chunk_size
+    assert largest <= lookback_keys * ids.numel() * config.num_memory_heads * features.out_dim, largest
 
 
 def test_muon_retention_steps_along_the_orthogonalised_momentum():
@@ -834,6 +837,56 @@ def test_atlas_eta_scales_the_committed_step(lr_after_momentum):
             torch.testing.assert_close(steps[1][name], 0.01 * steps[0][name], atol=1e-12, rtol=0)
         else:
             assert abs(ratio - 1) < 1e-4, ratio  # 1 but for NS5's eps in X_0 = G / (||G|| + eps)
+
+
+def paper_atlas(fast, q, k, v, gates, window: int):
+    """ATLAS' per-token rule as the paper writes it, per row and head: ``g_t = grad sum_{i=t-c+1..t}
+    gamma_i ||M_{t-1}(k_i) - v_i||^2`` (autograd), ``S_t = theta_t S_{t-1} + g_t``, ``M_t = alpha_t M_{t-1}
+    - eta_t NS5(S_t)`` (alpha_t = 1 - forget_t, NS5 written out). Returns the reads M_{t-1}(q_t)
+    (B, T, H, d) and per row the final weights."""
+    def ns5(g):
+        x = g.T if g.shape[0] > g.shape[1] else g
+        x = x / (x.norm() + 1e-7)
+        for a, b, c in NS5_COEFFICIENTS:
+            x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
+        return x.T if g.shape[0] > g.shape[1] else x
+
+    reads, finals = torch.zeros_like(v), []
+    for row in range(q.shape[0]):
+        m = {n: w.detach() for n, w in fast.initial_params(1).items()}
+        s = {n: torch.zeros_like(w) for n, w in m.items()}
+        for t in range(q.shape[1]):
+            reads[row, t] = fast.apply(q[row, t][:, None], fast.plain_linear(m))[:, 0]
+            leaves = {n: w.clone().requires_grad_(True) for n, w in m.items()}
+            loss = sum((gates["omega"][row, i] * (fast.apply(k[row, i][:, None], fast.plain_linear(leaves))[:, 0]
+                                                   - v[row, i]).pow(2).sum(-1)).sum()
+                       for i in range(max(0, t - window + 1), t + 1))
+            g = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+            theta, eta, alpha = (x[row, t][:, None, None] for x in (gates["momentum"], gates["lr"], 1 - gates["forget"]))
+            s = {n: theta * s[n] + g[n] for n in m}
+            m = {n: alpha * m[n] - eta * torch.stack([ns5(h) for h in s[n]]) for n in m}
+        finals.append(m)
+    return reads, finals
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_atlas_at_chunk_one_is_the_papers_per_token_rule(window):
+    """At chunk_size 1 chunk-level Muon is per-token Muon and the Omega window reaches back over the
+    previous chunks: the weights each token reads before its step (read_start) and the final weights
+    equal a transcription of the paper's per-token equations, float64 to 1e-10; token t's step uses
+    tokens t-1, t-2 (the same transcription with the window cut to the token alone differs)."""
+    mem = atlas_memory(chunk=1, window=window)
+    q, k, v, gates = make_inputs(batch=2, length=7, heads=2, dim=6, optimizer="momentum", max_lr=0.1, dtype=torch.float64)
+    state: dict = {}
+    _, start = mem(q, k, v, gates, state=state, read_start=True)
+    reads, finals = paper_atlas(mem.fast, q, k, v, gates, window)
+    torch.testing.assert_close(start, reads, atol=1e-10, rtol=0)
+    for row, final in enumerate(finals):
+        for name, w in final.items():
+            torch.testing.assert_close(state["memory.W." + name][row], w, atol=1e-10, rtol=0)
+    if window > 1:
+        online, _ = paper_atlas(mem.fast, q, k, v, gates, 1)
+        assert (online - reads).abs().max() > 1e-3
 
 
 def test_decoding_reads_only_new_tokens_without_padding_or_commit_work():

@@ -93,9 +93,9 @@ class Chunk(NamedTuple):
     """One chunk's inputs to :meth:`Memory._chunk` (N = batch * heads rows, C tokens)."""
 
     q: torch.Tensor  # (N, C, d)
-    k: torch.Tensor  # (N, C, d)
-    v: torch.Tensor  # (N, C, d)
-    mixed_qk: torch.Tensor  # (N, C, C): mix * (q . k [+ 1]), the first layer's dual-form term
+    k: torch.Tensor  # (N, lookback + C, d): the optimizer's lookback tokens before the chunk, then the chunk's
+    v: torch.Tensor  # (N, lookback + C, d)
+    mixed_qk: torch.Tensor  # (N, C, lookback + C): mix * (q . k [+ 1]), the first layer's dual-form term
     coefficients: Coefficients
     objective_gates: dict  # {name: (N, C)}
     active: torch.Tensor  # (N,) the row has a real token in this chunk
@@ -127,6 +127,9 @@ class Memory(ChunkwiseMemory):
         self.checkpoint_group = checkpoint_group
         self.prefix = state_prefix + "."
         self.has_momentum = optimizer.has_momentum
+        self.lookback = optimizer.lookback
+        if self.lookback:
+            self.lookback_names = ("k", "v", *("gate." + n for n in optimizer.lookback_gates + objective.gate_names))
 
     def param_names(self) -> list[str]:
         return list(self.fast.initial_params(1).keys())
@@ -144,6 +147,8 @@ class Memory(ChunkwiseMemory):
     def _chunk_inputs(self, params, chunks, valid) -> list[Chunk]:
         """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...)."""
         n = valid.shape[1]
+        # the keys, values and their gates are those of the lookback tokens before each chunk, then the chunk's
+        chunks = {**chunks, **{name: torch.cat([chunks["prev." + name], chunks[name]], 2) for name in self.lookback_names}}
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
         gates = {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
         coef = self.optimizer.coefficients(gates, valid).without_negligible()
@@ -319,29 +324,38 @@ class Memory(ChunkwiseMemory):
             return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, factors)
 
 
-def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype) -> tuple:
-    """The chunk-end coefficients of `optimizer` over one chunk of tokens with these gates, read off
-    its per-token recurrence run on probes: a scalar weight per probe, one probe per token whose
+def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype,
+                    earlier_gates: list[dict] = ()) -> tuple:
+    """The chunk-end coefficients of `optimizer` over one chunk of tokens with these gates (after
+    `earlier_gates`, those of the lookback tokens before the chunk), read off its per-token recurrence
+    run on probes: a scalar weight per probe, one probe per token (lookback tokens first) whose
     gradient is 1 at that token and 0 elsewhere, one starting at W = 1 and one at S = 1. Returns
     (decay, carry, s_decay, mix, s_mix) as :func:`stable_step_factor` takes them (carry, s_decay,
     s_mix None without momentum)."""
-    b = len(token_gates)
-    start = torch.zeros(heads, 1, b + 2, dtype=dtype)
-    start[..., b] = 1.0
+    e, b = len(earlier_gates), len(token_gates)
+    width = e + b
+    start = torch.zeros(heads, 1, width + 2, dtype=dtype)
+    start[..., width] = 1.0
     state = optimizer.naive_init({"probe": start})
     if optimizer.has_momentum:
         state["S"]["probe"] = torch.zeros_like(start)
-        state["S"]["probe"][..., b + 1] = 1.0
-    for t, gates in enumerate(token_gates):
+        state["S"]["probe"][..., width + 1] = 1.0
+
+    def unit(i):
         grad = torch.zeros_like(start)
-        grad[..., t] = 1.0
-        optimizer.naive_step(state, {"probe": grad}, gates, t)
+        grad[..., i] = 1.0
+        return {"probe": grad}
+
+    if e:
+        optimizer.naive_chunk_start(state, [unit(i) for i in range(e)], list(earlier_gates))
+    for t, gates in enumerate(token_gates):
+        optimizer.naive_step(state, unit(e + t), gates, t)
     optimizer.naive_chunk_end(state)
     w = state["W"]["probe"][:, 0]
     if not optimizer.has_momentum:
-        return w[:, b], None, None, -w[:, :b], None
+        return w[:, width], None, None, -w[:, :width], None
     s = state["S"]["probe"][:, 0]
-    return w[:, b], w[:, b + 1], s[:, b + 1], -w[:, :b], -s[:, :b]
+    return w[:, width], w[:, width + 1], s[:, width + 1], -w[:, :width], -s[:, :width]
 
 
 def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tensor, gates: dict,
@@ -376,7 +390,9 @@ def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tenso
 
 def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     """Slow reference for :class:`Memory`: per row, per real token, autograd gradients at the
-    chunk-start weights and the optimizer's per-token recurrence, the retention at chunk ends.
+    chunk-start weights and the optimizer's per-token recurrence, the retention at chunk ends; an
+    optimizer with a lookback (the Omega window) starts each chunk from the gradients of the row's
+    tokens before it, at the chunk's start weights.
     Returns (outputs (B, T, H, d), reads of the chunk-start weights (B, T, H, d), per row the
     weights committed after its last complete chunk)."""
     fast, opt, b, retention = memory.fast, memory.optimizer, memory.chunk_size, memory.retention
@@ -384,34 +400,44 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     outs = upcast(q.new_zeros(batch, length, heads, v.shape[-1]))
     starts = torch.zeros_like(outs)
     committed = []
+
+    def gradient(start, row, t):
+        """Token t's (gradients at `start`, gates, curvature factors of the step bound)."""
+        kt, vt = (upcast(x[row, t])[:, None, :] for x in (k, v))
+        token_gates = {n: upcast(g[row, t]) for n, g in gates.items()}
+        with torch.enable_grad():
+            y = fast.apply(kt, fast.plain_linear(start))
+            loss = memory.objective.loss(y, vt, {n: g[:, None] for n, g in token_gates.items()}).sum()
+            g = torch.autograd.grad(loss, list(start.values()), create_graph=True)
+        grads = dict(zip(start.keys(), g))
+        scale = retention.grad_scale(start)
+        if scale is not None:
+            grads = {n: grad * scale[n] for n, grad in grads.items()}
+        curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
+                                    scale)
+        return grads, token_gates, [f.detach() for f in curvature]
+
     for row in range(batch):
-        idx = torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]
+        idx = (torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]).tolist()
         state = opt.naive_init(retention.start(fast.initial_params(1)))
         row_out, start, keep, last_commit = [], None, None, dict(state["W"])
-        for j, t in enumerate(idx.tolist()):
+        for j, t in enumerate(idx):
             pos = j % b
             if pos == 0:
                 start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
                 keep = torch.ones(heads, dtype=outs.dtype)
+                earlier = [gradient(start, row, i) for i in idx[max(0, j - opt.lookback): j]]
+                if earlier:
+                    opt.naive_chunk_start(state, [g for g, _, _ in earlier], [g for _, g, _ in earlier])
                 chunk_start = {key: (dict(x) if isinstance(x, dict) else list(x) if isinstance(x, list) else x)
                                for key, x in state.items()}
                 written = []
-            kt, vt, qt = (upcast(x[row, t])[:, None, :] for x in (k, v, q))
-            token_gates = {n: upcast(g[row, t]) for n, g in gates.items()}
-            with torch.enable_grad():
-                y = fast.apply(kt, fast.plain_linear(start))
-                loss = memory.objective.loss(y, vt, {n: g[:, None] for n, g in token_gates.items()}).sum()
-                g = torch.autograd.grad(loss, list(start.values()), create_graph=True)
-            grads = dict(zip(start.keys(), g))
-            scale = retention.grad_scale(start)
-            if scale is not None:
-                grads = {n: grad * scale[n] for n, grad in grads.items()}
+            grads, token_gates, curvature = gradient(start, row, t)
             read = opt.naive_step(state, grads, token_gates, pos)
-            curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
-                                        scale)
-            written.append((grads, token_gates, [f.detach() for f in curvature]))
+            written.append((grads, token_gates, curvature))
             if "forget" in token_gates:
                 keep = keep * (1 - token_gates["forget"])
+            qt = upcast(q[row, t])[:, None, :]
             row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
             if pos == b - 1 and retention.steps_along_momentum:
                 # ATLAS' Muon, M_t = alpha_t M_{t-1} - eta_t NS5(S_t) token by token from the chunk start,
@@ -427,11 +453,15 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
             elif pos == b - 1:
                 # the commit: the chunk's recurrence again from its start, gradients times the step bound
                 with torch.no_grad():  # a bound, not differentiated
-                    coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype)
-                    kappa = stable_step_factor(*coefficients, [torch.stack(f, 1) for f in zip(*(c for *_, c in written))])
+                    coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype,
+                                                   [g for _, g, _ in earlier])
+                    kappa = stable_step_factor(*coefficients, [torch.stack(f, 1) for f in zip(*(c for *_, c in earlier + written))])
                 state = chunk_start
+                scaled = lambda grads, kappa=kappa: {n: kappa[:, None, None] * g for n, g in grads.items()}  # noqa: E731
+                if earlier:
+                    opt.naive_chunk_start(state, [scaled(g) for g, _, _ in earlier], [g for _, g, _ in earlier])
                 for r, (grads, token_gates, _) in enumerate(written):
-                    opt.naive_step(state, {n: kappa[:, None, None] * g for n, g in grads.items()}, token_gates, r)
+                    opt.naive_step(state, scaled(grads), token_gates, r)
                 opt.naive_chunk_end(state)
                 state["W"] = retention.chunk_end(start, state["W"], keep if "forget" in token_gates else None)
                 last_commit = dict(state["W"])

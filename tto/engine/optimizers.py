@@ -229,6 +229,10 @@ class InnerOptimizer(nn.Module):
     has_momentum = False
     #: names of the per-token gates this optimizer reads
     gate_names: tuple[str, ...] = ()
+    #: tokens before a chunk whose gradients, taken at the chunk-start weights, its steps also use
+    #: (the Omega window's reach into the previous chunk), and the gates of theirs it reads
+    lookback: int = 0
+    lookback_gates: tuple[str, ...] = ()
 
     def coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor) -> Coefficients:
         raise NotImplementedError
@@ -243,6 +247,10 @@ class InnerOptimizer(nn.Module):
     def naive_chunk_end(self, state: dict) -> None:
         """Start a new chunk from the current state."""
         raise NotImplementedError
+
+    def naive_chunk_start(self, state: dict, grads: list[dict], gates: list[dict]) -> None:
+        """Before a chunk's first step: the gradients at its start weights and the gates of the (up to
+        :attr:`lookback`) tokens before it, oldest first."""
 
 
 class MiniBatchGD(InnerOptimizer):
@@ -379,28 +387,40 @@ class MomentumGD(InnerOptimizer):
 
 class OmegaWindow(InnerOptimizer):
     """ATLAS' Omega rule on top of another optimizer: the gradient at token t is that of the
-    weighted loss over the last ``window`` tokens, ``sum_{i=t-window+1..t} gamma_i grad l_i``, all at
-    the chunk-start weights. Gate ``omega`` (N, T): gamma_i in [0, 1] (0 drops a token).
+    weighted loss over the last ``window`` tokens, ``g~_t = sum_{i=t-window+1..t} gamma_i grad l_i``, all
+    at the chunk-start weights, the window reaching back into the previous chunk (its last
+    ``window - 1`` tokens, :attr:`lookback`, their gradients taken at this chunk's start weights like
+    every gradient of the chunk). Gate ``omega`` (N, T): gamma_i in [0, 1] (0 drops a token).
 
-    Because every gradient is taken at the chunk start, the window is a banded matrix G on the
-    gradients (``G[s, i] = gamma_i`` for ``s - window < i <= s``) and the wrapped optimizer's
-    coefficients become ``mix @ G`` and ``s_mix @ G``. The window does not reach back across a chunk
-    boundary (the previous chunk's gradients were taken at other weights). window = 1 with
-    gamma = 1 is the wrapped optimizer.
+    Because every gradient is taken at the chunk start, the window is a banded matrix G
+    (b x (lookback + b)) from the gradients of the lookback tokens and the chunk's to the windowed
+    ones (``G[s, i] = gamma_i`` for ``s - window < i <= s``), and the wrapped optimizer's coefficients
+    become ``mix @ G`` and ``s_mix @ G``: one column per lookback token and per chunk token.
+    window = 1 with gamma = 1 is the wrapped optimizer.
     """
+
+    lookback_gates = ("omega",)
 
     def __init__(self, base: InnerOptimizer, window: int):
         super().__init__()
         self.base, self.window = base, window
         self.has_momentum = base.has_momentum
         self.gate_names = base.gate_names + ("omega",)
+        self.lookback = window - 1
 
     def coefficients(self, gates, valid):
+        """As the base class's, with ``gates["omega"]`` (N, n, lookback + b): the gammas of the lookback
+        tokens before each chunk (0 where there is none), then the chunk's; mix (N, n, b, lookback + b)
+        and s_mix (N, n, lookback + b) have a column per lookback token first."""
         c = self.base.coefficients(gates, valid)
         b = valid.shape[-1]
-        pos = torch.arange(b, device=valid.device)
-        band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < self.window)
-        window = band.to(gates["omega"].dtype) * (gates["omega"] * valid)[..., None, :]  # (N, n, b, b)
+        omega = gates["omega"]
+        lookback = omega.shape[-1] - b
+        gamma = torch.cat([omega[..., :lookback], omega[..., lookback:] * valid], -1)
+        row = torch.arange(b, device=valid.device)[:, None]
+        col = torch.arange(-lookback, b, device=valid.device)[None, :]  # place in the chunk
+        band = (col <= row) & (row - col < self.window)
+        window = band.to(gamma.dtype) * gamma[..., None, :]  # (N, n, b, lookback + b)
         s_mix = None if c.s_mix is None else (c.s_mix[..., None, :] @ window)[..., 0, :]
         return Coefficients(mix=c.mix @ window, decay=c.decay, carry=c.carry, s_decay=c.s_decay, s_mix=s_mix, step=c.step)
 
@@ -418,3 +438,7 @@ class OmegaWindow(InnerOptimizer):
     def naive_chunk_end(self, state):
         self.base.naive_chunk_end(state)
         state["window"] = []
+
+    def naive_chunk_start(self, state, grads, gates):
+        state["window"] = [{k: g["omega"][..., None, None] * x for k, x in grad.items()}
+                           for grad, g in zip(grads, gates)]

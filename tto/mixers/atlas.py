@@ -12,7 +12,9 @@ projection) and changes what the memory learns and how:
   and writes values of the head width;
 * **Omega rule** (``omega_window`` c): each step minimises the loss over the last c tokens,
   ``sum_i gamma_i ||M(phi(k_i)) - v_i||^2``, with data-dependent ``gamma_i`` (``omega_gate``)
-  (:class:`tto.engine.OmegaWindow`); c = 1 is the online rule;
+  (:class:`tto.engine.OmegaWindow`); c = 1 is the online rule. The window reaches back across chunk
+  boundaries: the layer's state keeps the last c - 1 keys, values and gammas of the committed
+  chunks (``memory.window.*``), so a sequence gives the same result in one call or token by token;
 * **optimizer**, chosen by ``variant``: ``omeganet``, gradient descent with forgetting,
   ``M_t = alpha_t M_{t-1} - eta_t g~_t`` (:class:`tto.engine.DecayGD`; the engine's forget gate is
   1 - alpha_t); ``atlas``, Muon: momentum of the raw windowed gradients ``S_t = theta_t S_{t-1} + g~_t``
@@ -21,7 +23,8 @@ projection) and changes what the memory learns and how:
   orthogonalised step, at most ``mem_max_lr``.
 
 Gradients are taken at the chunk-start weights (chunks of ``chunk_size``), as in the paper's
-parallel form.
+parallel form, those of the window's tokens from the previous chunk included; at ``chunk_size`` 1
+both optimizers are the paper's per-token rules.
 
 Differences from the paper:
 
@@ -39,9 +42,6 @@ Differences from the paper:
   Muon step: NS5(S_t) per token would need every S_t materialised (b x 2145 x 256 per head and
   chunk), what the dual form avoids. At ``chunk_size`` 1 a token's read differs from ``M_t(q_t)``
   only by its own step being linear; ``read_start`` reads ``M_{t-1}(q_t)`` exactly.
-* **Omega window at chunk boundaries.** The window does not reach back across a chunk boundary:
-  a token's window is ``min(c, its place in the chunk)`` tokens, so at ``chunk_size`` 1 the Omega
-  rule is the online rule whatever ``omega_window``.
 * **gamma_i, not gamma_i^(t).** The paper writes the Omega weights gamma_i^(t) (per token i and step t)
   without defining their parametrisation; here gamma_i is one data-dependent gate of token i
   (``omega_gate``), the same in every window that holds it. Gates are scalar per head and token.
