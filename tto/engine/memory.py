@@ -7,7 +7,9 @@ the dual form (update-then-read: token t sees its own write)::
     z_t = decay_t * (x_t W_c + b_c) + carry_t * (x_t S_W + S_b)
           - sum_{s<=t} mix[t, s] * (x_t . x_s + 1) * delta_s
 
-one masked (b x b) matmul per fast linear layer, never a per-token weight tensor. The end of the
+one masked (b x b) matmul per fast linear layer, never a per-token weight tensor (b x (lookback + b)
+for an optimizer with a :attr:`~tto.engine.InnerOptimizer.lookback`: the Omega window's tokens from
+the previous chunk are extra keys s, their gradients at this chunk's start weights). The end of the
 chunk commits ``W_b`` (and the momentum) as the next chunk's start. On request
 (``read_start=True``) the queries also read the chunk-start weights, ``f(q_t; W_c)``: retrieval
 from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
