@@ -24,7 +24,8 @@ projection) and changes what the memory learns and how:
 
 Gradients are taken at the chunk-start weights (chunks of ``chunk_size``), as in the paper's
 parallel form, those of the window's tokens from the previous chunk included; at ``chunk_size`` 1
-both optimizers are the paper's per-token rules.
+both variants commit the paper's per-token rules (omeganet's within the engine's step bound, which
+is 1 wherever a step is stable by itself, :mod:`tto.engine.memory`).
 
 Differences from the paper:
 
