@@ -23,7 +23,7 @@ from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, Larg
                         naive_memory, newton_schulz5)
 from tto.engine.fast_models import layer_norm, layer_norm_backward
 from tto.engine.layout import Layout
-from tto.engine.muon import GRAM_ASPECT, NS5_COEFFICIENTS
+from tto.engine.muon import GRAM_ASPECT, NS5_COEFFICIENTS, NS5_MAX_GAIN
 from tto.engine.optimizers import NEGLIGIBLE, segsum
 
 ATOL = 2e-5
@@ -46,8 +46,8 @@ def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim:
             opt.token_offset.add_(torch.randn(chunk) * 0.1)
     else:
         opt = {"momentum": MomentumGD, "decay": DecayGD,
-               "omega-decay": lambda: OmegaWindow(DecayGD(), 3), "omega-momentum": lambda: OmegaWindow(MomentumGD(), 3)
-               }[optimizer]()
+               "omega-decay": lambda: OmegaWindow(DecayGD(), 3), "omega-momentum": lambda: OmegaWindow(MomentumGD(), 3),
+               "omega-atlas-momentum": lambda: OmegaWindow(MomentumGD(lr_after_momentum=True), 3)}[optimizer]()
     if isinstance(retention, SoftmaxRetention):  # its initial weights are logits: keep them spread out
         with torch.no_grad():
             for p in fast.parameters():
@@ -589,7 +589,7 @@ def call_and_stream_match(mem, q, k, v, gates, mask, ref, atol: float) -> dict:
 #: (optimizer, objective, retention): Miras' Moneta, Yaad, Memora and ATLAS' OmegaNet, ATLAS
 SCAN_PARTS = [("decay", LpError(3.0, eps=1e-6), LqNormalization(4.0)), ("decay", Huber(), None),
               ("decay", SquaredError(1.0), SoftmaxRetention(2.0)), ("omega-decay", SquaredError(2.0), None),
-              ("omega-momentum", SquaredError(2.0), MuonRetention(0.05))]
+              ("omega-atlas-momentum", SquaredError(2.0), MuonRetention())]
 
 
 @pytest.mark.parametrize("optimizer,objective,retention", SCAN_PARTS,
@@ -799,8 +799,10 @@ def test_polynomial_features_keep_only_their_input_for_backward():
 
 
 def test_atlas_keeps_no_tensor_wider_than_its_features_for_backward():
-    """Training ATLAS keeps, per layer, nothing larger than phi(k) of the sequence (tokens x heads x
-    out_dim): no per-token x window or per-token x weight tensor, no monomial factors per degree."""
+    """Training ATLAS keeps, per layer, nothing larger than phi(k) of the sequence with each chunk's
+    keys preceded by the window's lookback (omega_window - 1 tokens of the chunk before): (chunk +
+    lookback) / chunk x tokens x heads x out_dim; no per-token x window or per-token x weight tensor,
+    no monomial factors per degree."""
     config = tto.build_config("atlas", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, num_memory_heads=2, chunk_size=4, omega_window=3,
                               scan_checkpoint_group_size=2)
@@ -809,24 +811,128 @@ def test_atlas_keeps_no_tensor_wider_than_its_features_for_backward():
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
     features = model.model.layers[0].mixer.memory.feature_map
     largest = max(t.numel() for t in saved_for_backward(lambda: model(input_ids=ids, labels=ids)))
-    assert largest <= ids.numel() * config.num_memory_heads * features.out_dim, largest
+    lookback_keys = (config.chunk_size + config.omega_window - 1) / config.chunk_size
+    assert largest <= lookback_keys * ids.numel() * config.num_memory_heads * features.out_dim, largest
 
 
-def test_muon_retention_orthogonalises_the_chunk_step():
-    """The committed step is scale x an orthogonalised version of the chunk's linear step (singular
-    values ~scale, same singular vectors); a chunk without updates commits its start weights."""
+def test_muon_retention_steps_along_the_orthogonalised_momentum():
+    """The commit is keep W_c + step NS5(S_b): the step has the momentum's singular vectors and
+    singular values step x [0.6, NS5_MAX_GAIN]; a chunk without a step (step 0) commits keep W_c."""
     g = torch.Generator().manual_seed(8)
     start = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
-    step = 0.01 * torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
-    keep = torch.tensor([0.9, 1.0], dtype=torch.float64)
-    out = MuonRetention(0.05).chunk_end({"W": start}, {"W": keep[:, None, None] * start - step}, keep)["W"]
-    applied = (keep[:, None, None] * start - out) / 0.05
-    u, sv, vh = torch.linalg.svd(step, full_matrices=False)
+    momentum = 0.01 * torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    keep, size = torch.tensor([0.9, 1.0], dtype=torch.float64), torch.tensor([0.03, 0.2], dtype=torch.float64)
+    out = MuonRetention().chunk_end({"W": start}, {"W": start}, keep, {"W": momentum}, size)["W"]
+    applied = (out - keep[:, None, None] * start) / size[:, None, None]
+    u, sv, vh = torch.linalg.svd(momentum, full_matrices=False)
     core = u.transpose(-1, -2) @ applied @ vh.transpose(-1, -2)
     torch.testing.assert_close(core, torch.diag_embed(torch.diagonal(core, dim1=-2, dim2=-1)), atol=1e-10, rtol=0)
-    assert torch.linalg.svdvals(applied).min() > 0.6 and torch.linalg.svdvals(applied).max() < 1.25
-    same = MuonRetention(0.05).chunk_end({"W": start}, {"W": start}, None)["W"]
-    torch.testing.assert_close(same, start, atol=0, rtol=0)
+    assert torch.linalg.svdvals(applied).min() > 0.6 and torch.linalg.svdvals(applied).max() <= NS5_MAX_GAIN
+    same = MuonRetention().chunk_end({"W": start}, {"W": start}, keep, {"W": momentum}, torch.zeros(2).double())["W"]
+    torch.testing.assert_close(same, keep[:, None, None] * start, atol=0, rtol=0)
+
+
+def test_ns5_max_gain_is_the_largest_singular_value_ns5_outputs():
+    """NS5_MAX_GAIN is the maximum over [0, 1] of the five iterations' polynomials composed (what
+    NS5 does to each singular value of X_0 = G / ||G||_F), and matrices whose singular values sit
+    at the maximiser come out at that gain."""
+    x = torch.linspace(0, 1, 1_000_001, dtype=torch.float64)
+    y = x
+    for a, b, c in NS5_COEFFICIENTS:
+        y = a * y + b * y**3 + c * y**5
+    assert NS5_MAX_GAIN - 1e-4 < y.max() <= NS5_MAX_GAIN
+    u, _, vh = torch.linalg.svd(torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    s = torch.full((8,), float(x[y.argmax()]), dtype=torch.float64)
+    s[0] = (1 - 7 * s[1] ** 2).sqrt()  # ||X_0||_F = 1: X_0 is its own normalisation
+    out = newton_schulz5(u @ torch.diag(s) @ vh)
+    torch.testing.assert_close(torch.linalg.svdvals(out).max(), y.max(), atol=1e-9, rtol=0)
+
+
+def atlas_memory(chunk: int, window: int, lr_after_momentum: bool = True) -> Memory:
+    """ATLAS' engine parts (float64): a 2-layer MLP memory without biases or wrapper, squared error,
+    the Omega window over the momentum optimizer, Muon at the chunk ends."""
+    torch.manual_seed(0)
+    fast = MLPMemory(2, 6, depth=2, expansion=2, residual_norm=False, bias=False)
+    fast._tto_init(init)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    optimizer = OmegaWindow(MomentumGD(lr_after_momentum=lr_after_momentum), window)
+    return Memory(fast, SquaredError(2.0), optimizer, chunk, retention=MuonRetention()).double()
+
+
+@pytest.mark.parametrize("lr_after_momentum", [True, False], ids=["atlas", "lr-inside-momentum"])
+def test_atlas_eta_scales_the_committed_step(lr_after_momentum):
+    """eta_t acts after the orthogonalisation (M_t = alpha_t M_{t-1} - eta_t NS5(S_t)): eta / 100 makes
+    every committed step (W_b - keep W_c) exactly 100 x smaller. With eta inside the momentum
+    (S_t = theta_t S_{t-1} - eta_t g_t, the former order) NS5 normalises it away: the step does not change.
+    One chunk from the initial weights: the gradients, and with them the momentum's direction, do not
+    depend on eta."""
+    mem = atlas_memory(chunk=4, window=2, lr_after_momentum=lr_after_momentum)
+    q, k, v, gates = make_inputs(batch=2, length=4, heads=2, dim=6, optimizer="momentum", max_lr=0.05, dtype=torch.float64)
+    keep = (1 - gates["forget"]).prod(1).flatten()[:, None, None]  # (B * H, 1, 1)
+    start = mem.fast.initial_params(2)
+    steps = []
+    for scale in (1.0, 0.01):
+        state: dict = {}
+        mem(q, k, v, {**gates, "lr": scale * gates["lr"]}, state=state)
+        steps.append({n: state["memory.W." + n].flatten(0, 1) - keep * w for n, w in start.items()})
+    for name in start:
+        ratio = steps[1][name].norm() / steps[0][name].norm()
+        if lr_after_momentum:
+            torch.testing.assert_close(steps[1][name], 0.01 * steps[0][name], atol=1e-12, rtol=0)
+        else:
+            assert abs(ratio - 1) < 1e-4, ratio  # 1 but for NS5's eps in X_0 = G / (||G|| + eps)
+
+
+def paper_atlas(fast, q, k, v, gates, window: int):
+    """ATLAS' per-token rule as the paper writes it, per row and head: ``g_t = grad sum_{i=t-c+1..t}
+    gamma_i ||M_{t-1}(k_i) - v_i||^2`` (autograd), ``S_t = theta_t S_{t-1} + g_t``, ``M_t = alpha_t M_{t-1}
+    - eta_t NS5(S_t)`` (alpha_t = 1 - forget_t, NS5 written out). Returns the reads M_{t-1}(q_t)
+    (B, T, H, d) and per row the final weights."""
+    def ns5(g):
+        x = g.T if g.shape[0] > g.shape[1] else g
+        x = x / (x.norm() + 1e-7)
+        for a, b, c in NS5_COEFFICIENTS:
+            x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
+        return x.T if g.shape[0] > g.shape[1] else x
+
+    reads, finals = torch.zeros_like(v), []
+    for row in range(q.shape[0]):
+        m = {n: w.detach() for n, w in fast.initial_params(1).items()}
+        s = {n: torch.zeros_like(w) for n, w in m.items()}
+        for t in range(q.shape[1]):
+            reads[row, t] = fast.apply(q[row, t][:, None], fast.plain_linear(m))[:, 0]
+            leaves = {n: w.clone().requires_grad_(True) for n, w in m.items()}
+            loss = sum((gates["omega"][row, i] * (fast.apply(k[row, i][:, None], fast.plain_linear(leaves))[:, 0]
+                                                   - v[row, i]).pow(2).sum(-1)).sum()
+                       for i in range(max(0, t - window + 1), t + 1))
+            g = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+            theta, eta, alpha = (x[row, t][:, None, None] for x in (gates["momentum"], gates["lr"], 1 - gates["forget"]))
+            s = {n: theta * s[n] + g[n] for n in m}
+            m = {n: alpha * m[n] - eta * torch.stack([ns5(h) for h in s[n]]) for n in m}
+        finals.append(m)
+    return reads, finals
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_atlas_at_chunk_one_is_the_papers_per_token_rule(window):
+    """At chunk_size 1 chunk-level Muon is per-token Muon and the Omega window reaches back over the
+    previous chunks: the weights each token reads before its step (read_start) and the final weights
+    equal a transcription of the paper's per-token equations, float64 to 1e-10; token t's step uses
+    tokens t-1, t-2 (the same transcription with the window cut to the token alone differs)."""
+    mem = atlas_memory(chunk=1, window=window)
+    q, k, v, gates = make_inputs(batch=2, length=7, heads=2, dim=6, optimizer="momentum", max_lr=0.1, dtype=torch.float64)
+    state: dict = {}
+    _, start = mem(q, k, v, gates, state=state, read_start=True)
+    reads, finals = paper_atlas(mem.fast, q, k, v, gates, window)
+    torch.testing.assert_close(start, reads, atol=1e-10, rtol=0)
+    for row, final in enumerate(finals):
+        for name, w in final.items():
+            torch.testing.assert_close(state["memory.W." + name][row], w, atol=1e-10, rtol=0)
+    if window > 1:
+        online, _ = paper_atlas(mem.fast, q, k, v, gates, 1)
+        assert (online - reads).abs().max() > 1e-3
 
 
 def test_decoding_reads_only_new_tokens_without_padding_or_commit_work():

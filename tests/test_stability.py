@@ -353,7 +353,6 @@ DRAWN = {
     "mem_max_lr": _log_uniform(1e-3, 10.0),
     "ttt_base_lr": _log_uniform(1e-2, 10.0),
     "base_lr": _log_uniform(1e-4, 1.0),
-    "muon_scale": _log_uniform(1e-3, 1.0),
     "lr_gate_bias_init": lambda r: r.uniform(-6, 6),
     "momentum_gate_bias_init": lambda r: r.uniform(-6, 6),
     "forget_gate_bias_init": lambda r: r.uniform(-10, 2),

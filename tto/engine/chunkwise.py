@@ -77,6 +77,11 @@ class ChunkwiseMemory(Float32Parameters):
     commits_incomplete_chunk: bool = False
     #: the scan can also return the reads of the chunk-start weights (``read_start``)
     reads_chunk_start: bool = False
+    #: tokens before each chunk that its step also reads (ATLAS' Omega window), and which of the
+    #: token tensors: the chunks then hold ``prev.<name>`` (B * H, n, lookback, ...) beside them, and
+    #: the state keeps the last ``lookback`` tokens of the committed chunks (``window.<name>``)
+    lookback: int = 0
+    lookback_names: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
@@ -148,9 +153,11 @@ class ChunkwiseMemory(Float32Parameters):
         valid = mask
         if loaded is None:
             params, momentum = self.initial_weights(tokens)
+            earlier = {n: tokens[n].new_zeros(batch, self.lookback, *tokens[n].shape[2:]) for n in self.lookback_names}
         else:
             params, momentum, pending, n_pending = loaded
             tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
+            earlier = {n: state[self.prefix + "window." + n] for n in self.lookback_names}
         total = tokens["q"].shape[1]
         # an engine of exact steps gives the same outputs at any chunk size: a short call (decoding one
         # token) runs one chunk of its own length instead of padding to a whole chunk
@@ -162,18 +169,29 @@ class ChunkwiseMemory(Float32Parameters):
         elif layout.n_commit == 0:  # a decoding step: one read-only chunk, at its real length, new tokens read
             layout = layout.read_only()
             first = 0 if loaded is None else int(n_pending.min())  # slots of pending tokens in every row
-            chunk = {name: layout.chunks(t)[:, 0] for name, t in tokens.items()}
+            chunks, earlier = self._chunked(layout, tokens, earlier)
+            chunk = {name: t[:, 0] for name, t in chunks.items()}
             reads = self._read_chunk(params, momentum, chunk, layout.chunk_valid(heads)[:, 0], first, read_start)
             reads = F.pad(reads, (0, 0, first, 0))[:, None]
         else:
-            chunks = {name: layout.chunks(t) for name, t in tokens.items()}
+            chunks, earlier = self._chunked(layout, tokens, earlier)
             reads, params, momentum = self._scan(params, momentum, chunks, layout.chunk_valid(heads), layout.n_commit,
                                                  read_start)
         if state is not None:
             store_state(state, self.prefix, heads, params, momentum, tokens, layout)
+            state.update({self.prefix + "window." + n: t.detach() for n, t in earlier.items()})
         if read_start:
             return tuple(layout.tokens(r)[:, total - new_len:] for r in reads.unbind(2))
         return layout.tokens(reads)[:, total - new_len:]
+
+    def _chunked(self, layout: Layout, tokens: dict, earlier: dict) -> tuple[dict, dict]:
+        """The tokens in chunks (B * H, n, C, ...), with the :attr:`lookback` slots before each chunk
+        as ``prev.<name>``, and the tokens before the first uncommitted chunk (the next `earlier`)."""
+        chunks = {name: layout.chunks(t) for name, t in tokens.items()}
+        after = {}
+        for name, t in earlier.items():
+            chunks["prev." + name], after[name] = layout.lookback(tokens[name], t)
+        return chunks, after
 
     # ------------------------------------------------------------------ monitoring
     # Statistics from the engine's own parts; the normal forward pays nothing for them.

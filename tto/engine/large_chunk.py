@@ -10,7 +10,7 @@ update every fast weight once::
 
 each weight W with its own per-token lr. The momentum ``S`` is the optimizer's running update
 before Muon (the state's ``S.<name>``, as every engine's momentum). Muon is ATLAS' part,
-:meth:`tto.engine.MuonRetention.orthogonalize` at scale 1 (applied to S itself: recovering S as
+:meth:`tto.engine.MuonRetention.orthogonalize` (applied to S itself: recovering S as
 ``W_{i+1} - W_i`` would cost its precision relative to W), and the weight norm is the chunk-end
 retention :class:`tto.engine.retention.WeightNorm`. A chunk costs a few large batched matmuls and
 no (chunk x chunk) term. Within a chunk the memory is not causal by itself: LaCT pairs it with
@@ -30,7 +30,7 @@ import torch
 
 from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, upcast
-from .muon import NS5_COEFFICIENTS
+from .muon import naive_newton_schulz
 from .objectives import Objective
 from .retention import MuonRetention, Retention, WeightNorm
 
@@ -45,7 +45,7 @@ class LargeChunkMemory(ChunkwiseMemory):
         super().__init__()
         self.fast, self.objective, self.chunk_size = fast, objective, chunk_size
         self.has_momentum, self.use_muon, self.weight_norm = use_momentum, use_muon, weight_norm
-        self.muon = MuonRetention(1.0) if use_muon else None
+        self.muon = MuonRetention() if use_muon else None
         self.retention = WeightNorm(fast) if weight_norm else Retention()
         self.prefix = state_prefix + "."
 
@@ -89,17 +89,6 @@ class LargeChunkMemory(ChunkwiseMemory):
         if momentum is None:
             return step
         return {n: torch.addcmul(s, mean_gate[:, None, None], momentum[n]) for n, s in step.items()}
-
-
-def naive_newton_schulz(u: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Muon's five Newton-Schulz iterations on u (a, b) as written: X_0 = U / (||U||_F + eps) (U the
-    wide orientation of u), X <- a X + b (X X^T) X + c (X X^T)^2 X."""
-    tall = u.shape[0] > u.shape[1]
-    x = u.T if tall else u
-    x = x / (x.norm() + eps)
-    for a, b, c in NS5_COEFFICIENTS:
-        x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
-    return x.T if tall else x
 
 
 def naive_large_chunk(memory: LargeChunkMemory, q, k, v, gates, mask=None):

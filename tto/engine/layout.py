@@ -18,6 +18,9 @@ State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
     <prefix>.S.<name>        the inner optimizer's momentum of weight <name>  (B, heads, ...)
     <prefix>.pending.<name>  tokens of the incomplete last chunk              (B, pending, heads, ...)
     <prefix>.n_pending       real tokens among them                           (B,)
+    <prefix>.window.<name>   the last ``lookback`` tokens before the pending  (B, lookback, heads, ...)
+                             ones (zeros where there is none), for an optimizer whose steps reach
+                             back across a chunk boundary (ATLAS' Omega window; absent otherwise)
 """
 
 from __future__ import annotations
@@ -112,6 +115,21 @@ class Layout:
     def tokens(self, y: torch.Tensor) -> torch.Tensor:
         """(B * H, n_chunks, chunk_size, ...) slots -> (B, T, H, ...) tokens: the inverse of :meth:`chunks`."""
         return self.scatter(rearrange(y, "(b h) n c ... -> b (n c) h ...", b=self.valid.shape[0]))
+
+    def lookback(self, x: torch.Tensor, earlier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `count` slots before each chunk: `x` (B, T, H, ...) tokens and `earlier` (B, count, H, ...)
+        the row's tokens before them (a previous call's), which sit right before the row's first real
+        slot. Returns ((B * H, n_chunks, count, ...), zeros at pad slots; the `count` tokens before the
+        first uncommitted chunk (B, count, H, ...): the next call's `earlier`)."""
+        count = earlier.shape[1]
+        slots = torch.cat([torch.zeros_like(earlier), self.gather(x)], dim=1)  # slot p at p + count
+        first = torch.where(self.valid.any(1), self.valid.int().argmax(1), self.n_commit * self.chunk_size)
+        at = (first[:, None] + torch.arange(count, device=x.device)).view(-1, count, *([1] * (x.dim() - 2)))
+        slots = slots.scatter(1, at.expand_as(earlier), earlier)
+        starts = torch.arange(self.n_chunks, device=x.device)[:, None] * self.chunk_size
+        before = slots[:, starts + torch.arange(count, device=x.device)]  # (B, n_chunks, count, H, ...)
+        after = self.n_commit * self.chunk_size
+        return rearrange(before, "b n c h ... -> (b h) n c ..."), slots[:, after: after + count]
 
     def chunk_valid(self, heads: int) -> torch.Tensor:
         """(B * H, n_chunks, chunk_size): True at the slots of real tokens."""

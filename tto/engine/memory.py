@@ -7,7 +7,9 @@ the dual form (update-then-read: token t sees its own write)::
     z_t = decay_t * (x_t W_c + b_c) + carry_t * (x_t S_W + S_b)
           - sum_{s<=t} mix[t, s] * (x_t . x_s + 1) * delta_s
 
-one masked (b x b) matmul per fast linear layer, never a per-token weight tensor. The end of the
+one masked (b x b) matmul per fast linear layer, never a per-token weight tensor (b x (lookback + b)
+for an optimizer with a :attr:`~tto.engine.InnerOptimizer.lookback`: the Omega window's tokens from
+the previous chunk are extra keys s, their gradients at this chunk's start weights). The end of the
 chunk commits ``W_b`` (and the momentum) as the next chunk's start. A retention that
 ``reads_chunk_end`` (Moneta's normalisation) maps the weights at every chunk boundary, so the
 chunk's last token reads its retained weights rather than the linear ones. On request
@@ -50,11 +52,25 @@ computed unchanged there; the reads inside a chunk are the
 paper's in any case (a bound that depended on a chunk's later tokens would break causality), and a
 read-only incomplete chunk commits nothing. kappa is not differentiated (like a clipping norm).
 
+**Muon commits need no bound.** ATLAS' commit (:class:`tto.engine.MuonRetention`) is a step along the
+orthogonalised chunk-end momentum, ``W' = a W_c + eta_bar NS5(S_b)`` with ``a = prod_t alpha_t <= 1``
+and ``eta_bar = sum_t (prod_{r>t} alpha_r) eta_t``. NS5 normalises its input (``X_0 = S / ||S||_F``,
+singular values in [0, 1]) and maps each singular value through a fixed polynomial whose maximum on
+[0, 1] is ``NS5_MAX_GAIN`` = 1.145 (:mod:`tto.engine.muon`), so for any gradients and curvature::
+
+    ||W' - a W_c||_2 <= NS5_MAX_GAIN * eta_bar,    ||W_n||_2 <= ||W_0||_2 + NS5_MAX_GAIN * sum_{j<n} eta_bar_j
+
+(eta_bar <= chunk x the lr gate's maximum): the weights grow at most linearly in the chunks, never
+geometrically, and stay below ``NS5_MAX_GAIN max eta_bar / (1 - a)`` once ``a < 1``. The momentum is
+a linear filter of gradients taken at these bounded weights and enters W only through its direction.
+So such chunks commit the paper's step unscaled (kappa = 1) and the engine skips the bound.
+
 :func:`naive_memory` is the slow reference: per row, per real token, gradients by autograd at the
 chunk-start weights and the optimizer's per-token recurrence; the commit replays the chunk's
 recurrence with the gradients times kappa, computed from the objective's autograd Hessian, the
 layer inputs the naive forward records (:func:`naive_curvature`), and the chunk-end coefficients read off the optimizer's
-recurrence on probes (:func:`naive_chunk_map`).
+recurrence on probes (:func:`naive_chunk_map`); a Muon commit steps from the chunk start token by token,
+``M_t = alpha_t M_{t-1} + eta_t NS5(S_b)``, NS5 as written (:func:`tto.engine.muon.naive_newton_schulz`).
 """
 
 from __future__ import annotations
@@ -68,6 +84,7 @@ from torch.utils.checkpoint import checkpoint
 from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, upcast
 from .objectives import Objective
+from .muon import naive_newton_schulz
 from .optimizers import Coefficients, InnerOptimizer, stable_step_factor
 from .retention import Retention
 
@@ -80,9 +97,9 @@ class Chunk(NamedTuple):
     """One chunk's inputs to :meth:`Memory._chunk` (N = batch * heads rows, C tokens)."""
 
     q: torch.Tensor  # (N, C, d)
-    k: torch.Tensor  # (N, C, d)
-    v: torch.Tensor  # (N, C, d)
-    mixed_qk: torch.Tensor  # (N, C, C): mix * (q . k [+ 1]), the first layer's dual-form term
+    k: torch.Tensor  # (N, lookback + C, d): the optimizer's lookback tokens before the chunk, then the chunk's
+    v: torch.Tensor  # (N, lookback + C, d)
+    mixed_qk: torch.Tensor  # (N, C, lookback + C): mix * (q . k [+ 1]), the first layer's dual-form term
     coefficients: Coefficients
     objective_gates: dict  # {name: (N, C)}
     active: torch.Tensor  # (N,) the row has a real token in this chunk
@@ -108,10 +125,15 @@ class Memory(ChunkwiseMemory):
         self.has_retention = retention is not None
         if retention is not None and set(self.param_names()) != set(fast_model.weight_names):
             raise ValueError(f"{type(retention).__name__} acts on weight matrices; use a fast model without biases")
+        if self.retention.steps_along_momentum and not optimizer.has_momentum:
+            raise ValueError(f"{type(retention).__name__} steps along the momentum; use an optimizer with momentum")
         self.chunk_size = chunk_size
         self.checkpoint_group = checkpoint_group
         self.prefix = state_prefix + "."
         self.has_momentum = optimizer.has_momentum
+        self.lookback = optimizer.lookback
+        if self.lookback:
+            self.lookback_names = ("k", "v", *("gate." + n for n in optimizer.lookback_gates + objective.gate_names))
 
     def param_names(self) -> list[str]:
         return list(self.fast.initial_params(1).keys())
@@ -129,6 +151,8 @@ class Memory(ChunkwiseMemory):
     def _chunk_inputs(self, params, chunks, valid) -> list[Chunk]:
         """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...)."""
         n = valid.shape[1]
+        # the keys, values and their gates are those of the lookback tokens before each chunk, then the chunk's
+        chunks = {**chunks, **{name: torch.cat([chunks["prev." + name], chunks[name]], 2) for name in self.lookback_names}}
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
         gates = {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
         coef = self.optimizer.coefficients(gates, valid).without_negligible()
@@ -177,7 +201,7 @@ class Memory(ChunkwiseMemory):
                 if self.has_retention:
                     decay = chunk.coefficients.decay
                     new_params = self.retention.commit(params, new_params, None if decay is None else decay[:, -1],
-                                                       chunk.active)
+                                                       chunk.active, new_momentum, chunk.coefficients.step)
                 params, momentum = new_params, new_momentum
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
@@ -236,10 +260,15 @@ class Memory(ChunkwiseMemory):
         return self.fast.core(q, read)
 
     def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, objective_gates: dict):
-        """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention."""
+        """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention. A
+        retention that steps along the momentum (Muon) replaces the end weights: they are not
+        computed (the start weights stand in for them) and the momentum takes no step bound."""
         grads, y = self._gradients(params, k, v, objective_gates)
         scale = self.retention.grad_scale(params)
-        kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
+        if self.retention.steps_along_momentum:
+            kappa = torch.ones_like(c.s_decay)
+        else:
+            kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         out = self._read(params, momentum, grads, q, mixed_qk, c)
@@ -253,7 +282,8 @@ class Memory(ChunkwiseMemory):
         return out, new_params, new_momentum
 
     def _end_state(self, params, momentum, grads: list, c: Coefficients, kappa: torch.Tensor) -> tuple:
-        """The chunk's end weights (and momentum) from its gradients times kappa (N,), before retention."""
+        """The chunk's end weights (and momentum) from its gradients times kappa (N,), before
+        retention; a retention that steps along the momentum gets the start weights instead."""
         end = kappa[:, None, None] * c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
         new_params, new_momentum = {}, ({} if momentum is not None else None)
         for name, x, delta in grads:
@@ -266,6 +296,11 @@ class Memory(ChunkwiseMemory):
             # weight-sized terms are few passes over memory: the scaled weights are a new tensor
             # that the update is accumulated into in place
             for p, (left, right) in updates.items():
+                if momentum is not None:
+                    new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
+                if self.retention.steps_along_momentum:
+                    new_params[p] = params[p]
+                    continue
                 w = params[p]
                 if c.decay is not None:
                     w = c.decay[:, -1, None, None] * w
@@ -273,8 +308,6 @@ class Memory(ChunkwiseMemory):
                     w = torch.addcmul(w, c.carry[:, -1, None, None], momentum[p])
                 new_params[p] = torch.baddbmm(w, left, right, alpha=-1.0) if w is params[p] else w.baddbmm_(
                     left, right, alpha=-1.0)
-                if momentum is not None:
-                    new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
         return new_params, new_momentum
 
     def curvature_factors(self, params, grads, y, v, objective_gates, scale) -> list[torch.Tensor]:
@@ -305,29 +338,38 @@ class Memory(ChunkwiseMemory):
             return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, factors)
 
 
-def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype) -> tuple:
-    """The chunk-end coefficients of `optimizer` over one chunk of tokens with these gates, read off
-    its per-token recurrence run on probes: a scalar weight per probe, one probe per token whose
+def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype,
+                    earlier_gates: list[dict] = ()) -> tuple:
+    """The chunk-end coefficients of `optimizer` over one chunk of tokens with these gates (after
+    `earlier_gates`, those of the lookback tokens before the chunk), read off its per-token recurrence
+    run on probes: a scalar weight per probe, one probe per token (lookback tokens first) whose
     gradient is 1 at that token and 0 elsewhere, one starting at W = 1 and one at S = 1. Returns
     (decay, carry, s_decay, mix, s_mix) as :func:`stable_step_factor` takes them (carry, s_decay,
     s_mix None without momentum)."""
-    b = len(token_gates)
-    start = torch.zeros(heads, 1, b + 2, dtype=dtype)
-    start[..., b] = 1.0
+    e, b = len(earlier_gates), len(token_gates)
+    width = e + b
+    start = torch.zeros(heads, 1, width + 2, dtype=dtype)
+    start[..., width] = 1.0
     state = optimizer.naive_init({"probe": start})
     if optimizer.has_momentum:
         state["S"]["probe"] = torch.zeros_like(start)
-        state["S"]["probe"][..., b + 1] = 1.0
-    for t, gates in enumerate(token_gates):
+        state["S"]["probe"][..., width + 1] = 1.0
+
+    def unit(i):
         grad = torch.zeros_like(start)
-        grad[..., t] = 1.0
-        optimizer.naive_step(state, {"probe": grad}, gates, t)
+        grad[..., i] = 1.0
+        return {"probe": grad}
+
+    if e:
+        optimizer.naive_chunk_start(state, [unit(i) for i in range(e)], list(earlier_gates))
+    for t, gates in enumerate(token_gates):
+        optimizer.naive_step(state, unit(e + t), gates, t)
     optimizer.naive_chunk_end(state)
     w = state["W"]["probe"][:, 0]
     if not optimizer.has_momentum:
-        return w[:, b], None, None, -w[:, :b], None
+        return w[:, width], None, None, -w[:, :width], None
     s = state["S"]["probe"][:, 0]
-    return w[:, b], w[:, b + 1], s[:, b + 1], -w[:, :b], -s[:, :b]
+    return w[:, width], w[:, width + 1], s[:, width + 1], -w[:, :width], -s[:, :width]
 
 
 def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tensor, gates: dict,
@@ -362,7 +404,9 @@ def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tenso
 
 def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     """Slow reference for :class:`Memory`: per row, per real token, autograd gradients at the
-    chunk-start weights and the optimizer's per-token recurrence, the retention at chunk ends.
+    chunk-start weights and the optimizer's per-token recurrence, the retention at chunk ends; an
+    optimizer with a lookback (the Omega window) starts each chunk from the gradients of the row's
+    tokens before it, at the chunk's start weights.
     Returns (outputs (B, T, H, d), reads of the chunk-start weights (B, T, H, d), per row the
     weights committed after its last complete chunk)."""
     fast, opt, b, retention = memory.fast, memory.optimizer, memory.chunk_size, memory.retention
@@ -370,45 +414,70 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
     outs = upcast(q.new_zeros(batch, length, heads, v.shape[-1]))
     starts = torch.zeros_like(outs)
     committed = []
+
+    def gradient(start, row, t):
+        """Token t's (gradients at `start`, gates, curvature factors of the step bound)."""
+        kt, vt = (upcast(x[row, t])[:, None, :] for x in (k, v))
+        token_gates = {n: upcast(g[row, t]) for n, g in gates.items()}
+        with torch.enable_grad():
+            y = fast.apply(kt, fast.plain_linear(start))
+            loss = memory.objective.loss(y, vt, {n: g[:, None] for n, g in token_gates.items()}).sum()
+            g = torch.autograd.grad(loss, list(start.values()), create_graph=True)
+        grads = dict(zip(start.keys(), g))
+        scale = retention.grad_scale(start)
+        if scale is not None:
+            grads = {n: grad * scale[n] for n, grad in grads.items()}
+        curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
+                                    scale)
+        return grads, token_gates, [f.detach() for f in curvature]
+
     for row in range(batch):
-        idx = torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]
+        idx = (torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]).tolist()
         state = opt.naive_init(retention.start(fast.initial_params(1)))
         row_out, start, keep, last_commit = [], None, None, dict(state["W"])
-        for j, t in enumerate(idx.tolist()):
+        for j, t in enumerate(idx):
             pos = j % b
             if pos == 0:
                 start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
                 keep = torch.ones(heads, dtype=outs.dtype)
+                earlier = [gradient(start, row, i) for i in idx[max(0, j - opt.lookback): j]]
+                if earlier:
+                    opt.naive_chunk_start(state, [g for g, _, _ in earlier], [g for _, g, _ in earlier])
                 chunk_start = {key: (dict(x) if isinstance(x, dict) else list(x) if isinstance(x, list) else x)
                                for key, x in state.items()}
                 written = []
-            kt, vt, qt = (upcast(x[row, t])[:, None, :] for x in (k, v, q))
-            token_gates = {n: upcast(g[row, t]) for n, g in gates.items()}
-            with torch.enable_grad():
-                y = fast.apply(kt, fast.plain_linear(start))
-                loss = memory.objective.loss(y, vt, {n: g[:, None] for n, g in token_gates.items()}).sum()
-                g = torch.autograd.grad(loss, list(start.values()), create_graph=True)
-            grads = dict(zip(start.keys(), g))
-            scale = retention.grad_scale(start)
-            if scale is not None:
-                grads = {n: grad * scale[n] for n, grad in grads.items()}
+            grads, token_gates, curvature = gradient(start, row, t)
             read = opt.naive_step(state, grads, token_gates, pos)
+            written.append((grads, token_gates, curvature))
             if "forget" in token_gates:
                 keep = keep * (1 - token_gates["forget"])
             if pos == b - 1 and retention.reads_chunk_end:
                 read = retention.chunk_end(start, read, keep if "forget" in token_gates else None)
-            curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
-                                        scale)
-            written.append((grads, token_gates, [f.detach() for f in curvature]))
+            qt = upcast(q[row, t])[:, None, :]
             row_out.append((t, fast.apply(qt, fast.plain_linear(read))[:, 0], fast.apply(qt, fast.plain_linear(start))[:, 0]))
-            if pos == b - 1:
+            if pos == b - 1 and retention.steps_along_momentum:
+                # ATLAS' Muon, M_t = alpha_t M_{t-1} - eta_t NS5(S_t) token by token from the chunk start,
+                # with the chunk-end momentum's NS5(S_b) for every NS5(S_t) (S: the negated momentum)
+                direction = {n: torch.stack([naive_newton_schulz(m) for m in s]) for n, s in state["S"].items()}
+                weights = dict(start)
+                for _, token_gates, _ in written:
+                    alpha, eta = 1 - token_gates["forget"][:, None, None], token_gates["lr"][:, None, None]
+                    weights = {n: alpha * w + eta * direction[n] for n, w in weights.items()}
+                opt.naive_chunk_end(state)
+                state["W"] = weights
+                last_commit = dict(weights)
+            elif pos == b - 1:
                 # the commit: the chunk's recurrence again from its start, gradients times the step bound
                 with torch.no_grad():  # a bound, not differentiated
-                    coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype)
-                    kappa = stable_step_factor(*coefficients, [torch.stack(f, 1) for f in zip(*(c for *_, c in written))])
+                    coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype,
+                                                   [g for _, g, _ in earlier])
+                    kappa = stable_step_factor(*coefficients, [torch.stack(f, 1) for f in zip(*(c for *_, c in earlier + written))])
                 state = chunk_start
+                scaled = lambda grads, kappa=kappa: {n: kappa[:, None, None] * g for n, g in grads.items()}  # noqa: E731
+                if earlier:
+                    opt.naive_chunk_start(state, [scaled(g) for g, _, _ in earlier], [g for _, g, _ in earlier])
                 for r, (grads, token_gates, _) in enumerate(written):
-                    opt.naive_step(state, {n: kappa[:, None, None] * g for n, g in grads.items()}, token_gates, r)
+                    opt.naive_step(state, scaled(grads), token_gates, r)
                 opt.naive_chunk_end(state)
                 state["W"] = retention.chunk_end(start, state["W"], keep if "forget" in token_gates else None)
                 last_commit = dict(state["W"])

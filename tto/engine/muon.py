@@ -7,6 +7,10 @@ import torch
 #: (a, b, c) of each Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T (LaCT's values)
 NS5_COEFFICIENTS = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
                     (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+#: the largest singular value NS5 can output: X_0's singular values lie in [0, 1] and each iteration
+#: maps every singular value x to a x + b x^3 + c x^5, so this is the maximum of the five polynomials'
+#: composition on [0, 1] (reached near x = 0.004; tests/test_engine.py evaluates it)
+NS5_MAX_GAIN = 1.1451
 #: from this ratio of a matrix's long side to its short side on, the iterations run on its Gram
 #: matrix (fewer FLOPs once the long side is about twice the short one; kept with a margin)
 GRAM_ASPECT = 3.0
@@ -40,3 +44,14 @@ def newton_schulz5(g: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
             gram = x @ x.transpose(-1, -2)
             x = a * x + (b * gram + c * gram @ gram) @ x
     return x.transpose(-1, -2) if g.shape[-2] > g.shape[-1] else x
+
+
+def naive_newton_schulz(u: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's five Newton-Schulz iterations on u (a, b) as written: X_0 = U / (||U||_F + eps) (U the
+    wide orientation of u), X <- a X + b (X X^T) X + c (X X^T)^2 X."""
+    tall = u.shape[0] > u.shape[1]
+    x = u.T if tall else u
+    x = x / (x.norm() + eps)
+    for a, b, c in NS5_COEFFICIENTS:
+        x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
+    return x.T if tall else x

@@ -41,23 +41,30 @@ class Coefficients:
     carry: torch.Tensor | None = None  # (N, n, b): coefficient of S_c in row t (None: no momentum)
     s_decay: torch.Tensor | None = None  # (N, n): momentum carried to the next chunk
     s_mix: torch.Tensor | None = None  # (N, n, b): gradients into the next chunk's momentum
+    #: (N, n): the weight of the momentum in the chunk's weight update, ``sum_t (prod_{r>t} (1 - forget_r))
+    #: lr_t`` for ATLAS' ``W_t = (1 - forget_t) W_{t-1} + lr_t S_t`` (momentum optimizers only): the step
+    #: size of a commit along the momentum (:class:`tto.engine.MuonRetention`)
+    step: torch.Tensor | None = None
+
+    def _fields(self) -> tuple:
+        return self.mix, self.decay, self.carry, self.s_decay, self.s_mix, self.step
 
     def unbind(self) -> list["Coefficients"]:
         """Per-chunk coefficients (views whose backward is one stack, not a copy per chunk)."""
         n = self.mix.shape[1]
         split = lambda t: [None] * n if t is None else t.unbind(1)  # noqa: E731
-        parts = zip(*(split(t) for t in (self.mix, self.decay, self.carry, self.s_decay, self.s_mix)))
-        return [Coefficients(*p) for p in parts]
+        return [Coefficients(*p) for p in zip(*(split(t) for t in self._fields()))]
 
     def rows(self, first: int) -> "Coefficients":
         """The coefficients of the rows (tokens) from `first` on: what their reads use."""
         cut = lambda t: None if t is None else t[..., first:]  # noqa: E731
-        return Coefficients(self.mix[..., first:, :], cut(self.decay), cut(self.carry), self.s_decay, self.s_mix)
+        return Coefficients(self.mix[..., first:, :], cut(self.decay), cut(self.carry), self.s_decay, self.s_mix,
+                            self.step)
 
     def without_negligible(self) -> "Coefficients":
         """The same coefficients with every entry below :data:`NEGLIGIBLE` in magnitude set to 0."""
         flush = lambda t: None if t is None else t.masked_fill(t.abs() < NEGLIGIBLE, 0.0)  # noqa: E731
-        return Coefficients(*(flush(t) for t in (self.mix, self.decay, self.carry, self.s_decay, self.s_mix)))
+        return Coefficients(*(flush(t) for t in self._fields()))
 
 
 #: the step bound allows this fraction of the largest step its condition allows (:func:`stable_step_factor`):
@@ -222,6 +229,10 @@ class InnerOptimizer(nn.Module):
     has_momentum = False
     #: names of the per-token gates this optimizer reads
     gate_names: tuple[str, ...] = ()
+    #: tokens before a chunk whose gradients, taken at the chunk-start weights, its steps also use
+    #: (the Omega window's reach into the previous chunk), and the gates of theirs it reads
+    lookback: int = 0
+    lookback_gates: tuple[str, ...] = ()
 
     def coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor) -> Coefficients:
         raise NotImplementedError
@@ -236,6 +247,10 @@ class InnerOptimizer(nn.Module):
     def naive_chunk_end(self, state: dict) -> None:
         """Start a new chunk from the current state."""
         raise NotImplementedError
+
+    def naive_chunk_start(self, state: dict, grads: list[dict], gates: list[dict]) -> None:
+        """Before a chunk's first step: the gradients at its start weights and the gates of the (up to
+        :attr:`lookback`) tokens before it, oldest first."""
 
 
 class MiniBatchGD(InnerOptimizer):
@@ -312,31 +327,45 @@ class DecayGD(InnerOptimizer):
 
 
 class MomentumGD(InnerOptimizer):
-    """Gradient descent with momentum and a forget gate (Titans eqs. 13-14)::
+    """Gradient descent with momentum and a forget gate: Titans (eqs. 13-14), the learning rate on
+    the gradient::
 
         S_t = eta_t * S_{t-1} - lr_t * g_t          (past and momentary surprise)
         W_t = (1 - forget_t) * W_{t-1} + S_t        (retention)
 
-    Gates (N, T): ``lr`` (theta), ``momentum`` (eta) and ``forget`` (alpha), all in [0, 1].
-    With valid = False a token is skipped: S and W stay as they are.
+    or, with ``lr_after_momentum``, ATLAS' order (its Muon step without the orthogonalisation): the
+    momentum sums the raw gradients and the learning rate scales the momentum's step::
+
+        S_t = eta_t * S_{t-1} - g_t
+        W_t = (1 - forget_t) * W_{t-1} + lr_t * S_t
+
+    Gates (N, T): ``lr`` (Titans' theta, ATLAS' eta), ``momentum`` (Titans' eta, ATLAS' theta) and
+    ``forget`` (alpha; ATLAS' alpha_t is 1 - forget_t), all in [0, 1]. With valid = False a token is
+    skipped: S and W stay as they are.
     """
 
     has_momentum = True
     gate_names = ("lr", "momentum", "forget")
 
+    def __init__(self, lr_after_momentum: bool = False):
+        super().__init__()
+        self.lr_after_momentum = lr_after_momentum
+
     def coefficients(self, gates, valid):
         v = valid.to(gates["lr"].dtype)
         lr = gates["lr"] * v
+        lr_w, lr_s = (lr, v) if self.lr_after_momentum else (v, lr)  # on the momentum's step / on the gradient
         log_keep = torch.log1p(-gates["forget"] * v)  # log(1 - alpha); 0 at pads
         log_eta = torch.log(torch.where(valid, gates["momentum"], torch.ones_like(v)))
         retain = torch.exp(segsum(log_keep))  # retain[i, m] = prod_{r=m+1..i} (1 - alpha_r)
         carry_mat = torch.exp(segsum(log_eta))  # carry_mat[m, j] = prod_{r=j+1..m} eta_r
         decay = torch.exp(log_keep.cumsum(-1))  # prod_{r<=i} (1 - alpha_r)
         eta0 = torch.exp(log_eta.cumsum(-1))  # prod_{r<=m} eta_r
-        applied = retain * v[..., None, :]  # W_t += S_t only at real tokens
-        mix = (applied @ carry_mat) * lr[..., None, :]
+        applied = retain * lr_w[..., None, :]  # W_t += lr_w S_t only at real tokens
+        mix = (applied @ carry_mat) * lr_s[..., None, :]
         carry = (applied @ eta0[..., None])[..., 0]
-        return Coefficients(mix=mix, decay=decay, carry=carry, s_decay=eta0[..., -1], s_mix=carry_mat[..., -1, :] * lr)
+        return Coefficients(mix=mix, decay=decay, carry=carry, s_decay=eta0[..., -1], s_mix=carry_mat[..., -1, :] * lr_s,
+                            step=applied[..., -1, :].sum(-1))
 
     def naive_init(self, params):
         return {"W": dict(params), "S": {k: torch.zeros_like(v) for k, v in params.items()}}
@@ -344,8 +373,12 @@ class MomentumGD(InnerOptimizer):
     def naive_step(self, state, grads, gates, t):
         lr, eta, keep = (gates[k][..., None, None] for k in ("lr", "momentum", "forget"))
         keep = 1 - keep
-        state["S"] = {k: eta * state["S"][k] - lr * grads[k] for k in grads}
-        state["W"] = {k: keep * state["W"][k] + state["S"][k] for k in grads}
+        if self.lr_after_momentum:
+            state["S"] = {k: eta * state["S"][k] - grads[k] for k in grads}
+            state["W"] = {k: keep * state["W"][k] + lr * state["S"][k] for k in grads}
+        else:
+            state["S"] = {k: eta * state["S"][k] - lr * grads[k] for k in grads}
+            state["W"] = {k: keep * state["W"][k] + state["S"][k] for k in grads}
         return state["W"]
 
     def naive_chunk_end(self, state):
@@ -354,30 +387,42 @@ class MomentumGD(InnerOptimizer):
 
 class OmegaWindow(InnerOptimizer):
     """ATLAS' Omega rule on top of another optimizer: the gradient at token t is that of the
-    weighted loss over the last ``window`` tokens, ``sum_{i=t-window+1..t} gamma_i grad l_i``, all at
-    the chunk-start weights. Gate ``omega`` (N, T): gamma_i in [0, 1] (0 drops a token).
+    weighted loss over the last ``window`` tokens, ``g~_t = sum_{i=t-window+1..t} gamma_i grad l_i``, all
+    at the chunk-start weights, the window reaching back into the previous chunk (its last
+    ``window - 1`` tokens, :attr:`lookback`, their gradients taken at this chunk's start weights like
+    every gradient of the chunk). Gate ``omega`` (N, T): gamma_i in [0, 1] (0 drops a token).
 
-    Because every gradient is taken at the chunk start, the window is a banded matrix G on the
-    gradients (``G[s, i] = gamma_i`` for ``s - window < i <= s``) and the wrapped optimizer's
-    coefficients become ``mix @ G`` and ``s_mix @ G``. The window does not reach back across a chunk
-    boundary (the previous chunk's gradients were taken at other weights). window = 1 with
-    gamma = 1 is the wrapped optimizer.
+    Because every gradient is taken at the chunk start, the window is a banded matrix G
+    (b x (lookback + b)) from the gradients of the lookback tokens and the chunk's to the windowed
+    ones (``G[s, i] = gamma_i`` for ``s - window < i <= s``), and the wrapped optimizer's coefficients
+    become ``mix @ G`` and ``s_mix @ G``: one column per lookback token and per chunk token.
+    window = 1 with gamma = 1 is the wrapped optimizer.
     """
+
+    lookback_gates = ("omega",)
 
     def __init__(self, base: InnerOptimizer, window: int):
         super().__init__()
         self.base, self.window = base, window
         self.has_momentum = base.has_momentum
         self.gate_names = base.gate_names + ("omega",)
+        self.lookback = window - 1
 
     def coefficients(self, gates, valid):
+        """As the base class's, with ``gates["omega"]`` (N, n, lookback + b): the gammas of the lookback
+        tokens before each chunk (0 where there is none), then the chunk's; mix (N, n, b, lookback + b)
+        and s_mix (N, n, lookback + b) have a column per lookback token first."""
         c = self.base.coefficients(gates, valid)
         b = valid.shape[-1]
-        pos = torch.arange(b, device=valid.device)
-        band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < self.window)
-        window = band.to(gates["omega"].dtype) * (gates["omega"] * valid)[..., None, :]  # (N, n, b, b)
+        omega = gates["omega"]
+        lookback = omega.shape[-1] - b
+        gamma = torch.cat([omega[..., :lookback], omega[..., lookback:] * valid], -1)
+        row = torch.arange(b, device=valid.device)[:, None]
+        col = torch.arange(-lookback, b, device=valid.device)[None, :]  # place in the chunk
+        band = (col <= row) & (row - col < self.window)
+        window = band.to(gamma.dtype) * gamma[..., None, :]  # (N, n, b, lookback + b)
         s_mix = None if c.s_mix is None else (c.s_mix[..., None, :] @ window)[..., 0, :]
-        return Coefficients(mix=c.mix @ window, decay=c.decay, carry=c.carry, s_decay=c.s_decay, s_mix=s_mix)
+        return Coefficients(mix=c.mix @ window, decay=c.decay, carry=c.carry, s_decay=c.s_decay, s_mix=s_mix, step=c.step)
 
     def naive_init(self, params):
         state = self.base.naive_init(params)
@@ -393,3 +438,7 @@ class OmegaWindow(InnerOptimizer):
     def naive_chunk_end(self, state):
         self.base.naive_chunk_end(state)
         state["window"] = []
+
+    def naive_chunk_start(self, state, grads, gates):
+        state["window"] = [{k: g["omega"][..., None, None] * x for k, x in grad.items()}
+                           for grad, g in zip(grads, gates)]

@@ -7,10 +7,11 @@ where a chunk commits its weights; inside a chunk the update stays linear (the e
 * :meth:`Retention.start` maps the learned initial weights to the first chunk's weights;
 * :meth:`Retention.grad_scale` scales the chunk's gradients, from its start weights;
 * :meth:`Retention.chunk_end` maps (start weights, linearly updated end weights, the chunk's
-  total linear decay) to the next chunk's start weights.
+  total linear decay; for ATLAS' Muon, the chunk-end momentum and its step size) to the next
+  chunk's start weights.
 
 LaCT's large-chunk update (:class:`tto.engine.LargeChunkMemory`) commits through the same parts:
-Muon (:meth:`MuonRetention.orthogonalize` of its momentum, scale 1) and its weight norm
+Muon (:meth:`MuonRetention.orthogonalize` of its momentum) and its weight norm
 (:class:`WeightNorm`).
 
 The base class is the identity (every optimizer without a nonlinear retention).
@@ -30,6 +31,9 @@ class Retention:
     #: the chunk's last token, at the boundary where the retention acts, reads the weights that
     #: :meth:`chunk_end` maps its linear weights to (the others read the linear ones)
     reads_chunk_end = False
+    #: the commit is a step along the chunk-end momentum whose size the gates bound by themselves
+    #: (:class:`MuonRetention`): it needs no step bound and no linearly updated end weights
+    steps_along_momentum = False
 
     def start(self, params: Params) -> Params:
         return params
@@ -38,15 +42,19 @@ class Retention:
         """Per-weight factor (N, 1, 1) on the chunk's gradients; None: 1."""
         return None
 
-    def chunk_end(self, start: Params, end: Params, keep: torch.Tensor | None) -> Params:
-        """keep (N,): the product of the chunk's linear decays (None: 1)."""
+    def chunk_end(self, start: Params, end: Params, keep: torch.Tensor | None, momentum: Params | None = None,
+                  step: torch.Tensor | None = None) -> Params:
+        """keep (N,): the product of the chunk's linear decays (None: 1); momentum: the chunk-end
+        momentum and step (N,) its weight in the update (:attr:`Coefficients.step`), read by a
+        retention that :attr:`steps_along_momentum`."""
         return end
 
-    def commit(self, start: Params, end: Params, keep: torch.Tensor | None, active: torch.Tensor) -> Params:
+    def commit(self, start: Params, end: Params, keep: torch.Tensor | None, active: torch.Tensor,
+               momentum: Params | None = None, step: torch.Tensor | None = None) -> Params:
         """:meth:`chunk_end` at the rows (N,) `active` in the chunk; other rows, a chunk of pads (left
-        padding), keep `end`: an identity step, retention included (and no gradient through the
-        retention of a zero step, Muon's normalisation of which is 1 / eps)."""
-        retained = self.chunk_end(start, end, keep)
+        padding), keep `end` (their start weights): an identity step, retention included (and no
+        gradient through the retention of a zero step, Muon's normalisation of which is 1 / eps)."""
+        retained = self.chunk_end(start, end, keep, momentum, step)
         return {n: torch.where(active[:, None, None], w, end[n]) for n, w in retained.items()}
 
 
@@ -87,7 +95,7 @@ class LqNormalization(Retention):
     def grad_scale(self, params):
         return {name: 1.0 / self._n(w) for name, w in params.items()}
 
-    def chunk_end(self, start, end, keep):
+    def chunk_end(self, start, end, keep, momentum=None, step=None):
         out = {}
         for name, w in end.items():
             a = self._n(start[name]) * w
@@ -112,31 +120,39 @@ class SoftmaxRetention(Retention):
     def start(self, params):
         return {name: self.scale * torch.softmax(w, dim=-1) for name, w in params.items()}
 
-    def chunk_end(self, start, end, keep):
+    def chunk_end(self, start, end, keep, momentum=None, step=None):
         keep = 1.0 if keep is None else keep[:, None, None]
         out = {}
         for name, w in end.items():
-            step = keep * start[name] - w
-            out[name] = self.scale * torch.softmax(keep * torch.log(start[name] / self.scale) - step / self.scale, dim=-1)
+            linear = keep * start[name] - w
+            out[name] = self.scale * torch.softmax(keep * torch.log(start[name] / self.scale) - linear / self.scale, dim=-1)
         return out
 
 
 class MuonRetention(Retention):
-    """ATLAS' Muon update at chunk granularity: inside a chunk the weights take the optimizer's
-    linear steps (momentum and Omega window included); at the chunk end the chunk's accumulated
-    step ``keep W_c - W_b`` is replaced by its Newton-Schulz orthogonalisation times ``scale``:
-    ``W_{c+1} = keep W_c - scale * NS5(keep W_c - W_b)``."""
+    """ATLAS' Muon step (``M_t = alpha_t M_{t-1} - eta_t NS5(S_t)``) at chunk granularity: the chunk's
+    momentum S_b (the optimizer's, :class:`tto.engine.MomentumGD` with ``lr_after_momentum``: no lr
+    inside) is orthogonalised once, at the chunk end, and every token's step uses it in place of its
+    own ``NS5(S_t)``::
 
-    def __init__(self, scale: float):
-        self.scale = scale
+        W_{c+1} = keep W_c + step NS5(S_b),    step = sum_t (prod_{r>t} alpha_r) eta_t
 
-    def orthogonalize(self, step: torch.Tensor) -> torch.Tensor:
-        """Muon's step from a linear one (N, a, b): ``scale * NS5(step)``."""
-        return self.scale * _orthogonalize(step)
+    (the engine's S is the negated momentum, ``S_t = theta_t S_{t-1} - g_t``, and NS5 is odd). With one
+    token per chunk this is the paper's per-token rule. Inside the chunk the weights take the
+    optimizer's linear steps (``lr_t S_t`` without the orthogonalisation), which only the reads see.
+    Since NS5's singular values are at most ``NS5_MAX_GAIN`` (:mod:`tto.engine.muon`), a commit moves
+    the weights by at most ``NS5_MAX_GAIN * step`` in spectral norm, whatever the gradients."""
 
-    def chunk_end(self, start, end, keep):
+    steps_along_momentum = True
+
+    def orthogonalize(self, update: torch.Tensor) -> torch.Tensor:
+        """Muon's direction NS5(update) of an update (N, a, b)."""
+        return _orthogonalize(update)
+
+    def chunk_end(self, start, end, keep, momentum=None, step=None):
         keep = 1.0 if keep is None else keep[:, None, None]
-        return {name: keep * start[name] - self.orthogonalize(keep * start[name] - w) for name, w in end.items()}
+        return {name: torch.addcmul(keep * w, step[:, None, None], self.orthogonalize(momentum[name]))
+                for name, w in start.items()}
 
 
 def _orthogonalize(step: torch.Tensor) -> torch.Tensor:
@@ -156,7 +172,7 @@ class WeightNorm(Retention):
     def __init__(self, fast):
         self.fast = fast
 
-    def chunk_end(self, start, end, keep):
+    def chunk_end(self, start, end, keep, momentum=None, step=None):
         first = next(iter(end.values()))
         initial = self.fast.initial_params(first.shape[0] // self.fast.num_heads)
         return {name: w * (initial[name].norm(dim=-2, keepdim=True) / w.norm(dim=-2, keepdim=True))

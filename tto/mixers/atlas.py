@@ -12,28 +12,46 @@ projection) and changes what the memory learns and how:
   and writes values of the head width;
 * **Omega rule** (``omega_window`` c): each step minimises the loss over the last c tokens,
   ``sum_i gamma_i ||M(phi(k_i)) - v_i||^2``, with data-dependent ``gamma_i`` (``omega_gate``)
-  (:class:`tto.engine.OmegaWindow`); c = 1 is the online rule;
+  (:class:`tto.engine.OmegaWindow`); c = 1 is the online rule. The window reaches back across chunk
+  boundaries: the layer's state keeps the last c - 1 keys, values and gammas of the committed
+  chunks (``memory.window.*``), so a sequence gives the same result in one call or token by token;
 * **optimizer**, chosen by ``variant``: ``omeganet``, gradient descent with forgetting,
-  ``M_t = (1 - alpha_t) M_{t-1} - eta_t g~_t``; ``atlas``, momentum ``S_t = theta_t S_{t-1} - eta_t g~_t``
-  with forgetting and the Muon (Newton-Schulz) orthogonalisation of the update
-  (:class:`tto.engine.MuonRetention`, post-Muon step ``muon_scale``).
+  ``M_t = alpha_t M_{t-1} - eta_t g~_t`` (:class:`tto.engine.DecayGD`; the engine's forget gate is
+  1 - alpha_t); ``atlas``, Muon: momentum of the raw windowed gradients ``S_t = theta_t S_{t-1} + g~_t``
+  and ``M_t = alpha_t M_{t-1} - eta_t NS5(S_t)`` (:class:`tto.engine.MomentumGD` with
+  ``lr_after_momentum``, :class:`tto.engine.MuonRetention`): eta_t is the step size of an
+  orthogonalised step, at most ``mem_max_lr``.
 
-Gradients are taken at the chunk-start weights (chunks of ``chunk_size``), as in Titans.
+Gradients are taken at the chunk-start weights (chunks of ``chunk_size``), as in the paper's
+parallel form, those of the window's tokens from the previous chunk included; at ``chunk_size`` 1
+both variants commit the paper's per-token rules (omeganet's within the engine's step bound, which
+is 1 wherever a step is stable by itself, :mod:`tto.engine.memory`).
 
-Differences from the paper: the Omega window does not reach back across a chunk boundary; Muon
-is applied to each chunk's accumulated update at the chunk end (inside a chunk the reads see the
-linear momentum steps), the chunk-level simplification of the per-token ``NS5(S_t)``; gates are
-scalar per head and token, and the Omega weight ``gamma_i`` belongs to token i, the same in every
-step whose window holds it (the paper's ``gamma_i^(t)`` may differ per step t). Because the window
-stops at chunk boundaries, a token's window is ``min(c, its place in the chunk)`` tokens: at
-``chunk_size`` 1 the Omega rule is the online rule whatever ``omega_window``. ``eta_t`` sits inside the
-momentum (``S_t = theta_t S_{t-1} - eta_t g~_t``) as in the omeganet variant, where the paper applies it
-after the orthogonalisation (``M_t = alpha_t M_{t-1} - eta_t NS5(S_t)``): Newton-Schulz normalises the
-chunk's step, so eta_t weighs the tokens within a chunk but not the step's size, which is
-``muon_scale``. The deep memory has no residual (``x + MLP(x)`` in the paper): it reads phi(k), wider
-than the values it writes. The DeepTransformer/Dot variants (exponential kernels with
-dot-product bias) and the MAG/MAL hybrids are not separate variants here (hybrids with attention
-layers come from ``layer_mixers``).
+Differences from the paper:
+
+* **Muon at chunk granularity.** NS5 runs once per chunk, on the chunk-end momentum S_b, and every
+  token's step uses it: ``M_b = (prod alpha) M_c - eta_bar NS5(S_b)``, ``eta_bar = sum_t (prod_{r>t}
+  alpha_r) eta_t``, where the per-token rule has ``sum_t (prod_{r>t} alpha_r) eta_t NS5(S_t)`` (b
+  Newton-Schulz runs on b materialised momenta per chunk). S_b rather than, say, the eta-weighted
+  sum of the chunk's S_t: it is the momentum the next chunk continues from, it makes ``chunk_size`` 1
+  the paper's rule exactly, and NS5 keeps only the direction, which the S_t of a chunk share with
+  S_b as theta nears 1. The step's size is the paper's (eta after NS5: eta / 100 gives a step 100 x
+  smaller) and needs no step bound (:mod:`tto.engine.memory`).
+* **Reads inside a chunk.** The paper reads ``M_t(q_t)``; here token t reads the weights of the
+  same recurrence without the orthogonalisation, ``W_t = alpha_t W_{t-1} + eta_t S_t`` (engine sign:
+  S is the negated momentum) through the dual form, update-then-read, and only chunk ends commit the
+  Muon step: NS5(S_t) per token would need every S_t materialised (b x 2145 x 256 per head and
+  chunk), what the dual form avoids. At ``chunk_size`` 1 a token's read differs from ``M_t(q_t)``
+  only by its own step being linear; ``read_start`` reads ``M_{t-1}(q_t)`` exactly.
+* **gamma_i, not gamma_i^(t).** The paper writes the Omega weights gamma_i^(t) (per token i and step t)
+  without defining their parametrisation; here gamma_i is one data-dependent gate of token i
+  (``omega_gate``), the same in every window that holds it. Gates are scalar per head and token.
+* **No residual in the deep memory.** The paper's memory is ``x + MLP(x)``; here it reads phi(k)
+  (2145 wide for 64-wide heads at degree 2) and writes values of the head width, so the residual
+  does not type-check; the memory is the plain MLP.
+* **Variants.** The DeepTransformer/Dot variants (exponential kernels with dot-product bias) and the
+  MAG/MAL hybrids are not separate variants here (hybrids with attention layers come from
+  ``layer_mixers``).
 """
 
 from __future__ import annotations
@@ -45,7 +63,6 @@ import torch
 from torch import nn
 
 from ..cache import Context
-from ..config import config_error
 from ..engine import (DecayGD, InnerOptimizer, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow,
                       PolynomialFeatures, Retention, SquaredError)
 from ..layers.gates import Gate
@@ -73,24 +90,19 @@ class AtlasConfig(MemoryLayerConfig):
     omega_window: int = 4  # c: tokens in the Omega rule's loss window (1: the online rule)
     omega_gate_bias_init: float = 4.0  # initial bias of the gamma gate (pre-sigmoid: gamma starts near 1)
     momentum_gate_bias_init: float = 0.0  # atlas: initial bias of the theta gate (pre-sigmoid)
-    muon_scale: float = 0.01  # atlas: step size of the orthogonalised chunk update (singular values ~1)
-    # a chunk's gradients, all at its start, act as one step of mem_max_lr x chunk x window on a
-    # loss whose curvature grows with ||phi(k)||^2 (2.5 at degree 2): 0.1 diverges at chunk 16
+    # the largest eta_t. omeganet: a chunk's gradients, all at its start, act as one step of
+    # mem_max_lr x chunk x window on a loss whose curvature grows with ||phi(k)||^2 (2.5 at degree 2):
+    # 0.1 diverges at chunk 16 without the engine's step bound. atlas: each token's Muon step has
+    # spectral norm <= 1.15 eta_t (NS5's singular values are ~1), whatever the gradients
     mem_max_lr: float = 0.01
     # the memory's first layer is phi-width (2145 x 256 per 64-wide head at degree 2): keeping every
     # chunk's weights for the backward pass takes GBs per layer, so chunks are recomputed in groups
     scan_checkpoint_group_size: int = 16
 
-    def validate(self) -> None:
-        super().validate()
-        if self.muon_scale <= 0:
-            raise config_error("muon_scale", self.muon_scale, "must be > 0")
-
-
 #: variant -> (inner optimizer, chunk-boundary retention, its gates beyond lr / forget / omega)
 VARIANTS: dict[str, Callable[[AtlasConfig], tuple[InnerOptimizer, Retention | None, dict[str, nn.Module]]]] = {
     "omeganet": lambda c: (DecayGD(), None, {}),
-    "atlas": lambda c: (MomentumGD(), MuonRetention(c.muon_scale), {
+    "atlas": lambda c: (MomentumGD(lr_after_momentum=True), MuonRetention(), {
         "momentum": Gate(c.hidden_size, c.num_memory_heads, 1.0, c.momentum_gate_bias_init, c.initializer_range)}),  # theta_t
 }
 
