@@ -151,14 +151,15 @@ def official_lact_layer(layer, config, x: torch.Tensor) -> torch.Tensor:
     fw_x = block_causal_lact_swiglu(w0, w1, w2, fast_q, fast_k, fast_v, lr0, lr1, lr2, config.lact_chunk_size,
                                     config.use_muon, momentum, weight_norm=config.weight_norm,
                                     weight_norm_eps=0.0)  # tto's weight norm has no epsilon (documented)
-    ttt = rms_norm(fw_x, layer.ttt_norm.weight, layer.ttt_norm.eps)  # fla RMSNorm eps 1e-5; tto rms_norm_eps (documented)
+    ttt = rms_norm(fw_x, layer.ttt_norm.weight, layer.ttt_norm.eps)  # fla RMSNorm eps: norm_eps (1e-5, the default rms_norm_eps)
     if config.learnable_ttt_scale:
         ttt = ttt * to_fw(F.silu(x @ layer.ttt_scale_proj.weight.T + layer.ttt_scale_proj.bias))
     return (o + from_fw(ttt)) @ attn.o_proj.weight.T
 
 
-@pytest.mark.parametrize("preset, fields", [("tiny", {}), ("tiny-muon", {}), ("tiny", dict(use_muon=True))],
-                         ids=["momentum-weightnorm", "muon-nope", "muon-momentum-weightnorm"])
+@pytest.mark.parametrize("preset, fields", [("tiny", {}), ("tiny-muon", {}), ("tiny", dict(use_muon=True)),
+                                            ("tiny", dict(attn_qk_norm=True))],
+                         ids=["momentum-weightnorm", "muon-nope", "muon-momentum-weightnorm", "attn-qk-norm"])
 def test_layer_matches_a_transcription_of_the_official_layer(preset, fields):
     """Float64, 3 chunks plus a partial one of 2, outputs up to ~80: equal to 1e-12 without Muon
     (measured 6e-14), to 1e-10 with it (measured 1e-12 to 5e-12: tto orthogonalises the transposed

@@ -22,12 +22,9 @@ rather than bfloat16, and the weight norm has no epsilon; the attention's q/k RM
 (the official normalises the whole width); the low-rank parametrisation of W0/W2 used by the
 official LM configs to save parameters (``w0_w2_low_rank``) is not offered (full-rank fast weights);
 the last complete chunk of a sequence also updates the state (the official skips it: it changes
-no output of that call, and decoding needs it). Defaults that differ from the official LM configs:
-full-rank fast weights start at ``fw_init_gain`` 0.5 / sqrt(fan_in) (official 1 / sqrt(fan_in)),
-``attn_qk_norm`` is on (off in the official LM configs), the layer's RMSNorms use ``rms_norm_eps``
-1e-6 (official 1e-5), and there is no ``ttt_prenorm`` option. With the official values the 760M
-recipe's full-size check (4 AdamW steps at its peak lr on one block) rose 10.38 -> 5.87 -> 5.19 ->
-11.22, so they stay options until that is understood. Parameter layout (for converting official
+no output of that call, and decoding needs it); there is no ``ttt_prenorm`` option. The defaults are
+the official LM configs' (full-rank fast weights at 1 / sqrt(fan_in), no attention q/k norm, RMSNorm
+eps 1e-5). Parameter layout (for converting official
 weights): q/k/v are three projections (the official one ``qkv``), ``qk_scale``/``qk_offset`` are
 (2, hidden) (official (hidden, 2)), the fast weights are the official ``w0``, ``w2``, ``w1``
 transposed (x @ W), and ``lr_gate``'s three rows per head are in that order, W0, W2, W1 (the
@@ -75,8 +72,9 @@ class LaCTConfig(MemoryConfig):
     use_momentum: bool = True  # add the previous chunk's update times the chunk-mean momentum gate
     weight_norm: bool = True  # after each update, rescale fast-weight columns to their initial norms
     base_lr: float = 0.001  # inner lr at a zero gate pre-activation: lr = softplus(x W + softplus^{-1}(base_lr))
-    fw_init_gain: float = 0.5  # initial fast weights ~ N(0, fw_init_gain^2 / fan_in)
-    attn_qk_norm: bool = True  # RMSNorm on the attention's q and k
+    fw_init_gain: float = 1.0  # initial fast weights ~ N(0, fw_init_gain^2 / fan_in)
+    attn_qk_norm: bool = False  # RMSNorm on the attention's q and k (off in every official LM config)
+    rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm, the layer's and the backbone's (the official norm_eps)
     qkv_silu: bool = True  # SiLU on the fast branch's q, k, v
     ttt_nope: bool = False  # no RoPE on the fast branch's q and k
     learnable_ttt_scale: bool = True  # scale the fast read-out by silu(x W) per head
