@@ -57,6 +57,11 @@ class FastModel(nn.Module):
     #: names of the fast linear layers, in order
     weight_names: tuple[str, ...]
 
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of all fast weights (the keys of :meth:`initial_params`): the layers' weights."""
+        return self.weight_names
+
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
         """Fast weights at the start of a sequence: the learned initial weights tiled over the
         batch, float32 (float64 for a float64 model), shapes (batch * heads, ...)."""
@@ -125,6 +130,11 @@ class MLPMemory(FastModel):
         if self.residual_norm:
             init.ones_(self.norm_weight)
             init.zeros_(self.norm_bias)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Each layer's weight and then, with biases, its bias: the keys of :meth:`initial_params`."""
+        return tuple(n for i, w in enumerate(self.weight_names) for n in ((w, f"b{i + 1}") if self.has_bias else (w,)))
 
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
         params = {}

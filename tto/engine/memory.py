@@ -112,7 +112,7 @@ class Memory(ChunkwiseMemory):
         self.has_momentum = optimizer.has_momentum
 
     def param_names(self) -> list[str]:
-        return list(self.fast.initial_params(1).keys())
+        return list(self.fast.param_names)
 
     def initial_weights(self, tokens):
         params = self.retention.start(self.fast.initial_params(tokens["q"].shape[0]))
