@@ -22,7 +22,7 @@ from torch import nn
 
 from ..reference import in_reference_mode
 from .fast_models import upcast
-from .layout import Layout, heads_first, load_state, prepend_pending, store_state
+from .layout import Layout, heads_first, load_state, prepend_pending, store_state, tokens_first
 
 
 #: graphs ``torch.compile`` may keep for one step function: every engine configuration (fast model,
@@ -150,6 +150,10 @@ class ChunkwiseMemory(Float32Parameters):
             params, momentum = self.initial_weights(tokens)
         else:
             params, momentum, pending, n_pending = loaded
+            held = pending["q"].shape[1]
+            if (mask is None and not self.commits_incomplete_chunk and held + new_len < self.chunk_size
+                    and bool((n_pending == held).all())):
+                return self._append(params, momentum, tokens, pending, state, read_start)
             tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
         total = tokens["q"].shape[1]
         # an engine of exact steps gives the same outputs at any chunk size: a short call (decoding one
@@ -174,6 +178,24 @@ class ChunkwiseMemory(Float32Parameters):
         if read_start:
             return tuple(layout.tokens(r)[:, total - new_len:] for r in reads.unbind(2))
         return layout.tokens(reads)[:, total - new_len:]
+
+    def _append(self, params, momentum, tokens: dict, pending: dict, state: dict, read_start: bool):
+        """A call that completes no chunk after pending tokens that are all real (decoding one token
+        without a mask): the layout is the identity, so its chunk is the pending tokens and then the
+        new ones, of which only the new ones are read, and the joined tokens become the pending
+        ones. The committed weights stay in the state as they are."""
+        batch, new_len = tokens["q"].shape[:2]
+        held = pending["q"].shape[1]
+        joined = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()}
+        chunk = {n: heads_first(t) for n, t in joined.items()}
+        valid = torch.ones(chunk["q"].shape[:2], dtype=torch.bool, device=chunk["q"].device)
+        reads = self._read_chunk(params, momentum, chunk, valid, held, read_start)
+        for n, t in joined.items():
+            state[self.prefix + "pending." + n] = t.detach()
+        state[self.prefix + "n_pending"] = state[self.prefix + "n_pending"] + new_len
+        if read_start:
+            return tuple(tokens_first(r, batch) for r in reads.unbind(1))
+        return tokens_first(reads, batch)
 
     # ------------------------------------------------------------------ monitoring
     # Statistics from the engine's own parts; the normal forward pays nothing for them.

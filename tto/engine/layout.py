@@ -26,14 +26,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from .fast_models import upcast
 
 
 def heads_first(x: torch.Tensor) -> torch.Tensor:
     """(B, T, H, ...) -> (B * H, T, ...) in the inner dtype."""
-    return rearrange(upcast(x), "b t h ... -> (b h) t ...")
+    return upcast(x).transpose(1, 2).flatten(0, 1)
+
+
+def tokens_first(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * H, T, ...) -> (B, T, H, ...): the inverse of :func:`heads_first` (in y's dtype)."""
+    return y.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
 @dataclass
@@ -92,7 +96,7 @@ class Layout:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) tokens -> (B, length, ...) slots (zeros at pad slots)."""
         if self.src is None:
-            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.length - x.shape[1]))
+            return x if self.length == x.shape[1] else F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.length - x.shape[1]))
         x = torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
         idx = self.src.view(*self.src.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         return x.gather(1, idx)
@@ -107,15 +111,15 @@ class Layout:
 
     def chunks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H, ...) tokens -> (B * H, n_chunks, chunk_size, ...) slots, heads first."""
-        return rearrange(self.gather(x), "b (n c) h ... -> (b h) n c ...", c=self.chunk_size)
+        return heads_first(self.gather(x)).unflatten(1, (self.n_chunks, self.chunk_size))
 
     def tokens(self, y: torch.Tensor) -> torch.Tensor:
         """(B * H, n_chunks, chunk_size, ...) slots -> (B, T, H, ...) tokens: the inverse of :meth:`chunks`."""
-        return self.scatter(rearrange(y, "(b h) n c ... -> b (n c) h ...", b=self.valid.shape[0]))
+        return self.scatter(tokens_first(y.flatten(1, 2), self.valid.shape[0]))
 
     def chunk_valid(self, heads: int) -> torch.Tensor:
         """(B * H, n_chunks, chunk_size): True at the slots of real tokens."""
-        return rearrange(self.valid, "b (n c) -> b n c", c=self.chunk_size).repeat_interleave(heads, dim=0)
+        return self.valid.unflatten(1, (self.n_chunks, self.chunk_size)).repeat_interleave(heads, dim=0)
 
 
 def load_state(state: dict | None, prefix: str, names, with_momentum: bool):
@@ -148,7 +152,7 @@ def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: di
     to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
     for key in [k for k in state if k.startswith(prefix)]:
         del state[key]
-    split = lambda t: rearrange(t.detach(), "(b h) ... -> b h ...", h=heads)  # noqa: E731
+    split = lambda t: t.detach().unflatten(0, (-1, heads))  # noqa: E731
     for n, p in params.items():
         state[prefix + "W." + n] = split(p)
         if momentum is not None:
