@@ -10,7 +10,11 @@ same outputs whether it arrives in one call or token by token, left-padded or no
 
 Decoding: a call whose tokens complete no chunk commits nothing, so its one chunk runs at its
 real length (:meth:`Layout.read_only`, no pad slots) and only the new tokens are read; the
-pending tokens' reads were returned by the calls that brought them.
+pending tokens' reads were returned by the calls that brought them. Without a mask, after pending
+tokens that are all real, the layout is the identity: the new tokens are appended to the pending
+ones (:func:`append_pending`), the committed weights stay in the state untouched, and what the
+engine derived from the pending tokens alone stays in the state beside them (``cache.``), until a
+call that commits or lays its tokens out otherwise (:func:`store_state`) drops it.
 
 State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
 
@@ -18,6 +22,9 @@ State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
     <prefix>.S.<name>        the inner optimizer's momentum of weight <name>  (B, heads, ...)
     <prefix>.pending.<name>  tokens of the incomplete last chunk              (B, pending, heads, ...)
     <prefix>.n_pending       real tokens among them                           (B,)
+    <prefix>.cache.<name>    the engine's per-token values of the pending     (B, heads, pending, ...)
+                             tokens, while they are all real (the chunk's
+                             keys' gradients at the committed weights)
 """
 
 from __future__ import annotations
@@ -146,10 +153,9 @@ def prepend_pending(tokens: dict, pending: dict, n_pending: torch.Tensor, mask: 
     return tokens, torch.cat([old, new], dim=1)
 
 
-def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
-                layout: Layout) -> None:
-    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
-    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
+def store_weights(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None) -> None:
+    """Replace all of `prefix`'s entries of `state` with the committed params (and momentum), split
+    back to (batch, heads, ...); pending tokens and their cache are dropped."""
     for key in [k for k in state if k.startswith(prefix)]:
         del state[key]
     split = lambda t: t.detach().unflatten(0, (-1, heads))  # noqa: E731
@@ -157,8 +163,34 @@ def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: di
         state[prefix + "W." + n] = split(p)
         if momentum is not None:
             state[prefix + "S." + n] = split(momentum[n])
+
+
+def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
+                layout: Layout) -> None:
+    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
+    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
+    store_weights(state, prefix, heads, params, momentum)
     start = layout.n_commit * layout.chunk_size
     tail = slice(start, start + int(layout.remainder.max()))
     for n, t in tokens.items():
         state[prefix + "pending." + n] = layout.gather(t)[:, tail].detach()
     state[prefix + "n_pending"] = layout.remainder
+
+
+def load_cache(state: dict | None, prefix: str) -> dict:
+    """The engine's cached values of the pending tokens, (batch * heads, pending, ...) by name."""
+    if state is None:
+        return {}
+    key = prefix + "cache."
+    return {k[len(key):]: t.flatten(0, 1) for k, t in state.items() if k.startswith(key)}
+
+
+def append_pending(state: dict, prefix: str, heads: int, joined: dict, cache: dict) -> None:
+    """Make `joined` {name: (B, pending, heads, ...)}, all real, the pending tokens of `state`, and
+    `cache` {name: (B * heads, pending, ...)} their cached values; the weights stay as they are."""
+    first = next(iter(joined.values()))
+    for n, t in joined.items():
+        state[prefix + "pending." + n] = t.detach()
+    state[prefix + "n_pending"] = torch.full(first.shape[:1], first.shape[1], device=first.device)
+    for n, t in cache.items():
+        state[prefix + "cache." + n] = t.detach().unflatten(0, (-1, heads))

@@ -180,11 +180,21 @@ class Memory(ChunkwiseMemory):
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
-    def _read_chunk(self, params, momentum, chunk, valid, first, read_start):
+    def _read_chunk(self, params, momentum, chunk, valid, first, read_start, cache=None):
         """Reads of the queries from `first` on: the chunk's keys' gradients at the committed
-        weights and the dual form's rows of those queries; no step bound, no commit."""
+        weights and the dual form's rows of those queries; no step bound, no commit. A key's
+        gradient depends on its own key, value and gates only, so the `cache` keeps the pending
+        keys' ones (``<weight>.x``, ``<weight>.delta``: layer input and output gradient) and a call
+        takes only its new keys' gradients."""
         c = self._chunk_inputs(params, {n: t[:, None] for n, t in chunk.items()}, valid[:, None])[0]
-        grads, _ = self._gradients(params, c.k, c.v, c.objective_gates)
+        start = first if cache else 0
+        grads, _ = self._gradients(params, c.k[:, start:], c.v[:, start:],
+                                   {n: g[:, start:] for n, g in c.objective_gates.items()})
+        if cache:
+            grads = [(name, torch.cat([cache[name + ".x"], x], 1), torch.cat([cache[name + ".delta"], delta], 1))
+                     for name, x, delta in grads]
+        if cache is not None:
+            cache.update({f"{name}.{part}": t for name, x, delta in grads for part, t in (("x", x), ("delta", delta))})
         scale = self.retention.grad_scale(params)
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
