@@ -146,8 +146,8 @@ class MLPMemory(FastModel):
 
     def _norm_affine(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """LayerNorm gamma, beta broadcast to (N, 1, dim) for N = batch * heads rows."""
-        reps = n // self.num_heads
-        return (upcast(self.norm_weight).repeat(reps, 1)[:, None], upcast(self.norm_bias).repeat(reps, 1)[:, None])
+        tile = lambda w: upcast(w)[None].expand(n // self.num_heads, -1, -1).reshape(n, 1, -1)  # noqa: E731
+        return tile(self.norm_weight), tile(self.norm_bias)
 
     def _layer_norm(self, z: torch.Tensor):
         """Per-head LN(z) = gamma * normalize(z) + beta, and what its backward needs."""

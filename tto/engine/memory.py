@@ -74,6 +74,11 @@ def _bias_name(weight_name: str) -> str:
     return "b" + weight_name[1:]
 
 
+def _gates(chunks: dict) -> dict:
+    """The gates {name: (N, ...)} among a chunk's inputs {"q", "k", "v", "gate.<name>"}."""
+    return {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
+
+
 class Chunk(NamedTuple):
     """One chunk's inputs to :meth:`Memory._chunk` (N = batch * heads rows, C tokens)."""
 
@@ -128,13 +133,11 @@ class Memory(ChunkwiseMemory):
         """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...)."""
         n = valid.shape[1]
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
-        gates = {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
+        gates = _gates(chunks)
         coef = self.optimizer.coefficients(gates, valid).without_negligible()
         # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
         # does not depend on the weights, so it is built for all chunks at once
-        qk = queries @ keys.transpose(-1, -2)
-        if _bias_name(self.fast.weight_names[0]) in params:
-            qk = qk + 1.0
+        qk = self._first_layer_qk(params, queries, keys)
         # per-chunk views via unbind: indexing queries[:, i] instead would make every chunk's
         # backward write a zero tensor of the whole sequence's size
         objective_gates = [dict(zip(self.objective.gate_names, g))
@@ -142,6 +145,11 @@ class Memory(ChunkwiseMemory):
         return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1),
                                        (coef.mix * qk).unbind(1), coef.unbind(), objective_gates,
                                        valid.any(-1).unbind(1))]
+
+    def _first_layer_qk(self, params, q, k) -> torch.Tensor:
+        """``q . k [+ 1 with a bias]`` (..., C_q, C): the first layer's dual-form attention."""
+        qk = q @ k.transpose(-1, -2)
+        return qk + 1.0 if _bias_name(self.fast.weight_names[0]) in params else qk
 
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
         n = valid.shape[1]
@@ -186,10 +194,12 @@ class Memory(ChunkwiseMemory):
         gradient depends on its own key, value and gates only, so the `cache` keeps the pending
         keys' ones (``<weight>.x``, ``<weight>.delta``: layer input and output gradient) and a call
         takes only its new keys' gradients."""
-        c = self._chunk_inputs(params, {n: t[:, None] for n, t in chunk.items()}, valid[:, None])[0]
+        gates = _gates(chunk)
+        coef = self.optimizer.coefficients(gates, valid).without_negligible().rows(first)
+        k, q = chunk["k"], chunk["q"][:, first:]
         start = first if cache else 0
-        grads, _ = self._gradients(params, c.k[:, start:], c.v[:, start:],
-                                   {n: g[:, start:] for n, g in c.objective_gates.items()})
+        grads, _ = self._gradients(params, k[:, start:], chunk["v"][:, start:],
+                                   {n: gates[n][:, start:] for n in self.objective.gate_names})
         if cache:
             grads = [(name, torch.cat([cache[name + ".x"], x], 1), torch.cat([cache[name + ".delta"], delta], 1))
                      for name, x, delta in grads]
@@ -198,8 +208,7 @@ class Memory(ChunkwiseMemory):
         scale = self.retention.grad_scale(params)
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
-        q = c.q[:, first:]
-        out = self._read(params, momentum, grads, q, c.mixed_qk[:, first:], c.coefficients.rows(first))
+        out = self._read(params, momentum, grads, q, coef.mix * self._first_layer_qk(params, q, k), coef)
         if read_start:
             out = torch.stack([out, self.fast.core(q, self.fast.plain_linear(params))], dim=1)
             return self.fast.wrap(q[:, None].expand(-1, 2, -1, -1).flatten(1, -2), out.flatten(1, -2)).view(out.shape)
