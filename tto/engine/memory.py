@@ -16,7 +16,9 @@ Padding and decoding follow the engine's layout (:mod:`tto.engine.layout`): an i
 chunk is only read and kept pending. A decoding step that completes no chunk
 (:meth:`Memory._read_chunk`) takes the gradients of the pending keys and the new ones at the
 committed weights (the chunk's real tokens, no pad slots) and reads the new queries' rows of the
-dual form; no step bound and no chunk-end weights, which only a commit needs.
+dual form; no step bound and no chunk-end weights, which only a commit needs. A pending key's
+gradient at the committed weights does not change until the next commit, so the state keeps the
+pending keys' gradients (the layout's ``cache.``) and each decoded token adds only its own.
 
 **Step bound.** Because every gradient of a chunk is taken at its start weights, a chunk applies
 up to (chunk length x theta) of a token's step at once, amplified by momentum (up to 1 / (1 - eta))
