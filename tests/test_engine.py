@@ -936,9 +936,11 @@ def test_atlas_at_chunk_one_is_the_papers_per_token_rule(window):
 
 
 def test_decoding_reads_only_new_tokens_without_padding_or_commit_work():
-    """Token by token, a call that completes no chunk runs its keys' forward/backward at the
-    chunk's real length (the pending tokens and the new one, no pad slots), no step bound, and
-    reads the new query only; the outputs stay the naive ones. LaCT reads the new query alone."""
+    """Token by token, a call that completes no chunk runs no step bound, reads the new query only
+    and takes only the new key's gradient (the pending keys' ones stay in the state from the calls
+    that brought them; a state whose pending tokens came otherwise, with a commit, has none, and the
+    next call takes them all, at the chunk's real length, no pad slots); the outputs stay the naive
+    ones. LaCT reads the new query alone."""
     mem = make_memory(2, "momentum")
     q, k, v, gates = make_inputs(optimizer="momentum", length=11)
     ref = naive_memory(mem, q, k, v, gates)[0]
@@ -951,9 +953,15 @@ def test_decoding_reads_only_new_tokens_without_padding_or_commit_work():
     outs = [mem(*(x[:, t:t + 1] for x in (q, k, v)), {n: g[:, t:t + 1] for n, g in gates.items()}, state=state)
             for t in range(11)]
     torch.testing.assert_close(torch.cat(outs, 1), ref, atol=ATOL, rtol=0)
-    assert keys == [t % 4 + 1 for t in range(11)]  # chunk 4: real lengths, the whole chunk when it completes
+    assert keys == [1 if t % 4 < 3 else 4 for t in range(11)]  # chunk 4: the whole chunk when it completes
     assert len(bounds) == 11 // 4  # only the commits
     assert reads == [1 if t % 4 < 3 else 4 for t in range(11)]
+    keys.clear()
+    state = {}
+    outs = [mem(*(x[:, a:b] for x in (q, k, v)), {n: g[:, a:b] for n, g in gates.items()}, state=state)
+            for a, b in [(0, 5), *[(t, t + 1) for t in range(5, 11)]]]
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=ATOL, rtol=0)
+    assert keys == [4, 4, 2, 1, 4, 1, 1, 1]  # the first call's chunks (committed, read), then token by token
 
     lact = make_large_chunk()
     q, k, v, gates = large_chunk_inputs(length=11)

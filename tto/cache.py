@@ -8,7 +8,7 @@ beam search and batch selection work on any mixer without knowing what it stores
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache
@@ -23,11 +23,21 @@ class Context:
     tokens already in the cache (RoPE positions).
     differentiable_state: the state a layer leaves keeps its autograd graph (a model-level inner
     loop carrying KV windows between its mini-batches); otherwise it is detached.
+    shared: tensors that depend on this context alone (no parameters), by key, computed by the first
+    layer that needs them and reused by the others (:meth:`shared_value`).
     """
 
     mask: torch.Tensor | None
     positions: torch.Tensor
     differentiable_state: bool = False
+    shared: dict = field(default_factory=dict)
+
+    def shared_value(self, key, make):
+        """``make()`` for the first layer that asks for `key` in this context, the same value for
+        the others (e.g. the RoPE tables of every layer with the same positions, width and base)."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
 
 class TTOCache(Cache):

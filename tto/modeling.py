@@ -163,8 +163,10 @@ class TTOModel(TTOPreTrainedModel):
                 mask = None
         offset = past_key_values.real_tokens if past_key_values is not None else None
         if position_ids is None:
-            counts = torch.ones(b, t, dtype=torch.long, device=h.device) if mask is None else mask.long()
-            position_ids = (counts.cumsum(1) - 1).clamp_min(0)
+            if mask is None:
+                position_ids = torch.arange(t, device=h.device).expand(b, t)
+            else:
+                position_ids = (mask.long().cumsum(1) - 1).clamp_min(0)
             if offset is not None:
                 position_ids = position_ids + offset[:, None]
         ctx = Context(mask=mask, positions=position_ids)

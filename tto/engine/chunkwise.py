@@ -22,7 +22,8 @@ from torch import nn
 
 from ..reference import in_reference_mode
 from .fast_models import upcast
-from .layout import Layout, heads_first, load_state, prepend_pending, store_state
+from .layout import (Layout, append_pending, heads_first, load_cache, load_state, prepend_pending, store_state,
+                     store_weights, tokens_first)
 
 
 #: graphs ``torch.compile`` may keep for one step function: every engine configuration (fast model,
@@ -117,11 +118,18 @@ class ChunkwiseMemory(Float32Parameters):
         raise NotImplementedError
 
     def _read_chunk(self, params: dict, momentum: dict | None, chunk: dict, valid: torch.Tensor, first: int,
-                    read_start: bool) -> torch.Tensor:
+                    read_start: bool, cache: dict | None = None) -> torch.Tensor:
         """The reads of one read-only chunk's slots from `first` on (the earlier ones are pending
         tokens already read): `chunk` {"q", "k", "v", "gate.<name>"} (B * H, L, ...), `valid`
         (B * H, L). Returns (B * H, L - first, d_v), or (B * H, 2, L - first, d_v) with the
-        chunk-start reads second. Nothing is committed."""
+        chunk-start reads second. Nothing is committed.
+
+        `cache` (when the chunk's slots are the pending tokens, all real, then the new ones): a dict
+        of per-slot values (B * H, slots, ...) that depend only on their own slot's tokens and the
+        committed weights. It holds what this method put in it at the previous call of this chunk,
+        for the slots before `first` (empty at the chunk's first call, or when the state was
+        written otherwise); on return it holds them for all L slots, or nothing, and the next call
+        gets them back."""
         raise NotImplementedError
 
     def naive(self, q, k, v, gates: dict, mask: torch.Tensor | None, read_start: bool):
@@ -154,8 +162,14 @@ class ChunkwiseMemory(Float32Parameters):
         if loaded is None:
             params, momentum = self.initial_weights(tokens)
             earlier = {n: tokens[n].new_zeros(batch, self.lookback, *tokens[n].shape[2:]) for n in self.lookback_names}
+            pending, n_pending = {}, None
         else:
             params, momentum, pending, n_pending = loaded
+        held = pending["q"].shape[1] if pending else 0
+        if (mask is None and not self.commits_incomplete_chunk and not self.lookback_names
+                and held + new_len < self.chunk_size and (n_pending is None or bool((n_pending == held).all()))):
+            return self._append(params, momentum, tokens, pending, state, read_start, loaded is None)
+        if loaded is not None:
             tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
             earlier = {n: state[self.prefix + "window." + n] for n in self.lookback_names}
         total = tokens["q"].shape[1]
@@ -192,6 +206,28 @@ class ChunkwiseMemory(Float32Parameters):
         for name, t in earlier.items():
             chunks["prev." + name], after[name] = layout.lookback(tokens[name], t)
         return chunks, after
+
+    def _append(self, params, momentum, tokens: dict, pending: dict, state: dict | None, read_start: bool,
+                new: bool):
+        """A call that completes no chunk and follows no pending tokens but real ones (decoding one
+        token without a mask): the layout is the identity, so its chunk is the pending tokens and
+        then the new ones, of which only the new ones are read. The joined tokens become the pending
+        ones; the committed weights stay in the state as they are (a `new` sequence stores its
+        initial ones), and so do the engine's per-token values of the pending tokens (``cache.``)."""
+        batch, new_len, heads = tokens["q"].shape[:3]
+        held = pending["q"].shape[1] if pending else 0
+        joined = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()} if pending else tokens
+        chunk = {n: heads_first(t) for n, t in joined.items()}
+        valid = torch.ones(chunk["q"].shape[:2], dtype=torch.bool, device=chunk["q"].device)
+        cache = load_cache(state, self.prefix)
+        reads = self._read_chunk(params, momentum, chunk, valid, held, read_start, cache)
+        if state is not None:
+            if new:
+                store_weights(state, self.prefix, heads, params, momentum)
+            append_pending(state, self.prefix, heads, joined, cache)
+        if read_start:
+            return tuple(tokens_first(r, batch) for r in reads.unbind(1))
+        return tokens_first(reads, batch)
 
     # ------------------------------------------------------------------ monitoring
     # Statistics from the engine's own parts; the normal forward pays nothing for them.

@@ -22,9 +22,18 @@ from torch import nn
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+#: dtype -> the inner dtype of a tensor of that dtype (filled on first use); a Python lookup, where
+#: ``torch.promote_types`` and a same-dtype ``.to`` each dispatch an op: the decoding of a small model
+#: runs a few hundred upcasts per token
+_INNER_DTYPE: dict[torch.dtype, torch.dtype] = {}
+
+
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """`t` in the dtype of inner (fast-weight) arithmetic: float32, or float64 when `t` is float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    inner = _INNER_DTYPE.get(t.dtype)
+    if inner is None:
+        inner = _INNER_DTYPE.setdefault(t.dtype, torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype == inner else t.to(inner)
 
 
 #: activation name -> (function, backward(g, z) = g * function'(z)); fused ATen backward kernels,
@@ -56,6 +65,11 @@ class FastModel(nn.Module):
 
     #: names of the fast linear layers, in order
     weight_names: tuple[str, ...]
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of all fast weights (the keys of :meth:`initial_params`): the layers' weights."""
+        return self.weight_names
 
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
         """Fast weights at the start of a sequence: the learned initial weights tiled over the
@@ -126,6 +140,11 @@ class MLPMemory(FastModel):
             init.ones_(self.norm_weight)
             init.zeros_(self.norm_bias)
 
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Each layer's weight and then, with biases, its bias: the keys of :meth:`initial_params`."""
+        return tuple(n for i, w in enumerate(self.weight_names) for n in ((w, f"b{i + 1}") if self.has_bias else (w,)))
+
     def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
         params = {}
         for i, name in enumerate(self.weight_names):
@@ -134,16 +153,16 @@ class MLPMemory(FastModel):
                 params[f"b{i + 1}"] = upcast(getattr(self, f"b{i + 1}")).repeat(batch, 1, 1)
         return params
 
-    def _norm_affine(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """LayerNorm gamma, beta broadcast to (N, 1, dim) for N = batch * heads rows."""
-        reps = n // self.num_heads
-        return (upcast(self.norm_weight).repeat(reps, 1)[:, None], upcast(self.norm_bias).repeat(reps, 1)[:, None])
+    def _per_head(self, t: torch.Tensor, fn) -> torch.Tensor:
+        """``fn(t, gamma, beta)`` on t (N, T, dim), N = batch * heads rows, with each row's head's
+        LayerNorm gamma, beta (heads, 1, dim) broadcast over the batch (views, no tiled copies)."""
+        gamma, beta = upcast(self.norm_weight)[:, None], upcast(self.norm_bias)[:, None]
+        return fn(t.unflatten(0, (-1, self.num_heads)), gamma, beta).flatten(0, 1)
 
     def _layer_norm(self, z: torch.Tensor):
         """Per-head LN(z) = gamma * normalize(z) + beta, and what its backward needs."""
         out, saved = layer_norm(z, self.norm_eps)
-        gamma, beta = self._norm_affine(z.shape[0])
-        return gamma * out + beta, (saved, gamma)
+        return self._per_head(out, lambda t, gamma, beta: torch.addcmul(beta, gamma, t)), saved
 
     def core(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
         """g(x) for x (N, T, dim) with the given linear read-out."""
@@ -171,7 +190,8 @@ class MLPMemory(FastModel):
         first = inputs[self.weight_names[0]]
         gain = first.new_ones(first.shape[:2])
         if self.residual_norm:
-            gain = gain * self._norm_affine(first.shape[0])[0].abs().amax((-2, -1)).pow(2)[:, None]
+            reps = first.shape[0] // self.num_heads
+            gain = gain * upcast(self.norm_weight).abs().amax(-1).pow(2).repeat(reps)[:, None]
         gains = {}
         linear = self.plain_linear(params)
         for i in reversed(range(self.depth)):
@@ -202,8 +222,8 @@ class MLPMemory(FastModel):
             pre.append(z)
             h = self.act(z) if i < self.depth - 1 else z
         if self.residual_norm:
-            y, (saved, gamma) = self._layer_norm(h)
-            g = layer_norm_backward(dloss(x + y) * gamma, saved)
+            y, saved = self._layer_norm(h)
+            g = layer_norm_backward(self._per_head(dloss(x + y), lambda t, gamma, beta: t * gamma), saved)
         else:
             g = dloss(h)
         grads = []

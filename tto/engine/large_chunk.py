@@ -77,8 +77,9 @@ class LargeChunkMemory(ChunkwiseMemory):
                 params = self.retention.commit(params, {n: params[n] + s for n, s in step.items()}, None, active)
         return torch.stack(reads, dim=1), params, momentum
 
-    def _read_chunk(self, params, momentum, chunk, valid, first, read_start):
-        """A read-only chunk's reads depend on its queries and the committed weights only."""
+    def _read_chunk(self, params, momentum, chunk, valid, first, read_start, cache=None):
+        """A read-only chunk's reads depend on its queries and the committed weights only (nothing
+        to cache)."""
         return self.fast.apply(chunk["q"][:, first:], self.fast.plain_linear(params))
 
     def _chunk(self, params, momentum, k, v, lr, mean_gate):

@@ -10,7 +10,11 @@ same outputs whether it arrives in one call or token by token, left-padded or no
 
 Decoding: a call whose tokens complete no chunk commits nothing, so its one chunk runs at its
 real length (:meth:`Layout.read_only`, no pad slots) and only the new tokens are read; the
-pending tokens' reads were returned by the calls that brought them.
+pending tokens' reads were returned by the calls that brought them. Without a mask, after pending
+tokens that are all real, the layout is the identity: the new tokens are appended to the pending
+ones (:func:`append_pending`), the committed weights stay in the state untouched, and what the
+engine derived from the pending tokens alone stays in the state beside them (``cache.``), until a
+call that commits or lays its tokens out otherwise (:func:`store_state`) drops it.
 
 State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
 
@@ -21,6 +25,9 @@ State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
     <prefix>.window.<name>   the last ``lookback`` tokens before the pending  (B, lookback, heads, ...)
                              ones (zeros where there is none), for an optimizer whose steps reach
                              back across a chunk boundary (ATLAS' Omega window; absent otherwise)
+    <prefix>.cache.<name>    the engine's per-token values of the pending     (B, heads, pending, ...)
+                             tokens, while they are all real (the chunk's
+                             keys' gradients at the committed weights)
 """
 
 from __future__ import annotations
@@ -29,14 +36,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from .fast_models import upcast
 
 
 def heads_first(x: torch.Tensor) -> torch.Tensor:
     """(B, T, H, ...) -> (B * H, T, ...) in the inner dtype."""
-    return rearrange(upcast(x), "b t h ... -> (b h) t ...")
+    return upcast(x).transpose(1, 2).flatten(0, 1)
+
+
+def tokens_first(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * H, T, ...) -> (B, T, H, ...): the inverse of :func:`heads_first` (in y's dtype)."""
+    return y.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
 @dataclass
@@ -95,7 +106,7 @@ class Layout:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) tokens -> (B, length, ...) slots (zeros at pad slots)."""
         if self.src is None:
-            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.length - x.shape[1]))
+            return x if self.length == x.shape[1] else F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.length - x.shape[1]))
         x = torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
         idx = self.src.view(*self.src.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         return x.gather(1, idx)
@@ -110,11 +121,11 @@ class Layout:
 
     def chunks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H, ...) tokens -> (B * H, n_chunks, chunk_size, ...) slots, heads first."""
-        return rearrange(self.gather(x), "b (n c) h ... -> (b h) n c ...", c=self.chunk_size)
+        return heads_first(self.gather(x)).unflatten(1, (self.n_chunks, self.chunk_size))
 
     def tokens(self, y: torch.Tensor) -> torch.Tensor:
         """(B * H, n_chunks, chunk_size, ...) slots -> (B, T, H, ...) tokens: the inverse of :meth:`chunks`."""
-        return self.scatter(rearrange(y, "(b h) n c ... -> b (n c) h ...", b=self.valid.shape[0]))
+        return self.scatter(tokens_first(y.flatten(1, 2), self.valid.shape[0]))
 
     def lookback(self, x: torch.Tensor, earlier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The `count` slots before each chunk: `x` (B, T, H, ...) tokens and `earlier` (B, count, H, ...)
@@ -129,11 +140,11 @@ class Layout:
         starts = torch.arange(self.n_chunks, device=x.device)[:, None] * self.chunk_size
         before = slots[:, starts + torch.arange(count, device=x.device)]  # (B, n_chunks, count, H, ...)
         after = self.n_commit * self.chunk_size
-        return rearrange(before, "b n c h ... -> (b h) n c ..."), slots[:, after: after + count]
+        return heads_first(before.flatten(1, 2)).unflatten(1, (self.n_chunks, count)), slots[:, after: after + count]
 
     def chunk_valid(self, heads: int) -> torch.Tensor:
         """(B * H, n_chunks, chunk_size): True at the slots of real tokens."""
-        return rearrange(self.valid, "b (n c) -> b n c", c=self.chunk_size).repeat_interleave(heads, dim=0)
+        return self.valid.unflatten(1, (self.n_chunks, self.chunk_size)).repeat_interleave(heads, dim=0)
 
 
 def load_state(state: dict | None, prefix: str, names, with_momentum: bool):
@@ -160,19 +171,44 @@ def prepend_pending(tokens: dict, pending: dict, n_pending: torch.Tensor, mask: 
     return tokens, torch.cat([old, new], dim=1)
 
 
-def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
-                layout: Layout) -> None:
-    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
-    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
+def store_weights(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None) -> None:
+    """Replace all of `prefix`'s entries of `state` with the committed params (and momentum), split
+    back to (batch, heads, ...); pending tokens and their cache are dropped."""
     for key in [k for k in state if k.startswith(prefix)]:
         del state[key]
-    split = lambda t: rearrange(t.detach(), "(b h) ... -> b h ...", h=heads)  # noqa: E731
+    split = lambda t: t.detach().unflatten(0, (-1, heads))  # noqa: E731
     for n, p in params.items():
         state[prefix + "W." + n] = split(p)
         if momentum is not None:
             state[prefix + "S." + n] = split(momentum[n])
+
+
+def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
+                layout: Layout) -> None:
+    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
+    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
+    store_weights(state, prefix, heads, params, momentum)
     start = layout.n_commit * layout.chunk_size
     tail = slice(start, start + int(layout.remainder.max()))
     for n, t in tokens.items():
         state[prefix + "pending." + n] = layout.gather(t)[:, tail].detach()
     state[prefix + "n_pending"] = layout.remainder
+
+
+def load_cache(state: dict | None, prefix: str) -> dict:
+    """The engine's cached values of the pending tokens, (batch * heads, pending, ...) by name."""
+    if state is None:
+        return {}
+    key = prefix + "cache."
+    return {k[len(key):]: t.flatten(0, 1) for k, t in state.items() if k.startswith(key)}
+
+
+def append_pending(state: dict, prefix: str, heads: int, joined: dict, cache: dict) -> None:
+    """Make `joined` {name: (B, pending, heads, ...)}, all real, the pending tokens of `state`, and
+    `cache` {name: (B * heads, pending, ...)} their cached values; the weights stay as they are."""
+    first = next(iter(joined.values()))
+    for n, t in joined.items():
+        state[prefix + "pending." + n] = t.detach()
+    state[prefix + "n_pending"] = torch.full(first.shape[:1], first.shape[1], device=first.device)
+    for n, t in cache.items():
+        state[prefix + "cache." + n] = t.detach().unflatten(0, (-1, heads))

@@ -20,7 +20,9 @@ Padding and decoding follow the engine's layout (:mod:`tto.engine.layout`): an i
 chunk is only read and kept pending. A decoding step that completes no chunk
 (:meth:`Memory._read_chunk`) takes the gradients of the pending keys and the new ones at the
 committed weights (the chunk's real tokens, no pad slots) and reads the new queries' rows of the
-dual form; no step bound and no chunk-end weights, which only a commit needs.
+dual form; no step bound and no chunk-end weights, which only a commit needs. A pending key's
+gradient at the committed weights does not change until the next commit, so the state keeps the
+pending keys' gradients (the layout's ``cache.``) and each decoded token adds only its own.
 
 **Step bound.** Because every gradient of a chunk is taken at its start weights, a chunk applies
 up to (chunk length x theta) of a token's step at once, amplified by momentum (up to 1 / (1 - eta))
@@ -93,6 +95,11 @@ def _bias_name(weight_name: str) -> str:
     return "b" + weight_name[1:]
 
 
+def _gates(chunks: dict) -> dict:
+    """The gates {name: (N, ...)} among a chunk's inputs {"q", "k", "v", "gate.<name>"}."""
+    return {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
+
+
 class Chunk(NamedTuple):
     """One chunk's inputs to :meth:`Memory._chunk` (N = batch * heads rows, C tokens)."""
 
@@ -136,7 +143,7 @@ class Memory(ChunkwiseMemory):
             self.lookback_names = ("k", "v", *("gate." + n for n in optimizer.lookback_gates + objective.gate_names))
 
     def param_names(self) -> list[str]:
-        return list(self.fast.initial_params(1).keys())
+        return list(self.fast.param_names)
 
     def initial_weights(self, tokens):
         params = self.retention.start(self.fast.initial_params(tokens["q"].shape[0]))
@@ -154,13 +161,11 @@ class Memory(ChunkwiseMemory):
         # the keys, values and their gates are those of the lookback tokens before each chunk, then the chunk's
         chunks = {**chunks, **{name: torch.cat([chunks["prev." + name], chunks[name]], 2) for name in self.lookback_names}}
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
-        gates = {name[len("gate."):]: t for name, t in chunks.items() if name.startswith("gate.")}
+        gates = _gates(chunks)
         coef = self.optimizer.coefficients(gates, valid).without_negligible()
         # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
         # does not depend on the weights, so it is built for all chunks at once
-        qk = queries @ keys.transpose(-1, -2)
-        if _bias_name(self.fast.weight_names[0]) in params:
-            qk = qk + 1.0
+        qk = self._first_layer_qk(params, queries, keys)
         # per-chunk views via unbind: indexing queries[:, i] instead would make every chunk's
         # backward write a zero tensor of the whole sequence's size
         objective_gates = [dict(zip(self.objective.gate_names, g))
@@ -168,6 +173,11 @@ class Memory(ChunkwiseMemory):
         return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1),
                                        (coef.mix * qk).unbind(1), coef.unbind(), objective_gates,
                                        valid.any(-1).unbind(1))]
+
+    def _first_layer_qk(self, params, q, k) -> torch.Tensor:
+        """``q . k [+ 1 with a bias]`` (..., C_q, C): the first layer's dual-form attention."""
+        qk = q @ k.transpose(-1, -2)
+        return qk + 1.0 if _bias_name(self.fast.weight_names[0]) in params else qk
 
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
         n = valid.shape[1]
@@ -206,16 +216,27 @@ class Memory(ChunkwiseMemory):
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
-    def _read_chunk(self, params, momentum, chunk, valid, first, read_start):
+    def _read_chunk(self, params, momentum, chunk, valid, first, read_start, cache=None):
         """Reads of the queries from `first` on: the chunk's keys' gradients at the committed
-        weights and the dual form's rows of those queries; no step bound, no commit."""
-        c = self._chunk_inputs(params, {n: t[:, None] for n, t in chunk.items()}, valid[:, None])[0]
-        grads, _ = self._gradients(params, c.k, c.v, c.objective_gates)
+        weights and the dual form's rows of those queries; no step bound, no commit. A key's
+        gradient depends on its own key, value and gates only, so the `cache` keeps the pending
+        keys' ones (``<weight>.x``, ``<weight>.delta``: layer input and output gradient) and a call
+        takes only its new keys' gradients."""
+        gates = _gates(chunk)
+        coef = self.optimizer.coefficients(gates, valid).without_negligible().rows(first)
+        k, q = chunk["k"], chunk["q"][:, first:]
+        start = first if cache else 0
+        grads, _ = self._gradients(params, k[:, start:], chunk["v"][:, start:],
+                                   {n: gates[n][:, start:] for n in self.objective.gate_names})
+        if cache:
+            grads = [(name, torch.cat([cache[name + ".x"], x], 1), torch.cat([cache[name + ".delta"], delta], 1))
+                     for name, x, delta in grads]
+        if cache is not None:
+            cache.update({f"{name}.{part}": t for name, x, delta in grads for part, t in (("x", x), ("delta", delta))})
         scale = self.retention.grad_scale(params)
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
-        q = c.q[:, first:]
-        out = self._read(params, momentum, grads, q, c.mixed_qk[:, first:], c.coefficients.rows(first))
+        out = self._read(params, momentum, grads, q, coef.mix * self._first_layer_qk(params, q, k), coef)
         if read_start:
             out = torch.stack([out, self.fast.core(q, self.fast.plain_linear(params))], dim=1)
             return self.fast.wrap(q[:, None].expand(-1, 2, -1, -1).flatten(1, -2), out.flatten(1, -2)).view(out.shape)

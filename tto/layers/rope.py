@@ -22,9 +22,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by frequency i (the GPT-J / JAX convention, used by
-    TTT's reference). x (B, T, H, D); cos/sin (B, T, D) as from :func:`rope_cos_sin`."""
+    TTT's reference): ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``. x (..., B, T, H, D), any
+    leading dims (e.g. q and k stacked); cos/sin (B, T, D) as from :func:`rope_cos_sin`."""
     half = x.shape[-1] // 2
-    cos, sin = cos[:, :, None, :half].to(x.dtype), sin[:, :, None, :half].to(x.dtype)
+    cos, sin = cos[:, :, None, :half, None].to(x.dtype), sin[:, :, None, :half, None].to(x.dtype)
     pairs = x.unflatten(-1, (half, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return (pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)).flatten(-2)

@@ -143,8 +143,9 @@ class TTTMixer(nn.Module):
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         q, k, v = q.view(heads), k.view(heads), self.v_proj(x).view(heads)
-        cos, sin = rope_cos_sin(ctx.positions % self.mini_batch_size, self.head_dim, self.rope_theta)
-        q, k = apply_rope_interleaved(q, cos, sin), apply_rope_interleaved(k, cos, sin)
+        cos, sin = ctx.shared_value(("ttt_rope", self.mini_batch_size, self.head_dim, self.rope_theta), lambda: rope_cos_sin(
+            ctx.positions % self.mini_batch_size, self.head_dim, self.rope_theta))
+        q, k = apply_rope_interleaved(torch.stack((q, k)), cos, sin).unbind(0)
 
         lr = self.base_lr * torch.sigmoid(x @ self.lr_gate_weight.T + self.lr_gate_bias) / self.head_dim
         z = self.memory(q, k, v, {"lr": lr}, ctx.mask, state).reshape(b, t, width)
