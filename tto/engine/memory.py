@@ -158,8 +158,7 @@ class Memory(ChunkwiseMemory):
     def _chunk_inputs(self, params, chunks, valid) -> list[Chunk]:
         """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...)."""
         n = valid.shape[1]
-        # the keys, values and their gates are those of the lookback tokens before each chunk, then the chunk's
-        chunks = {**chunks, **{name: torch.cat([chunks["prev." + name], chunks[name]], 2) for name in self.lookback_names}}
+        chunks = self._with_lookback(chunks, dim=2)
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
         gates = _gates(chunks)
         coef = self.optimizer.coefficients(gates, valid).without_negligible()
@@ -173,6 +172,11 @@ class Memory(ChunkwiseMemory):
         return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1),
                                        (coef.mix * qk).unbind(1), coef.unbind(), objective_gates,
                                        valid.any(-1).unbind(1))]
+
+    def _with_lookback(self, chunks: dict, dim: int) -> dict:
+        """`chunks` with the keys, values and their gates preceded (along `dim`) by the optimizer's
+        lookback tokens before the chunk (``prev.<name>``)."""
+        return {**chunks, **{name: torch.cat([chunks["prev." + name], chunks[name]], dim) for name in self.lookback_names}}
 
     def _first_layer_qk(self, params, q, k) -> torch.Tensor:
         """``q . k [+ 1 with a bias]`` (..., C_q, C): the first layer's dual-form attention."""
@@ -222,6 +226,7 @@ class Memory(ChunkwiseMemory):
         gradient depends on its own key, value and gates only, so the `cache` keeps the pending
         keys' ones (``<weight>.x``, ``<weight>.delta``: layer input and output gradient) and a call
         takes only its new keys' gradients."""
+        chunk = self._with_lookback(chunk, dim=1)
         gates = _gates(chunk)
         coef = self.optimizer.coefficients(gates, valid).without_negligible().rows(first)
         k, q = chunk["k"], chunk["q"][:, first:]
