@@ -298,42 +298,54 @@ class Memory(ChunkwiseMemory):
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         out = self._read(params, momentum, grads, q, mixed_qk, c)
-        if self.retention.reads_chunk_end:
-            # the chunk's last token reads the retained weights of its own (unbounded) linear steps
-            linear_end, _ = self._end_state(params, momentum, grads, c, torch.ones_like(kappa))
-            decay = None if c.decay is None else c.decay[:, -1]
-            last = self.fast.core(q[:, -1:], self.fast.plain_linear(self.retention.chunk_end(params, linear_end, decay)))
-            out = torch.cat([out[:, :-1], last], dim=1)
-        new_params, new_momentum = self._end_state(params, momentum, grads, c, kappa)
-        return out, new_params, new_momentum
+        if not self.retention.reads_chunk_end:
+            new_params, new_momentum = self._end_state(params, momentum, grads, c, kappa)
+            return out, new_params, new_momentum
+        # the chunk's last token reads the retained weights of its own (unbounded) linear steps; the
+        # commit takes kappa of those steps: the end state is affine in kappa, so it is the blend
+        # kappa * (linear end) + (1 - kappa) * (start weights and momentum carried to the chunk end)
+        linear_params, linear_momentum = self._end_state(params, momentum, grads, c, torch.ones_like(kappa))
+        decay = None if c.decay is None else c.decay[:, -1]
+        last = self.fast.core(q[:, -1:], self.fast.plain_linear(self.retention.chunk_end(params, linear_params, decay)))
+        out = torch.cat([out[:, :-1], last], dim=1)
+        carried_params, carried_momentum = self._carried(params, momentum, c)
+        weight = kappa[:, None, None]
+        blend = lambda carried, linear: {p: torch.lerp(carried[p], linear[p], weight) for p in linear}  # noqa: E731
+        return out, blend(carried_params, linear_params), (
+            None if momentum is None else blend(carried_momentum, linear_momentum))
+
+    def _carried(self, params, momentum, c: Coefficients) -> tuple:
+        """The start weights and momentum carried to the chunk end without its gradients:
+        ``d W_c + c S_c`` and ``e S_c`` (new tensors)."""
+        new_params = {}
+        for p, w in params.items():
+            w = c.decay[:, -1, None, None] * w if c.decay is not None else w.clone()
+            new_params[p] = w if momentum is None else w.addcmul_(c.carry[:, -1, None, None], momentum[p])
+        new_momentum = None if momentum is None else {p: c.s_decay[:, None, None] * s for p, s in momentum.items()}
+        return new_params, new_momentum
 
     def _end_state(self, params, momentum, grads: list, c: Coefficients, kappa: torch.Tensor) -> tuple:
-        """The chunk's end weights (and momentum) from its gradients times kappa (N,), before
-        retention; a retention that steps along the momentum gets the start weights instead."""
+        """The chunk's end weights and momentum from its gradients times kappa (N,), before retention:
+        ``W' = d W_c + c S_c - kappa sum_s m_s g_s``, ``S' = e S_c - kappa sum_s p_s g_s``. A retention
+        that steps along the momentum gets the start weights instead of W' (it commits from S')."""
+        along_momentum = self.retention.steps_along_momentum
+        if along_momentum:
+            new_params, new_momentum = dict(params), {p: c.s_decay[:, None, None] * s for p, s in momentum.items()}
+        else:
+            new_params, new_momentum = self._carried(params, momentum, c)
         end = kappa[:, None, None] * c.mix[:, -1, :, None]  # (N, b, 1): weight of each token's gradient in W_b
-        new_params, new_momentum = {}, ({} if momentum is not None else None)
         for name, x, delta in grads:
-            weighted = end * delta
-            updates = {name: (x.transpose(-1, -2), weighted)}
-            bias = _bias_name(name)
-            if bias in params:
-                updates[bias] = (torch.ones_like(end.transpose(-1, -2)), weighted)
-            s_end = (kappa[:, None] * c.s_mix)[..., None] * delta if momentum is not None else None
-            # weight-sized terms are few passes over memory: the scaled weights are a new tensor
-            # that the update is accumulated into in place
-            for p, (left, right) in updates.items():
-                if momentum is not None:
-                    new_momentum[p] = (c.s_decay[:, None, None] * momentum[p]).baddbmm_(left, s_end, alpha=-1.0)
-                if self.retention.steps_along_momentum:
-                    new_params[p] = params[p]
-                    continue
-                w = params[p]
-                if c.decay is not None:
-                    w = c.decay[:, -1, None, None] * w
-                if momentum is not None:
-                    w = torch.addcmul(w, c.carry[:, -1, None, None], momentum[p])
-                new_params[p] = torch.baddbmm(w, left, right, alpha=-1.0) if w is params[p] else w.baddbmm_(
-                    left, right, alpha=-1.0)
+            lefts = {name: x.transpose(-1, -2)}
+            if _bias_name(name) in params:
+                lefts[_bias_name(name)] = torch.ones_like(end.transpose(-1, -2))
+            if momentum is not None:
+                s_step = (kappa[:, None] * c.s_mix)[..., None] * delta
+                for p, left in lefts.items():
+                    new_momentum[p].baddbmm_(left, s_step, alpha=-1.0)
+            if not along_momentum:
+                step = end * delta
+                for p, left in lefts.items():
+                    new_params[p].baddbmm_(left, step, alpha=-1.0)
         return new_params, new_momentum
 
     def curvature_factors(self, params, grads, y, v, objective_gates, scale) -> list[torch.Tensor]:
