@@ -3,6 +3,8 @@ without local memories and with C_G = C it is Titans; the local memories restart
 weights at every shard boundary and never see an earlier shard; the Q-K projection is the running
 sum of the shard's k k^T / ||k||^2."""
 
+import json
+
 import pytest
 import torch
 
@@ -155,3 +157,42 @@ def test_config_refuses_a_shard_that_is_not_whole_local_chunks():
         tto.build_config("tnt", preset="tiny", local_chunk_sizes=[4])
     with pytest.raises(ValueError, match="variant.*valid choices"):
         tto.build_config("tnt", preset="tiny", variant="mac")
+
+
+def test_two_stage_training_fine_tunes_only_the_local_memories_at_a_smaller_chunk(tmp_path):
+    """Stage 1 (configs/tiny/tnt.yml), then the stage-2 recipe (configs/tnt/stage2_150m.yml) on its
+    output, offline and small: the loaded config takes the new local chunks, and only the local
+    memories' parameters move."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from tto.training import load_recipe, train
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    offline = ["dataset.name=builtin:pydoc", "dataset.max_seq_length=24", "tokenizer=builtin:bytes",
+               "training_args.report_to=none", "training_args.device=cpu", "training_args.max_steps=3",
+               "training_args.per_device_train_batch_size=2", "training_args.save_strategy=no",
+               "training_args.logging_steps=1"]
+    first, second = tmp_path / "stage1", tmp_path / "stage2"
+    train(load_recipe(configs / "tiny" / "tnt.yml", [f"training_args.output_dir={first}", *offline]))
+    train(load_recipe(configs / "tnt" / "stage2_150m.yml", [
+        f"model.from_pretrained={first}", "model.config.local_chunk_sizes=[1, 3]",
+        f"training_args.output_dir={second}", "training_args.max_steps=3", *offline]))
+    assert json.loads((second / "config.json").read_text())["local_chunk_sizes"] == [1, 3]
+    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(".local_memories." in name for name in moved), sorted(moved)
+
+
+def test_stage_two_config_changes_are_checked_before_loading(tmp_path):
+    from tto.training import load_recipe
+
+    model = build()
+    model.save_pretrained(tmp_path)
+    recipe = "configs/tnt/stage2_150m.yml"
+    with pytest.raises(ValueError, match="local_chunk_size.*divide local_shard_size=6"):
+        load_recipe(recipe, [f"model.from_pretrained={tmp_path}", "model.config.local_chunk_sizes=[4]"])
+    with pytest.raises(ValueError, match="local_chunk_sise.*local_chunk_sizes"):
+        load_recipe(recipe, [f"model.from_pretrained={tmp_path}", "model.config.local_chunk_sise=[1]"])
