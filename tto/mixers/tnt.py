@@ -52,7 +52,7 @@ from ..config import config_error
 from ..engine.fast_models import upcast
 from ..layers.memory_layer import MemoryLayer
 from ..registry import register
-from .titans import VARIANTS, TitansConfig, memory_engine
+from .titans import TITANS_FROM_ATTENTION, VARIANTS, TitansConfig, memory_engine
 
 _TINY_BACKBONE_CHOICES = dict(chunk_size=4, local_chunk_sizes=[2, 3], local_shard_size=6, num_key_value_heads=1,
                               sliding_window=5, num_persistent_mem_tokens=2)
@@ -212,7 +212,7 @@ class HierarchicalMemory(MemoryLayer):
 
 
 @register("tnt", config=TNTConfig, presets=TNT_PRESETS, paper_sizes={"150m": 150e6},
-          paper="arXiv:2511.07343 (Li, Behrouz et al., 2025)")
+          paper="arXiv:2511.07343 (Li, Behrouz et al., 2025)", from_attention=TITANS_FROM_ATTENTION)
 class TNTMixer(nn.Module):
     """TNT mixer: x (B, T, hidden) -> (B, T, hidden), Titans' `variant` wiring around the
     hierarchical memory."""
