@@ -156,8 +156,10 @@ def test_generate_with_cache_equals_recompute(name, fields):
         cached = model.generate(prompt, max_new_tokens=9, do_sample=False, min_new_tokens=9)
         seq = prompt
         for _ in range(9):
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
+            logits = model(seq, use_cache=False).logits[:, -1]
+            if model.config.eos_token_id is not None:  # min_new_tokens: generate never picks EOS before the last token
+                logits[:, model.config.eos_token_id] = -torch.inf
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(cached, seq)
 
 

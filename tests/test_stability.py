@@ -359,6 +359,8 @@ DRAWN = {
     "omega_gate_bias_init": lambda r: r.uniform(-6, 6),
     "lp_p": lambda r: r.uniform(1.5, 4.0),
     "expand_v": lambda r: r.choice([0.5, 1.0, 2.0]),
+    "local_chunk_sizes": lambda r: r.choice([[], [1], [2], [2, 4], [8]]),
+    "local_shard_size": lambda r: r.choice([4, 8, 16]),
 }
 
 

@@ -15,6 +15,7 @@ float32 model of the same class from its config without ``quantization_config``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 from pathlib import Path
@@ -71,13 +72,24 @@ def load_pretrained_config(spec: str):
     return _from_pretrained(AutoConfig, spec)
 
 
-def load_pretrained(spec: str):
-    """The causal LM of a pretrained spec, float32; a GGUF one rebuilt without its quantization config
-    (so it saves)."""
+def changed_config(config, changes: dict | None):
+    """A copy of `config` with the fields of `changes` set (`config` itself when there are none)."""
+    if not changes:
+        return config
+    changed = copy.deepcopy(config)
+    for name, value in changes.items():
+        setattr(changed, name, value)
+    return changed
+
+
+def load_pretrained(spec: str, changes: dict | None = None):
+    """The causal LM of a pretrained spec, float32, its config with `changes` (fields to set: a
+    recipe's ``model.config``); a GGUF one rebuilt without its quantization config (so it saves)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32)
+    config = {"config": changed_config(load_pretrained_config(spec), changes)} if changes else {}
+    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=torch.float32, **config)
     if getattr(model.config, "quantization_config", None) is None:
         return model
     config = model.config

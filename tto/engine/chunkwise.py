@@ -229,6 +229,27 @@ class ChunkwiseMemory(Float32Parameters):
             return tuple(tokens_first(r, batch) for r in reads.unbind(1))
         return tokens_first(reads, batch)
 
+    def restart_rows(self, state: dict, rows: torch.Tensor) -> None:
+        """Rows `rows` (B,) bool of `state` continue as new sequences: their fast weights go back to
+        the initial ones and their momentum to zero (TNT's local memories at a shard boundary). Only
+        where those rows hold no pending real tokens (a chunk boundary of theirs); the pending
+        tokens' cached values are dropped. A state without this engine's entries is left alone."""
+        loaded = load_state(state, self.prefix, self.param_names(), self.has_momentum)
+        if loaded is None or not bool(rows.any()):
+            return
+        params, momentum, pending, n_pending = loaded
+        if bool((n_pending[rows] > 0).any()):
+            raise ValueError("restart_rows: a restarted row still holds pending tokens (not at a chunk boundary)")
+        heads = state[self.prefix + "W." + self.param_names()[0]].shape[1]
+        start, start_momentum = self.initial_weights(pending)
+        restart = rows.repeat_interleave(heads)
+        keep = lambda fresh, old: torch.where(restart.view(-1, *[1] * (old.dim() - 1)), fresh, old)  # noqa: E731
+        store_weights(state, self.prefix, heads, {n: keep(start[n], p) for n, p in params.items()},
+                      None if momentum is None else {n: keep(start_momentum[n], m) for n, m in momentum.items()})
+        for n, t in pending.items():
+            state[self.prefix + "pending." + n] = t
+        state[self.prefix + "n_pending"] = n_pending
+
     # ------------------------------------------------------------------ monitoring
     # Statistics from the engine's own parts; the normal forward pays nothing for them.
     def fast_weights(self, state: dict, call: dict) -> tuple[dict, dict | None]:

@@ -77,6 +77,7 @@ Differences from the paper: choices it leaves open, decoding necessities, and (M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -149,21 +150,27 @@ class TitansConfig(MemoryLayerConfig):
             raise config_error("segment_size", self.segment_size, "must be a positive integer or None")
 
 
-def neural_memory(config: TitansConfig) -> MemoryLayer:
-    """The neural long-term memory: a deep MLP memory trained with momentum and forgetting,
-    theta = ``mem_max_lr * sigmoid``, eta and alpha sigmoids of the input (Eqs. 13-14)."""
+def memory_engine(config: TitansConfig, chunk_size: int, state_prefix: str = "memory") -> tuple[Memory, dict]:
+    """The neural long-term memory's engine and gates: a deep MLP memory trained with momentum and
+    forgetting in chunks of `chunk_size`, theta = ``mem_max_lr * sigmoid``, eta and alpha sigmoids
+    of the input (Eqs. 13-14)."""
     fast = MLPMemory(config.num_memory_heads, config.hidden_size // config.num_memory_heads, depth=config.mem_depth,
                      expansion=config.mem_expansion_factor, activation=config.mem_activation, bias=False,
                      residual_norm=config.mem_residual_norm, norm_eps=config.rms_norm_eps,
                      init_std=config.initializer_range)
-    memory = Memory(fast, SquaredError(config.mem_loss_scale), MomentumGD(), config.chunk_size,
-                    checkpoint_group=config.scan_checkpoint_group_size)
+    memory = Memory(fast, SquaredError(config.mem_loss_scale), MomentumGD(), chunk_size,
+                    checkpoint_group=config.scan_checkpoint_group_size, state_prefix=state_prefix)
     width, heads, std = config.hidden_size, config.num_memory_heads, config.initializer_range
-    return MemoryLayer(config, memory, {
+    return memory, {
         "lr": Gate(width, heads, config.mem_max_lr, config.lr_gate_bias_init, std),  # theta_t
         "momentum": Gate(width, heads, 1.0, config.momentum_gate_bias_init, std),  # eta_t
         "forget": Gate(width, heads, 1.0, config.forget_gate_bias_init, std),  # alpha_t
-    })
+    }
+
+
+def neural_memory(config: TitansConfig) -> MemoryLayer:
+    """The memory layer (Sec. 4.4) over the neural long-term memory with chunk ``chunk_size``."""
+    return MemoryLayer(config, *memory_engine(config, config.chunk_size))
 
 
 def persistent_attention(config: TitansConfig) -> Attention:
@@ -176,9 +183,9 @@ def persistent_attention(config: TitansConfig) -> Attention:
 class LMM(nn.Module):
     """Titans LMM: the memory layer alone."""
 
-    def __init__(self, config: TitansConfig):
+    def __init__(self, config: TitansConfig, memory: Callable[[TitansConfig], nn.Module] = neural_memory):
         super().__init__()
-        self.memory = neural_memory(config)
+        self.memory = memory(config)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
         return self.memory(x, ctx, state)
@@ -187,10 +194,10 @@ class LMM(nn.Module):
 class MAC(nn.Module):
     """Titans MAC: ``o_t = Attn_segment([P] || h || S)_t * M*_t(q_t)`` with ``h_t = M*_{t-1}(q_t)``."""
 
-    def __init__(self, config: TitansConfig):
+    def __init__(self, config: TitansConfig, memory: Callable[[TitansConfig], nn.Module] = neural_memory):
         super().__init__()
         segment = config.segment_size or config.chunk_size
-        self.memory = neural_memory(config)
+        self.memory = memory(config)
         # two slots (h_t, x_t) per position: a segment's past is 2 x (segment - 1) cached slots
         self.attention = Attention(config, qk_norm=config.rms_qk_norm, num_persistent=config.num_persistent_mem_tokens,
                                    segment=segment, max_cached=2 * (segment - 1))
@@ -209,9 +216,9 @@ class MAC(nn.Module):
 class MAG(nn.Module):
     """Titans MAG: ``o = RMSNorm(M(x)) * silu(RMSNorm(SWA([P] || x)))``."""
 
-    def __init__(self, config: TitansConfig):
+    def __init__(self, config: TitansConfig, memory: Callable[[TitansConfig], nn.Module] = neural_memory):
         super().__init__()
-        self.memory = neural_memory(config)
+        self.memory = memory(config)
         self.attention = persistent_attention(config)
         self.memory_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -224,16 +231,16 @@ class MAG(nn.Module):
 class MAL(nn.Module):
     """Titans MAL: ``o = SWA([P] || M(x))``."""
 
-    def __init__(self, config: TitansConfig):
+    def __init__(self, config: TitansConfig, memory: Callable[[TitansConfig], nn.Module] = neural_memory):
         super().__init__()
-        self.memory = neural_memory(config)
+        self.memory = memory(config)
         self.attention = persistent_attention(config)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
         return self.attention(self.memory(x, ctx, state), ctx, state)
 
 
-#: variant -> block wiring
+#: variant -> block wiring; each takes the builder of its memory layer (TNT passes its hierarchical one)
 VARIANTS: dict[str, type[nn.Module]] = {"lmm": LMM, "mac": MAC, "mag": MAG, "mal": MAL}
 
 

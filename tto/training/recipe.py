@@ -7,6 +7,7 @@ A recipe has four sections (the schema of the original TTO configs)::
                     <another type>: {<its fields, used only when type is that type>}}
                    or a pretrained start (see pretrained_section):
                    {from_pretrained: <dir | .gguf file | pkg:PACKAGE/FILE | hub name>,
+                    config: {<fields of its config to change on load, e.g. a memory's chunk sizes>},
                     retrofit: {type: <registered type>, layers: last_quarter | [<index>, ...], <its fields>}}
     tokenizer:     builtin:bytes | <local dir> | <.gguf file> | pkg:PACKAGE/FILE | <hub name>
                    (default: the pretrained model's own, else builtin:bytes)
@@ -242,15 +243,35 @@ def model_fields(model: dict) -> dict:
 
 
 #: keys of a model section that starts from a pretrained model
-PRETRAINED_KEYS = ("from_pretrained", "retrofit")
+PRETRAINED_KEYS = ("from_pretrained", "config", "retrofit")
+
+
+def config_changes(source, changes) -> dict:
+    """``model.config`` of a pretrained start: a mapping of `source`'s config fields (a tto config's
+    declared fields; another config's attributes), converted and range-checked; ValueError naming an
+    unknown field or a changed config that its class refuses (e.g. TNT's local chunks that do not
+    divide its shard)."""
+    from ..pretrained import changed_config
+
+    if not isinstance(changes, dict):
+        raise ValueError(f"model.config={changes!r}: a mapping {{field: value}} of the pretrained model's config")
+    names = type(source).field_names() if hasattr(type(source), "field_names") else set(source.to_dict())
+    unknown = [k for k in changes if k not in names]
+    if unknown:
+        raise _unknown("model.config field(s) of the pretrained model", unknown, names)
+    changes = convert_fields(type(source), changes, "model.config")
+    if hasattr(source, "validate"):
+        changed_config(source, changes).validate()
+    return changes
 
 
 def pretrained_section(model: dict) -> dict:
-    """Check ``{from_pretrained: spec, retrofit: {type, layers, <fields>}}``: its keys, that the spec
-    names a model (its config is read: no weights), and the retrofit's type, layers and fields
-    against that config (:func:`tto.retrofit.retrofit_config`). Without ``retrofit`` the pretrained
-    model trains as it is."""
-    from ..pretrained import load_pretrained_config
+    """Check ``{from_pretrained: spec, config: {<fields>}, retrofit: {type, layers, <fields>}}``: its
+    keys, that the spec names a model (its config is read: no weights), the config changes (fields of
+    that config, converted and range-checked, and the changed config valid), and the retrofit's
+    type, layers and fields against the changed config (:func:`tto.retrofit.retrofit_config`).
+    Without ``retrofit`` the pretrained model trains as it is (with its config changes)."""
+    from ..pretrained import changed_config, load_pretrained_config
     from ..retrofit import retrofit_config
 
     unknown = [k for k in model if k not in PRETRAINED_KEYS]
@@ -260,6 +281,9 @@ def pretrained_section(model: dict) -> dict:
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model.from_pretrained={spec!r}: a directory, .gguf file, pkg:PACKAGE/FILE or hub name")
     source = load_pretrained_config(spec)
+    if model.get("config") is not None:
+        model = {**model, "config": config_changes(source, model["config"])}
+        source = changed_config(source, model["config"])
     retro = model.get("retrofit")
     if retro is not None:
         if not isinstance(retro, dict) or "type" not in retro:

@@ -121,7 +121,7 @@ def pretrained_model(model: dict, tokenizer):
     if vocab < len(tokenizer):
         raise ValueError(f"model.from_pretrained={model['from_pretrained']!r} has {vocab} token ids, fewer than the "
                          f"tokenizer ({len(tokenizer)}); use the model's own tokenizer")
-    loaded = load_pretrained(model["from_pretrained"])
+    loaded = load_pretrained(model["from_pretrained"], model.get("config"))
     return loaded if model.get("retrofit") is None else retrofit(loaded, **model["retrofit"])
 
 
