@@ -30,13 +30,14 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return (pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)).flatten(-2)
 
 
-def rope_2d_cos_sin(height: int, width: int, dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_2d_cos_sin(height: int, width: int, dim: int, theta: float, device=None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """2D RoPE of a (height x width) grid of tokens (row-major) for :func:`apply_rope_interleaved`:
-    cos, sin (1, height * width, dim), float32. Of the dim / 2 channel pairs, the first dim / 4 turn
+    cos, sin (1, height * width, dim) in `dtype`. Of the dim / 2 channel pairs, the first dim / 4 turn
     by the token's row and the last dim / 4 by its column, pair k of each half at frequency
     ``theta^(-k / (dim / 4))`` (ViT³'s RoPE; dim a multiple of 4)."""
     quarter = dim // 4
-    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=device, dtype=dtype) / quarter))
     rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
     angles = torch.cat([rows.reshape(-1, 1) * inv_freq, cols.reshape(-1, 1) * inv_freq], dim=-1)  # (N, dim / 2)
     emb = torch.cat((angles, angles), dim=-1)[None]

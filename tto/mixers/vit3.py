@@ -44,6 +44,7 @@ VIT3_PRESETS = {
     "24m": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, num_labels=1000),
     # 8x8 images (scikit-learn's digits) in 2x2 patches: a 4x4 grid
     "tiny": dict(image_size=8, patch_size=2, num_channels=1, num_labels=10),
+    "tiny-rope": dict(use_rope=True),  # the conformance suite's second case: the 2D RoPE path
 }
 
 
@@ -144,7 +145,8 @@ class Vit3Mixer(nn.Module):
         b, n, width = x.shape
         q1, k1, v1, q2, k2, v2 = self.qkv(x).split([width] * 3 + [self.head_dim] * 3, dim=-1)
         if self.use_rope:  # over the whole width (one "head" of the rotation)
-            cos, sin = rope_2d_cos_sin(*grid, width, self.rope_theta, device=x.device)
+            cos, sin = rope_2d_cos_sin(*grid, width, self.rope_theta, device=x.device,
+                                       dtype=torch.promote_types(x.dtype, torch.float32))
             q1, k1 = (apply_rope_interleaved(t[:, :, None], cos, sin)[:, :, 0] for t in (q1, k1))
         heads = lambda t: t.reshape(b, n, self.heads, self.head_dim)  # noqa: E731
         weight = self.loss_scale / n  # the loss is a mean over the image's tokens
