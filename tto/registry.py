@@ -134,14 +134,14 @@ def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | N
             (vision, vision.TTOVisionModel, vision.TTOForImageClassification, "ForImageClassification",
              AutoModelForImageClassification))
         base = type(f"{prefix}Model", (base_class,), {"config_class": config, "__module__": module.__name__})
-        lm = type(f"{prefix}{head_name}", (head_class,), {"config_class": config, "__module__": module.__name__})
+        model = type(f"{prefix}{head_name}", (head_class,), {"config_class": config, "__module__": module.__name__})
         setattr(module, base.__name__, base)
-        setattr(module, lm.__name__, lm)
+        setattr(module, model.__name__, model)
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModel.register(config, base, exist_ok=True)
-        auto.register(config, lm, exist_ok=True)
+        auto.register(config, model, exist_ok=True)
         all_presets = {**(presets or {}), "tiny": {**TINY_BACKBONE, **(presets or {}).get("tiny", {})}}
-        _REGISTRY[name] = Entry(name, config, mixer_class, lm, base, all_presets, paper, from_attention,
+        _REGISTRY[name] = Entry(name, config, mixer_class, model, base, all_presets, paper, from_attention,
                                 dict(paper_sizes or {}))
         return mixer_class
 
