@@ -187,3 +187,16 @@ def test_paper_scale_recipes_build_at_the_papers_size(recipe):
         count = sum(p.numel() for p in tto.get("vit3").model_class(
             tto.build_config("vit3", **{k: v for k, v in model.items() if k != "type"})).parameters())
     assert abs(count - target) / target < 0.10, f"{count / 1e6:.2f}M parameters, the paper's {target / 1e6:.0f}M"
+
+
+def test_infer_refuses_image_types(capsys):
+    """infer.py writes text: an image type is one clear line, naming the language-model types."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    with pytest.raises(SystemExit) as stop:
+        infer.parse_args(["--config-type", "vit3", "--prompt", "x"])
+    assert stop.value.code == 2
+    assert "'vit3' is an image-classification model" in capsys.readouterr().err
