@@ -25,7 +25,6 @@ module does not build).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
