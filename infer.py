@@ -79,6 +79,9 @@ def parse_args(argv):
             entry = tto.get(args.config_type)
         except ValueError as err:
             p.error(str(err))
+        if entry.task != "causal-lm":
+            p.error(f"type {args.config_type!r} is an {entry.task} model; infer.py writes text with the language-model "
+                    f"types: {sorted(tto.available())}")
         if args.variant is not None and args.variant not in entry.variants:
             p.error(f"unknown variant {args.variant!r} of {args.config_type!r}; valid: {list(entry.variants) or 'none'}")
     if args.history is not None and not args.chat:

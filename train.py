@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         then = f"resume from {newest} with:\n{resume_command(argv)}" if newest else "no checkpoint was saved"
         parser.exit(INTERRUPTED, f"train.py: interrupted; {then}\n")
     if trainer.is_world_process_zero():
-        summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k in ("train_loss", "eval_loss"))
+        summary = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k in ("train_loss", "eval_loss", "eval_accuracy"))
         print(f"done: {summary}; {metrics['trainable_parameters']:,} trainable parameters; model saved in "
               f"{trainer.args.output_dir}", flush=True)
     return metrics

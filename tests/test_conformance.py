@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tto
-from tto.engine import ChunkwiseMemory
+from tto.engine import ChunkwiseMemory, Float32Parameters
 from tto.reference import reference_mode
 
 ATOL = 2e-5
@@ -324,3 +324,131 @@ def test_compiled_inner_step_matches_eager(name):
 def test_compile_inner_step_needs_a_memory():
     with pytest.raises(ValueError, match="compile_inner_step.*no layer of this model has a memory"):
         build("transformer", {}, compile_inner_step=True)
+
+
+# ---------------------------------------------------------------------------- image types
+# The image types (task "image-classification") read a whole image at once, with no causality, cache
+# or padding: they get the invariants that apply to a bidirectional classifier instead.
+
+#: initializer_range 1: projections whose inner gradients have norms ~1, where the nonlinear parts of
+#: the inner steps (ViT³'s g / (||g|| + 1)) matter
+IMAGE_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, initializer_range=1.0)
+
+
+def _image_cases():
+    cases = []
+    for name, entry in ((n, tto.get(n)) for n in tto.available("image-classification")):
+        for variant, fields in entry.variant_configs():
+            cases.append(pytest.param(name, fields, id=f"{name}-{variant}" if variant else name))
+        for preset, fields in entry.presets.items():
+            if preset.startswith("tiny-"):
+                cases.append(pytest.param(name, fields, id=f"{name}-{preset}"))
+    return cases
+
+
+IMAGE_CASES = _image_cases()
+
+
+def build_image(name: str, fields: dict, seed: int = 0, **extra):
+    entry = tto.get(name)
+    torch.manual_seed(seed)
+    return entry.model_class(tto.build_config(name, **{**entry.presets["tiny"], **IMAGE_SIZES, **fields, **extra})).eval()
+
+
+def images(model, batch=2, seed=1):
+    """Random pixel values and labels for `model`'s input size."""
+    c, gen = model.config, torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, c.num_channels, c.image_size, c.image_size, generator=gen)
+    return pixels, torch.randint(0, c.num_labels, (batch,), generator=gen)
+
+
+@pytest.mark.parametrize("name,fields", IMAGE_CASES)
+def test_image_fast_path_matches_reference(name, fields):
+    """As for the language models: logits and parameter gradients of the fast path equal the naive
+    per-token references, in float64."""
+    model = build_image(name, fields).train().double()
+    pixels, labels = images(model)
+    pixels = pixels.double()
+    out = model(pixels, labels=labels)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    with reference_mode():
+        ref = model(pixels, labels=labels)
+        ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
+    assert out.logits.dtype == torch.float64
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-10, rtol=0)
+    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m, p=pname: f"{p}: {m}")
+
+
+@pytest.mark.parametrize("name,fields", IMAGE_CASES)
+def test_image_gradients_reach_every_parameter(name, fields):
+    model = build_image(name, fields).train()
+    pixels, labels = images(model)
+    model(pixels, labels=labels).loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} gets no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} gets a zero gradient"
+
+
+@pytest.mark.parametrize("name,fields", IMAGE_CASES)
+def test_image_save_load_roundtrip(name, fields, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model = build_image(name, fields)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    for (name_, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name_
+    pixels, _ = images(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name,fields", [c for c in IMAGE_CASES if any(
+    isinstance(m, Float32Parameters) for m in build_image(c.values[0], c.values[1]).modules())])
+def test_image_inner_arithmetic_stays_float32_under_bf16(name, fields):
+    """Under bf16 autocast every memory computes (and returns) float32, and a bf16 cast of the model
+    keeps the memories' parameters float32."""
+    model = build_image(name, fields)
+    memories = [m for m in model.modules() if isinstance(m, Float32Parameters)]
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype)) for m in memories]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images(model)[0])
+    for hook in hooks:
+        hook.remove()
+    assert len(dtypes) == len(memories) and set(dtypes) == {torch.float32}, dtypes
+    model = model.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for m in memories for p in m.parameters())
+
+
+@pytest.mark.parametrize("name,fields", IMAGE_CASES)
+def test_image_deterministic_under_seed(name, fields):
+    a, b, c = build_image(name, fields, seed=5), build_image(name, fields, seed=5), build_image(name, fields, seed=6)
+    pixels, _ = images(a)
+    with torch.no_grad():
+        assert torch.equal(a(pixels).logits, b(pixels).logits)
+        assert not torch.equal(a(pixels).logits, c(pixels).logits)
+
+
+@pytest.mark.parametrize("name,fields", IMAGE_CASES)
+def test_image_batch_rows_are_independent(name, fields):
+    model = build_image(name, fields)
+    pixels, _ = images(model, batch=3)
+    with torch.no_grad():
+        batch = model(pixels).logits
+        for i in range(3):
+            torch.testing.assert_close(batch[i], model(pixels[i: i + 1]).logits[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(tto.available("image-classification")))
+def test_image_nonfinite_layer_output_is_named(name):
+    model = build_image(name, {})
+    with torch.no_grad():
+        for p in model.model.layers[1].mixer.parameters():
+            p.fill_(float("nan"))
+        with pytest.raises(FloatingPointError, match=rf"layer 1 \({name}\)"):
+            model(images(model)[0])

@@ -67,6 +67,9 @@ class TTOConfig(PreTrainedConfig):
     model_type: ClassVar[str] = "tto"
     #: registry key of the mixer this config describes (set by each subclass)
     tto_type: ClassVar[str] = ""
+    #: what the type's model does: "causal-lm" (this backbone) or "image-classification"
+    #: (:mod:`tto.vision`); layers of a hybrid are types of the same task
+    task: ClassVar[str] = "causal-lm"
     #: fields whose values must come from a fixed set: {field: choices}
     choices: ClassVar[dict[str, tuple]] = {"hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu")}
     #: the field that selects the paper's variant (None: the type has one variant)
@@ -195,7 +198,7 @@ class TTOConfig(PreTrainedConfig):
             )
         from . import registry
 
-        registered = registry.available()
+        registered = registry.available(self.task)
         for kind in self.layer_mixers:
             if kind not in registered:
                 raise config_error("layer_mixers", kind, "unknown layer mixer", registered)

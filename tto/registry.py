@@ -6,10 +6,12 @@ A paper is added by decorating its mixer::
     class TTTMixer(nn.Module): ...
 
 Registration also creates the entry's Hugging Face classes (``<Name>ForCausalLM`` on the one
-generic backbone) and registers them with ``AutoConfig`` / ``AutoModel`` /
-``AutoModelForCausalLM`` under the model type ``tto_<type>``, so ``from_pretrained`` needs no
-``trust_remote_code``. Nothing else in tto lists the types: train.py, infer.py, the tests and the
-benchmarks all read :func:`available`.
+generic backbone; for a type whose config's ``task`` is "image-classification",
+``<Name>ForImageClassification`` on the vision backbone of :mod:`tto.vision`) and registers them
+with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` (``AutoModelForImageClassification``)
+under the model type ``tto_<type>``, so ``from_pretrained`` needs no ``trust_remote_code``. Nothing
+else in tto lists the types: train.py, infer.py, the tests and the benchmarks all read
+:func:`available`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
 from .config import TTOConfig, config_error, suggest
 
@@ -59,12 +61,16 @@ def qkvo(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, getattr(module, name)) for name in names if getattr(module, name, None) is not None]
 
 
+#: the tasks a type's model can do (:attr:`TTOConfig.task`)
+TASKS = ("causal-lm", "image-classification")
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
     config_class: type[TTOConfig]
     mixer_class: type[nn.Module]
-    model_class: type  # <Name>ForCausalLM
+    model_class: type  # <Name>ForCausalLM (<Name>ForImageClassification for an image type)
     base_model_class: type  # <Name>Model
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     paper: str = ""
@@ -72,6 +78,10 @@ class Entry:
     #: size preset -> the parameter count its paper (or official code) gives; tests build each preset
     #: and every recipe of configs/ (which names its size preset) within 10% of it
     paper_sizes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.config_class.task
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -107,36 +117,44 @@ def register(name: str, *, config: type[TTOConfig], presets: dict[str, dict] | N
     if unknown:
         raise ValueError(f"type {name!r}: paper_sizes names presets {unknown} it does not have; presets: {sorted(presets or {})}")
 
+    if config.task not in TASKS:
+        raise ValueError(f"type {name!r}: its config's task {config.task!r} is not one of {list(TASKS)}")
+
     def decorate(mixer_class: type[nn.Module]) -> type[nn.Module]:
-        from . import modeling
+        from . import modeling, vision
 
         if name in _REGISTRY:
             raise ValueError(f"type {name!r} is registered twice")
         config.tto_type = name
         config.model_type = f"tto_{name}"
         prefix = _camel(name)
-        base = type(f"{prefix}Model", (modeling.TTOModel,), {"config_class": config, "__module__": modeling.__name__})
-        lm = type(
-            f"{prefix}ForCausalLM",
-            (modeling.TTOForCausalLM,),
-            {"config_class": config, "__module__": modeling.__name__},
-        )
-        setattr(modeling, base.__name__, base)
-        setattr(modeling, lm.__name__, lm)
+        module, base_class, head_class, head_name, auto = (
+            (modeling, modeling.TTOModel, modeling.TTOForCausalLM, "ForCausalLM", AutoModelForCausalLM)
+            if config.task == "causal-lm" else
+            (vision, vision.TTOVisionModel, vision.TTOForImageClassification, "ForImageClassification",
+             AutoModelForImageClassification))
+        base = type(f"{prefix}Model", (base_class,), {"config_class": config, "__module__": module.__name__})
+        model = type(f"{prefix}{head_name}", (head_class,), {"config_class": config, "__module__": module.__name__})
+        setattr(module, base.__name__, base)
+        setattr(module, model.__name__, model)
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModel.register(config, base, exist_ok=True)
-        AutoModelForCausalLM.register(config, lm, exist_ok=True)
+        auto.register(config, model, exist_ok=True)
         all_presets = {**(presets or {}), "tiny": {**TINY_BACKBONE, **(presets or {}).get("tiny", {})}}
-        _REGISTRY[name] = Entry(name, config, mixer_class, lm, base, all_presets, paper, from_attention,
+        _REGISTRY[name] = Entry(name, config, mixer_class, model, base, all_presets, paper, from_attention,
                                 dict(paper_sizes or {}))
         return mixer_class
 
     return decorate
 
 
-def available() -> dict[str, tuple[str, ...]]:
-    """Registered types, each with its variants: ``{"ttt": ("linear", "mlp"), ...}``."""
-    return {name: entry.variants for name, entry in _REGISTRY.items()}
+def available(task: str | None = "causal-lm") -> dict[str, tuple[str, ...]]:
+    """Registered types of `task`, each with its variants: ``{"ttt": ("linear", "mlp"), ...}``. The
+    default lists the language models (what the text pipeline, its tests and benchmarks run);
+    ``task=None`` lists every type, ``"image-classification"`` the image models."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {list(TASKS)}")
+    return {name: entry.variants for name, entry in _REGISTRY.items() if task is None or entry.task == task}
 
 
 def get(name: str) -> Entry:

@@ -273,3 +273,36 @@ class SwiGLUMemory(FastModel):
         dhidden = g @ params["W1"].transpose(-1, -2)
         dgate = ACTIVATIONS["silu"][1](dhidden * up, gate)
         return [("W0", x, dgate), ("W2", x, dhidden * act), ("W1", hidden, g)]
+
+
+class GatedLinearMemory(FastModel):
+    """Per-head "simplified SwiGLU" of ViT³: ``f(x) = (x W1) * silu(x W2)``, a SwiGLU whose output
+    layer is the identity. W1, W2: (heads, dim, dim), no biases, initialised ~ trunc-normal(0, init_std^2)
+    (cut at +-2)."""
+
+    weight_names = ("W1", "W2")
+
+    def __init__(self, num_heads: int, dim: int, *, init_std: float = 0.02):
+        super().__init__()
+        self.num_heads, self.dim, self.init_std = num_heads, dim, init_std
+        self.W1 = nn.Parameter(torch.empty(num_heads, dim, dim))
+        self.W2 = nn.Parameter(torch.empty(num_heads, dim, dim))
+
+    def _tto_init(self, init) -> None:
+        for name in self.weight_names:
+            init.trunc_normal_(getattr(self, name), mean=0.0, std=self.init_std)
+
+    def initial_params(self, batch: int) -> dict[str, torch.Tensor]:
+        return {name: upcast(getattr(self, name)).repeat(batch, 1, 1) for name in self.weight_names}
+
+    def core(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        return linear("W1", x) * F.silu(linear("W2", x))
+
+    def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
+        return lambda name, x: x @ params[name]
+
+    def forward_backward(self, params: dict, x: torch.Tensor, dloss: Callable) -> list[tuple]:
+        z1, z2 = x @ params["W1"], x @ params["W2"]
+        gate = F.silu(z2)
+        g = dloss(z1 * gate)
+        return [("W1", x, g * gate), ("W2", x, ACTIVATIONS["silu"][1](g * z1, z2))]

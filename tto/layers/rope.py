@@ -28,3 +28,17 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     cos, sin = cos[:, :, None, :half, None].to(x.dtype), sin[:, :, None, :half, None].to(x.dtype)
     pairs = x.unflatten(-1, (half, 2))
     return (pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)).flatten(-2)
+
+
+def rope_2d_cos_sin(height: int, width: int, dim: int, theta: float, device=None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """2D RoPE of a (height x width) grid of tokens (row-major) for :func:`apply_rope_interleaved`:
+    cos, sin (1, height * width, dim) in `dtype`. Of the dim / 2 channel pairs, the first dim / 4 turn
+    by the token's row and the last dim / 4 by its column, pair k of each half at frequency
+    ``theta^(-k / (dim / 4))`` (ViT³'s RoPE; dim a multiple of 4)."""
+    quarter = dim // 4
+    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=device, dtype=dtype) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    angles = torch.cat([rows.reshape(-1, 1) * inv_freq, cols.reshape(-1, 1) * inv_freq], dim=-1)  # (N, dim / 2)
+    emb = torch.cat((angles, angles), dim=-1)[None]
+    return emb.cos(), emb.sin()

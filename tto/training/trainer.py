@@ -75,7 +75,8 @@ def save_atomically(model, tokenizer, output_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # image models have none
+            tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: n in ("config.json", ADAPTER_CONFIG))
         for name in names:  # the data reaches the disk before its name, as for checkpoints
             fsync(tmp / name)
@@ -157,6 +158,8 @@ def build_trainer(recipe: Recipe, callbacks=()):
     except (ImportError, TypeError, ValueError) as err:
         raise ValueError(f"training_args: {' '.join(str(err).split())}") from None
 
+    if "from_pretrained" not in recipe.model and tto.get(recipe.model["type"]).task == "image-classification":
+        return build_image_trainer(recipe, training_args, callbacks), resume
     tokenizer = load_tokenizer(recipe.tokenizer)
     if "from_pretrained" in recipe.model:
         set_seed(training_args.seed)  # the new mixers' initial weights depend on the recipe's seed only
@@ -206,6 +209,48 @@ def build_trainer(recipe: Recipe, callbacks=()):
     if recipe.monitor is not None:
         trainer.add_callback(InnerLoopMonitor(trainer, recipe.monitor.every))
     return trainer, resume
+
+
+def top1(prediction) -> dict:
+    """``accuracy``: the share of images whose largest logit is their label (Trainer compute_metrics)."""
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def build_image_trainer(recipe: Recipe, training_args, callbacks=()):
+    """The Trainer of an image type (``task = "image-classification"``): labelled images
+    (:mod:`tto.data.images`, ``dataset.eval_fraction`` of them held out, at most ``max_eval_samples``),
+    ``num_labels`` from the data unless the model section sets it, top-1 accuracy (``eval_accuracy``)
+    at every evaluation. The text-only sections (curriculum, monitor, adapter) are errors here."""
+    from transformers import default_data_collator, set_seed
+
+    import tto
+
+    from ..data.images import load_images
+
+    name = recipe.model["type"]
+    for section in ("curriculum", "monitor", "adapter"):
+        if getattr(recipe, section):
+            raise ValueError(f"{section}: not for image type {name!r} (a whole image is read at once)")
+    ds = recipe.dataset
+    fields_ = {k: v for k, v in recipe.model.items() if k != "type"}
+    shape = tto.build_config(name, **fields_)
+    images, classes = load_images(ds.name, split=ds.split, channels=shape.num_channels, size=shape.image_size)
+    fields_.setdefault("num_labels", classes)
+    if fields_["num_labels"] < classes:
+        raise ValueError(f"model.num_labels={fields_['num_labels']} is smaller than the {classes} classes of {ds.name!r}")
+    set_seed(training_args.seed)  # the initial weights depend on the recipe's seed only
+    model = tto.get(name).model_class(tto.build_config(name, **fields_))
+    freeze(model, recipe.freeze)
+    eval_set = None
+    if ds.eval_fraction > 0:
+        parts = images.train_test_split(test_size=ds.eval_fraction, seed=ds.seed)
+        images, eval_set = parts["train"], parts["test"]
+        if ds.max_eval_samples is not None:
+            eval_set = eval_set.select(range(min(ds.max_eval_samples, len(eval_set))))
+    return CheckpointingTrainer(model=model, args=training_args, train_dataset=images, eval_dataset=eval_set,
+                                data_collator=default_data_collator, compute_metrics=top1,
+                                callbacks=[StopOnNonFiniteLoss(), *callbacks, StopOnSignal()],
+                                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, recipe.optimizer, training_args))
 
 
 def run(trainer, resume=None) -> dict:
