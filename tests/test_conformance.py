@@ -75,6 +75,41 @@ def tokens(batch=2, length=LENGTH, seed=1):
     return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_every_parameter_has_a_gradient(model) -> None:
+    """After a backward: every parameter got a finite, non-zero gradient."""
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} gets no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} gets a zero gradient"
+
+
+def assert_matches_reference(model, inputs, labels) -> None:
+    """A float64 `model`'s logits and its loss's parameter gradients equal those of the engines' naive
+    references (:func:`tto.reference.reference_mode`) to 1e-10."""
+    out = model(inputs, labels=labels)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    with reference_mode():
+        ref = model(inputs, labels=labels)
+        ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
+    assert out.logits.dtype == torch.float64
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-10, rtol=0)
+    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m, p=pname: f"{p}: {m}")
+
+
+def assert_roundtrip(model, auto_class, inputs, tmp_path) -> None:
+    """`model` saved and loaded through `auto_class` is its class with bit-identical weights and the
+    same outputs on `inputs`."""
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = auto_class.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    for (name_, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name_
+    with torch.no_grad():  # equal weights; kernels may round differently on differently aligned storage
+        torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name,fields", CASES)
 def test_causality(name, fields):
     model = build(name, fields)
@@ -95,15 +130,7 @@ def test_fast_path_matches_reference(name, fields):
     blur that with rounding that some updates amplify (Muon's Newton-Schulz polynomial, l_q norms)."""
     model = build(name, fields).train().double()
     x = tokens()
-    out = model(x, labels=x)
-    grads = torch.autograd.grad(out.loss, list(model.parameters()))
-    with reference_mode():
-        ref = model(x, labels=x)
-        ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
-    assert out.logits.dtype == torch.float64
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-10, rtol=0)
-    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m, p=pname: f"{p}: {m}")
+    assert_matches_reference(model, x, x)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -182,24 +209,12 @@ def test_gradients_reach_every_parameter(name, fields):
     model = build(name, fields).train()
     x = tokens()
     model(x, labels=x).loss.backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, f"{pname} gets no gradient"
-        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
-        assert p.grad.abs().sum() > 0, f"{pname} gets a zero gradient"
+    assert_every_parameter_has_a_gradient(model)
 
 
 @pytest.mark.parametrize("name,fields", CASES)
 def test_save_load_roundtrip(name, fields, tmp_path):
-    model = build(name, fields)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(loaded) is type(model)
-    for (name_, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(p, q), name_
-    x = tokens()
-    with torch.no_grad():  # equal weights; kernels may round differently on differently aligned storage
-        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=0)
+    assert_roundtrip(build(name, fields), AutoModelForCausalLM, tokens(), tmp_path)
 
 
 @pytest.mark.parametrize("name,fields", [c for c in CASES if has_memory(build(c.values[0], c.values[1]))])
@@ -369,15 +384,7 @@ def test_image_fast_path_matches_reference(name, fields):
     model = build_image(name, fields).train().double()
     pixels, labels = images(model)
     pixels = pixels.double()
-    out = model(pixels, labels=labels)
-    grads = torch.autograd.grad(out.loss, list(model.parameters()))
-    with reference_mode():
-        ref = model(pixels, labels=labels)
-        ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
-    assert out.logits.dtype == torch.float64
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-10, rtol=0)
-    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m, p=pname: f"{p}: {m}")
+    assert_matches_reference(model, pixels, labels)
 
 
 @pytest.mark.parametrize("name,fields", IMAGE_CASES)
@@ -385,10 +392,7 @@ def test_image_gradients_reach_every_parameter(name, fields):
     model = build_image(name, fields).train()
     pixels, labels = images(model)
     model(pixels, labels=labels).loss.backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, f"{pname} gets no gradient"
-        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
-        assert p.grad.abs().sum() > 0, f"{pname} gets a zero gradient"
+    assert_every_parameter_has_a_gradient(model)
 
 
 @pytest.mark.parametrize("name,fields", IMAGE_CASES)
@@ -396,15 +400,7 @@ def test_image_save_load_roundtrip(name, fields, tmp_path):
     from transformers import AutoModelForImageClassification
 
     model = build_image(name, fields)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
-    assert type(loaded) is type(model)
-    for (name_, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(p, q), name_
-    pixels, _ = images(model)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, atol=1e-6, rtol=0)
+    assert_roundtrip(model, AutoModelForImageClassification, images(model)[0], tmp_path)
 
 
 @pytest.mark.parametrize("name,fields", [c for c in IMAGE_CASES if any(
