@@ -3,6 +3,7 @@
     python bench/bench.py                      # full run: seq 512 and 2048, decode at 1K/4K/16K
     python bench/bench.py --quick              # smoke run, < 1 minute
     python bench/bench.py --types ttt --variants linear --seq 2048 --decode-contexts 1024 16384
+    python bench/bench.py --kinds decode --seq 2048 --ttt-official ../ttt-lm-pytorch/ttt.py
 
 Method (as in shared/design/PEERS-CPU.md): float32, 2 threads; for each measure every case runs
 once untimed (warm-up), once under the FLOP counter, then `--iters` timed rounds round-robin with
@@ -49,6 +50,7 @@ from models import (COMPILED_SUFFIX, DECODE_TOKENS, LAYER_BASELINE, LM_BASELINE,
 
 BASELINE = {"lm": LM_BASELINE, "layer": LAYER_BASELINE}
 CEILING = "mm1024"
+KINDS = ("train", "prefill", "decode")
 FAILED = object()  # what Run.attempt returns when the call raised
 
 # Speed and memory targets, checked when both cases of a target ran:
@@ -79,13 +81,17 @@ class Measure:
 
 
 def plan(args) -> list[Measure]:
-    """Measures in run order: per seq LM train/prefill then layer train/prefill; then decode by context."""
+    """Measures in run order: per seq LM train/prefill then layer train/prefill; then decode by context.
+
+    Only the kinds in ``args.kinds`` are planned."""
     out = []
     for seq in args.seq:
         for group in ("lm", "layer") if args.layers else ("lm",):
-            out += [Measure(f"{kind}@{seq}", group, kind, seq, args.batch * seq) for kind in ("train", "prefill")]
-    for ctx in sorted(set(args.seq) | set(args.decode_contexts)):
-        out.append(Measure(f"decode@{ctx}", "lm", "decode", ctx, args.batch * DECODE_TOKENS))
+            out += [Measure(f"{kind}@{seq}", group, kind, seq, args.batch * seq)
+                    for kind in ("train", "prefill") if kind in args.kinds]
+    if "decode" in args.kinds:
+        for ctx in sorted(set(args.seq) | set(args.decode_contexts)):
+            out.append(Measure(f"decode@{ctx}", "lm", "decode", ctx, args.batch * DECODE_TOKENS))
     return out
 
 
@@ -272,20 +278,22 @@ def report(results: dict, args) -> str:
              f"median of {args.iters} (ratio to {LM_BASELINE} / {LAYER_BASELINE} of the same run)", ""]
     lm, layer = results["lm"], results["layer"]
     peak_cols = [f"peak train MB (rise) @{s}" for s in seqs]
-    lines += ["### Whole models: tokens/s", ""]
-    lines += _table(["model", "params"] + [f"train@{s}" for s in seqs] + [f"prefill@{s}" for s in seqs] + peak_cols,
-                    [[n, f"{e['params'] / 1e6:.2f}M" if e["params"] else "—"]
-                     + [_speed(e, f"train@{s}") for s in seqs] + [_speed(e, f"prefill@{s}") for s in seqs]
-                     + [_peak(e, f"train@{s}") for s in seqs] for n, e in lm.items()])
+    forward = [k for k in ("train", "prefill") if k in args.kinds]
+    if forward:
+        lines += ["### Whole models: tokens/s", ""]
+        lines += _table(["model", "params"] + [f"train@{s}" for s in seqs] + [f"prefill@{s}" for s in seqs] + peak_cols,
+                        [[n, f"{e['params'] / 1e6:.2f}M" if e["params"] else "—"]
+                         + [_speed(e, f"train@{s}") for s in seqs] + [_speed(e, f"prefill@{s}") for s in seqs]
+                         + [_peak(e, f"train@{s}") for s in seqs] for n, e in lm.items()])
     lines += ["", f"### Decode tokens/s ({DECODE_TOKENS} greedy tokens after an untimed prefill of the context)", ""]
     lines += _table(["model"] + [f"decode@{c}" for c in contexts] + [f"@{contexts[-1]} / @{contexts[0]}"],
                     [[n] + [_speed(e, f"decode@{c}") for c in contexts] + [_flatness(e, contexts)]
                      for n, e in lm.items() if any(k.startswith("decode@") for k in e["measures"])])
-    if args.flops:
+    if args.flops and forward:
         lines += ["", "### Compute: GFLOP/s (% of the in-process matmul ceiling), MFLOP/token", ""]
         labels = [f"{k}@{s}" for s in seqs for k in ("train", "prefill")]
         lines += _table(["model"] + labels, [[n] + [_compute(e, lb) for lb in labels] for n, e in lm.items()])
-    if layer:
+    if layer and forward:
         lines += ["", f"### Single layers (hidden {SMALL['hidden_size']}, train = fwd+bwd incl. input grad): tokens/s", ""]
         lines += _table(["layer", "params"] + [f"train@{s}" for s in seqs] + [f"prefill@{s}" for s in seqs] + peak_cols,
                         [[n, f"{e['params'] / 1e3:.0f}k" if e["params"] else "—"]
@@ -347,6 +355,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048], help="train/prefill lengths")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096, 16384],
                    help="decode contexts besides --seq")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="which measures to run (e.g. only decode)")
     p.add_argument("--types", nargs="+", help="registered types to include (default: all)")
     p.add_argument("--variants", nargs="+", help="variants to include, e.g. linear lmm (types without variants stay)")
     p.add_argument("--batch", type=int, default=2)
