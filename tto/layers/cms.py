@@ -22,10 +22,13 @@ Choices where the paper leaves the detail open (its "f(theta; x)" is "the error 
 arbitrary optimizer"):
 
 * the levels are SwiGLU MLPs (the backbone's MLP, ``hidden_size -> intermediate_size ->
-  hidden_size``, SiLU, no biases), one per level, chained without residuals as the paper's
-  composition is written;
-* each level's inner loss is its own input's reconstruction, ``1/2 ||MLP^(l)(x) - x||^2`` with x
-  the level's input (keys = values = x): each level compresses its own context flow, no extra
+  hidden_size``, SiLU, no biases), chained without residuals as the paper's composition is
+  written; a never-updated level is the backbone's :class:`tto.layers.mlp.SwiGLU` itself (its
+  init, its parameter names), an updated one the engine's :class:`tto.engine.SwiGLUMemory`
+  (initial weights ~ N(0, 1 / fan_in), float32);
+* each level's inner loss is its own input's reconstruction, ``1/(2 d) ||MLP^(l)(x) - x||^2`` with
+  x the level's input (keys = values = x) and d = hidden_size (the mean over features, so that the
+  step does not grow with the width): each level compresses its own context flow, no extra
   projections;
 * the per-token step ``lr_tau^(l) = cms_max_lr * sigmoid(w^(l) . x_tau + b^(l))`` is a
   data-dependent gate of the level's input (one per level, shared by its three weights), the
@@ -43,6 +46,7 @@ from torch import nn
 from ..cache import Context
 from ..engine import LargeChunkMemory, SquaredError, SwiGLUMemory
 from .gates import Gate
+from .mlp import SwiGLU
 
 
 class CMSLevel(nn.Module):
@@ -52,18 +56,19 @@ class CMSLevel(nn.Module):
     def __init__(self, config, index: int, period: int | None):
         super().__init__()
         self.period = period
-        fast = SwiGLUMemory(1, config.hidden_size, hidden=config.intermediate_size)  # init N(0, 1 / fan_in)
-        if period is None:
-            self.fast, self.memory, self.lr_gate = fast, None, None
+        if period is None:  # the backbone's own MLP
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act)
+            self.memory, self.lr_gate = None, None
         else:
-            self.memory = LargeChunkMemory(fast, SquaredError(), period, use_momentum=False, use_muon=False,
+            fast = SwiGLUMemory(1, config.hidden_size, hidden=config.intermediate_size)  # init N(0, 1 / fan_in)
+            self.memory = LargeChunkMemory(fast, SquaredError(1 / config.hidden_size), period, use_momentum=False, use_muon=False,
                                            weight_norm=False, state_prefix=f"cms.{index}")
             self.lr_gate = Gate(config.hidden_size, 1, config.cms_max_lr, config.cms_lr_bias_init,
                                 config.initializer_range)
 
     def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
-        if self.memory is None:  # the fast model's (1, d_in, d_out) weights, broadcast over the batch
-            return self.fast.apply(x, lambda name, h: h @ getattr(self.fast, name))
+        if self.memory is None:
+            return self.mlp(x)
         q = x[:, :, None]  # one head of the full width: query = key = value = the level's input
         lr = self.lr_gate(x)[..., None].expand(*x.shape[:2], 1, len(self.memory.fast.weight_names))
         return self.memory(q, q, q, {"lr": lr}, ctx.mask, state)[:, :, 0]
