@@ -168,3 +168,23 @@ def test_cms_fast_weights_stay_float32_under_bf16_autocast():
 def test_bad_cms_configs_name_the_problem(fields, match):
     with pytest.raises(ValueError, match=match):
         tto.build_config("transformer", **SIZES, **fields)
+
+
+@pytest.mark.parametrize("variant,peer,peer_fields", [("attention", "transformer", {"tie_word_embeddings": False}),
+                                                      ("titans", "titans", {"variant": "lmm", "chunk_size": 2})])
+def test_hope_with_a_never_updated_level_is_its_peer(variant, peer, peer_fields):
+    """HOPE-Attention whose CMS is one never-updated level is the transformer, and HOPE's Titans
+    variant so is Titans LMM, with the same weights: the same logits exactly."""
+    hope = build("hope", variant=variant, chunk_size=2, cms_periods=[None]).double()
+    other = build(peer, seed=1, **peer_fields).double()
+    rename = {".mlp.levels.0.mlp.": ".mlp."} | ({".mixer.wiring.attention.": ".mixer."} if variant == "attention" else {})
+
+    def renamed(key: str) -> str:
+        for old, new in rename.items():
+            key = key.replace(old, new)
+        return key
+
+    other.load_state_dict({renamed(k): v for k, v in hope.state_dict().items()})
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hope(x).logits, other(x).logits, atol=0, rtol=0)
