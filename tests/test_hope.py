@@ -170,6 +170,14 @@ def test_bad_cms_configs_name_the_problem(fields, match):
         tto.build_config("transformer", **SIZES, **fields)
 
 
+def test_cms_is_rejected_where_the_block_has_no_place_for_it():
+    """The image backbone's blocks keep their MLP, and TTT-E2E's model-level inner loop its static ones."""
+    with pytest.raises(ValueError, match="not of 'image-classification' models"):
+        tto.build_config("vit3", mlp_type="cms", cms_periods=[4], mlp_bias=False)
+    with pytest.raises(ValueError, match="prime layers"):
+        tto.build_config("ttt_e2e", **SIZES, mlp_type="cms", cms_periods=[4])
+
+
 @pytest.mark.parametrize("variant,peer,peer_fields", [("attention", "transformer", {"tie_word_embeddings": False}),
                                                       ("titans", "titans", {"variant": "lmm", "chunk_size": 2})])
 def test_hope_with_a_never_updated_level_is_its_peer(variant, peer, peer_fields):

@@ -227,6 +227,9 @@ class TTOConfig(PreTrainedConfig):
             if self.cms_periods is not None:
                 raise config_error("cms_periods", self.cms_periods, f"is a field of mlp_type 'cms' (mlp_type={self.mlp_type!r})")
             return
+        if self.task != "causal-lm":
+            raise config_error("mlp_type", self.mlp_type, f"the CMS is a block MLP of the causal LM backbone, not of "
+                               f"{self.task!r} models", ("swiglu",))
         periods = self.cms_periods
         if not isinstance(periods, (list, tuple)) or not periods or any(
                 p is not None and (not isinstance(p, int) or isinstance(p, bool) or p <= 0) for p in periods):
