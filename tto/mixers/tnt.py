@@ -145,7 +145,7 @@ class HierarchicalMemory(MemoryLayer):
             raise ValueError("TNT's memory has no single chunk-start read (Titans MAC is not a TNT variant)")
         q, k, v = self.qkv(x, ctx, state)
         if self.global_read_start:
-            out = self.memory(q, k, v, self.gates(x), ctx.mask, state, read_start=True)[1]
+            out = self.memory(q, k, v, self.gates(x), ctx.mask, state, read_start="only")
         else:
             out = self.memory(q, k, v, self.gates(x), ctx.mask, state)
         if not self.local_memories:
