@@ -24,6 +24,7 @@ from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, Larg
 from tto.engine.fast_models import layer_norm, layer_norm_backward
 from tto.engine.layout import Layout
 from tto.engine.muon import GRAM_ASPECT, NS5_COEFFICIENTS, NS5_MAX_GAIN
+from tto.engine.memory import naive_chunk_map
 from tto.engine.optimizers import NEGLIGIBLE, segsum
 
 ATOL = 2e-5
@@ -135,6 +136,88 @@ def test_chunk_start_reads_match_naive(optimizer):
     torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref_start, atol=ATOL, rtol=0)
 
 
+#: (optimizer, retention) of the start-only tests: Titans', TTT's and Moneta's steps, ATLAS' window
+#: and Muon commit
+START_ONLY_PARTS = [("momentum", None), ("gd", None), ("decay", LqNormalization(4.0)),
+                    ("omega-atlas-momentum", MuonRetention())]
+
+
+@pytest.mark.parametrize("optimizer,retention", START_ONLY_PARTS, ids=["titans", "ttt", "moneta", "atlas"])
+def test_chunk_start_reads_alone_equal_the_full_chunk(optimizer, retention):
+    """``read_start="only"`` (no dual form: plain reads at the chunk-start weights, commits from the
+    chunk-end coefficients) gives the full scan's chunk-start reads and committed weights and
+    momentum, and their gradients in every input, gate and parameter, at rounding distance (float64,
+    1e-12): 13 tokens in chunks of 4, rows left- and right-padded. Streamed in pieces (prefill, one
+    token, blocks across chunk boundaries) it gives the naive chunk-start reads and commits."""
+    mem = make_memory(2, optimizer, retention=retention).double()
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=13, requires_grad=True, dtype=torch.float64)
+    for g in gates.values():
+        g.requires_grad_(True)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[1, :5] = False
+    mask[2, 9:] = False
+    keep = mask[..., None, None]
+    full_state, only_state = {}, {}
+    full = mem(q, k, v, gates, mask, full_state, read_start=True)[1] * keep
+    only = mem(q, k, v, gates, mask, only_state, read_start="only") * keep
+    close = dict(atol=1e-12, rtol=0)
+    torch.testing.assert_close(only, full, **close)
+    weights = sorted(n for n in full_state if n.startswith(("memory.W.", "memory.S.")))
+    assert weights and sorted(n for n in only_state if n.startswith(("memory.W.", "memory.S."))) == weights
+    for n in weights:
+        torch.testing.assert_close(only_state[n], full_state[n], **close)
+    leaves = [q, k, v, *gates.values(), *mem.parameters()]
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(full.shape, generator=g, dtype=torch.float64)
+    w_state = {n: torch.randn(full_state[n].shape, generator=g, dtype=torch.float64) for n in weights}
+
+    def grads(reads, state):
+        loss = (reads * w).sum() + sum((state[n] * w_state[n]).sum() for n in weights)
+        return torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    for a, b in zip(grads(only, only_state), grads(full, full_state)):
+        assert (a is None) == (b is None)
+        if a is not None:  # relative too: ATLAS' Newton-Schulz steps give gradients up to ~50
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+    _, ref_start, committed = naive_memory(mem, q, k, v, gates, mask)
+    state: dict = {}
+    streamed = [mem(*(x[:, a:b] for x in (q, k, v)), {n: t[:, a:b] for n, t in gates.items()}, mask[:, a:b], state,
+                    read_start="only") for a, b in [(0, 3), (3, 4), (4, 5), (5, 11), (11, 13)]]
+    torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref_start, atol=1e-9, rtol=0)
+    for row in range(3):
+        for name, weight in committed[row].items():
+            torch.testing.assert_close(state["memory.W." + name][row], weight, atol=1e-9, rtol=0)
+
+
+def test_chunk_start_reads_alone_build_no_chunk_by_chunk_matrix():
+    """Forward and backward of ``read_start="only"`` make no (C x C) tensor (the dual form's), while
+    the full scan does: a chunk of C = 20 tokens, wider than the fast layers' inputs (8, 16; the step
+    bound's Gram matrices are the smaller of (C x C) and (width x width))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.square = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (20, 20):
+                    self.square += 1
+            return out
+
+    mem = make_memory(2, "momentum", chunk=20)
+    q, k, v, gates = make_inputs(optimizer="momentum", length=50, requires_grad=True)
+    for read_start, squares in (("only", False), (True, True)):
+        with Shapes() as shapes:
+            reads = mem(q, k, v, gates, read_start=read_start)
+            reads = reads[1] if read_start is True else reads
+            reads.square().sum().backward()
+        assert (shapes.square > 0) == squares
+
+
 @pytest.mark.parametrize("optimizer", ["gd", "momentum"])
 def test_scan_gradients_match_naive(optimizer):
     """Outer gradients (inputs, gates and the learned initial weights) flow through the inner
@@ -237,6 +320,93 @@ def test_momentum_coefficients_match_recurrence():
     torch.testing.assert_close(c.s_decay[0, 0] * s0 - (c.s_mix[0, 0] * grads).sum(), s, atol=1e-6, rtol=0)
 
 
+
+
+def _optimizer(name: str, chunk: int, seed: int = 0):
+    """An inner optimizer by `make_memory`'s name, float64 (TTT's position offsets moved off 0)."""
+    return make_memory(1, name, chunk=chunk, seed=seed).optimizer.double()
+
+
+def _chunk_gates(shape: tuple, lookback: int, seed: int, spread: dict | None = None) -> dict:
+    """Gates (..., b) in float64, uniform in [0, 1] or in `spread` {name: (low, high)}; ``omega`` (...,
+    lookback + b)."""
+    g = torch.Generator().manual_seed(seed)
+    spread = spread or {}
+    gates = {}
+    for name in ("lr", "momentum", "forget", "omega"):
+        low, high = spread.get(name, (0.0, 1.0))
+        width = shape[-1] + (lookback if name == "omega" else 0)
+        gates[name] = low + (high - low) * torch.rand(*shape[:-1], width, generator=g, dtype=torch.float64)
+    return gates
+
+
+END_OPTIMIZERS = ["gd", "decay", "momentum", "omega-decay", "omega-momentum", "omega-atlas-momentum"]
+
+
+@pytest.mark.parametrize("name", END_OPTIMIZERS)
+def test_end_coefficients_are_the_last_row(name):
+    """Each optimizer's chunk-end row, computed alone in O(b), is the last row of its full
+    coefficients (with pad slots) and, without pads, the chunk map its per-token recurrence gives
+    (float64: both at rounding distance, 1e-12)."""
+    b, heads = 7, 3
+    opt = _optimizer(name, b)
+    gates = _chunk_gates((heads, 2, b), opt.lookback, seed=4)
+    padded = torch.rand(heads, 2, b, generator=torch.Generator().manual_seed(5)) > 0.3
+    for valid in (padded, torch.ones_like(padded)):
+        full, end = opt.coefficients(gates, valid).rows(b - 1), opt.end_coefficients(gates, valid)
+        for a, e in zip(full._fields(), end._fields()):
+            assert (a is None) == (e is None)
+            if a is not None:
+                assert a.shape == e.shape
+                torch.testing.assert_close(e, a, atol=1e-12, rtol=0)
+    # the per-token recurrence of one chunk (the second), all tokens real, lookback tokens from the first
+    lookback = opt.lookback
+    token = lambda t: {n: g[:, 1, t + (lookback if n == "omega" else 0)] for n, g in gates.items()}  # noqa: E731
+    earlier = [{"omega": gates["omega"][:, 1, i]} for i in range(lookback)]
+    decay, carry, s_decay, mix, s_mix = naive_chunk_map(opt, [token(t) for t in range(b)], heads, torch.float64, earlier)
+    close = dict(atol=1e-12, rtol=0)
+    torch.testing.assert_close(end.mix[:, 1, 0], mix, **close)
+    torch.testing.assert_close(end.decay[:, 1, 0] if end.decay is not None else torch.ones_like(decay), decay, **close)
+    if opt.has_momentum:
+        torch.testing.assert_close(end.carry[:, 1, 0], carry, **close)
+        torch.testing.assert_close(end.s_decay[:, 1], s_decay, **close)
+        torch.testing.assert_close(end.s_mix[:, 1], s_mix, **close)
+
+
+#: gates of a 2048-token chunk: a long memory (momentum and retention near 1: products of thousands
+#: of gates stay O(1)), one that forgets within a few tokens (products underflow; the momentum gates'
+#: log sum reaches -11000), and gates spread over [0, 1] (that sum reaches -2000)
+LONG_CHUNK_GATES = {
+    "near-1": {"momentum": (1 - 2e-3, 1.0), "forget": (0.0, 2e-3), "lr": (0.0, 1e-2)},
+    "near-0": {"momentum": (0.0, 1e-2), "forget": (1 - 1e-2, 1.0), "lr": (0.0, 1.0)},
+    "spread": {},
+}
+
+
+@pytest.mark.parametrize("lr_after_momentum", [False, True], ids=["titans", "atlas"])
+@pytest.mark.parametrize("case", sorted(LONG_CHUNK_GATES))
+def test_end_coefficients_keep_float32_precision_over_a_long_chunk(case, lr_after_momentum):
+    """Over a 2048-token chunk the float32 chunk-end coefficients of momentum with forgetting match
+    the float64 per-token recurrence (on the same float32 gates) to 1e-5 relative: every entry is a
+    sum of non-negative products of gates, formed by at most two doubling scans of log2(b) = 11
+    multiplications and additions each, about 44 roundings of 2^-24 = 6e-8: within ~3e-6 (2e-6
+    seen); products below float32's normal range (1.2e-38) keep only absolute
+    precision, and the engine zeroes everything below NEGLIGIBLE anyway. (Products taken as
+    differences of float32 cumulative log sums are off by ~1e-4 relative once those sums reach
+    -2000: 1e-4 to 1e-3 here.)"""
+    b, heads = 2048, 2
+    opt = MomentumGD(lr_after_momentum)
+    gates = {n: g.float() for n, g in _chunk_gates((heads, 1, b), 0, seed=6, spread=LONG_CHUNK_GATES[case]).items()}
+    end = opt.end_coefficients(gates, torch.ones(heads, 1, b, dtype=torch.bool))
+    reference = naive_chunk_map(opt, [{n: g[:, 0, t].double() for n, g in gates.items()} for t in range(b)], heads,
+                                torch.float64)
+    decay, carry, s_decay, mix, s_mix = reference
+    close = dict(rtol=1e-5, atol=10 * torch.finfo(torch.float32).tiny)
+    for got, want in [(end.decay[:, 0, 0], decay), (end.carry[:, 0, 0], carry), (end.s_decay[:, 0], s_decay),
+                      (end.mix[:, 0, 0], mix), (end.s_mix[:, 0], s_mix)]:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, **close)
+    assert (mix > 1e-3).any()  # terms that matter
 
 def test_negligible_coefficients_are_zero_not_subnormal():
     """Products of forget gates over a long chunk underflow (0.5^128 = 3e-39, a subnormal float that

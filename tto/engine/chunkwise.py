@@ -61,7 +61,8 @@ class ChunkwiseMemory(Float32Parameters):
 
     forward(q, k, v (B, T, H, d), gates {name: (B, T, H, ...)}, mask (B, T) or None, state,
     read_start) -> reads (B, T, H, d_v); with ``read_start=True`` the pair (reads, reads of the
-    chunk-start weights). Inner arithmetic runs in float32 (float64 for float64 inputs), autocast
+    chunk-start weights); with ``read_start="only"`` the chunk-start reads alone (an engine that
+    :attr:`skips_updated_reads` then computes no read of the updated weights). Inner arithmetic runs in float32 (float64 for float64 inputs), autocast
     off; under :func:`tto.reference.reference_mode` the engine's naive reference runs instead.
 
     A subclass sets ``chunk_size``, ``prefix`` (its state keys' prefix) and ``has_momentum``, and
@@ -78,6 +79,10 @@ class ChunkwiseMemory(Float32Parameters):
     commits_incomplete_chunk: bool = False
     #: the scan can also return the reads of the chunk-start weights (``read_start``)
     reads_chunk_start: bool = False
+    #: with ``read_start="only"`` the scan and the read-only chunks get "only" and return the
+    #: chunk-start reads alone (B * H, n, C, d_v), computing only those and the commits; an engine
+    #: without it computes both reads (``read_start=True``) and the updated ones are dropped
+    skips_updated_reads: bool = False
     #: tokens before each chunk that its step also reads (ATLAS' Omega window), and which of the
     #: token tensors: the chunks then hold ``prev.<name>`` (B * H, n, lookback, ...) beside them, and
     #: the state keeps the last ``lookback`` tokens of the committed chunks (``window.<name>``)
@@ -110,7 +115,7 @@ class ChunkwiseMemory(Float32Parameters):
         raise NotImplementedError
 
     def _scan(self, params: dict, momentum: dict | None, chunks: dict, valid: torch.Tensor, n_commit: int,
-              read_start: bool) -> tuple[torch.Tensor, dict, dict | None]:
+              read_start: bool | str) -> tuple[torch.Tensor, dict, dict | None]:
         """Run all chunks: `chunks` {"q", "k", "v", "gate.<name>"} (B * H, n, C, ...), `valid`
         (B * H, n, C); the first `n_commit` chunks update the weights, the rest are only read.
         Returns (reads (B * H, n, C, d_v), or (B * H, n, 2, C, d_v) with the chunk-start reads
@@ -118,7 +123,7 @@ class ChunkwiseMemory(Float32Parameters):
         raise NotImplementedError
 
     def _read_chunk(self, params: dict, momentum: dict | None, chunk: dict, valid: torch.Tensor, first: int,
-                    read_start: bool, cache: dict | None = None) -> torch.Tensor:
+                    read_start: bool | str, cache: dict | None = None) -> torch.Tensor:
         """The reads of one read-only chunk's slots from `first` on (the earlier ones are pending
         tokens already read): `chunk` {"q", "k", "v", "gate.<name>"} (B * H, L, ...), `valid`
         (B * H, L). Returns (B * H, L - first, d_v), or (B * H, 2, L - first, d_v) with the
@@ -139,22 +144,29 @@ class ChunkwiseMemory(Float32Parameters):
 
     # ------------------------------------------------------------------ the pipeline
     def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
-                state: dict | None = None, read_start: bool = False):
+                state: dict | None = None, read_start: bool | str = False):
+        if read_start not in (False, True, "only"):
+            raise ValueError(f"read_start must be False, True or 'only', not {read_start!r}")
         if read_start and not self.reads_chunk_start:
-            raise ValueError(f"{type(self).__name__} has no chunk-start reads (read_start=True)")
+            raise ValueError(f"{type(self).__name__} has no chunk-start reads (read_start={read_start!r})")
         out_dtype = q.dtype
+        only = read_start == "only"
         with torch.autocast(device_type=q.device.type, enabled=False):
             if in_reference_mode():
                 if state is not None:
                     raise RuntimeError("the naive reference does not keep a decoding state")
-                reads = self.naive(q, k, v, gates, mask, read_start)
+                reads = self.naive(q, k, v, gates, mask, bool(read_start))
             else:
-                reads = self._pipeline(q, k, v, gates, mask, state, read_start)
-        return tuple(r.to(out_dtype) for r in reads) if read_start else reads.to(out_dtype)
+                reads = self._pipeline(q, k, v, gates, mask, state,
+                                       True if only and not self.skips_updated_reads else read_start)
+        if only and isinstance(reads, tuple):
+            reads = reads[1]
+        return tuple(r.to(out_dtype) for r in reads) if isinstance(reads, tuple) else reads.to(out_dtype)
 
-    def _pipeline(self, q, k, v, gates, mask, state, read_start: bool):
+    def _pipeline(self, q, k, v, gates, mask, state, read_start: bool | str):
         """Load the state, put its pending tokens in front, lay the tokens out in chunks, scan,
-        scatter the reads back to the new tokens and store the state."""
+        scatter the reads back to the new tokens and store the state. The pair of reads with
+        ``read_start=True``, one tensor otherwise."""
         batch, new_len, heads = q.shape[:3]
         tokens = {"q": upcast(q), "k": upcast(k), "v": upcast(v), **{"gate." + n: upcast(g) for n, g in gates.items()}}
         loaded = load_state(state, self.prefix, self.param_names(), self.has_momentum)
@@ -178,7 +190,7 @@ class ChunkwiseMemory(Float32Parameters):
         chunk_size = max(1, min(self.chunk_size, total)) if self.commits_incomplete_chunk else self.chunk_size
         layout = Layout.build(valid, total, batch, chunk_size, q.device, self.commits_incomplete_chunk)
         if layout.n_chunks == 0:  # every token a pad: nothing to read or write
-            reads = tokens["v"].new_zeros(batch * heads, 0, *([2] if read_start else []), chunk_size,
+            reads = tokens["v"].new_zeros(batch * heads, 0, *([2] if read_start is True else []), chunk_size,
                                           tokens["v"].shape[-1])
         elif layout.n_commit == 0:  # a decoding step: one read-only chunk, at its real length, new tokens read
             layout = layout.read_only()
@@ -194,7 +206,7 @@ class ChunkwiseMemory(Float32Parameters):
         if state is not None:
             store_state(state, self.prefix, heads, params, momentum, tokens, layout)
             state.update({self.prefix + "window." + n: t.detach() for n, t in earlier.items()})
-        if read_start:
+        if read_start is True:
             return tuple(layout.tokens(r)[:, total - new_len:] for r in reads.unbind(2))
         return layout.tokens(reads)[:, total - new_len:]
 
@@ -207,7 +219,7 @@ class ChunkwiseMemory(Float32Parameters):
             chunks["prev." + name], after[name] = layout.lookback(tokens[name], t)
         return chunks, after
 
-    def _append(self, params, momentum, tokens: dict, pending: dict, state: dict | None, read_start: bool,
+    def _append(self, params, momentum, tokens: dict, pending: dict, state: dict | None, read_start: bool | str,
                 new: bool):
         """A call that completes no chunk and follows no pending tokens but real ones (decoding one
         token without a mask): the layout is the identity, so its chunk is the pending tokens and
@@ -225,7 +237,7 @@ class ChunkwiseMemory(Float32Parameters):
             if new:
                 store_weights(state, self.prefix, heads, params, momentum)
             append_pending(state, self.prefix, heads, joined, cache)
-        if read_start:
+        if read_start is True:
             return tuple(tokens_first(r, batch) for r in reads.unbind(1))
         return tokens_first(reads, batch)
 

@@ -16,6 +16,15 @@ chunk's last token reads its retained weights rather than the linear ones. On re
 (``read_start=True``) the queries also read the chunk-start weights, ``f(q_t; W_c)``: retrieval
 from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
 
+**Chunk-start reads alone** (``read_start="only"``: TNT's global memory, read only at its chunk-start
+weights, at chunks of thousands of tokens). Nothing inside a chunk reads an updated weight, so the
+dual form is not run: a chunk's reads are the fast model's plain forward ``f(q_t; W_c)``, and its
+commit takes the keys' gradients at W_c, the step bound and the end state from the last row of the
+optimizer's coefficients alone (:meth:`~tto.engine.InnerOptimizer.end_coefficients`, O(b) per
+chunk): no (b x b) matrix anywhere. The commit is :meth:`Memory._chunk`'s, from the same gradients
+and coefficients (:meth:`Memory._commit`); a read-only chunk (incomplete, or a decoding step) takes
+no gradient at all.
+
 Padding and decoding follow the engine's layout (:mod:`tto.engine.layout`): an incomplete last
 chunk is only read and kept pending. A decoding step that completes no chunk
 (:meth:`Memory._read_chunk`) takes the gradients of the pending keys and the new ones at the
@@ -106,7 +115,9 @@ class Chunk(NamedTuple):
     q: torch.Tensor  # (N, C, d)
     k: torch.Tensor  # (N, lookback + C, d): the optimizer's lookback tokens before the chunk, then the chunk's
     v: torch.Tensor  # (N, lookback + C, d)
-    mixed_qk: torch.Tensor  # (N, C, lookback + C): mix * (q . k [+ 1]), the first layer's dual-form term
+    #: (N, C, lookback + C): mix * (q . k [+ 1]), the first layer's dual-form term; None with chunk-start
+    #: reads alone (``read_start="only"``), whose coefficients are then the chunk-end row alone
+    mixed_qk: torch.Tensor | None
     coefficients: Coefficients
     objective_gates: dict  # {name: (N, C)}
     active: torch.Tensor  # (N,) the row has a real token in this chunk
@@ -120,6 +131,7 @@ class Memory(ChunkwiseMemory):
     """
 
     reads_chunk_start = True
+    skips_updated_reads = True
 
     def __init__(self, fast_model: FastModel, objective: Objective, optimizer: InnerOptimizer,
                  chunk_size: int, checkpoint_group: int = 0, state_prefix: str = "memory",
@@ -155,23 +167,27 @@ class Memory(ChunkwiseMemory):
         return (out, start) if read_start else out
 
     # ------------------------------------------------------------------ the scan
-    def _chunk_inputs(self, params, chunks, valid) -> list[Chunk]:
-        """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...)."""
+    def _chunk_inputs(self, params, chunks, valid, start_only: bool) -> list[Chunk]:
+        """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...);
+        with `start_only` its chunk-end coefficients and no dual-form term."""
         n = valid.shape[1]
         chunks = self._with_lookback(chunks, dim=2)
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
         gates = _gates(chunks)
-        coef = self.optimizer.coefficients(gates, valid).without_negligible()
-        # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
-        # does not depend on the weights, so it is built for all chunks at once
-        qk = self._first_layer_qk(params, queries, keys)
+        if start_only:
+            coef = self.optimizer.end_coefficients(gates, valid).without_negligible()
+            mixed = [None] * n
+        else:
+            coef = self.optimizer.coefficients(gates, valid).without_negligible()
+            # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
+            # does not depend on the weights, so it is built for all chunks at once
+            mixed = (coef.mix * self._first_layer_qk(params, queries, keys)).unbind(1)
         # per-chunk views via unbind: indexing queries[:, i] instead would make every chunk's
         # backward write a zero tensor of the whole sequence's size
         objective_gates = [dict(zip(self.objective.gate_names, g))
                            for g in zip(*(gates[name].unbind(1) for name in self.objective.gate_names))] or [{}] * n
-        return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1),
-                                       (coef.mix * qk).unbind(1), coef.unbind(), objective_gates,
-                                       valid.any(-1).unbind(1))]
+        return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1), mixed, coef.unbind(),
+                                       objective_gates, valid.any(-1).unbind(1))]
 
     def _with_lookback(self, chunks: dict, dim: int) -> dict:
         """`chunks` with the keys, values and their gates preceded (along `dim`) by the optimizer's
@@ -186,7 +202,7 @@ class Memory(ChunkwiseMemory):
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
         n = valid.shape[1]
         queries = chunks["q"]
-        chunk_list = self._chunk_inputs(params, chunks, valid)
+        chunk_list = self._chunk_inputs(params, chunks, valid, read_start == "only")
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
@@ -199,18 +215,27 @@ class Memory(ChunkwiseMemory):
                 out, params, momentum = run(params, momentum)
             outs.append(out)
         reads = torch.cat(outs, dim=1)  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
-        x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start else queries
+        x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start is True else queries
         return self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape), params, momentum
 
-    def _chunks(self, params, momentum, chunks: list[Chunk], n_commit: int, read_start: bool):
+    def _chunks(self, params, momentum, chunks: list[Chunk], n_commit: int, read_start: bool | str):
         """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
-        (N, chunks, C, d), or (N, chunks, 2, C, d) with the chunk-start reads second."""
+        (N, chunks, C, d), or (N, chunks, 2, C, d) with the chunk-start reads second
+        (``read_start=True``), or the chunk-start reads alone (N, chunks, C, d) with "only"."""
         outs = []
         for i, chunk in enumerate(chunks):
-            out, new_params, new_momentum = self.step(params, momentum, chunk.q, chunk.k, chunk.v, chunk.mixed_qk,
-                                                      chunk.coefficients, chunk.objective_gates)
-            if read_start:
-                out = torch.stack([out, self.fast.core(chunk.q, self.fast.plain_linear(params))], dim=1)
+            if read_start == "only":  # no read inside the chunk: the start weights' reads, and the commit
+                out = self.fast.core(chunk.q, self.fast.plain_linear(params))
+                if i >= n_commit:
+                    outs.append(out)
+                    continue
+                new_params, new_momentum = self._commit(params, momentum, chunk.k, chunk.v, chunk.coefficients,
+                                                        chunk.objective_gates)
+            else:
+                out, new_params, new_momentum = self.step(params, momentum, chunk.q, chunk.k, chunk.v, chunk.mixed_qk,
+                                                          chunk.coefficients, chunk.objective_gates)
+                if read_start:
+                    out = torch.stack([out, self.fast.core(chunk.q, self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
                 if self.has_retention:
                     decay = chunk.coefficients.decay
@@ -225,7 +250,13 @@ class Memory(ChunkwiseMemory):
         weights and the dual form's rows of those queries; no step bound, no commit. A key's
         gradient depends on its own key, value and gates only, so the `cache` keeps the pending
         keys' ones (``<weight>.x``, ``<weight>.delta``: layer input and output gradient) and a call
-        takes only its new keys' gradients."""
+        takes only its new keys' gradients. With ``read_start="only"``: the plain reads of the
+        committed weights, no gradient (the cache is left empty)."""
+        if read_start == "only":
+            if cache is not None:
+                cache.clear()
+            q = chunk["q"][:, first:]
+            return self.fast.apply(q, self.fast.plain_linear(params))
         chunk = self._with_lookback(chunk, dim=1)
         gates = _gates(chunk)
         coef = self.optimizer.coefficients(gates, valid).without_negligible().rows(first)
@@ -289,14 +320,7 @@ class Memory(ChunkwiseMemory):
         """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention. A
         retention that steps along the momentum (Muon) replaces the end weights: they are not
         computed (the start weights stand in for them) and the momentum takes no step bound."""
-        grads, y = self._gradients(params, k, v, objective_gates)
-        scale = self.retention.grad_scale(params)
-        if self.retention.steps_along_momentum:
-            kappa = torch.ones_like(c.s_decay)
-        else:
-            kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
-        if scale is not None:
-            grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
+        grads, kappa = self._scaled_gradients(params, k, v, c, objective_gates)
         out = self._read(params, momentum, grads, q, mixed_qk, c)
         if not self.retention.reads_chunk_end:
             new_params, new_momentum = self._end_state(params, momentum, grads, c, kappa)
@@ -313,6 +337,28 @@ class Memory(ChunkwiseMemory):
         blend = lambda carried, linear: {p: torch.lerp(carried[p], linear[p], weight) for p in linear}  # noqa: E731
         return out, blend(carried_params, linear_params), (
             None if momentum is None else blend(carried_momentum, linear_momentum))
+
+    def _scaled_gradients(self, params, k, v, c: Coefficients, objective_gates: dict) -> tuple[list, torch.Tensor]:
+        """The chunk's keys' gradients at its start weights `params` as :meth:`_gradients` gives them,
+        times the retention's gradient scale, and the step bound kappa (N,) of its commit (1 for a
+        retention that steps along the momentum)."""
+        grads, y = self._gradients(params, k, v, objective_gates)
+        scale = self.retention.grad_scale(params)
+        if self.retention.steps_along_momentum:
+            kappa = torch.ones_like(c.s_decay)
+        else:
+            kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
+        if scale is not None:
+            grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
+        return grads, kappa
+
+    def _commit(self, params, momentum, k, v, c: Coefficients, objective_gates: dict) -> tuple:
+        """What :meth:`_chunk` commits, without its reads: the chunk's end weights and momentum, before
+        retention, from the chunk-end coefficients `c` alone (mix (N, 1, lookback + C), decay and
+        carry (N, 1)). With a retention that reads the chunk end, :meth:`_chunk`'s blend of the
+        carried and the linear end state by kappa is this end state at kappa (it is affine in kappa)."""
+        grads, kappa = self._scaled_gradients(params, k, v, c, objective_gates)
+        return self._end_state(params, momentum, grads, c, kappa)
 
     def _carried(self, params, momentum, c: Coefficients) -> tuple:
         """The start weights and momentum carried to the chunk end without its gradients:

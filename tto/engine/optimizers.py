@@ -8,8 +8,10 @@ optimizer is fully described by in-chunk coefficients (DESIGN.md section 3)::
     S_end = s_decay * S_c - sum_s s_mix[s] * g_s                  (momentum optimizers only)
 
 where W_c, S_c are the weights and momentum at chunk start. :meth:`coefficients` returns these
-for all chunks at once from the per-token gates; :meth:`naive_step` is the same optimizer written
-as a per-token recurrence, the reference the coefficients are tested against.
+for all chunks at once from the per-token gates; :meth:`end_coefficients` only their last row
+(t = b: what a chunk commits), in O(b) per chunk instead of O(b^2), for a memory that reads no
+updated weights inside a chunk (TNT's global memory); :meth:`naive_step` is the same optimizer
+written as a per-token recurrence, the reference both are tested against.
 
 Padding: the engine passes ``valid`` (False at pad slots). A pad must leave weights and momentum
 untouched, so optimizers turn its gates into the identity step.
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fast_models import upcast
@@ -225,6 +228,29 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~torch.tril(torch.ones(b, b, dtype=torch.bool, device=x.device)), float("-inf"))
 
 
+def suffix_scan(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """out[..., s] = sum_{m >= s} a[..., m] * prod_{r=s+1..m} g[..., r] over the last dim (b): the
+    backward recurrence ``out_s = a_s + g_{s+1} out_{s+1}`` in ceil(log2 b) doubling steps. Products
+    of gates are formed by multiplication, never as differences of cumulative log sums (which lose
+    float32 precision over long chunks), so for a, g >= 0 each entry, a sum of non-negative terms,
+    carries a relative error of O(log2 b) roundings at any chunk length; a product that underflows
+    goes to 0."""
+    b = a.shape[-1]
+    out, link = a, F.pad(g[..., 1:], (0, 1))  # link_s = g_{s+1}, from s to s + 1; 0 after the last
+    span = 1  # out_s sums m in [s, s + span), link_s = prod_{r=s+1..s+span} g_r (0 past the end)
+    while span < b:
+        out = out + link * F.pad(out[..., span:], (0, span))
+        link = link * F.pad(link[..., span:], (0, span))
+        span *= 2
+    return out
+
+
+def _last_one(v: torch.Tensor) -> torch.Tensor:
+    """A one at the last position of the chunk dim, zeros elsewhere, like `v`: the `a` of
+    :func:`suffix_scan` whose scan is the suffix products ``prod_{r=s+1..b-1} g_r``."""
+    return F.pad(v.new_ones(*v.shape[:-1], 1), (v.shape[-1] - 1, 0))
+
+
 class InnerOptimizer(nn.Module):
     has_momentum = False
     #: names of the per-token gates this optimizer reads
@@ -235,6 +261,11 @@ class InnerOptimizer(nn.Module):
     lookback_gates: tuple[str, ...] = ()
 
     def coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor) -> Coefficients:
+        raise NotImplementedError
+
+    def end_coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor) -> Coefficients:
+        """``coefficients(gates, valid).rows(b - 1)``, the chunk-end row alone (mix (N, n, 1, b), decay
+        and carry (N, n, 1), the rest as there), computed in O(b) per chunk."""
         raise NotImplementedError
 
     def naive_init(self, params: dict[str, torch.Tensor]) -> dict:
@@ -284,6 +315,10 @@ class MiniBatchGD(InnerOptimizer):
         mix = torch.tril(eta[:, None] * lr[..., None, :])
         return Coefficients(mix=mix)
 
+    def end_coefficients(self, gates, valid):
+        lr = gates["lr"] * valid
+        return Coefficients(mix=(self.position_scale()[lr.shape[-1] - 1] * lr)[..., None, :])
+
     def naive_init(self, params):
         return {"W": dict(params), "G": {k: torch.zeros_like(v) for k, v in params.items()}}
 
@@ -313,6 +348,12 @@ class DecayGD(InnerOptimizer):
         log_keep = torch.log1p(-gates["forget"] * v)  # 0 at pads
         retain = torch.exp(segsum(log_keep))  # retain[i, j] = prod_{r=j+1..i} (1 - alpha_r)
         return Coefficients(mix=retain * (gates["lr"] * v)[..., None, :], decay=torch.exp(log_keep.cumsum(-1)))
+
+    def end_coefficients(self, gates, valid):
+        v = valid.to(gates["lr"].dtype)
+        keep = 1 - gates["forget"] * v  # 1 at pads
+        retain = suffix_scan(_last_one(v), keep)  # prod_{r=m+1..b-1} (1 - alpha_r)
+        return Coefficients(mix=(retain * gates["lr"] * v)[..., None, :], decay=(keep[..., 0] * retain[..., 0])[..., None])
 
     def naive_init(self, params):
         return {"W": dict(params)}
@@ -367,6 +408,25 @@ class MomentumGD(InnerOptimizer):
         return Coefficients(mix=mix, decay=decay, carry=carry, s_decay=eta0[..., -1], s_mix=carry_mat[..., -1, :] * lr_s,
                             step=applied[..., -1, :].sum(-1))
 
+    def end_coefficients(self, gates, valid):
+        """The last row by :func:`suffix_scan`: ``mix[b-1, s] = lr_s[s] sum_{m>=s} applied[m]
+        prod_{r=s+1..m} eta_r`` with ``applied[m] = lr_w[m] prod_{r=m+1..b-1} (1 - alpha_r)``, and the
+        chunk-wide products ``decay = prod (1 - alpha)``, ``s_decay = prod eta``, ``carry = eta_0 *
+        (that scan at s = 0)``."""
+        v = valid.to(gates["lr"].dtype)
+        lr = gates["lr"] * v
+        lr_w, lr_s = (lr, v) if self.lr_after_momentum else (v, lr)
+        keep = 1 - gates["forget"] * v  # 1 - alpha; 1 at pads
+        eta = torch.where(valid, gates["momentum"], torch.ones_like(v))
+        last = _last_one(v)
+        retain = suffix_scan(last, keep)  # prod_{r=m+1..b-1} (1 - alpha_r)
+        carried = suffix_scan(last, eta)  # prod_{r=j+1..b-1} eta_r
+        applied = retain * lr_w  # row b-1 of `applied` in coefficients
+        through = suffix_scan(applied, eta)  # sum_{m>=s} applied[m] prod_{r=s+1..m} eta_r
+        return Coefficients(mix=(through * lr_s)[..., None, :], decay=keep[..., :1] * retain[..., :1],
+                            carry=eta[..., :1] * through[..., :1], s_decay=eta[..., 0] * carried[..., 0],
+                            s_mix=carried * lr_s, step=applied.sum(-1))
+
     def naive_init(self, params):
         return {"W": dict(params), "S": {k: torch.zeros_like(v) for k, v in params.items()}}
 
@@ -414,15 +474,30 @@ class OmegaWindow(InnerOptimizer):
         and s_mix (N, n, lookback + b) have a column per lookback token first."""
         c = self.base.coefficients(gates, valid)
         b = valid.shape[-1]
-        omega = gates["omega"]
-        lookback = omega.shape[-1] - b
-        gamma = torch.cat([omega[..., :lookback], omega[..., lookback:] * valid], -1)
+        gamma, lookback = self._gammas(gates, valid)
         row = torch.arange(b, device=valid.device)[:, None]
         col = torch.arange(-lookback, b, device=valid.device)[None, :]  # place in the chunk
         band = (col <= row) & (row - col < self.window)
         window = band.to(gamma.dtype) * gamma[..., None, :]  # (N, n, b, lookback + b)
         s_mix = None if c.s_mix is None else (c.s_mix[..., None, :] @ window)[..., 0, :]
         return Coefficients(mix=c.mix @ window, decay=c.decay, carry=c.carry, s_decay=c.s_decay, s_mix=s_mix, step=c.step)
+
+    def end_coefficients(self, gates, valid):
+        """The band applied to the base's last row without building it: column i (lookback token or
+        chunk token) is ``gamma_i`` times the sum of the row's entries at s in [i, i + window)."""
+        c = self.base.end_coefficients(gates, valid)
+        gamma, lookback = self._gammas(gates, valid)
+        banded = lambda row: gamma * F.pad(row, (lookback, self.window - 1)).unfold(-1, self.window, 1).sum(-1)  # noqa: E731
+        return Coefficients(mix=banded(c.mix[..., 0, :])[..., None, :], decay=c.decay, carry=c.carry, s_decay=c.s_decay,
+                            s_mix=None if c.s_mix is None else banded(c.s_mix), step=c.step)
+
+    @staticmethod
+    def _gammas(gates, valid) -> tuple[torch.Tensor, int]:
+        """gamma (N, n, lookback + b): the lookback tokens' omega gates, then the chunk's (0 at pads),
+        and the number of lookback columns."""
+        omega = gates["omega"]
+        lookback = omega.shape[-1] - valid.shape[-1]
+        return torch.cat([omega[..., :lookback], omega[..., lookback:] * valid], -1), lookback
 
     def naive_init(self, params):
         state = self.base.naive_init(params)

@@ -14,7 +14,9 @@ Retrieval sums the memories (Eq. 15)::
 
     o_t = f(V_{xi(t, C_G)}, q_t) + sum_i f(W^(i)_t, M_t q_t),    M_t = sum_{tau = shard start}^{t} k_tau k_tau^T / ||k_tau||^2
 
-the global memory read at its chunk-start weights (``global_read_start``), each local memory after
+the global memory read at its chunk-start weights (``global_read_start``: the engine then computes
+only those reads and each chunk's commit, no dual form inside the chunk, :mod:`tto.engine.memory`),
+each local memory after
 its update (update-then-read, as Titans), through the **Q-K projection** M_t (``qk_projection``):
 the queries projected onto the span of the shard's keys, which the memory was trained on (App. C:
 a d x d running sum restarted with the local memories; in training a causal (q . k) matrix per
@@ -145,7 +147,7 @@ class HierarchicalMemory(MemoryLayer):
             raise ValueError("TNT's memory has no single chunk-start read (Titans MAC is not a TNT variant)")
         q, k, v = self.qkv(x, ctx, state)
         if self.global_read_start:
-            out = self.memory(q, k, v, self.gates(x), ctx.mask, state, read_start=True)[1]
+            out = self.memory(q, k, v, self.gates(x), ctx.mask, state, read_start="only")
         else:
             out = self.memory(q, k, v, self.gates(x), ctx.mask, state)
         if not self.local_memories:
