@@ -236,6 +236,41 @@ def test_scan_gradients_match_naive(optimizer):
             torch.testing.assert_close(a, b, atol=GRAD_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["gd", "momentum"])
+def test_step_bound_gradients_match_naive(optimizer, monkeypatch):
+    """Where the step bound scales a commit (kappa < 1), its factor is differentiated with respect to the
+    gates in the fast and the naive form alike; without that term the gate gradients would differ."""
+    import tto.engine.memory as memory_module
+
+    mem = make_memory(2, optimizer).double()
+    q, k, v, gates = make_inputs(optimizer=optimizer, requires_grad=True, dtype=torch.float64, max_lr=20.0)
+    for g in gates.values():
+        g.requires_grad_(True)
+    leaves = [q, k, v, *gates.values(), *mem.parameters()]
+    w = torch.randn(3, 11, 2, 8, dtype=torch.float64)
+    bound, kappas = memory_module.stable_step_factor, []
+
+    def recording(*args, detach=False):
+        kappa = bound(*args)
+        kappas.append(kappa.detach())
+        return kappa.detach() if detach else kappa
+
+    def gradients(detach=False):
+        monkeypatch.setattr(memory_module, "stable_step_factor", lambda *a: recording(*a, detach=detach))
+        fast = torch.autograd.grad((mem(q, k, v, gates) * w).sum(), leaves, allow_unused=True)
+        naive = torch.autograd.grad((naive_memory(mem, q, k, v, gates)[0] * w).sum(), leaves, allow_unused=True)
+        return fast, naive
+
+    fast, naive = gradients()
+    assert min(x.min() for x in kappas) < 0.5  # the bound is active on these inputs
+    for a, b in zip(fast, naive):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=GRAD_ATOL, rtol=0)
+    detached, _ = gradients(detach=True)
+    assert (fast[3] - detached[3]).abs().max() > 1e-3  # the lr gate's gradient includes kappa's
+
+
 def test_checkpoint_groups_do_not_change_results():
     mem = make_memory(2, "momentum")
     q, k, v, gates = make_inputs(optimizer="momentum", length=17, requires_grad=True)

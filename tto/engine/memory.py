@@ -61,7 +61,11 @@ point in different directions make this the chunk's Gram matrix, not the sum of 
 curvatures. kappa = 1 exactly wherever the step is stable by itself, so the paper's update is
 computed unchanged there; the reads inside a chunk are the
 paper's in any case (a bound that depended on a chunk's later tokens would break causality), and a
-read-only incomplete chunk commits nothing. kappa is not differentiated (like a clipping norm).
+read-only incomplete chunk commits nothing. kappa is differentiated with respect to the gates
+(theta, eta, alpha enter it through the chunk's coefficients), not the keys' curvature factors
+(detached, like a clipping norm): where the bound is active, the outer gradient sees that a larger
+theta buys no larger step (kappa * theta stays at the bound) and that more momentum shrinks the step
+(t_max falls with eta), instead of pushing the gates further into the region the bound cuts back.
 
 **Muon commits need no bound.** ATLAS' commit (:class:`tto.engine.MuonRetention`) is a step along the
 orthogonalised chunk-end momentum, ``W' = a W_c + eta_bar NS5(S_b)`` with ``a = prod_t alpha_t <= 1``
@@ -414,12 +418,12 @@ class Memory(ChunkwiseMemory):
     def _step_bound(self, params, grads, y, v, objective_gates, c: Coefficients, scale) -> torch.Tensor:
         """The factor kappa (N,) on the gradients the chunk commits (module docstring):
         :func:`stable_step_factor` of the chunk-end coefficients and the chunk's curvature factors.
-        Not differentiated (a bound, like a clipping threshold)."""
+        Differentiated with respect to the gates, not the curvature factors (module docstring)."""
         with torch.no_grad():
             factors = self.curvature_factors(params, grads, y, v, objective_gates, scale)
-            decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(factors[0][..., 0, 0])
-            carry = c.carry[:, -1] if c.carry is not None else None
-            return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, factors)
+        decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(factors[0][..., 0, 0])
+        carry = c.carry[:, -1] if c.carry is not None else None
+        return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, factors)
 
 
 def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype,
@@ -552,10 +556,10 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
                 last_commit = dict(weights)
             elif pos == b - 1:
                 # the commit: the chunk's recurrence again from its start, gradients times the step bound
-                with torch.no_grad():  # a bound, not differentiated
-                    coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype,
-                                                   [g for _, g, _ in earlier])
-                    kappa = stable_step_factor(*coefficients, [torch.stack(f, 1) for f in zip(*(c for *_, c in earlier + written))])
+                coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype,
+                                               [g for _, g, _ in earlier])
+                factors = [torch.stack(f, 1).detach() for f in zip(*(c for *_, c in earlier + written))]
+                kappa = stable_step_factor(*coefficients, factors)
                 state = chunk_start
                 scaled = lambda grads, kappa=kappa: {n: kappa[:, None, None] * g for n, g in grads.items()}  # noqa: E731
                 if earlier:

@@ -90,8 +90,10 @@ def curvature_norm(factors: list[torch.Tensor], weights: torch.Tensor) -> torch.
     total = 0.0
     for f in factors:
         if f.shape[-2] <= f.shape[-1]:
-            scaled = weights.clamp_min(0.0).sqrt()[..., None] * f
-            gram = scaled @ f.transpose(-1, -2) * weights.clamp_min(0.0).sqrt()[..., None, :]
+            positive = weights > 0
+            root = torch.where(positive, weights, 1.0).sqrt() * positive  # sqrt with a finite gradient at 0
+            scaled = root[..., None] * f
+            gram = scaled @ f.transpose(-1, -2) * root[..., None, :]
         else:
             gram = f.transpose(-1, -2) @ (weights.clamp_min(0.0)[..., None] * f)
         # non-finite entries (a run that has already diverged) count as zero, as in the curvature gains,
