@@ -104,6 +104,39 @@ def curvature_norm(factors: list[torch.Tensor], weights: torch.Tensor) -> torch.
 
 def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
                        mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`step_factor` (below), differentiated with respect to the gates' coefficients (decay,
+    carry, s_decay, mix, s_mix), not the curvature factors (taken as constants, like a clipping norm).
+    The bound's branches for degenerate chunks (zero weights, no momentum, a direction that never
+    expands the norm) are selected by ``torch.where``, whose discarded sides can hold 0 x inf; their
+    non-finite gradient entries are zero, the derivative of the branch actually taken."""
+    return _StepFactor.apply(decay, carry, s_decay, mix, s_mix, *(f.detach() for f in factors))
+
+
+class _StepFactor(torch.autograd.Function):
+    """kappa in the forward; in the backward, its vector-Jacobian product recomputed under autograd
+    with non-finite entries zeroed (:func:`stable_step_factor`)."""
+
+    @staticmethod
+    def forward(ctx, decay, carry, s_decay, mix, s_mix, *factors):
+        ctx.save_for_backward(decay, carry, s_decay, mix, s_mix, *factors)
+        return step_factor(decay, carry, s_decay, mix, s_mix, list(factors))
+
+    @staticmethod
+    def backward(ctx, grad):
+        decay, carry, s_decay, mix, s_mix, *factors = ctx.saved_tensors
+        inputs = [None if x is None else x.detach().requires_grad_(need)
+                  for x, need in zip((decay, carry, s_decay, mix, s_mix), ctx.needs_input_grad)]
+        wanted = [x for x in inputs if x is not None and x.requires_grad]
+        with torch.enable_grad():
+            kappa = step_factor(*inputs, factors)
+        grads = iter(torch.autograd.grad(kappa, wanted, grad, allow_unused=True) if wanted and kappa.requires_grad
+                     else [None] * len(wanted))
+        out = [next(grads) if x is not None and x.requires_grad else None for x in inputs]
+        return (*(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in out), *([None] * len(factors)))
+
+
+def step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
+                mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor]) -> torch.Tensor:
     """The factor kappa (N,) in (0, 1] on one chunk's gradients that keeps the chunk map non-expanding.
 
     A chunk commits ``W' = d W + c S - sum_s m_s g_s``, ``S' = e S - sum_s p_s g_s`` (d = decay, c =
