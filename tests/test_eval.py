@@ -337,7 +337,7 @@ def test_task_recipes_fit_every_document_in_one_block(recipe):
 # --- lm-evaluation-harness ------------------------------------------------------------------------
 
 def test_harness_runs_lm_eval_on_a_tto_checkpoint_offline(models, tmp_path):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason="lm-eval is optional (pip install -r requirements-eval.txt; CI installs it)")
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The sky is blue.", "The grass is green."]))
     (tmp_path / "toy.yaml").write_text(

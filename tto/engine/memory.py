@@ -558,8 +558,7 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None):
                 # the commit: the chunk's recurrence again from its start, gradients times the step bound
                 coefficients = naive_chunk_map(opt, [g for _, g, _ in written], heads, outs.dtype,
                                                [g for _, g, _ in earlier])
-                factors = [torch.stack(f, 1).detach() for f in zip(*(c for *_, c in earlier + written))]
-                kappa = stable_step_factor(*coefficients, factors)
+                kappa = stable_step_factor(*coefficients, [torch.stack(f, 1) for f in zip(*(c for *_, c in earlier + written))])
                 state = chunk_start
                 scaled = lambda grads, kappa=kappa: {n: kappa[:, None, None] * g for n, g in grads.items()}  # noqa: E731
                 if earlier:

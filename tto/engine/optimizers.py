@@ -129,8 +129,8 @@ class _StepFactor(torch.autograd.Function):
         wanted = [x for x in inputs if x is not None and x.requires_grad]
         with torch.enable_grad():
             kappa = step_factor(*inputs, factors)
-        grads = iter(torch.autograd.grad(kappa, wanted, grad, allow_unused=True) if wanted and kappa.requires_grad
-                     else [None] * len(wanted))
+        grads = iter(torch.autograd.grad(kappa, wanted, grad, allow_unused=True) if kappa.requires_grad else
+                     [None] * len(wanted))
         out = [next(grads) if x is not None and x.requires_grad else None for x in inputs]
         return (*(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in out), *([None] * len(factors)))
 
