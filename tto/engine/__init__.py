@@ -5,7 +5,7 @@ large-chunk apply-then-update memories with Muon and weight norm (LaCT); the non
 memory of whole images (ViT³); feature maps (ATLAS).
 Each memory runs its chunks through one step (``chunkwise.ChunkwiseMemory``), optionally compiled."""
 
-from .chunkwise import ChunkwiseMemory, Float32Parameters
+from .chunkwise import ChunkwiseMemory, Float32Parameters, noncausal
 from .delta_rule import DeltaRule, naive_delta_rule
 from .fast_models import ACTIVATIONS, FastModel, GatedLinearMemory, MLPMemory, SwiGLUMemory
 from .feature_maps import PolynomialFeatures
@@ -21,4 +21,4 @@ __all__ = ["ACTIVATIONS", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRu
            "Float32Parameters", "Huber", "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MLPMemory", "Memory",
            "MiniBatchGD", "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "OneStepMemory", "PolynomialFeatures", "Retention", "SoftmaxRetention",
            "SquaredError", "SwiGLUMemory", "WeightNorm", "naive_delta_rule", "naive_large_chunk", "naive_memory", "naive_one_step",
-           "newton_schulz5"]
+           "newton_schulz5", "noncausal"]

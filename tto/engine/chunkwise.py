@@ -10,11 +10,20 @@ LayerNorm, the inner optimizer's; TTT-E2E's prime MLPs) stay float32 when the mo
 lower precision (``model.to(torch.bfloat16)``, ``.half()``; loading with
 ``from_pretrained(dtype=torch.bfloat16)`` keeps them float32 too), and the engines run their inner
 arithmetic in float32 with autocast off. bf16 fast weights drift: a
-bf16 state lost the float32 run's result within 10,000 updates (``tests/test_finetune.py``)."""
+bf16 state lost the float32 run's result within 10,000 updates (``tests/test_finetune.py``).
+
+Non-causal calls (:func:`noncausal`): inside the context every engine call reads its tokens as one
+whole chunk, bidirectionally. The chunk's update is computed from all its keys and values (for
+:class:`tto.engine.Memory`: its own commit from the gradients at the start weights, with its
+optimizer, gates, step bound and retention) and every query reads the committed, chunk-end weights.
+This is how a causal memory type runs as an image mixer (:mod:`tto.mixers.memory_vit`). An engine
+that has no such commit says why in :attr:`ChunkwiseMemory.causal_only` and refuses the call."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +39,25 @@ from .layout import (Layout, append_pending, heads_first, load_cache, load_state
 #: optimizer, objective), grad mode and shape family adds one, and all instances of an engine share
 #: the function; past dynamo's default limit (8) the remaining calls would run eager
 RECOMPILE_LIMIT = 64
+
+
+_NONCAUSAL = False
+
+
+@contextmanager
+def noncausal() -> Iterator[None]:
+    """Every engine call inside reads its tokens as one chunk, each query at the chunk-end weights
+    (module docstring); calls take no mask, state or chunk-start reads."""
+    global _NONCAUSAL
+    previous, _NONCAUSAL = _NONCAUSAL, True
+    try:
+        yield
+    finally:
+        _NONCAUSAL = previous
+
+
+def in_noncausal_mode() -> bool:
+    return _NONCAUSAL
 
 
 def _tokens(x, shape: tuple, index):
@@ -88,6 +116,10 @@ class ChunkwiseMemory(Float32Parameters):
     #: the state keeps the last ``lookback`` tokens of the committed chunks (``window.<name>``)
     lookback: int = 0
     lookback_names: tuple[str, ...] = ()
+    #: why the engine cannot run non-causally (:func:`noncausal`), or None when it can: it then
+    #: defines :meth:`naive_noncausal` and its :meth:`_scan` takes ``read_start="end"``
+    causal_only: str | None = ("only the shared chunkwise engine (tto.engine.Memory) commits a whole chunk from the "
+                               "gradients at its start weights, which the non-causal read needs")
 
     def __init__(self):
         super().__init__()
@@ -119,7 +151,8 @@ class ChunkwiseMemory(Float32Parameters):
         """Run all chunks: `chunks` {"q", "k", "v", "gate.<name>"} (B * H, n, C, ...), `valid`
         (B * H, n, C); the first `n_commit` chunks update the weights, the rest are only read.
         Returns (reads (B * H, n, C, d_v), or (B * H, n, 2, C, d_v) with the chunk-start reads
-        second, the committed params, momentum)."""
+        second, the committed params, momentum). ``read_start="end"`` (a non-causal call, engines
+        without :attr:`causal_only`): each chunk's queries read the weights it commits."""
         raise NotImplementedError
 
     def _read_chunk(self, params: dict, momentum: dict | None, chunk: dict, valid: torch.Tensor, first: int,
@@ -142,6 +175,11 @@ class ChunkwiseMemory(Float32Parameters):
         with ``read_start``. It shares no update code with the scan."""
         raise NotImplementedError
 
+    def naive_noncausal(self, q, k, v, gates: dict) -> torch.Tensor:
+        """The slow reference of a non-causal call: reads (B, T, H, d_v) of the weights committed
+        after one chunk of all T tokens."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ the pipeline
     def forward(self, q, k, v, gates: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
                 state: dict | None = None, read_start: bool | str = False):
@@ -151,6 +189,12 @@ class ChunkwiseMemory(Float32Parameters):
             raise ValueError(f"{type(self).__name__} has no chunk-start reads (read_start={read_start!r})")
         out_dtype = q.dtype
         only = read_start == "only"
+        if in_noncausal_mode():  # under autocast the float32 reads, as the image types' memories return them
+            self._check_noncausal(mask, state, read_start)
+            autocast = torch.is_autocast_enabled(q.device.type)
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                reads = self.naive_noncausal(q, k, v, gates) if in_reference_mode() else self._whole(q, k, v, gates)
+            return reads if autocast else reads.to(out_dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             if in_reference_mode():
                 if state is not None:
@@ -162,6 +206,28 @@ class ChunkwiseMemory(Float32Parameters):
         if only and isinstance(reads, tuple):
             reads = reads[1]
         return tuple(r.to(out_dtype) for r in reads) if isinstance(reads, tuple) else reads.to(out_dtype)
+
+    def _check_noncausal(self, mask, state, read_start) -> None:
+        name = type(self).__name__
+        if self.causal_only is not None:
+            raise ValueError(f"{name} cannot run non-causally: {self.causal_only}")
+        if read_start:
+            raise ValueError(f"{name}: a non-causal call has no chunk-start reads (read_start={read_start!r}): its one "
+                             "chunk starts at the initial weights, which do not depend on the tokens")
+        if mask is not None or state is not None:
+            raise ValueError(f"{name}: a non-causal call reads whole sequences, with no padding mask and no state")
+
+    def _whole(self, q, k, v, gates) -> torch.Tensor:
+        """A non-causal call: all T tokens as one committed chunk, read at its end (``read_start="end"``).
+        Reads (B, T, H, d_v)."""
+        batch, total, heads = q.shape[:3]
+        tokens = {"q": upcast(q), "k": upcast(k), "v": upcast(v), **{"gate." + n: upcast(g) for n, g in gates.items()}}
+        params, momentum = self.initial_weights(tokens)
+        earlier = {n: tokens[n].new_zeros(batch, self.lookback, *tokens[n].shape[2:]) for n in self.lookback_names}
+        layout = Layout.build(None, total, batch, total, q.device)
+        chunks, _ = self._chunked(layout, tokens, earlier)
+        reads, _, _ = self._scan(params, momentum, chunks, layout.chunk_valid(heads), layout.n_commit, "end")
+        return layout.tokens(reads)
 
     def _pipeline(self, q, k, v, gates, mask, state, read_start: bool | str):
         """Load the state, put its pending tokens in front, lay the tokens out in chunks, scan,

@@ -47,6 +47,9 @@ class DeltaRule(ChunkwiseMemory):
     (B, T, H). State: ``<prefix>.W.S`` (B, H, d_k, d_v), float32 (float64 for float64 inputs)."""
 
     commits_incomplete_chunk = True
+    causal_only = ("the delta rule is a per-token sequential update: each token steps exactly from the state the "
+                   "token before it left, so there is no chunk commit from start-weight gradients to read "
+                   "(over raster order it would only be a causal scan of the image)")
 
     def __init__(self, chunk_size: int, state_prefix: str = "memory"):
         super().__init__()

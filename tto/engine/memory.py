@@ -16,6 +16,12 @@ chunk's last token reads its retained weights rather than the linear ones. On re
 (``read_start=True``) the queries also read the chunk-start weights, ``f(q_t; W_c)``: retrieval
 from the memory as it was before the chunk (Titans MAC's ``h_t = M*_{t-1}(q_t)``).
 
+**Chunk-end reads** (a non-causal call, :func:`tto.engine.chunkwise.noncausal`: the whole input is
+one chunk). The chunk commits as above (:meth:`Memory._commit`, then the retention) and every query
+reads the committed weights, ``f(q_t; W_b)``; like chunk-start reads alone it needs no dual form,
+only the chunk-end coefficients. :meth:`Memory.naive_noncausal` is :func:`naive_memory`'s commit of
+one chunk of all the tokens, read by every query.
+
 **Chunk-start reads alone** (``read_start="only"``: TNT's global memory, read only at its chunk-start
 weights, at chunks of thousands of tokens). Nothing inside a chunk reads an updated weight, so the
 dual form is not run: a chunk's reads are the fast model's plain forward ``f(q_t; W_c)``, and its
@@ -136,6 +142,7 @@ class Memory(ChunkwiseMemory):
 
     reads_chunk_start = True
     skips_updated_reads = True
+    causal_only = None
 
     def __init__(self, fast_model: FastModel, objective: Objective, optimizer: InnerOptimizer,
                  chunk_size: int, checkpoint_group: int = 0, state_prefix: str = "memory",
@@ -169,6 +176,12 @@ class Memory(ChunkwiseMemory):
     def naive(self, q, k, v, gates, mask, read_start):
         out, start, _ = naive_memory(self, q, k, v, gates, mask)
         return (out, start) if read_start else out
+
+    def naive_noncausal(self, q, k, v, gates):
+        _, _, committed = naive_memory(self, q, k, v, gates, chunk_size=q.shape[1])
+        reads = [self.fast.apply(upcast(q[row]).transpose(0, 1), self.fast.plain_linear(weights)).transpose(0, 1)
+                 for row, weights in enumerate(committed)]
+        return torch.stack(reads)
 
     # ------------------------------------------------------------------ the scan
     def _chunk_inputs(self, params, chunks, valid, start_only: bool) -> list[Chunk]:
@@ -206,7 +219,7 @@ class Memory(ChunkwiseMemory):
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
         n = valid.shape[1]
         queries = chunks["q"]
-        chunk_list = self._chunk_inputs(params, chunks, valid, read_start == "only")
+        chunk_list = self._chunk_inputs(params, chunks, valid, read_start in ("only", "end"))
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
@@ -225,16 +238,15 @@ class Memory(ChunkwiseMemory):
     def _chunks(self, params, momentum, chunks: list[Chunk], n_commit: int, read_start: bool | str):
         """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
         (N, chunks, C, d), or (N, chunks, 2, C, d) with the chunk-start reads second
-        (``read_start=True``), or the chunk-start reads alone (N, chunks, C, d) with "only"."""
+        (``read_start=True``), or the chunk-start reads alone (N, chunks, C, d) with "only", or the
+        reads of the weights each chunk commits with "end"."""
         outs = []
         for i, chunk in enumerate(chunks):
-            if read_start == "only":  # no read inside the chunk: the start weights' reads, and the commit
-                out = self.fast.core(chunk.q, self.fast.plain_linear(params))
-                if i >= n_commit:
-                    outs.append(out)
-                    continue
-                new_params, new_momentum = self._commit(params, momentum, chunk.k, chunk.v, chunk.coefficients,
-                                                        chunk.objective_gates)
+            if read_start in ("only", "end"):  # no read inside the chunk: the start (end) weights' reads, the commit
+                out = self.fast.core(chunk.q, self.fast.plain_linear(params)) if read_start == "only" else None
+                if i < n_commit:
+                    new_params, new_momentum = self._commit(params, momentum, chunk.k, chunk.v, chunk.coefficients,
+                                                            chunk.objective_gates)
             else:
                 out, new_params, new_momentum = self.step(params, momentum, chunk.q, chunk.k, chunk.v, chunk.mixed_qk,
                                                           chunk.coefficients, chunk.objective_gates)
@@ -246,6 +258,8 @@ class Memory(ChunkwiseMemory):
                     new_params = self.retention.commit(params, new_params, None if decay is None else decay[:, -1],
                                                        chunk.active, new_momentum, chunk.coefficients.step)
                 params, momentum = new_params, new_momentum
+            if out is None:  # "end": the committed weights
+                out = self.fast.core(chunk.q, self.fast.plain_linear(params))
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
@@ -490,14 +504,15 @@ def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tenso
     return factors
 
 
-def naive_memory(memory: Memory, q, k, v, gates, mask=None):
+def naive_memory(memory: Memory, q, k, v, gates, mask=None, chunk_size: int | None = None):
     """Slow reference for :class:`Memory`: per row, per real token, autograd gradients at the
     chunk-start weights and the optimizer's per-token recurrence, the retention at chunk ends; an
     optimizer with a lookback (the Omega window) starts each chunk from the gradients of the row's
-    tokens before it, at the chunk's start weights.
+    tokens before it, at the chunk's start weights. Chunks of `chunk_size` tokens (None: the memory's).
     Returns (outputs (B, T, H, d), reads of the chunk-start weights (B, T, H, d), per row the
     weights committed after its last complete chunk)."""
-    fast, opt, b, retention = memory.fast, memory.optimizer, memory.chunk_size, memory.retention
+    fast, opt, retention = memory.fast, memory.optimizer, memory.retention
+    b = chunk_size or memory.chunk_size
     batch, length, heads = q.shape[:3]
     outs = upcast(q.new_zeros(batch, length, heads, v.shape[-1]))
     starts = torch.zeros_like(outs)
