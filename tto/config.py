@@ -70,7 +70,8 @@ class TTOConfig(PreTrainedConfig):
     #: what the type's model does: "causal-lm" (this backbone) or "image-classification"
     #: (:mod:`tto.vision`); layers of a hybrid are types of the same task
     task: ClassVar[str] = "causal-lm"
-    #: fields whose values must come from a fixed set: {field: choices}
+    #: fields whose values must come from a fixed set: {field: choices}; a choice set may be a function
+    #: returning the tuple, called when used (a set derived from the registry, once every type is registered)
     choices: ClassVar[dict[str, tuple]] = {"hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu")}
     #: the field that selects the paper's variant (None: the type has one variant)
     variant_field: ClassVar[str | None] = None
@@ -173,6 +174,7 @@ class TTOConfig(PreTrainedConfig):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise config_error(name, value, "must be a positive integer")
         for name, valid in self.choices.items():
+            valid = valid() if callable(valid) else valid
             value = getattr(self, name)
             if value not in valid:
                 raise config_error(name, value, "unknown choice", valid)
@@ -218,23 +220,30 @@ class TTOConfig(PreTrainedConfig):
         return self if kind == self.tto_type else self._partner_config(kind)
 
     def _partner_config(self, kind: str) -> TTOConfig:
+        return self.type_config(kind, (self.mixer_fields or {}).get(kind, {}), f"mixer_fields[{kind!r}]")
+
+    def type_config(self, kind: str, own: dict[str, Any], where: str) -> TTOConfig:
+        """Type `kind`'s config with this config's backbone fields and `own`, that type's own fields,
+        validated by its config class; errors name `where` (the field that holds `own`)."""
         from . import registry
 
         backbone = {name: getattr(self, name) for name in TTOConfig.field_names() - {"layer_mixers", "mixer_fields"}}
-        own = (self.mixer_fields or {}).get(kind, {})
         shared = sorted(set(own) & backbone.keys())
         if shared:
-            raise config_error(f"mixer_fields[{kind!r}]", own, f"{shared} are backbone fields: set them on the model's config")
+            raise config_error(where, own, f"{shared} are backbone fields: set them on the model's config")
         try:
             return registry.get(kind).config_class(**backbone, **own)
         except ValueError as err:
-            raise ValueError(f"mixer_fields[{kind!r}]: {err}") from None
+            raise ValueError(f"{where}: {err}") from None
 
 
 class MemoryConfig(TTOConfig):
     """The fields every type whose layers hold a memory (fast weights trained while reading) shares."""
 
     positive_fields: ClassVar[tuple[str, ...]] = TTOConfig.positive_fields + ("num_memory_heads",)
+    #: the field of the memory's chunk (tokens per inner update; None: the type has none): the image form
+    #: of the type (:mod:`tto.mixers.memory_vit`) sets it to the image's token count, one chunk per image
+    chunk_field: ClassVar[str | None] = None
 
     # memory heads, each with its own fast weights (None: num_attention_heads, so that a resized model
     # keeps heads as wide as its attention's); their width is hidden_size // num_memory_heads unless

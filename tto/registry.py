@@ -87,7 +87,10 @@ class Entry:
     def variants(self) -> tuple[str, ...]:
         """The paper variants selectable through the config's `variant_field` (() if none)."""
         vf = self.config_class.variant_field
-        return tuple(self.config_class.choices[vf]) if vf else ()
+        if not vf:
+            return ()
+        choices = self.config_class.choices[vf]
+        return tuple(choices() if callable(choices) else choices)
 
     def variant_configs(self) -> list[tuple[str | None, dict[str, Any]]]:
         """(variant, {variant_field: variant}) for each variant; [(None, {})] when there are none."""

@@ -33,6 +33,7 @@ class MemoryLayerConfig(MemoryConfig):
     choices: ClassVar[dict[str, tuple]] = {**TTOConfig.choices, "mem_activation": tuple(ACTIVATIONS)}
     positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + (
         "chunk_size", "mem_depth", "mem_expansion_factor")
+    chunk_field: ClassVar[str] = "chunk_size"
 
     chunk_size: int = 16  # b: tokens per memory chunk; gradients are taken at the chunk-start weights
     mem_depth: int = 2  # layers of the memory MLP (1: a matrix memory)

@@ -63,6 +63,7 @@ class DeltaNetConfig(MemoryConfig):
 
     aliases: ClassVar[dict[str, str]] = {"num_heads": "num_memory_heads"}
     positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + ("chunk_size",)
+    chunk_field: ClassVar[str] = "chunk_size"
 
     head_k_dim: int | None = None  # key/query width per head (None: hidden_size // num_memory_heads)
     expand_v: float = 1.0  # value width per head = expand_v * head_k_dim

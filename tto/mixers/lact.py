@@ -64,6 +64,7 @@ class LaCTConfig(MemoryConfig):
 
     aliases: ClassVar[dict[str, str]] = {"num_lact_heads": "num_memory_heads"}
     positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + ("lact_chunk_size",)
+    chunk_field: ClassVar[str] = "lact_chunk_size"
 
     inter_multi: float = 1.0  # hidden width of the SwiGLU memory, in multiples of its head width
     lact_chunk_size: int = 2048  # tokens per fast-weight update (apply-then-update)

@@ -60,6 +60,7 @@ class TTTConfig(MemoryConfig):
     choices: ClassVar[dict[str, tuple]] = {**TTOConfig.choices, "ttt_layer_type": ("linear", "mlp")}
     variant_field: ClassVar[str] = "ttt_layer_type"
     positive_fields: ClassVar[tuple[str, ...]] = MemoryConfig.positive_fields + ("mini_batch_size", "pretraining_tp")
+    chunk_field: ClassVar[str] = "mini_batch_size"
 
     hidden_size: int = 2048
     intermediate_size: int = 5504
