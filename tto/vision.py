@@ -97,8 +97,10 @@ class TTOVisionPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Transformers' initialisation (linear and conv weights ~ N(0, initializer_range^2), LayerNorm
-        at 1 and 0), then a module's own ``_tto_init(init)`` where it defines one."""
+        at 1 and 0, RMSNorm weights at 1), then a module's own ``_tto_init(init)`` where it defines one."""
         super()._init_weights(module)
+        if isinstance(module, nn.RMSNorm):  # the memory types' (tto.mixers.memory_vit)
+            init.ones_(module.weight)
         custom = getattr(module, "_tto_init", None)
         if custom is not None:
             custom(init)
