@@ -258,3 +258,15 @@ def test_digits_recipes_match_vit3s_size(memory_type):
     target, _ = count("vit3_tiny.yml")
     n, config = count(f"memory_vit_{memory_type}_tiny.yml")
     assert config.memory_type == memory_type and abs(n - target) / target < 0.002, (n, target)
+
+
+def test_deciding_the_choices_leaves_the_random_stream_alone():
+    """The probe builds and reads mixers once, when a config is first checked: it must not shift the
+    random numbers a seeded run draws after it."""
+    noncausal_refusals.cache_clear()
+    torch.manual_seed(0)
+    tto.build_config("memory_vit", preset="tiny")
+    after_probe = torch.rand(3)
+    torch.manual_seed(0)
+    tto.build_config("memory_vit", preset="tiny")
+    torch.testing.assert_close(torch.rand(3), after_probe, atol=0, rtol=0)

@@ -95,21 +95,21 @@ def noncausal_refusals() -> dict[str, str | None]:
     (None: it can). Decided by building its mixer at the tiny backbone and reading a random image
     of :data:`PROBE_TOKENS` tokens."""
     reasons = {}
-    for entry in registry.entries():
-        if entry.task != "causal-lm":
-            continue
-        config = entry.config_class(**TINY_BACKBONE, **with_chunk(entry, {}, PROBE_TOKENS, "memory_fields"))
-        mixer = entry.mixer_class(config, 0)
-        reason = refusal(mixer)
-        if reason is None:
-            for p in mixer.parameters():
-                nn.init.normal_(p, std=config.initializer_range)
-            try:
-                with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was
+        for entry in registry.entries():
+            if entry.task != "causal-lm":
+                continue
+            config = entry.config_class(**TINY_BACKBONE, **with_chunk(entry, {}, PROBE_TOKENS, "memory_fields"))
+            mixer = entry.mixer_class(config, 0)
+            reason = refusal(mixer)
+            if reason is None:
+                for p in mixer.parameters():
+                    nn.init.normal_(p, std=config.initializer_range)
+                try:
                     read_noncausally(mixer, torch.randn(1, PROBE_TOKENS, config.hidden_size))
-            except ValueError as err:
-                reason = str(err)
-        reasons[entry.name] = reason
+                except ValueError as err:
+                    reason = str(err)
+            reasons[entry.name] = reason
     return reasons
 
 
