@@ -73,6 +73,19 @@ class CMSLevel(nn.Module):
         lr = self.lr_gate(x)[..., None].expand(*x.shape[:2], 1, len(self.memory.fast.weight_names))
         return self.memory(q, q, q, {"lr": lr}, ctx.mask, state)[:, :, 0]
 
+    @torch.no_grad()
+    def start_from(self, mlp: nn.Module) -> None:
+        """Take the weights of the SwiGLU `mlp` (``gate_proj``, ``up_proj``, ``down_proj``, e.g. a
+        pretrained block's MLP): a never-updated level holds them as they are, an updated one as its
+        initial fast weights (``W0 = gate^T``, ``W2 = up^T``, ``W1 = down^T``), so the level computes
+        `mlp` until its first update."""
+        if self.memory is None:
+            self.mlp.load_state_dict(mlp.state_dict())
+            return
+        fast = self.memory.fast
+        for name, proj in (("W0", mlp.gate_proj), ("W2", mlp.up_proj), ("W1", mlp.down_proj)):
+            getattr(fast, name).copy_(proj.weight.T[None])
+
 
 class ContinuumMemory(nn.Module):
     """The CMS chain (module docstring): x (B, T, hidden) -> (B, T, hidden)."""
@@ -85,3 +98,8 @@ class ContinuumMemory(nn.Module):
         for level in self.levels:
             x = level(x, ctx, state)
         return x
+
+    def start_from(self, mlp: nn.Module) -> None:
+        """Every level starts from the SwiGLU `mlp` (:meth:`CMSLevel.start_from`)."""
+        for level in self.levels:
+            level.start_from(mlp)

@@ -23,6 +23,13 @@ million pending tokens per layer while decoding, so the defaults stay within a t
 * ``attention``: HOPE-Attention, the paper's variant with softmax attention (the backbone's
   attention: RoPE, GQA, optional sliding window and QK-norm) followed by the CMS.
 
+**Retrofit** (:func:`tto.retrofit`): the ``titans`` variant's memory takes q, k, v, o from the
+pretrained attention as Titans' does (:data:`tto.mixers.titans.TITANS_FROM_ATTENTION`); in
+HOPE-Attention the attention is the pretrained one, as it was. Each block's pretrained MLP starts
+every CMS level, and the chain defaults to that MLP alone, never updated (the source's function
+kept); ``cms_periods=[C]`` makes it learn in context from its first C tokens on (see
+:mod:`tto.retrofit` for why more levels cannot keep the source's function).
+
 Fields are Titans' (:class:`tto.mixers.titans.TitansConfig`) and the backbone's CMS fields, with
 HOPE's defaults: ``mlp_type: cms``, full causal attention (no window) in HOPE-Attention.
 """
@@ -37,7 +44,7 @@ from torch import nn
 from ..cache import Context
 from ..layers.attention import Attention
 from ..registry import register
-from .titans import LMM, TitansConfig
+from .titans import LMM, TITANS_FROM_ATTENTION, TitansConfig
 
 #: the backbone of the paper's 760M / 30B-token comparison (Titans' 760M setting: 24 blocks of width
 #: 1536, Llama-2's 32k vocabulary), with the SwiGLU levels narrowed so that the three CMS levels per
@@ -84,7 +91,7 @@ VARIANTS: dict[str, type[nn.Module]] = {"titans": LMM, "attention": HopeAttentio
 
 
 @register("hope", config=HopeConfig, presets=HOPE_PRESETS, paper_sizes={"760m": 760e6},
-          paper="arXiv:2512.24695 (Behrouz, Razaviyayn, Zhong, Mirrokni, 2025)")
+          paper="arXiv:2512.24695 (Behrouz, Razaviyayn, Zhong, Mirrokni, 2025)", from_attention=TITANS_FROM_ATTENTION)
 class HopeMixer(nn.Module):
     """HOPE's mixer: x (B, T, hidden) -> (B, T, hidden), wired as `config.variant`."""
 
