@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
                           Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments)
 
 import tto
+from tto.layers.cms import ContinuumMemory
 from tto.layers.rope import apply_rope, apply_rope_interleaved, rope_cos_sin
 from tto.retrofit import LAYER_CHOICES, backbone_fields, interleave_order, retrofit_config
 
@@ -116,6 +117,28 @@ def _expected_rows(source_weight: torch.Tensor, target_rows: int, rotated: bool,
     return torch.stack(out)
 
 
+def mlp_levels(block) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (gate, up, down) weights, in nn.Linear's (out, in) layout, of each MLP a block chains: its
+    SwiGLU, or each CMS level's (a never-updated level is a SwiGLU; an updated one starts from its
+    fast weights, f(x) = (silu(x W0) * (x W2)) W1 of one head, so gate = W0^T, up = W2^T, down = W1^T)."""
+    mlps = block.mlp.levels if isinstance(block.mlp, ContinuumMemory) else [block]
+    out = []
+    for level in mlps:
+        if getattr(level, "memory", None) is not None:
+            fast = level.memory.fast
+            out.append((fast.W0[0].T, fast.W2[0].T, fast.W1[0].T))
+        else:
+            out.append((level.mlp.gate_proj.weight, level.mlp.up_proj.weight, level.mlp.down_proj.weight))
+    return out
+
+
+def assert_mlps_are_the_sources(model, src):
+    for i, (block, source) in enumerate(zip(model.model.layers, src.model.layers, strict=True)):
+        for level in mlp_levels(block):
+            for got, proj in zip(level, ("gate_proj", "up_proj", "down_proj")):
+                assert torch.equal(got, getattr(source.mlp, proj).weight), (i, proj)
+
+
 @pytest.mark.parametrize("name", TYPES)
 def test_weights_are_the_sources(name):
     """Backbone weights and the attention layers left are equal to the source's; each mapped projection
@@ -129,8 +152,7 @@ def test_weights_are_the_sources(name):
     for i in range(SIZES["num_hidden_layers"]):
         assert torch.equal(t[f"model.layers.{i}.mixer_norm.weight"], s[f"model.layers.{i}.input_layernorm.weight"])
         assert torch.equal(t[f"model.layers.{i}.mlp_norm.weight"], s[f"model.layers.{i}.post_attention_layernorm.weight"])
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            assert torch.equal(t[f"model.layers.{i}.mlp.{proj}.weight"], s[f"model.layers.{i}.mlp.{proj}.weight"])
+    assert_mlps_are_the_sources(model, src)  # the SwiGLU, or every CMS level (one, never updated, by default)
     spec = tto.get(name).from_attention
     for i, block in enumerate(model.model.layers):
         attention = src.model.layers[i].self_attn
@@ -147,6 +169,30 @@ def test_weights_are_the_sources(name):
             want = _expected_rows(source_weight, target.weight.shape[0], proj in ("q_proj", "k_proj"),
                                   proj in ("k_proj", "v_proj"), rope)
             assert torch.equal(target.weight, want), (i, proj)
+
+
+def test_cms_levels_start_from_the_source_mlp(caplog):
+    """mlp_type cms (any type's): every level of every block's chain starts from that block's
+    pretrained MLP. By default the chain is that MLP alone, never updated: the source's logits
+    exactly. One level of period 8 is the source for the first 8 tokens and learns after them; more
+    levels compose the MLP (no residuals), which retrofit warns about."""
+    src, ids = llama(), tokens()
+    with torch.no_grad():
+        want = src(ids).logits
+    default = tto.retrofit(src, type="transformer", layers="all", mlp_type="cms").eval()
+    assert default.config.cms_periods == [None]
+    assert_mlps_are_the_sources(default, src)
+    with torch.no_grad():
+        assert torch.equal(default(ids).logits, want)
+    learning = tto.retrofit(src, type="transformer", layers="all", mlp_type="cms", cms_periods=[8], cms_max_lr=1.0)
+    assert_mlps_are_the_sources(learning, src)
+    with torch.no_grad():
+        diff = (learning.eval()(ids).logits - want).abs().amax(dim=(0, 2))
+    assert diff[:8].max() < ATOL and diff[8:].min() > 1e-3, diff
+    with caplog.at_level("WARNING", logger="tto.retrofit"):
+        chained = tto.retrofit(src, type="transformer", layers="all", mlp_type="cms", cms_periods=[2, None, 5])
+    assert_mlps_are_the_sources(chained, src)
+    assert "chains 3 levels, each starting from the pretrained MLP" in caplog.text
 
 
 @pytest.mark.parametrize("name", TYPES)

@@ -72,7 +72,8 @@ class TTOConfig(PreTrainedConfig):
     task: ClassVar[str] = "causal-lm"
     #: fields whose values must come from a fixed set: {field: choices}; a choice set may be a function
     #: returning the tuple, called when used (a set derived from the registry, once every type is registered)
-    choices: ClassVar[dict[str, tuple]] = {"hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu")}
+    choices: ClassVar[dict[str, tuple]] = {"hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu"),
+                                           "mlp_type": ("swiglu", "cms")}
     #: the field that selects the paper's variant (None: the type has one variant)
     variant_field: ClassVar[str | None] = None
     #: former names of fields, still accepted in configs and saved config.json files: {old: field}
@@ -104,6 +105,14 @@ class TTOConfig(PreTrainedConfig):
     initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
     tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
     mlp_bias: bool = False  # biases in the SwiGLU MLP projections
+    # the block MLP: "swiglu" (static, trained in pre-training only) or "cms" (Nested Learning's Continuum
+    # Memory System, tto.layers.cms: a chain of SwiGLU levels, each trained while reading every C^(l) tokens)
+    mlp_type: str = "swiglu"
+    # mlp_type "cms": C^(l) per level, in chain order: level l updates at the end of each of its chunks of
+    # C^(l) tokens; None = infinite (a plain MLP, frozen at test time). E.g. [16, 256, None]
+    cms_periods: list[int | None] | None = None
+    cms_max_lr: float = 0.01  # mlp_type "cms": bound of each level's per-token inner step, lr = cms_max_lr * sigmoid(.)
+    cms_lr_bias_init: float = 0.0  # mlp_type "cms": initial bias of the lr gates (pre-sigmoid)
     layer_mixers: list[str] | None = None  # per-layer mixer: any registered type (None: all this type)
     # the own fields of the other types in layer_mixers, {type: {field: value}} (e.g. {"gated_deltanet":
     # {"num_memory_heads": 4}}); a type not listed takes its defaults; backbone fields are always this config's
@@ -198,6 +207,7 @@ class TTOConfig(PreTrainedConfig):
                 self.layer_mixers,
                 f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})",
             )
+        self._validate_mlp()
         from . import registry
 
         registered = registry.available(self.task)
@@ -212,6 +222,30 @@ class TTOConfig(PreTrainedConfig):
             if self._partner_config(kind).prime_layers:
                 raise config_error("layer_mixers", kind, f"trains prime MLPs across the whole model (a model-level "
                                    f"inner loop), so it cannot be a layer of a {self.tto_type!r} model")
+
+    def _validate_mlp(self) -> None:
+        """The CMS fields (:mod:`tto.layers.cms`) are given exactly when ``mlp_type`` is "cms", and valid."""
+        if self.mlp_type != "cms":
+            if self.cms_periods is not None:
+                raise config_error("cms_periods", self.cms_periods, f"is a field of mlp_type 'cms' (mlp_type={self.mlp_type!r})")
+            return
+        if self.task != "causal-lm":
+            raise config_error("mlp_type", self.mlp_type, f"the CMS is a block MLP of the causal LM backbone, not of "
+                               f"{self.task!r} models", ("swiglu",))
+        periods = self.cms_periods
+        if not isinstance(periods, (list, tuple)) or not periods or any(
+                p is not None and (not isinstance(p, int) or isinstance(p, bool) or p <= 0) for p in periods):
+            raise config_error("cms_periods", periods, "mlp_type 'cms' needs a non-empty list of levels' periods, each "
+                               "a positive integer (tokens between updates) or None (never updated)")
+        if self.hidden_act != "silu":
+            raise config_error("hidden_act", self.hidden_act, "mlp_type 'cms' levels are SwiGLU MLPs", ("silu",))
+        if self.mlp_bias:
+            raise config_error("mlp_bias", self.mlp_bias, "mlp_type 'cms' levels have no biases", (False,))
+        if self.cms_max_lr < 0:
+            raise config_error("cms_max_lr", self.cms_max_lr, "must be >= 0")
+        if self.prime_layers:
+            raise config_error("mlp_type", self.mlp_type, "a type with prime layers (a model-level inner loop) "
+                               "keeps its static MLPs", ("swiglu",))
 
     def layer_config(self, layer_idx: int) -> TTOConfig:
         """The config of layer `layer_idx`'s mixer: this one, or for a layer of another type that

@@ -2,7 +2,9 @@
 
 ``TTOModel``: embeddings -> blocks -> final RMSNorm. Each block is pre-norm with residuals:
 an optional short-conv branch (``pre_conv``), the mixer of its layer type, in the type's
-``prime_layers`` a prime SwiGLU MLP, and a SwiGLU MLP (``post_norm``: sublayer outputs normalised).
+``prime_layers`` a prime SwiGLU MLP, and the MLP: a SwiGLU, or with ``mlp_type`` "cms" the Continuum
+Memory System (:mod:`.layers.cms`), whose levels keep their fast weights in the layer's cache state
+(``post_norm``: sublayer outputs normalised).
 With prime layers, the blocks from the first one up run in TTT-E2E's inner loop (:mod:`.engine.e2e`).
 ``TTOForCausalLM`` adds the LM head, the loss and generation. The registry derives one pair of
 these classes per type (``TTTForCausalLM``, ...) that differ only in their config class.
@@ -24,6 +26,7 @@ from .cache import Context, TTOCache
 from .config import TTOConfig
 from .engine import ChunkwiseMemory, Float32Parameters, e2e
 from .layers.conv import ShortConv
+from .layers.cms import ContinuumMemory
 from .layers.mlp import SwiGLU
 
 #: tokens per forward when `generate` reads a prompt (prefill): the prompt is fed in pieces of this
@@ -47,7 +50,7 @@ class ConvBranch(nn.Module):
 
 class Block(GradientCheckpointingLayer):
     """``h += mixer(RMSNorm(h))``, then, in a layer of ``config.prime_layers``, ``h += MLP'(RMSNorm(h))``
-    (the prime MLP that TTT-E2E trains at test time), then ``h += MLP(RMSNorm(h))``; with
+    (the prime MLP that TTT-E2E trains at test time), then ``h += MLP(RMSNorm(h))`` (SwiGLU or CMS); with
     ``post_norm`` each sublayer's output is RMS-normalised before its residual add."""
 
     def __init__(self, config: TTOConfig, layer_idx: int):
@@ -63,7 +66,8 @@ class Block(GradientCheckpointingLayer):
             self.prime_norm, self.prime_post_norm = norm(), post()
             self.prime = e2e.PrimeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.mlp_norm, self.mlp_post_norm = norm(), post()
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.mlp = (ContinuumMemory(config) if config.mlp_type == "cms" else
+                    SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias))
 
     def forward(self, h: torch.Tensor, ctx: Context, past_key_values: dict | None = None,
                 prime_weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -74,7 +78,9 @@ class Block(GradientCheckpointingLayer):
         h = h + self.mixer_post_norm(self.mixer(self.mixer_norm(h), ctx, past_key_values))
         if self.prime is not None:
             h = h + self.prime_post_norm(self.prime(self.prime_norm(h), prime_weights))
-        return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
+        x = self.mlp_norm(h)
+        return h + self.mlp_post_norm(self.mlp(x, ctx, past_key_values) if isinstance(self.mlp, ContinuumMemory)
+                                      else self.mlp(x))
 
 
 class TTOPreTrainedModel(PreTrainedModel):

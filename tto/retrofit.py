@@ -15,6 +15,16 @@ modules, how many heads, how its RoPE pairs the rows); the rest of the mixer sta
 type's init. ``layers=[]`` is the original model, as a tto model (and ``sliding_window=N`` gives
 it a sliding window).
 
+With ``mlp_type`` "cms" (HOPE's default; a backbone field, so every block's MLP, the attention
+layers' too) each block's pretrained MLP becomes its Continuum Memory System
+(:mod:`tto.layers.cms`): every level starts from it (:meth:`~tto.layers.cms.ContinuumMemory.start_from`,
+the paper's initialisation of CMS levels from pretrained MLP blocks), and unless ``cms_periods`` is
+given the chain is one never-updated level, the pretrained MLP itself, so the retrofit keeps the
+source's function (a Transformer is the CMS of one level of frequency 0). ``cms_periods=[C]`` makes
+that level learn in context: it is the pretrained MLP until its first update, after C tokens.
+More levels depart from the source from the start: the chain composes them without residuals, so
+k levels compute the pretrained MLP k times (retrofit warns).
+
 Sources: Llama, SmolLM, Mistral, Qwen2 (q/k/v biases; the o projection gets a zero bias) and Qwen3
 configs whose every layer is plain RoPE attention; anything tto cannot represent (RoPE scaling,
 partial rotary, per-layer windows, q/k norms) is refused in one line before any weight is made.
@@ -61,6 +71,7 @@ _BACKBONE_RULES = [
     (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", "model.layers.{}.mlp.{}.{}"),
 ]
 _ATTENTION_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)")
+_MLP_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.\w+\.(weight|bias)")
 
 
 def _refuse(problem: str) -> ValueError:
@@ -133,6 +144,8 @@ def retrofit_config(source, type: str, layers="last_quarter", **fields) -> TTOCo
     chosen = choose_layers(layers, values["num_hidden_layers"])
     values.update(entry.from_attention.heads(values["num_attention_heads"], values["head_dim"]))
     values.update(fields)
+    if values.get("mlp_type", entry.config_class.mlp_type) == "cms" and "cms_periods" not in fields:
+        values["cms_periods"] = [None]  # the pretrained MLP as it is (module docstring)
     values["layer_mixers"] = [type if i in chosen else "transformer" for i in range(values["num_hidden_layers"])]
     return registry.build_config(type, **values)
 
@@ -215,9 +228,10 @@ def retrofit(model: nn.Module, type: str, layers="last_quarter", **fields) -> nn
     device = next(model.parameters()).device
     target = registry.get(type).model_class(config)
     own = target.state_dict()
+    cms = config.mlp_type == "cms"
     for key, value in model.state_dict().items():
-        if key.endswith("rotary_emb.inv_freq") or _ATTENTION_KEY.fullmatch(key):
-            continue  # RoPE tables are recomputed; attention weights go through each type's FromAttention
+        if key.endswith("rotary_emb.inv_freq") or _ATTENTION_KEY.fullmatch(key) or (cms and _MLP_KEY.fullmatch(key)):
+            continue  # RoPE tables are recomputed; attention weights go through each type's FromAttention, MLPs into the CMS
         new = _backbone_key(key)
         if new is None:
             raise _refuse(f"no rule maps the source weight {key!r} (is this a Llama-family model?)")
@@ -228,6 +242,12 @@ def retrofit(model: nn.Module, type: str, layers="last_quarter", **fields) -> nn
     for i, block in enumerate(target.model.layers):
         spec = registry.get(config.layer_mixers[i]).from_attention
         _copy_attention(model.model.layers[i].self_attn, block.mixer, spec, config, model.config, i)
+        if cms:
+            block.mlp.start_from(model.model.layers[i].mlp)
+    if cms and len(config.cms_periods) > 1:
+        logger.warning("retrofit: each block's CMS chains %d levels, each starting from the pretrained MLP, so the "
+                       "model computes that MLP %d times per block: it departs from the source from the start",
+                       len(config.cms_periods), len(config.cms_periods))
     for block in target.model.layers:
         if block.prime is not None:  # a prime MLP (TTT-E2E) added to a pretrained block: zero output, model unchanged
             with torch.no_grad():

@@ -237,16 +237,18 @@ class MLPMemory(FastModel):
 
 class SwiGLUMemory(FastModel):
     """Per-head SwiGLU ``f(x) = (silu(x W0) * (x W2)) W1`` (LaCT's fast weights), no biases, no
-    wrapper. W0, W2: (heads, dim, hidden), W1: (heads, hidden, dim), hidden = ``expansion * dim``.
+    wrapper. W0, W2: (heads, dim, hidden), W1: (heads, hidden, dim), hidden = ``expansion * dim``
+    unless given (``hidden``: e.g. a block MLP's intermediate size).
 
     Initialised as LaCT: entries ~ N(0, 1 / fan_in) times ``init_gain``."""
 
     weight_names = ("W0", "W2", "W1")
 
-    def __init__(self, num_heads: int, dim: int, *, expansion: float = 1.0, init_gain: float = 1.0):
+    def __init__(self, num_heads: int, dim: int, *, expansion: float = 1.0, init_gain: float = 1.0,
+                 hidden: int | None = None):
         super().__init__()
         self.num_heads, self.dim, self.init_gain = num_heads, dim, init_gain
-        hidden = int(dim * expansion)
+        hidden = int(dim * expansion) if hidden is None else hidden
         self.W0 = nn.Parameter(torch.empty(num_heads, dim, hidden))
         self.W2 = nn.Parameter(torch.empty(num_heads, dim, hidden))
         self.W1 = nn.Parameter(torch.empty(num_heads, hidden, dim))

@@ -247,9 +247,10 @@ VARIANTS: dict[str, type[nn.Module]] = {"lmm": LMM, "mac": MAC, "mag": MAG, "mal
 #: retrofit (tto.retrofit): one memory head per attention head (num_memory_heads); the memory layer's
 #: q, k, v, o from the attention's (k, v repeated from grouped KV heads; the memory has no RoPE, so
 #: the positions are lost), and in MAC/MAG/MAL the attention branch's q, k, v, o too. Convs, gates,
-#: output gate and norm, persistent tokens and the memory MLP start from init.
+#: output gate and norm, persistent tokens and the memory MLP start from init. HOPE's wirings take
+#: the same map (its HOPE-Attention has no memory: its attention is the source's own).
 TITANS_FROM_ATTENTION = FromAttention(
-    lambda mixer: qkvo(mixer.wiring.memory) + qkvo(getattr(mixer.wiring, "attention", None)),
+    lambda mixer: qkvo(getattr(mixer.wiring, "memory", None)) + qkvo(getattr(mixer.wiring, "attention", None)),
     heads=lambda heads, head_dim: {"num_memory_heads": heads})
 
 

@@ -1,0 +1,198 @@
+"""Nested Learning (arXiv:2512.24695): the Continuum Memory System as a block MLP (any mixer), checked
+against a per-token transcription of its update rule, and its invariants (infinite period = a
+plain MLP; a level's weights change only at multiples of its period; cached decoding = one
+forward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tto
+from tto.layers.cms import ContinuumMemory
+from tto.cache import Context
+
+SIZES = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
+
+
+def build(type_: str = "transformer", seed: int = 0, **fields):
+    torch.manual_seed(seed)
+    entry = tto.get(type_)
+    return entry.model_class(tto.build_config(type_, **{**SIZES, **fields})).eval()
+
+
+def tokens(batch=2, length=13, seed=1):
+    return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_cms(cms: ContinuumMemory, x: torch.Tensor) -> torch.Tensor:
+    """The CMS chain from its equations, token by token: level l reads its weights theta^(l) at every
+    token; at the end of each chunk of C^(l) tokens, theta^(l) -= sum over the chunk of
+    lr_t * grad_theta 1/(2d) ||MLP(x_t; theta) - x_t||^2, the gradients at the chunk-start theta
+    (autograd), lr_t = cms_max_lr * sigmoid(w . x_t + b). x (B, T, d) -> (B, T, d)."""
+
+    def mlp(x_t, w):  # SwiGLU: (silu(x W0) * (x W2)) W1
+        return (F.silu(x_t @ w["W0"]) * (x_t @ w["W2"])) @ w["W1"]
+
+    for level in cms.levels:
+        if level.memory is None:  # the backbone's SwiGLU, in the fast model's layout
+            mlp_ = level.mlp
+            initial = {"W0": mlp_.gate_proj.weight.T, "W2": mlp_.up_proj.weight.T, "W1": mlp_.down_proj.weight.T}
+        else:
+            initial = {n: getattr(level.memory.fast, n)[0] for n in ("W0", "W1", "W2")}
+        outs = []
+        for row in range(x.shape[0]):
+            theta = dict(initial)
+            step = {n: torch.zeros_like(w) for n, w in theta.items()}
+            row_out = []
+            for t in range(x.shape[1]):
+                x_t = x[row, t]
+                row_out.append(mlp(x_t, theta))
+                if level.period is None:
+                    continue
+                lr = level.lr_gate.scale * torch.sigmoid(level.lr_gate.weight[0] @ x_t + level.lr_gate.bias[0])
+                loss = 0.5 * (mlp(x_t, theta) - x_t).pow(2).mean()
+                grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+                step = {n: step[n] + lr * g for n, g in zip(theta, grads)}
+                if (t + 1) % level.period == 0:
+                    theta = {n: theta[n] - step[n] for n in theta}
+                    step = {n: torch.zeros_like(w) for n, w in theta.items()}
+            outs.append(torch.stack(row_out))
+        x = torch.stack(outs)
+    return x
+
+
+def test_cms_matches_per_token_reference_in_float64():
+    """The engine's CMS (large-chunk apply-then-update per level) equals the transcription, outputs
+    and the gradients of every parameter and of the input, to 1e-10 in float64; the periods do not
+    divide the length, and one level is never updated."""
+    config = tto.build_config("transformer", **SIZES, mlp_type="cms", cms_periods=[2, None, 5], cms_max_lr=0.3)
+    torch.manual_seed(0)
+    cms = ContinuumMemory(config).double()
+    for name, p in cms.named_parameters():  # MLP weights ~ N(0, 1 / fan_in), lr gates ~ N(0, 0.3^2)
+        fan_in = p.shape[-2] if p.dim() == 3 else p.shape[-1]
+        torch.nn.init.normal_(p, std=0.3 if "lr_gate" in name else fan_in ** -0.5)
+    x = torch.randn(2, 13, SIZES["hidden_size"], dtype=torch.float64, requires_grad=True)
+    target = torch.randn_like(x)
+    ctx = Context(mask=None, positions=torch.arange(13).expand(2, 13))
+    params = [x, *cms.parameters()]
+    out = cms(x, ctx, None)
+    grads = torch.autograd.grad((out * target).sum(), params)
+    ref = reference_cms(cms, x)
+    ref_grads = torch.autograd.grad((ref * target).sum(), params)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    for name, g, r in zip(["x", *(n for n, _ in cms.named_parameters())], grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+    # the reference is not vacuous: the updated levels do change their outputs
+    frozen = ContinuumMemory(config).double()
+    frozen.load_state_dict(cms.state_dict())
+    for level in frozen.levels:
+        if level.lr_gate is not None:
+            torch.nn.init.constant_(level.lr_gate.bias, -1e4)  # lr = 0
+    assert (frozen(x, ctx, None) - out).abs().max() > 1e-3
+
+
+def test_infinite_period_is_a_plain_mlp():
+    """mlp_type cms with one never-updated level gives the SwiGLU model's logits exactly, with the same
+    weights, and keeps no CMS state in the cache."""
+    cms = build(mlp_type="cms", cms_periods=[None]).double()
+    plain = build(seed=1).double()
+    plain.load_state_dict({k.replace(".mlp.levels.0.mlp.", ".mlp."): v for k, v in cms.state_dict().items()})
+    x = tokens()
+    with torch.no_grad():
+        out = cms(x, use_cache=True)
+        torch.testing.assert_close(out.logits, plain(x).logits, atol=0, rtol=0)
+    assert not any(k.startswith("cms.") for state in out.past_key_values.states for k in state)
+
+
+def test_level_weights_change_only_at_multiples_of_its_period():
+    """Decoding one token at a time: after token t, level l's fast weights in the cache differ from
+    before exactly when t is a multiple of C^(l) (a never-updated level keeps none)."""
+    periods = [2, 3, None]
+    model = build(mlp_type="cms", cms_periods=periods, cms_max_lr=0.5)
+    x = tokens(length=12)
+    cache, before = None, {}
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            for layer, state in enumerate(cache.states):
+                assert not any(k.startswith("cms.2.") for k in state)
+                for level, period in enumerate(periods[:2]):
+                    weights = torch.cat([state[f"cms.{level}.W.{n}"].flatten() for n in ("W0", "W1", "W2")])
+                    if t > 0:
+                        changed = not torch.equal(weights, before[layer, level])
+                        assert changed == ((t + 1) % period == 0), (layer, level, t)
+                    before[layer, level] = weights.clone()
+
+
+@pytest.mark.parametrize("mixer", ["transformer", "titans"])
+def test_cms_cache_equals_full_forward(mixer):
+    """Prefill of a prefix that ends inside every level's chunk, then token by token, with a left-padded
+    row: the same logits as one forward over the whole sequence, for attention and a memory mixer."""
+    model = build(mixer, mlp_type="cms", cms_periods=[2, 5, None], cms_max_lr=0.5,
+                  **({"chunk_size": 2, "sliding_window": 5} if mixer == "titans" else {}))
+    x = tokens(length=14)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full = model(x, attention_mask=mask).logits
+        out = model(x[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        steps = [out.logits]
+        for t in range(7, x.shape[1]):
+            out = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values,
+                        use_cache=True)
+            steps.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=2e-5, rtol=0)
+
+
+def test_cms_fast_weights_stay_float32_under_bf16_autocast():
+    model = build(mlp_type="cms", cms_periods=[2, None])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens(), use_cache=True)
+    weights = [t for k, t in out.past_key_values.states[0].items() if k.startswith("cms.0.W.")]
+    assert weights and all(w.dtype == torch.float32 for w in weights)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(mlp_type="cms"), "cms_periods"),
+    (dict(mlp_type="cms", cms_periods=[]), "cms_periods"),
+    (dict(mlp_type="cms", cms_periods=[4, 0]), "cms_periods"),
+    (dict(mlp_type="cms", cms_periods=[4], hidden_act="gelu"), "hidden_act"),
+    (dict(mlp_type="cms", cms_periods=[4], mlp_bias=True), "mlp_bias"),
+    (dict(cms_periods=[4]), "is a field of mlp_type 'cms'"),
+    (dict(mlp_type="kan"), r"valid choices: \['cms', 'swiglu'\]"),
+])
+def test_bad_cms_configs_name_the_problem(fields, match):
+    with pytest.raises(ValueError, match=match):
+        tto.build_config("transformer", **SIZES, **fields)
+
+
+def test_cms_is_rejected_where_the_block_has_no_place_for_it():
+    """The image backbone's blocks keep their MLP, and TTT-E2E's model-level inner loop its static ones."""
+    with pytest.raises(ValueError, match="not of 'image-classification' models"):
+        tto.build_config("vit3", mlp_type="cms", cms_periods=[4], mlp_bias=False)
+    with pytest.raises(ValueError, match="prime layers"):
+        tto.build_config("ttt_e2e", **SIZES, mlp_type="cms", cms_periods=[4])
+
+
+@pytest.mark.parametrize("variant,peer,peer_fields", [("attention", "transformer", {"tie_word_embeddings": False}),
+                                                      ("titans", "titans", {"variant": "lmm", "chunk_size": 2})])
+def test_hope_with_a_never_updated_level_is_its_peer(variant, peer, peer_fields):
+    """HOPE-Attention whose CMS is one never-updated level is the transformer, and HOPE's Titans
+    variant so is Titans LMM, with the same weights: the same logits exactly."""
+    hope = build("hope", variant=variant, chunk_size=2, cms_periods=[None]).double()
+    other = build(peer, seed=1, **peer_fields).double()
+    rename = {".mlp.levels.0.mlp.": ".mlp."} | ({".mixer.wiring.attention.": ".mixer."} if variant == "attention" else {})
+
+    def renamed(key: str) -> str:
+        for old, new in rename.items():
+            key = key.replace(old, new)
+        return key
+
+    other.load_state_dict({renamed(k): v for k, v in hope.state_dict().items()})
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hope(x).logits, other(x).logits, atol=0, rtol=0)
