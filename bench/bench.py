@@ -293,10 +293,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def report(results: dict, args) -> str:
     seqs, contexts = args.seq, sorted(set(args.seq) | set(args.decode_contexts))
     st = results["settings"]
-    ran = [g for g in GROUPS if results[g]]
-    batch = f"batch {args.batch}, " if results["lm"] or results["layer"] else ""
-    lines = [f"## tto bench — {st['started']}, torch {st['torch']}, {st['threads']} threads, fp32, {batch}"
-             f"median of {args.iters} (ratio to {' / '.join(BASELINE[g] for g in ran)} of the same run)", ""]
+    text = bool(results["lm"] or results["layer"])
+    ran = (["lm", "layer"] if text else []) + (["image"] if results["image"] else [])
+    lines = [f"## tto bench — {st['started']}, torch {st['torch']}, {st['threads']} threads, fp32, "
+             f"{f'batch {args.batch}, ' if text else ''}median of {args.iters} "
+             f"(ratio to {' / '.join(BASELINE[g] for g in ran)} of the same run)", ""]
     lm, layer, image = results["lm"], results["layer"], results["image"]
     peak_cols = [f"peak train MB (rise) @{s}" for s in seqs]
     forward = [k for k in ("train", "prefill") if k in args.kinds]
