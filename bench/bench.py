@@ -1,9 +1,11 @@
-"""Speed and memory of every registered tto type against a same-size HF Llama, in one process.
+"""Speed and memory of every registered tto type against a same-size HF Llama (image types: against
+the ViT), in one process.
 
     python bench/bench.py                      # full run: seq 512 and 2048, decode at 1K/4K/16K
     python bench/bench.py --quick              # smoke run, < 1 minute
     python bench/bench.py --types ttt --variants linear --seq 2048 --decode-contexts 1024 16384
     python bench/bench.py --kinds decode --seq 2048 --ttt-official ../ttt-lm-pytorch/ttt.py
+    python bench/bench.py --types vit vit3 memory_vit   # only the image classifiers
 
 Method (as in shared/design/PEERS-CPU.md): float32, 2 threads; for each measure every case runs
 once untimed (warm-up), once under the FLOP counter, then `--iters` timed rounds round-robin with
@@ -15,7 +17,10 @@ is reported with the worst and best rounds. Ratios are to the baseline measured 
 * decode: after an untimed prefill of `context` tokens, 32 greedy tokens one at a time with the
   model's own cache (both rows of the batch counted);
 * peak RSS: process high-water mark during one untimed train/prefill iteration, and its rise
-  over the resident memory just before (after ``malloc_trim``).
+  over the resident memory just before (after ``malloc_trim``);
+* image types (their own group, ratios to the ``vit`` type): train is forward + backward of the
+  classification loss, infer (the prefill kind) one forward, on `--image-batch` images of
+  IMAGE_SMALL, reported in images/s and tokens/s (patch tokens).
 
 A case that fails is reported as an error (row or cell) and the run goes on. The markdown
 report is printed; everything, including each timed sample, goes to ``bench/results/<time>.json``.
@@ -45,10 +50,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tto from this ch
 import tto
 from measure import (CEILING_FLOPS, ForeignCPU, PeakRSS, count_flops, matmul_ceiling, timed, trim,
                      wait_idle)
-from models import (COMPILED_SUFFIX, DECODE_TOKENS, LAYER_BASELINE, LM_BASELINE, SMALL, Case,
-                    baseline_cases, official_ttt_cases, peer_cases, titans_pytorch_version, tto_cases)
+from models import (COMPILED_SUFFIX, DECODE_TOKENS, IMAGE_BASELINE, IMAGE_SMALL, LAYER_BASELINE, LM_BASELINE, SMALL,
+                    Case, baseline_cases, image_cases, official_ttt_cases, peer_cases, selected_tasks,
+                    titans_pytorch_version, tto_cases)
 
-BASELINE = {"lm": LM_BASELINE, "layer": LAYER_BASELINE}
+BASELINE = {"lm": LM_BASELINE, "layer": LAYER_BASELINE, "image": IMAGE_BASELINE}
+GROUPS = tuple(BASELINE)
+IMAGE_MEASURE = {"train": "train", "prefill": "infer"}  # measure kind -> its name in the image labels
 CEILING = "mm1024"
 KINDS = ("train", "prefill", "decode")
 FAILED = object()  # what Run.attempt returns when the call raised
@@ -73,25 +81,33 @@ TARGETS = [
 
 @dataclass
 class Measure:
-    label: str  # "train@512", "prefill@2048", "decode@16384"
-    group: str  # "lm" or "layer"
+    label: str  # "train@512", "prefill@2048", "decode@16384", "infer@224px"
+    group: str  # "lm", "layer" or "image"
     kind: str  # "train", "prefill" or "decode"
-    seq: int  # sequence length, or decode context
+    seq: int  # sequence length, or decode context, or image side in pixels
+    batch: int  # sequences (images) per sample
     tokens: int  # tokens processed by one sample
+    images: int | None = None  # images processed by one sample (image group)
 
 
-def plan(args) -> list[Measure]:
-    """Measures in run order: per seq LM train/prefill then layer train/prefill; then decode by context.
+def plan(args, groups: set[str]) -> list[Measure]:
+    """Measures in run order: per seq LM train/prefill then layer train/prefill; image train/infer;
+    then decode by context.
 
-    Only the kinds in ``args.kinds`` are planned."""
+    Only the kinds in ``args.kinds`` and the `groups` that have cases are planned."""
+    forward = [kind for kind in ("train", "prefill") if kind in args.kinds]
     out = []
     for seq in args.seq:
-        for group in ("lm", "layer") if args.layers else ("lm",):
-            out += [Measure(f"{kind}@{seq}", group, kind, seq, args.batch * seq)
-                    for kind in ("train", "prefill") if kind in args.kinds]
-    if "decode" in args.kinds:
+        for group in ("lm", "layer"):
+            if group in groups:
+                out += [Measure(f"{kind}@{seq}", group, kind, seq, args.batch, args.batch * seq) for kind in forward]
+    if "image" in groups:
+        size, tokens = IMAGE_SMALL["image_size"], (IMAGE_SMALL["image_size"] // IMAGE_SMALL["patch_size"]) ** 2
+        out += [Measure(f"{IMAGE_MEASURE[kind]}@{size}px", "image", kind, size, args.image_batch,
+                        args.image_batch * tokens, args.image_batch) for kind in forward]
+    if "decode" in args.kinds and "lm" in groups:
         for ctx in sorted(set(args.seq) | set(args.decode_contexts)):
-            out.append(Measure(f"decode@{ctx}", "lm", "decode", ctx, args.batch * DECODE_TOKENS))
+            out.append(Measure(f"decode@{ctx}", "lm", "decode", ctx, args.batch, args.batch * DECODE_TOKENS))
     return out
 
 
@@ -103,7 +119,7 @@ class Run:
         self.cases, self.adapters = cases, {}
         self.ceiling_s: list[float] = []
         self.noise: dict[str, list[float]] = {}
-        self.results = {"lm": {}, "layer": {}}
+        self.results = {group: {} for group in GROUPS}
         for case in cases:
             entry = self.entry(case)
             entry.update(config=case.config, params=None, errors={}, measures={})
@@ -141,9 +157,9 @@ class Run:
             if case.group != m.group or adapter is None:
                 continue
             if m.kind != "decode":
-                steps[case.name] = (lambda: (self.args.batch, m.seq), getattr(adapter, m.kind))
+                steps[case.name] = (lambda: (m.batch, m.seq), getattr(adapter, m.kind))
             elif adapter.can_decode:
-                prefilled = self.attempt(case, m.label, adapter.start_decode, self.args.batch, m.seq)
+                prefilled = self.attempt(case, m.label, adapter.start_decode, m.batch, m.seq)
                 if prefilled is not FAILED:
                     steps[case.name] = (lambda p=prefilled: (copy.deepcopy(p),), adapter.decode)
         live = [c for c in self.cases if c.group == m.group and c.name in steps]
@@ -190,10 +206,11 @@ class Run:
         run(*setup())
 
     def sample(self, case: Case, m: Measure) -> dict:
-        return self.entry(case)["measures"].setdefault(m.label, {"tokens": m.tokens})
+        return self.entry(case)["measures"].setdefault(m.label, {"tokens": m.tokens} | (
+            {"images": m.images} if m.images else {}))
 
     def summarize(self) -> None:
-        """Median tok/s, worst/best, ratio to the group's baseline, GFLOP/s and % of the ceiling."""
+        """Median tok/s (img/s), worst/best, ratio to the group's baseline, GFLOP/s and % of the ceiling."""
         ceiling = statistics.median(CEILING_FLOPS / s / 1e9 for s in self.ceiling_s) if self.ceiling_s else None
         for group, cases in self.results.items():
             for entry in cases.values():
@@ -202,6 +219,8 @@ class Run:
                         median = statistics.median(s["seconds"])
                         s.update(tok_s=s["tokens"] / median, worst=s["tokens"] / max(s["seconds"]),
                                  best=s["tokens"] / min(s["seconds"]))
+                        if "images" in s:
+                            s["img_s"] = s["images"] / median
                         if s.get("flops"):
                             s.update(gflop_s=s["flops"] / median / 1e9, flop_per_token=s["flops"] / s["tokens"])
                             if ceiling:
@@ -243,14 +262,15 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def _speed(entry: dict, label: str) -> str:
+def _speed(entry: dict, label: str, rate: str = "tok_s", ratio: bool = True) -> str:
+    """The median `rate` (tok_s or img_s) of a measure, with its ratio to the baseline."""
     if label in entry["errors"]:
         return "error"
     s = entry["measures"].get(label, {})
-    if "tok_s" not in s:
+    if rate not in s:
         return "—"
-    ratio = f" ({s['ratio']:.2f}x)" if "ratio" in s else ""
-    return f"{_num(s['tok_s'])}{ratio}"
+    times = f" ({s['ratio']:.2f}x)" if ratio and "ratio" in s else ""
+    return f"{_num(s[rate])}{times}"
 
 
 def _peak(entry: dict, label: str) -> str:
@@ -272,24 +292,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def report(results: dict, args) -> str:
     seqs, contexts = args.seq, sorted(set(args.seq) | set(args.decode_contexts))
-    base = {"lm": LM_BASELINE, "layer": LAYER_BASELINE}
     st = results["settings"]
-    lines = [f"## tto bench — {st['started']}, torch {st['torch']}, {st['threads']} threads, fp32, batch {args.batch}, "
-             f"median of {args.iters} (ratio to {LM_BASELINE} / {LAYER_BASELINE} of the same run)", ""]
-    lm, layer = results["lm"], results["layer"]
+    text = bool(results["lm"] or results["layer"])
+    ran = (["lm", "layer"] if text else []) + (["image"] if results["image"] else [])
+    lines = [f"## tto bench — {st['started']}, torch {st['torch']}, {st['threads']} threads, fp32, "
+             f"{f'batch {args.batch}, ' if text else ''}median of {args.iters} "
+             f"(ratio to {' / '.join(BASELINE[g] for g in ran)} of the same run)", ""]
+    lm, layer, image = results["lm"], results["layer"], results["image"]
     peak_cols = [f"peak train MB (rise) @{s}" for s in seqs]
     forward = [k for k in ("train", "prefill") if k in args.kinds]
-    if forward:
+    if forward and lm:
         lines += ["### Whole models: tokens/s", ""]
         lines += _table(["model", "params"] + [f"train@{s}" for s in seqs] + [f"prefill@{s}" for s in seqs] + peak_cols,
                         [[n, f"{e['params'] / 1e6:.2f}M" if e["params"] else "—"]
                          + [_speed(e, f"train@{s}") for s in seqs] + [_speed(e, f"prefill@{s}") for s in seqs]
                          + [_peak(e, f"train@{s}") for s in seqs] for n, e in lm.items()])
-    lines += ["", f"### Decode tokens/s ({DECODE_TOKENS} greedy tokens after an untimed prefill of the context)", ""]
-    lines += _table(["model"] + [f"decode@{c}" for c in contexts] + [f"@{contexts[-1]} / @{contexts[0]}"],
-                    [[n] + [_speed(e, f"decode@{c}") for c in contexts] + [_flatness(e, contexts)]
-                     for n, e in lm.items() if any(k.startswith("decode@") for k in e["measures"])])
-    if args.flops and forward:
+    if lm:
+        lines += ["", f"### Decode tokens/s ({DECODE_TOKENS} greedy tokens after an untimed prefill of the context)", ""]
+        lines += _table(["model"] + [f"decode@{c}" for c in contexts] + [f"@{contexts[-1]} / @{contexts[0]}"],
+                        [[n] + [_speed(e, f"decode@{c}") for c in contexts] + [_flatness(e, contexts)]
+                         for n, e in lm.items() if any(k.startswith("decode@") for k in e["measures"])])
+    if args.flops and forward and lm:
         lines += ["", "### Compute: GFLOP/s (% of the in-process matmul ceiling), MFLOP/token", ""]
         labels = [f"{k}@{s}" for s in seqs for k in ("train", "prefill")]
         lines += _table(["model"] + labels, [[n] + [_compute(e, lb) for lb in labels] for n, e in lm.items()])
@@ -299,6 +322,15 @@ def report(results: dict, args) -> str:
                         [[n, f"{e['params'] / 1e3:.0f}k" if e["params"] else "—"]
                          + [_speed(e, f"train@{s}") for s in seqs] + [_speed(e, f"prefill@{s}") for s in seqs]
                          + [_peak(e, f"train@{s}") for s in seqs] for n, e in layer.items()])
+    if image and forward:
+        lines += ["", _image_heading(args), ""]
+        labels = [f"{IMAGE_MEASURE[k]}@{IMAGE_SMALL['image_size']}px" for k in forward]
+        header = ["model", "params"] + [f"{lb} {unit}" for lb in labels for unit in ("img/s", "tok/s")]
+        header += [f"peak {labels[0]} MB (rise)"] + ([f"{lb} GFLOP/s (%), MFLOP/token" for lb in labels] if args.flops else [])
+        lines += _table(header, [[n, f"{e['params'] / 1e6:.2f}M" if e["params"] else "—"]
+                                 + [cell for lb in labels for cell in (_speed(e, lb, "img_s"), _speed(e, lb, ratio=False))]
+                                 + [_peak(e, labels[0])] + ([_compute(e, lb) for lb in labels] if args.flops else [])
+                                 for n, e in image.items()])
     ceiling = results["ceiling"]
     if ceiling["gflop_s_median"]:
         lines += ["", f"Matmul ceiling (in-process, {CEILING}): {ceiling['gflop_s_median']:.0f} GFLOP/s median "
@@ -312,13 +344,22 @@ def report(results: dict, args) -> str:
         lines += ["", "### Targets", ""]
         lines += _table(["target", "ratio", "met"],
                         [[t["target"], f"{t['ratio']:.2f}", "yes" if t["met"] else "NO"] for t in targets])
-    errors = [(g, n, lb, msg) for g in ("lm", "layer") for n, e in results[g].items() for lb, msg in e["errors"].items()]
+    errors = [(g, n, lb, msg) for g in GROUPS for n, e in results[g].items() for lb, msg in e["errors"].items()]
     if errors:
         lines += ["", "### Errors", ""] + [f"- {g}/{n} {lb}: {msg}" for g, n, lb, msg in errors]
-    missing = [f"{g}/{b}" for g, b in base.items() if results[g] and b not in results[g]]
+    missing = [f"{g}/{b}" for g, b in BASELINE.items() if results[g] and b not in results[g]]
     if missing:
         lines += ["", f"No baseline {missing}: ratios omitted."]
     return "\n".join(lines)
+
+
+def _image_heading(args) -> str:
+    c = IMAGE_SMALL
+    grid = c["image_size"] // c["patch_size"]
+    return (f"### Image models: {c['image_size']}x{c['image_size']} px in {c['patch_size']}x{c['patch_size']} patches "
+            f"({grid * grid} tokens), width {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+            f"{c['num_attention_heads']} heads, batch {args.image_batch}; train = fwd+bwd of the classification loss, "
+            f"infer = one forward; ratio to {IMAGE_BASELINE}")
 
 
 def _flatness(entry: dict, contexts: list[int]) -> str:
@@ -342,11 +383,12 @@ def settings(args) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], **SMALL, "batch": args.batch,
             "seq": args.seq, "decode_contexts": args.decode_contexts, "decode_tokens": DECODE_TOKENS,
+            "image": {**IMAGE_SMALL, "batch": args.image_batch},
             "iters": args.iters, "threads": args.threads, "dtype": "float32", "torch": torch.__version__,
             "transformers": transformers.__version__, "titans_pytorch": titans_pytorch_version(),
             "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "loadavg_start": os.getloadavg(), "tto_commit": git("rev-parse", "HEAD"),
-            "tto_dirty": bool(git("status", "--porcelain", "--", "tto")), "registered": tto.available()}
+            "tto_dirty": bool(git("status", "--porcelain", "--", "tto")), "registered": tto.available(None)}
 
 
 def parse_args(argv=None):
@@ -357,9 +399,12 @@ def parse_args(argv=None):
                    help="decode contexts besides --seq")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                    help="which measures to run (e.g. only decode)")
-    p.add_argument("--types", nargs="+", help="registered types to include (default: all)")
+    p.add_argument("--types", nargs="+",
+                   help="registered types to include (default: all); naming only image types runs only the image "
+                        "cases (and naming no image type, no image case)")
     p.add_argument("--variants", nargs="+", help="variants to include, e.g. linear lmm (types without variants stay)")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--image-batch", type=int, default=8, help="images per sample of the image cases")
     p.add_argument("--iters", type=int, default=5, help="timed rounds per measure (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--idle-wait", type=float, default=5.0,
@@ -370,19 +415,20 @@ def parse_args(argv=None):
                    help="also run the official TTT-Linear / TTT-MLP from this copy of ttt-lm-pytorch's ttt.py")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     p.add_argument("--compile", action="store_true",
-                   help=f"also run every memory type with compile_inner_step (cases named <case>{COMPILED_SUFFIX})")
-    p.add_argument("--quick", action="store_true", help="smoke run: seq 128, 1 round, decode at 256, no idle wait")
+                   help=f"also run every memory language model with compile_inner_step (cases named <case>{COMPILED_SUFFIX})")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: seq 128, 1 round, decode at 256, 2 images, no idle wait")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("-v", "--verbose", action="store_true", help="print the traceback of every failing case")
     args = p.parse_args(argv)
-    registered = tto.available()
+    registered = tto.available(None)
     if args.types and (unknown := [t for t in args.types if t not in registered]):
         p.error(f"unknown type(s) {unknown}; registered: {sorted(registered)}")
     known_variants = {v for vs in registered.values() for v in vs}
     if args.variants and (unknown := [v for v in args.variants if v not in known_variants]):
         p.error(f"unknown variant(s) {unknown}; registered: {sorted(known_variants)}")
     if args.quick:
-        args.seq, args.decode_contexts, args.iters, args.idle_wait = [128], [256], 1, 0.0
+        args.seq, args.decode_contexts, args.iters, args.idle_wait, args.image_batch = [128], [256], 1, 0.0, 2
     return args
 
 
@@ -390,16 +436,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases = baseline_cases() + tto_cases(args.types, args.variants, args.compile) + (peer_cases() if args.peers else [])
-    if args.ttt_official:
-        cases += official_ttt_cases(args.ttt_official)
+    tasks, cases = selected_tasks(args.types), []
+    if "causal-lm" in tasks:
+        cases += baseline_cases() + tto_cases(args.types, args.variants, args.compile) + (peer_cases() if args.peers else [])
+        if args.ttt_official:
+            cases += official_ttt_cases(args.ttt_official)
+    if "image-classification" in tasks:
+        cases += image_cases(args.types, args.variants)
     if not args.layers:
         cases = [c for c in cases if c.group != "layer"]
     info = settings(args)
     print(f"tto bench: {len(cases)} cases, registered {info['registered']}, titans-pytorch {info['titans_pytorch']}",
           flush=True)
     run = Run(args, cases)
-    for m in plan(args):
+    for m in plan(args, {c.group for c in cases}):
         run.measure(m)
     run.summarize()
     results = {"settings": {**info, "loadavg_end": os.getloadavg(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")},

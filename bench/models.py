@@ -2,9 +2,10 @@
 ``titans-pytorch`` peers, each wrapped in a small adapter that knows how to train, prefill and
 decode it.
 
-Cases come in two groups. ``lm``: whole language models, compared with ``llama``. ``layer``: one
+Cases come in three groups. ``lm``: whole language models, compared with ``llama``. ``layer``: one
 mixer alone on hidden states (batch, seq, hidden), compared with ``sdpa-attention``, a plain causal
-SDPA attention layer (q/k/v and output projections, no RoPE).
+SDPA attention layer (q/k/v and output projections, no RoPE). ``image``: whole image classifiers
+(every image type of the registry), compared with the ``vit`` type (softmax attention).
 """
 
 from __future__ import annotations
@@ -31,9 +32,16 @@ SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_
 #: memory chunk is its attention segment (128 tokens + its 16 long-term memory tokens). Its inner
 #: step keeps the default bound: the engine's step bound keeps a 128-token chunk stable.
 MATCH_VARIANT = {("titans", "mac"): dict(chunk_size=128)}
+#: The image cases' configuration: ViT³-T's (vit3's "6m" preset, the official vittt_tiny: 224 x 224
+#: RGB images in 16 x 16 patches, so 196 tokens, width 192, 6 heads x 32, MLP 768, 1000 classes) at
+#: 4 layers instead of 12, so that every image type trains in seconds on one CPU thread.
+IMAGE_SMALL = dict(image_size=224, patch_size=16, num_channels=3, hidden_size=192, intermediate_size=768,
+                   num_hidden_layers=4, num_attention_heads=6, num_labels=1000)
+#: the backbone fields of a registered type's cases, by its task
+BACKBONE = {"causal-lm": SMALL, "image-classification": IMAGE_SMALL}
 DECODE_TOKENS = 32  # greedy tokens timed per decode sample
 PREFILL_PIECE = 2048  # long decode contexts are prefilled (untimed) in pieces of this many tokens
-LM_BASELINE, LAYER_BASELINE = "llama", "sdpa-attention"
+LM_BASELINE, LAYER_BASELINE, IMAGE_BASELINE = "llama", "sdpa-attention", "vit"  # IMAGE_BASELINE: a registered type
 COMPILED_SUFFIX = "+compile"  # names the compile_inner_step twin of a case (bench.py --compile)
 
 
@@ -47,6 +55,14 @@ def token_ids(batch: int, seq: int) -> torch.Tensor:
 def hidden_states(batch: int, seq: int) -> torch.Tensor:
     """Fixed random layer inputs (batch, seq, hidden), shared by every layer case."""
     return torch.randn(batch, seq, SMALL["hidden_size"], generator=torch.Generator().manual_seed(seq))
+
+
+@functools.lru_cache(maxsize=None)
+def images(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random pixel values (batch, channels, size, size) and labels (batch,), shared by every image case."""
+    gen = torch.Generator().manual_seed(size)
+    return (torch.randn(batch, IMAGE_SMALL["num_channels"], size, size, generator=gen),
+            torch.randint(0, IMAGE_SMALL["num_labels"], (batch,), generator=gen))
 
 
 class CausalLM:
@@ -118,6 +134,34 @@ class OfficialTTT(CausalLM):
     cache_field = "cache_params"
 
 
+class ImageClassifier:
+    """A tto image classifier: training is forward + backward of the classification loss, the
+    ``prefill`` measure is inference (one forward, no grad); `size` is the image side in pixels."""
+
+    can_decode = False
+
+    def __init__(self, model: nn.Module):
+        self.module = model
+
+    def train(self, batch: int, size: int) -> None:
+        """Forward + backward of the cross-entropy of random labels (no optimizer step)."""
+        pixel_values, labels = images(batch, size)
+        self.module.train()
+        self.module(pixel_values, labels=labels).loss.backward()
+        self.module.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def prefill(self, batch: int, size: int) -> None:
+        """Inference: one forward to the logits."""
+        self.module.eval()
+        self.module(images(batch, size)[0])
+
+
+#: how a registered type's whole model is driven, and the group of its cases, by its task
+ADAPTER = {"causal-lm": CausalLM, "image-classification": ImageClassifier}
+MODEL_GROUP = {"causal-lm": "lm", "image-classification": "image"}
+
+
 class Layer:
     """One mixer on hidden states; training is forward + backward of sum(output), input grad included."""
 
@@ -143,7 +187,7 @@ class Case:
     """One benchmarked model. `build` returns its adapter; `config` records how it was configured."""
 
     name: str
-    group: str  # "lm" or "layer"
+    group: str  # "lm", "layer" or "image"
     build: Callable[[], object]
     config: dict = field(default_factory=dict)
 
@@ -171,12 +215,12 @@ def _tto_mixer_call(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _tto_config(entry, variant_fields: dict, **overrides):
     variant = next(iter(variant_fields.values()), None)
-    fields = {**SMALL, **variant_fields, **MATCH_VARIANT.get((entry.name, variant), {}), **overrides}
+    fields = {**BACKBONE[entry.task], **variant_fields, **MATCH_VARIANT.get((entry.name, variant), {}), **overrides}
     return fields, tto.build_config(entry.name, **fields)
 
 
-def _build_tto_lm(entry, variant_fields: dict, **overrides) -> CausalLM:
-    return CausalLM(entry.model_class(_tto_config(entry, variant_fields, **overrides)[1]))
+def _build_tto_model(entry, variant_fields: dict, **overrides):
+    return ADAPTER[entry.task](entry.model_class(_tto_config(entry, variant_fields, **overrides)[1]))
 
 
 def _build_tto_layer(entry, variant_fields: dict, **overrides) -> Layer:
@@ -193,28 +237,48 @@ def _has_memory(entry) -> bool:
     return any(isinstance(m, ChunkwiseMemory) for m in model.modules())
 
 
-def tto_cases(types: list[str] | None, variants: list[str] | None, compiled: bool = False) -> list[Case]:
-    """An `lm` and a `layer` case for every registered type and variant passing the filters; with
-    `compiled`, also their twins built with ``compile_inner_step`` (named ``<case>+compile``) for
-    the types that have a memory."""
-    out = []
-    for name in tto.available():
-        if types and name not in types:
+def selected_tasks(types: list[str] | None) -> set[str]:
+    """The tasks whose groups run: those of the named `types`, every task without a filter."""
+    return {tto.get(name).task for name in types} if types else set(tto.registry.TASKS)
+
+
+def _registered(task: str, types: list[str] | None, variants: list[str] | None, keep: str | None = None):
+    """(entry, {variant field: variant}, case name) for every registered type of `task` and
+    variant passing the filters (a type without variants passes `variants`; type `keep` passes both)."""
+    for name in tto.available(task):
+        if types and name not in types and name != keep:
             continue
         entry = tto.get(name)
+        for variant, variant_fields in entry.variant_configs():
+            if variants and variant is not None and variant not in variants and name != keep:
+                continue
+            yield entry, variant_fields, f"{name}-{variant}" if variant else name
+
+
+def tto_cases(types: list[str] | None, variants: list[str] | None, compiled: bool = False) -> list[Case]:
+    """An `lm` and a `layer` case for every registered language-model type and variant passing the
+    filters; with `compiled`, also their twins built with ``compile_inner_step`` (named
+    ``<case>+compile``) for the types that have a memory."""
+    out = []
+    for entry, variant_fields, name in _registered("causal-lm", types, variants):
         twins = [("", {})] + ([(COMPILED_SUFFIX, {"compile_inner_step": True})]
                               if compiled and _has_memory(entry) else [])
-        for variant, variant_fields in entry.variant_configs():
-            if variants and variant is not None and variant not in variants:
-                continue
-            for suffix, extra in twins:
-                label = (f"{name}-{variant}" if variant else name) + suffix
-                fields = _tto_config(entry, variant_fields, **extra)[0]
-                out.append(Case(label, "lm", functools.partial(_build_tto_lm, entry, variant_fields, **extra),
-                                {"type": name, **fields}))
-                out.append(Case(label, "layer", functools.partial(_build_tto_layer, entry, variant_fields, **extra),
-                                {"type": name, **fields, "num_hidden_layers": 1}))
+        for suffix, extra in twins:
+            fields = _tto_config(entry, variant_fields, **extra)[0]
+            out.append(Case(name + suffix, "lm", functools.partial(_build_tto_model, entry, variant_fields, **extra),
+                            {"type": entry.name, **fields}))
+            out.append(Case(name + suffix, "layer", functools.partial(_build_tto_layer, entry, variant_fields, **extra),
+                            {"type": entry.name, **fields, "num_hidden_layers": 1}))
     return out
+
+
+def image_cases(types: list[str] | None, variants: list[str] | None) -> list[Case]:
+    """An `image` case for every registered image type and variant passing the filters, at
+    IMAGE_SMALL, and always the baseline type IMAGE_BASELINE (softmax attention), first."""
+    return sorted([Case(name, MODEL_GROUP[entry.task], functools.partial(_build_tto_model, entry, variant_fields),
+                 {"type": entry.name, **_tto_config(entry, variant_fields)[0]})
+            for entry, variant_fields, name in _registered("image-classification", types, variants, IMAGE_BASELINE)],
+                  key=lambda case: case.name != IMAGE_BASELINE)
 
 
 def baseline_cases() -> list[Case]:
