@@ -38,7 +38,7 @@ from ..cache import Context
 from ..config import MemoryConfig, TTOConfig, config_error
 from ..engine import MiniBatchGD, MLPMemory, Memory, SquaredError
 from ..layers.conv import ShortConv
-from ..layers.rope import apply_rope_interleaved, rope_cos_sin
+from ..layers.rope import interleaved_rope_tables, rope_cos_sin, rotate_interleaved
 from ..registry import FromAttention, qkvo, register
 
 #: TTT_STANDARD_CONFIGS of the reference
@@ -143,9 +143,10 @@ class TTTMixer(nn.Module):
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         q, k, v = q.view(heads), k.view(heads), self.v_proj(x).view(heads)
-        cos, sin = ctx.shared_value(("ttt_rope", self.mini_batch_size, self.head_dim, self.rope_theta), lambda: rope_cos_sin(
-            ctx.positions % self.mini_batch_size, self.head_dim, self.rope_theta))
-        q, k = apply_rope_interleaved(torch.stack((q, k)), cos, sin).unbind(0)
+        tables = ctx.shared_value(("ttt_rope", self.mini_batch_size, self.head_dim, self.rope_theta, q.dtype),
+                                  lambda: interleaved_rope_tables(*rope_cos_sin(ctx.positions % self.mini_batch_size,
+                                                                                self.head_dim, self.rope_theta), q.dtype))
+        q, k = rotate_interleaved(torch.stack((q, k)), *tables).unbind(0)
 
         lr = self.base_lr * torch.sigmoid(x @ self.lr_gate_weight.T + self.lr_gate_bias) / self.head_dim
         z = self.memory(q, k, v, {"lr": lr}, ctx.mask, state).reshape(b, t, width)
