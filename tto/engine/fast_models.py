@@ -209,7 +209,7 @@ class MLPMemory(FastModel):
         """``linear`` that evaluates the layers at fixed `params`."""
 
         def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-            return torch.baddbmm(params["b" + name[1:]], x, params[name]) if self.has_bias else x @ params[name]
+            return torch.baddbmm(params["b" + name[1:]], x, params[name]) if self.has_bias else torch.bmm(x, params[name])
 
         return linear
 
@@ -218,7 +218,7 @@ class MLPMemory(FastModel):
         h = x
         for i, name in enumerate(self.weight_names):
             inputs.append(h)
-            z = torch.baddbmm(params["b" + name[1:]], h, params[name]) if self.has_bias else h @ params[name]
+            z = torch.baddbmm(params["b" + name[1:]], h, params[name]) if self.has_bias else torch.bmm(h, params[name])
             pre.append(z)
             h = self.act(z) if i < self.depth - 1 else z
         if self.residual_norm:
@@ -231,7 +231,7 @@ class MLPMemory(FastModel):
             name = self.weight_names[i]
             grads.append((name, inputs[i], g))
             if i > 0:
-                g = self.act_backward(g @ params[name].transpose(-1, -2), pre[i - 1])
+                g = self.act_backward(torch.bmm(g, params[name].transpose(-1, -2)), pre[i - 1])
         return grads[::-1]
 
 
