@@ -264,7 +264,7 @@ class Memory(ChunkwiseMemory):
             return self.fast.apply(q, self.fast.plain_linear(params))
         chunk = self._with_lookback(chunk, dim=1)
         gates = _gates(chunk)
-        coef = self.optimizer.coefficients(gates, valid).without_negligible().rows(first)
+        coef = self.optimizer.read_coefficients(gates, valid, first).without_negligible()
         k, q = chunk["k"], chunk["q"][:, first:]
         start = first if cache else 0
         grads, _ = self._gradients(params, k[:, start:], chunk["v"][:, start:],
