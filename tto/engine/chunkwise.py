@@ -22,7 +22,7 @@ from torch import nn
 
 from ..reference import in_reference_mode
 from .fast_models import upcast
-from .layout import (Layout, append_pending, heads_first, load_cache, load_state, prepend_pending, store_state,
+from .layout import (Layout, append_pending, detached, heads_first, load_cache, load_state, prepend_pending, store_state,
                      store_weights, tokens_first)
 
 
@@ -205,7 +205,7 @@ class ChunkwiseMemory(Float32Parameters):
                                                  read_start)
         if state is not None:
             store_state(state, self.prefix, heads, params, momentum, tokens, layout)
-            state.update({self.prefix + "window." + n: t.detach() for n, t in earlier.items()})
+            state.update({self.prefix + "window." + n: detached(t) for n, t in earlier.items()})
         if read_start is True:
             return tuple(layout.tokens(r)[:, total - new_len:] for r in reads.unbind(2))
         return layout.tokens(reads)[:, total - new_len:]
