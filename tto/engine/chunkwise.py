@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference import in_reference_mode
-from .fast_models import upcast
+from .fast_models import autocast_off, upcast
 from .layout import (Layout, append_pending, detached, heads_first, load_cache, load_state, prepend_pending, store_state,
                      store_weights, tokens_first)
 
@@ -151,7 +151,7 @@ class ChunkwiseMemory(Float32Parameters):
             raise ValueError(f"{type(self).__name__} has no chunk-start reads (read_start={read_start!r})")
         out_dtype = q.dtype
         only = read_start == "only"
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             if in_reference_mode():
                 if state is not None:
                     raise RuntimeError("the naive reference does not keep a decoding state")

@@ -13,6 +13,7 @@ Fast weights are tensors of shape (N, ...) with N = batch x heads; the model's o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,13 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     if inner is None:
         inner = _INNER_DTYPE.setdefault(t.dtype, torch.promote_types(t.dtype, torch.float32))
     return t if t.dtype == inner else t.to(inner)
+
+
+def autocast_off(device_type: str):
+    """A context in which autocast is off on `device_type`, for inner arithmetic:
+    ``torch.autocast(device_type, enabled=False)`` where autocast is on, and no context where it is
+    already off (entering and leaving one costs about as much as a few ops, per layer and call)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 #: activation name -> (function, backward(g, z) = g * function'(z)); fused ATen backward kernels,
