@@ -379,6 +379,23 @@ END_OPTIMIZERS = ["gd", "decay", "momentum", "omega-decay", "omega-momentum", "o
 
 
 @pytest.mark.parametrize("name", END_OPTIMIZERS)
+def test_read_coefficients_are_the_later_rows(name):
+    """The rows a decoding step reads (from token `first` on, computed alone where the optimizer can)
+    are those rows of the full coefficients, exactly, with pad slots and without."""
+    b, heads = 7, 3
+    opt = _optimizer(name, b)
+    gates = _chunk_gates((heads, b), opt.lookback, seed=6)
+    padded = torch.rand(heads, b, generator=torch.Generator().manual_seed(7)) > 0.3
+    for valid in (padded, torch.ones_like(padded)):
+        for first in range(b):
+            full, read = opt.coefficients(gates, valid).rows(first), opt.read_coefficients(gates, valid, first)
+            for a, r in zip(full._fields(), read._fields()):
+                assert (a is None) == (r is None)
+                if a is not None:
+                    assert torch.equal(r, a)
+
+
+@pytest.mark.parametrize("name", END_OPTIMIZERS)
 def test_end_coefficients_are_the_last_row(name):
     """Each optimizer's chunk-end row, computed alone in O(b), is the last row of its full
     coefficients (with pad slots) and, without pads, the chunk map its per-token recurrence gives

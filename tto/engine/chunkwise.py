@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference import in_reference_mode
-from .fast_models import upcast
-from .layout import (Layout, append_pending, heads_first, load_cache, load_state, prepend_pending, store_state,
+from .fast_models import autocast_off, upcast
+from .layout import (Layout, append_pending, detached, heads_first, load_cache, load_state, prepend_pending, store_state,
                      store_weights, tokens_first)
 
 
@@ -192,10 +192,10 @@ class ChunkwiseMemory(Float32Parameters):
         if in_noncausal_mode():  # under autocast the float32 reads, as the image types' memories return them
             self._check_noncausal(mask, state, read_start)
             autocast = torch.is_autocast_enabled(q.device.type)
-            with torch.autocast(device_type=q.device.type, enabled=False):
+            with autocast_off(q.device.type):
                 reads = self.naive_noncausal(q, k, v, gates) if in_reference_mode() else self._whole(q, k, v, gates)
             return reads if autocast else reads.to(out_dtype)
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             if in_reference_mode():
                 if state is not None:
                     raise RuntimeError("the naive reference does not keep a decoding state")
@@ -271,7 +271,7 @@ class ChunkwiseMemory(Float32Parameters):
                                                  read_start)
         if state is not None:
             store_state(state, self.prefix, heads, params, momentum, tokens, layout)
-            state.update({self.prefix + "window." + n: t.detach() for n, t in earlier.items()})
+            state.update({self.prefix + "window." + n: detached(t) for n, t in earlier.items()})
         if read_start is True:
             return tuple(layout.tokens(r)[:, total - new_len:] for r in reads.unbind(2))
         return layout.tokens(reads)[:, total - new_len:]

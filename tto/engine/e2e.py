@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from ..cache import Context
 from ..layers.mlp import SwiGLU
 from .chunkwise import Float32Parameters
-from .fast_models import upcast
+from .fast_models import autocast_off, upcast
 
 #: cache keys of a prime layer's adapted weights, in the order SwiGLU.forward takes them
 PRIME_KEYS = ("prime.gate_proj", "prime.up_proj", "prime.down_proj")
@@ -58,7 +58,7 @@ class PrimeMLP(Float32Parameters, SwiGLU):
     autocast off: x (B, T, hidden) -> (B, T, hidden) in x's dtype, the (adapted) weights' gradients float32."""
 
     def forward(self, x, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return super().forward(upcast(x), weights).to(x.dtype)
 
 
@@ -81,7 +81,7 @@ def _matrix(linear: nn.Module) -> torch.Tensor:
     so the adapted weights start, step and are cached in the weights' dtype (float32 at least: a
     :class:`PrimeMLP`'s)."""
     weight = linear.weight
-    with torch.autocast(weight.device.type, enabled=False):
+    with autocast_off(weight.device.type):
         return linear(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)).T
 
 

@@ -13,6 +13,7 @@ Fast weights are tensors of shape (N, ...) with N = batch x heads; the model's o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,13 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     if inner is None:
         inner = _INNER_DTYPE.setdefault(t.dtype, torch.promote_types(t.dtype, torch.float32))
     return t if t.dtype == inner else t.to(inner)
+
+
+def autocast_off(device_type: str):
+    """A context in which autocast is off on `device_type`, for inner arithmetic:
+    ``torch.autocast(device_type, enabled=False)`` where autocast is on, and no context where it is
+    already off (entering and leaving one costs about as much as a few ops, per layer and call)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 #: activation name -> (function, backward(g, z) = g * function'(z)); fused ATen backward kernels,
@@ -209,7 +217,7 @@ class MLPMemory(FastModel):
         """``linear`` that evaluates the layers at fixed `params`."""
 
         def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-            return torch.baddbmm(params["b" + name[1:]], x, params[name]) if self.has_bias else x @ params[name]
+            return torch.baddbmm(params["b" + name[1:]], x, params[name]) if self.has_bias else torch.bmm(x, params[name])
 
         return linear
 
@@ -218,7 +226,7 @@ class MLPMemory(FastModel):
         h = x
         for i, name in enumerate(self.weight_names):
             inputs.append(h)
-            z = torch.baddbmm(params["b" + name[1:]], h, params[name]) if self.has_bias else h @ params[name]
+            z = torch.baddbmm(params["b" + name[1:]], h, params[name]) if self.has_bias else torch.bmm(h, params[name])
             pre.append(z)
             h = self.act(z) if i < self.depth - 1 else z
         if self.residual_norm:
@@ -231,7 +239,7 @@ class MLPMemory(FastModel):
             name = self.weight_names[i]
             grads.append((name, inputs[i], g))
             if i > 0:
-                g = self.act_backward(g @ params[name].transpose(-1, -2), pre[i - 1])
+                g = self.act_backward(torch.bmm(g, params[name].transpose(-1, -2)), pre[i - 1])
         return grads[::-1]
 
 

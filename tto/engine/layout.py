@@ -50,6 +50,12 @@ def tokens_first(y: torch.Tensor, batch: int) -> torch.Tensor:
     return y.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """`t` cut from the autograd graph, as the state keeps it (`t` itself when it has no graph: no
+    alias dispatched for each stored tensor of each decoded token)."""
+    return t.detach() if t.requires_grad else t
+
+
 @dataclass
 class Layout:
     """Where each token of the (pending + new) sequence goes in the chunked layout (B, length)."""
@@ -176,7 +182,7 @@ def store_weights(state: dict, prefix: str, heads: int, params: dict, momentum: 
     back to (batch, heads, ...); pending tokens and their cache are dropped."""
     for key in [k for k in state if k.startswith(prefix)]:
         del state[key]
-    split = lambda t: t.detach().unflatten(0, (-1, heads))  # noqa: E731
+    split = lambda t: detached(t).unflatten(0, (-1, heads))  # noqa: E731
     for n, p in params.items():
         state[prefix + "W." + n] = split(p)
         if momentum is not None:
@@ -191,7 +197,7 @@ def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: di
     start = layout.n_commit * layout.chunk_size
     tail = slice(start, start + int(layout.remainder.max()))
     for n, t in tokens.items():
-        state[prefix + "pending." + n] = layout.gather(t)[:, tail].detach()
+        state[prefix + "pending." + n] = detached(layout.gather(t)[:, tail])
     state[prefix + "n_pending"] = layout.remainder
 
 
@@ -208,7 +214,7 @@ def append_pending(state: dict, prefix: str, heads: int, joined: dict, cache: di
     `cache` {name: (B * heads, pending, ...)} their cached values; the weights stay as they are."""
     first = next(iter(joined.values()))
     for n, t in joined.items():
-        state[prefix + "pending." + n] = t.detach()
+        state[prefix + "pending." + n] = detached(t)
     state[prefix + "n_pending"] = torch.full(first.shape[:1], first.shape[1], device=first.device)
     for n, t in cache.items():
-        state[prefix + "cache." + n] = t.detach().unflatten(0, (-1, heads))
+        state[prefix + "cache." + n] = detached(t).unflatten(0, (-1, heads))

@@ -212,8 +212,9 @@ class Memory(ChunkwiseMemory):
         return {**chunks, **{name: torch.cat([chunks["prev." + name], chunks[name]], dim) for name in self.lookback_names}}
 
     def _first_layer_qk(self, params, q, k) -> torch.Tensor:
-        """``q . k [+ 1 with a bias]`` (..., C_q, C): the first layer's dual-form attention."""
-        qk = q @ k.transpose(-1, -2)
+        """``q . k [+ 1 with a bias]`` (..., C_q, C) for q (..., C_q, d), k (..., C, d): the first
+        layer's dual-form attention (one bmm over the flattened leading dims)."""
+        qk = torch.bmm(q.flatten(0, -3), k.flatten(0, -3).transpose(-1, -2)).view(*q.shape[:-1], k.shape[-2])
         return qk + 1.0 if _bias_name(self.fast.weight_names[0]) in params else qk
 
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
@@ -277,7 +278,7 @@ class Memory(ChunkwiseMemory):
             return self.fast.apply(q, self.fast.plain_linear(params))
         chunk = self._with_lookback(chunk, dim=1)
         gates = _gates(chunk)
-        coef = self.optimizer.coefficients(gates, valid).without_negligible().rows(first)
+        coef = self.optimizer.read_coefficients(gates, valid, first).without_negligible()
         k, q = chunk["k"], chunk["q"][:, first:]
         start = first if cache else 0
         grads, _ = self._gradients(params, k[:, start:], chunk["v"][:, start:],
@@ -317,16 +318,16 @@ class Memory(ChunkwiseMemory):
         def read(name: str, xq: torch.Tensor) -> torch.Tensor:
             x, delta = by_name[name]
             bias = _bias_name(name)
-            z = torch.baddbmm(params[bias], xq, params[name]) if bias in params else xq @ params[name]
+            z = torch.baddbmm(params[bias], xq, params[name]) if bias in params else torch.bmm(xq, params[name])
             if xq is q:
                 mixed = mixed_qk
             else:
-                att = xq @ x.transpose(-1, -2)
+                att = torch.bmm(xq, x.transpose(-1, -2))
                 mixed = c.mix * (att + 1.0 if bias in params else att)
             if c.decay is not None:
                 z = c.decay[..., None] * z
             if c.carry is not None:
-                s = xq @ momentum[name]
+                s = torch.bmm(xq, momentum[name])
                 if bias in params:
                     s = s + momentum[bias]
                 z = z + c.carry[..., None] * s

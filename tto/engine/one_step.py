@@ -23,7 +23,7 @@ import torch
 
 from ..reference import in_reference_mode
 from .chunkwise import Float32Parameters
-from .fast_models import FastModel, upcast
+from .fast_models import FastModel, autocast_off, upcast
 from .objectives import Objective
 
 
@@ -36,7 +36,7 @@ class OneStepMemory(Float32Parameters):
         self.fast, self.objective, self.lr, self.normalize_grad = fast, objective, lr, normalize_grad
 
     def forward(self, q, k, v, weight) -> torch.Tensor:
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             if in_reference_mode():
                 return naive_one_step(self, q, k, v, weight)
             return self._step_and_read(q, k, v, weight)

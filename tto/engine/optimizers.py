@@ -19,6 +19,7 @@ untouched, so optimizers turn its gates into the identity step.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -255,6 +256,12 @@ def step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.
     return torch.where(counted.any(-1), (STEP_MARGIN * best).clamp_max(1.0), 1.0)
 
 
+@functools.lru_cache(maxsize=None)
+def inverse_positions(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``1 / t`` for t = 1..b (b,): a constant table, built once per size, device and dtype."""
+    return torch.arange(1, b + 1, device=device, dtype=dtype).reciprocal()
+
+
 def segsum(x: torch.Tensor) -> torch.Tensor:
     """out[..., i, j] = sum_{r=j+1..i} x[..., r] for j <= i, -inf above the diagonal."""
     b = x.shape[-1]
@@ -298,6 +305,12 @@ class InnerOptimizer(nn.Module):
     def coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor) -> Coefficients:
         raise NotImplementedError
 
+    def read_coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor, first: int) -> Coefficients:
+        """``coefficients(gates, valid).rows(first)``: the rows of the tokens from `first` on, what
+        their reads use (a decoding step reads its new tokens' rows alone). An optimizer whose rows
+        do not need the earlier ones computes only these."""
+        return self.coefficients(gates, valid).rows(first)
+
     def end_coefficients(self, gates: dict[str, torch.Tensor], valid: torch.Tensor) -> Coefficients:
         """``coefficients(gates, valid).rows(b - 1)``, the chunk-end row alone (mix (N, n, 1, b), decay
         and carry (N, n, 1), the rest as there), computed in O(b) per chunk."""
@@ -340,15 +353,15 @@ class MiniBatchGD(InnerOptimizer):
 
     def position_scale(self) -> torch.Tensor:
         offset = upcast(self.token_offset)
-        base = 1.0 / torch.arange(1, self.chunk_size + 1, device=offset.device, dtype=offset.dtype)
-        return (base + offset).clamp_min(0.0)
+        return (inverse_positions(self.chunk_size, offset.device, offset.dtype) + offset).clamp_min(0.0)
 
     def coefficients(self, gates, valid):
+        return self.read_coefficients(gates, valid, 0)
+
+    def read_coefficients(self, gates, valid, first):
         lr = gates["lr"] * valid
-        b = lr.shape[-1]
-        eta = self.position_scale()[:b]
-        mix = torch.tril(eta[:, None] * lr[..., None, :])
-        return Coefficients(mix=mix)
+        eta = self.position_scale()[first: lr.shape[-1]]
+        return Coefficients(mix=torch.tril(eta[:, None] * lr[..., None, :], diagonal=first))
 
     def end_coefficients(self, gates, valid):
         lr = gates["lr"] * valid

@@ -20,14 +20,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def interleaved_rope_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, D) as from :func:`rope_cos_sin` as the tables of :func:`rotate_interleaved` in
+    `dtype`: the cosine of each pair (B, T, 1, D / 2, 1) and its signed sines (-sin, sin)
+    (B, T, 1, D / 2, 2). They depend on the positions alone, so one pair serves every layer."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[:, :, None, :half, None].to(dtype), sin[:, :, None, :half, None].to(dtype)
+    return cos, torch.cat((-sin, sin), dim=-1)
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by frequency i (the GPT-J / JAX convention, used by
     TTT's reference): ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``. x (..., B, T, H, D), any
-    leading dims (e.g. q and k stacked); cos/sin (B, T, D) as from :func:`rope_cos_sin`."""
-    half = x.shape[-1] // 2
-    cos, sin = cos[:, :, None, :half, None].to(x.dtype), sin[:, :, None, :half, None].to(x.dtype)
-    pairs = x.unflatten(-1, (half, 2))
-    return (pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)).flatten(-2)
+    leading dims (e.g. q and k stacked); the tables from :func:`interleaved_rope_tables`."""
+    pairs = x.unflatten(-1, (cos.shape[-2], 2))
+    return (pairs * cos + pairs.flip(-1) * signed_sin).flatten(-2)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate_interleaved` of x (..., B, T, H, D) by cos/sin (B, T, D) as from :func:`rope_cos_sin`."""
+    return rotate_interleaved(x, *interleaved_rope_tables(cos, sin, x.dtype))
 
 
 def rope_2d_cos_sin(height: int, width: int, dim: int, theta: float, device=None,

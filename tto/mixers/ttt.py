@@ -28,6 +28,7 @@ the reference's update, wherever that update does not expand the fast weights.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -38,7 +39,7 @@ from ..cache import Context
 from ..config import MemoryConfig, TTOConfig, config_error
 from ..engine import MiniBatchGD, MLPMemory, Memory, SquaredError
 from ..layers.conv import ShortConv
-from ..layers.rope import apply_rope_interleaved, rope_cos_sin
+from ..layers.rope import interleaved_rope_tables, rope_cos_sin, rotate_interleaved
 from ..registry import FromAttention, qkvo, register
 
 #: TTT_STANDARD_CONFIGS of the reference
@@ -95,6 +96,16 @@ class TTTConfig(MemoryConfig):
 TTT_FROM_ATTENTION = FromAttention(qkvo, rope="interleaved")
 
 
+@functools.lru_cache(maxsize=None)
+def mini_batch_rope_tables(mini_batch_size: int, head_dim: int, theta: float, device: torch.device,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interleaved RoPE tables (:func:`interleaved_rope_tables`, (1, mini_batch_size, ...)) of
+    the positions in a mini-batch, 0 .. mini_batch_size - 1: TTT's positions are taken modulo the
+    mini-batch size, so these are all it ever needs; built once per device and dtype."""
+    positions = torch.arange(mini_batch_size, device=device)[None]
+    return interleaved_rope_tables(*rope_cos_sin(positions, head_dim, theta), dtype)
+
+
 # "125m" follows GPT-3's size names; the reference code builds 110.3M (TTT-Linear) and 114.4M (TTT-MLP) at it
 @register("ttt", config=TTTConfig, presets=TTT_PRESETS, paper_sizes={"125m": 110.3e6, "350m": 350e6, "760m": 760e6,
                                                                    "1b": 1.3e9}, paper="arXiv:2407.04620 (Sun et al., 2024)",
@@ -144,9 +155,10 @@ class TTTMixer(nn.Module):
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         q, k, v = q.view(heads), k.view(heads), self.v_proj(x).view(heads)
-        cos, sin = ctx.shared_value(("ttt_rope", self.mini_batch_size, self.head_dim, self.rope_theta), lambda: rope_cos_sin(
-            ctx.positions % self.mini_batch_size, self.head_dim, self.rope_theta))
-        q, k = apply_rope_interleaved(torch.stack((q, k)), cos, sin).unbind(0)
+        key = (self.mini_batch_size, self.head_dim, self.rope_theta, q.device, q.dtype)
+        tables = ctx.shared_value(("ttt_rope", *key), lambda: tuple(
+            t[0, ctx.positions % self.mini_batch_size] for t in mini_batch_rope_tables(*key)))
+        q, k = rotate_interleaved(torch.stack((q, k)), *tables).unbind(0)
 
         lr = self.base_lr * torch.sigmoid(x @ self.lr_gate_weight.T + self.lr_gate_bias) / self.head_dim
         z = self.memory(q, k, v, {"lr": lr}, ctx.mask, state).reshape(b, t, width)

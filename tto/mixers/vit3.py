@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import config_error
 from ..engine import DotProduct, Float32Parameters, GatedLinearMemory, Objective, OneStepMemory
-from ..engine.fast_models import upcast
+from ..engine.fast_models import autocast_off, upcast
 from ..layers.rope import apply_rope_interleaved, rope_2d_cos_sin
 from ..reference import in_reference_mode
 from ..registry import register
@@ -82,7 +82,7 @@ class DepthwiseConvMemory(Float32Parameters):
         init.trunc_normal_(self.W3, mean=0.0, std=self.init_std)
 
     def forward(self, q, k, v, grid: tuple[int, int], weight: float) -> torch.Tensor:
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             q, k, v = upcast(q), upcast(k), upcast(v)
             if in_reference_mode():
                 return self._naive(q, k, v, grid, weight)
