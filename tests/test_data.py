@@ -175,6 +175,31 @@ def test_passkey_prompt_length_builds_niahs_prompts():
         assert no_key(Bytes.tok.decode(e.ids[: e.prompt_length])) in corpus
 
 
+def test_passkey_prompt_length_range_draws_every_length_per_document():
+    """[min, max]: each document's prompt (filler, needle, question) is some N in min..max, every N
+    occurs, and the key follows the question; a fixed length leaves the documents as they were."""
+    from tto.data.corpora import PASSKEY_QUESTION, passkey_marked
+
+    lengths = set()
+    for text, [(start, end)] in passkey_marked(num_documents=400, seed=3, prompt_length=[150, 159]):
+        assert text[:start].endswith(PASSKEY_QUESTION) and text[start:end].isdigit() and text[end:] == "."
+        assert len(re.findall(r"The pass key is \d{5}\. Remember it\. ", text[:start])) == 1
+        lengths.add(start)
+    assert lengths == set(range(150, 160))
+    assert passkey_marked(num_documents=5, seed=3, prompt_length=[164, 164]) == passkey_marked(
+        num_documents=5, seed=3, prompt_length=164)
+
+
+@pytest.mark.parametrize("prompt_length, message", [
+    ([164], r"prompt_length=\[164\]: a positive count or \[min, max\]"),
+    ([200, 100], r"prompt_length=\[200, 100\]: a positive count or \[min, max\] with 1 <= min <= max"),
+    ([50, 200], "prompt_length=50: the needle and the question alone take 74"),
+])
+def test_passkey_prompt_length_range_errors(prompt_length, message):
+    with pytest.raises(ValueError, match=message):
+        builtin_documents("builtin:passkey", num_documents=1, prompt_length=prompt_length)
+
+
 def test_passkey_prompt_length_too_short_for_the_question_is_named():
     with pytest.raises(ValueError, match="prompt_length=50: the needle and the question alone take 74"):
         builtin_documents("builtin:passkey", num_documents=1, prompt_length=50)

@@ -87,12 +87,23 @@ RECALL_VALUE_DIGITS = 2
 Marked = tuple[str, list[tuple[int, int]]]
 
 
-def pair_counts(pairs: int | list[int], key_length: int) -> tuple[int, int]:
-    """builtin:recall's ``pairs`` option (a count, or [min, max]: a count drawn uniformly per document)
-    as (min, max); ValueError for a bad one."""
-    lo, hi = (pairs, pairs) if isinstance(pairs, int) else tuple(pairs) if len(pairs) == 2 else (0, -1)
+def count_range(value: int | list[int], option: str) -> tuple[int, int]:
+    """An option that is a count, or [min, max]: a count drawn uniformly per document, as (min, max);
+    ValueError naming `option` (e.g. "builtin:recall pairs") for a bad one."""
+    lo, hi = (value, value) if isinstance(value, int) else tuple(value) if len(value) == 2 else (0, -1)
     if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-        raise ValueError(f"builtin:recall pairs={pairs!r}: a positive count or [min, max] with 1 <= min <= max")
+        raise ValueError(f"{option}={value!r}: a positive count or [min, max] with 1 <= min <= max")
+    return lo, hi
+
+
+def draw(rng: random.Random, lo: int, hi: int) -> int:
+    """A count from min..max (no draw when they are equal, so a fixed count leaves `rng` alone)."""
+    return lo if lo == hi else rng.randint(lo, hi)
+
+
+def pair_counts(pairs: int | list[int], key_length: int) -> tuple[int, int]:
+    """builtin:recall's ``pairs`` option as (min, max) (:func:`count_range`); ValueError for a bad one."""
+    lo, hi = count_range(pairs, "builtin:recall pairs")
     if hi > len(string.ascii_lowercase) ** key_length:
         raise ValueError(f"builtin:recall pairs={pairs!r}: more than the {len(string.ascii_lowercase) ** key_length} "
                          f"distinct keys of {key_length} letters")
@@ -108,7 +119,7 @@ def recall_marked(num_documents: int = 4000, pairs: int | list[int] = 8, key_len
     rng = random.Random(seed)
     docs = []
     for _ in range(num_documents):
-        table = recall_table(rng, lo if lo == hi else rng.randint(lo, hi), key_length, value_digits)
+        table = recall_table(rng, draw(rng, lo, hi), key_length, value_digits)
         asked = list(table)
         rng.shuffle(asked)
         text = " ".join(recall_pair(k, v) for k, v in table.items()) + RECALL_SEPARATOR
@@ -144,7 +155,7 @@ def passkey_filler_length(prompt_length: int) -> int:
 
 
 def passkey_marked(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0,
-                   prompt_length: int | None = None) -> list[Marked]:
+                   prompt_length: int | list[int] | None = None) -> list[Marked]:
     """Each document: filler, ``The pass key is NNNNN. Remember it.`` somewhere in it, the question,
     the key; the answer is the key after the question.
 
@@ -154,19 +165,22 @@ def passkey_marked(num_documents: int = 2000, filler_repeats: int = 8, seed: int
     needle, question) is exactly N characters (niah.lengths=N tokens with the builtin:bytes
     tokenizer), the filler is FILLER's sentences read cyclically from a random one and cut at its
     start to fit (:func:`haystack`), and the needle goes at one of its sentence starts chosen
-    uniformly (depth 0 and 1 included)."""
+    uniformly (depth 0 and 1 included). ``prompt_length=[min, max]``: each document's N drawn
+    uniformly from min..max (a model that reads every length up to max, not one)."""
     rng = random.Random(seed)
     sentences = split_sentences(FILLER)
-    filler_length = None if prompt_length is None else passkey_filler_length(prompt_length)
+    lengths = None if prompt_length is None else count_range(prompt_length, "builtin:passkey prompt_length")
+    if lengths is not None:
+        passkey_filler_length(lengths[0])  # the shortest must fit the needle and the question
     docs = []
     for _ in range(num_documents):
         key = random_digits(rng, PASSKEY_DIGITS)
         needle = PASSKEY_NEEDLE.format(key=key)
-        if filler_length is None:
+        if lengths is None:
             depth = rng.randint(0, filler_repeats)
             prompt = FILLER * depth + needle + FILLER * (filler_repeats - depth) + PASSKEY_QUESTION
         else:
-            chars, starts = haystack(rng, sentences, filler_length)
+            chars, starts = haystack(rng, sentences, passkey_filler_length(draw(rng, *lengths)))
             at = rng.choice(starts)
             prompt = "".join(chars[:at]) + needle + "".join(chars[at:]) + PASSKEY_QUESTION
         docs.append((f"{prompt}{key}.", [(len(prompt), len(prompt) + len(key))]))
@@ -174,7 +188,7 @@ def passkey_marked(num_documents: int = 2000, filler_repeats: int = 8, seed: int
 
 
 def passkey_documents(num_documents: int = 2000, filler_repeats: int = 8, seed: int = 0,
-                      prompt_length: int | None = None) -> list[str]:
+                      prompt_length: int | list[int] | None = None) -> list[str]:
     """The texts of :func:`passkey_marked`."""
     return [text for text, _ in passkey_marked(num_documents, filler_repeats, seed, prompt_length)]
 
