@@ -78,16 +78,17 @@ def hub_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def step_factors(monkeypatch):
-    """The factors tto's step bound (tto.engine.memory) applies to the chunks' commits, recorded."""
-    import tto.engine.memory
+    """The factors tto's step bound (tto.engine.memory) applies to the chunks' commits, recorded (from
+    its screen or its exact bound alike)."""
+    from tto.engine.memory import Memory
 
     seen = []
+    step_bound = Memory._step_bound
 
-    def recorded(*args):
-        kappa = stable_step_factor(*args)
+    def recorded(self, *args):
+        kappa = step_bound(self, *args)
         seen.append(kappa)
         return kappa
 
-    stable_step_factor = tto.engine.memory.stable_step_factor
-    monkeypatch.setattr(tto.engine.memory, "stable_step_factor", recorded)
+    monkeypatch.setattr(Memory, "_step_bound", recorded)
     return seen

@@ -1,11 +1,12 @@
 """bench/bench.py's image cases: derived from the registry, measured against the vit baseline, and
-run without the language-model cases when only image types are named."""
+run without the language-model cases when only image types are named; its --bf16 switch."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tto
 from tto.registry import TINY_BACKBONE
@@ -46,3 +47,27 @@ def test_quick_image_run(bench, monkeypatch, tmp_path):
             assert s["ratio"] == pytest.approx(s["tok_s"] / results["image"]["vit"]["measures"][label]["tok_s"])
     assert results["image"]["vit"]["measures"]["train@8px"]["ratio"] == 1.0
     assert list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_runs_every_measure_under_autocast(bench, monkeypatch, tmp_path, bf16):
+    # --bf16: every timed, counted and peak call of every case runs under CPU bfloat16 autocast; without it, none
+    models = sys.modules["models"]
+    seen = []
+    train, prefill = models.CausalLM.train, models.CausalLM.prefill
+
+    def recording(fn):
+        def call(self, *args):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return fn(self, *args)
+        return call
+
+    monkeypatch.setattr(models.CausalLM, "train", recording(train))
+    monkeypatch.setattr(models.CausalLM, "prefill", recording(prefill))
+    argv = ["--quick", "--types", "ttt", "--variants", "linear", "--no-layers", "--no-peers", "--kinds", "train",
+            "prefill", "--threads", "1", "--out", str(tmp_path)]
+    results = bench.main(argv + (["--bf16"] if bf16 else []))
+    assert results["settings"]["dtype"] == ("bf16 autocast" if bf16 else "fp32")
+    assert len(seen) >= 2 * 2 * 3 and set(seen) == {bf16}  # 2 cases x 2 measures x (warm-up, flops, round, peak)
+    for name in ("llama", "ttt-linear"):
+        assert results["lm"][name]["errors"] == {}, name

@@ -273,6 +273,46 @@ def test_step_bound_gradients_match_naive(optimizer, monkeypatch):
     assert (fast[3] - detached[3]).abs().max() > 1e-3  # the lr gate's gradient includes kappa's
 
 
+@pytest.mark.parametrize("optimizer", ["gd", "momentum", "decay", "omega-momentum"])
+def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
+    """The step bound's screen (upper bounds of the curvature from matrix products; where they give
+    kappa = 1 for a chunk, the eigensolvers are skipped) gives bit for bit the outputs, fast-weight
+    state and gradients of the exact bound run on every chunk, at inner lrs where the bound is inactive
+    on some chunks and active on others; the screen both skips and falls through on these inputs."""
+    import tto.engine.memory as memory_module
+
+    mem = make_memory(2, optimizer).double()
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=24, requires_grad=True, dtype=torch.float64, max_lr=2.0)
+    with torch.no_grad():  # chunk-by-chunk lr scales from 1e-3 to 2 (6 chunks of 4)
+        gates["lr"].mul_(torch.logspace(-3, 0, 6, dtype=torch.float64).repeat_interleave(4)[None, :, None])
+    for g in gates.values():
+        g.requires_grad_(True)
+    leaves = [q, k, v, *gates.values(), *mem.parameters()]
+    w = torch.randn(3, 24, 2, 8, dtype=torch.float64)
+    exact_calls = []
+    bound = memory_module.stable_step_factor
+    monkeypatch.setattr(memory_module, "stable_step_factor", lambda *a: exact_calls.append(1) or bound(*a))
+
+    def run():
+        state: dict = {}
+        out = mem(q, k, v, gates, None, state)
+        weights = {n: t for n, t in state.items() if n.startswith(("memory.W.", "memory.S."))}
+        loss = (out * w).sum() + sum(t.sum() for t in weights.values())
+        return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    screened = run()
+    screened_exact = len(exact_calls)
+    exact_calls.clear()
+    monkeypatch.setattr(memory_module, "trace_curvature", lambda factors, weights: torch.full(weights.shape[:-1], math.inf,
+                                                                                               dtype=weights.dtype))
+    exact = run()
+    assert 0 < screened_exact < len(exact_calls) == 6  # the screen skipped some chunks, not all
+    assert torch.equal(screened[0], exact[0])
+    assert screened[1].keys() == exact[1].keys() and all(torch.equal(screened[1][n], exact[1][n]) for n in exact[1])
+    for a, b in zip(screened[2], exact[2]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
 def test_checkpoint_groups_do_not_change_results():
     mem = make_memory(2, "momentum")
     q, k, v, gates = make_inputs(optimizer="momentum", length=17, requires_grad=True)

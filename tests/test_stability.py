@@ -256,6 +256,43 @@ def test_products_of_bounded_chunks_with_key_hessians_do_not_grow():
     assert (both <= first.clamp_min(1.0) * 1.01).all()
 
 
+@pytest.mark.parametrize("shape", [(5, 256, 64), (5, 64, 256), (5, 7, 7)])
+def test_spectral_norm_and_its_bound(shape):
+    """:func:`spectral_norm` is ``||W||_2`` (float64 rounding); :func:`spectral_norm_bound` is at least it and
+    at most ``rank^(1/2^(k+1))`` times it (k squarings: ``lambda_max(G) <= (tr G^(2^k))^(1/2^k)``), the
+    worst case reached by an identity (all singular values equal) and 1 by a rank-one W."""
+    from tto.engine.fast_models import NORM_BOUND_SQUARINGS, spectral_norm, spectral_norm_bound
+
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=torch.float64) * torch.logspace(-3, 1, shape[0], dtype=torch.float64)[:, None, None]
+    exact = torch.linalg.matrix_norm(w, ord=2)
+    torch.testing.assert_close(spectral_norm(w), exact, rtol=1e-12, atol=0)
+    worst = min(shape[1:]) ** (1 / 2 ** (NORM_BOUND_SQUARINGS + 1))
+    ratio = spectral_norm_bound(w) / exact
+    assert (ratio >= 1 - 1e-12).all() and (ratio <= worst * (1 + 1e-12)).all()
+    eye = torch.eye(shape[1], shape[2], dtype=torch.float64).expand(2, -1, -1) * 3.0
+    torch.testing.assert_close(spectral_norm_bound(eye), torch.full((2,), 3.0 * worst, dtype=torch.float64))
+    rank_one = torch.randn(2, shape[1], 1, dtype=torch.float64) @ torch.randn(2, 1, shape[2], dtype=torch.float64)
+    torch.testing.assert_close(spectral_norm_bound(rank_one), torch.linalg.matrix_norm(rank_one, ord=2), rtol=1e-12, atol=0)
+    zero = torch.zeros(2, *shape[1:], dtype=torch.float64)
+    assert torch.equal(spectral_norm_bound(zero), torch.zeros(2, dtype=torch.float64))
+
+
+def test_trace_curvature_bounds_the_curvature_norm():
+    """:func:`trace_curvature` is at least :func:`curvature_norm` for any factors and weights (negative weights
+    count as zero in both) and equals it when a chunk's keys are parallel."""
+    from tto.engine.optimizers import curvature_norm, trace_curvature
+
+    torch.manual_seed(0)
+    for b, d in [(16, 64), (16, 4), (3, 3)]:
+        factors = [torch.randn(6, b, d, dtype=torch.float64), torch.randn(6, b, d + 1, dtype=torch.float64)]
+        weights = torch.randn(2, 6, b, dtype=torch.float64)
+        assert (trace_curvature(factors, weights) >= curvature_norm(factors, weights) * (1 - 1e-12)).all()
+        parallel = [torch.randn(6, b, 1, dtype=torch.float64) * torch.randn(6, 1, d, dtype=torch.float64)]
+        torch.testing.assert_close(trace_curvature(parallel, weights), curvature_norm(parallel, weights),
+                                   rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("depth,bias,activation", [(1, True, "gelu_tanh"), (2, False, "silu"), (2, True, "gelu_tanh"),
                                                    (3, True, "relu"), (3, False, "gelu")])
 def test_curvature_factors_bound_the_gauss_newton_hessian(depth, bias, activation):

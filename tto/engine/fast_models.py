@@ -99,12 +99,50 @@ class FastModel(nn.Module):
         """Forward `x` at `params`, then backward ``dloss(y)``: [(name, input, delta)] per layer."""
         raise NotImplementedError
 
-    def curvature_gains(self, params: dict, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def curvature_gains(self, params: dict, inputs: dict[str, torch.Tensor],
+                        norm: Callable[[torch.Tensor], torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Per fast linear layer, a bound (N, b) per token on ``||d f / d z||_2^2`` (z the layer's
         output) at `params`, given every layer's inputs (N, b, d_l) there: a token's Gauss-Newton
         curvature of the inner loss in that layer's weights is at most ``loss curvature * (||layer
-        input||^2 [+ 1 with a bias]) * gain``."""
+        input||^2 [+ 1 with a bias]) * gain``. `norm` (N, d, d') -> (N,) is the spectral norm the
+        gains multiply (default :func:`spectral_norm`), or an upper bound of it
+        (:func:`spectral_norm_bound`), which gives upper bounds of the gains."""
         raise NotImplementedError
+
+
+def _smaller_gram(w: torch.Tensor) -> torch.Tensor:
+    """``W^T W`` or ``W W^T`` of w (N, d, d'), whichever is smaller: both have the eigenvalues
+    ``||W||_2^2 >= ...`` (and zeros). Non-finite entries (weights that have already diverged) are
+    zeroed, so the eigensolver runs and the NaN reaches the layer's output instead."""
+    return (w.mT @ w if w.shape[-1] <= w.shape[-2] else w @ w.mT).nan_to_num(0.0, 0.0, 0.0)
+
+
+def spectral_norm(w: torch.Tensor) -> torch.Tensor:
+    """``||W||_2`` (N,) of w (N, d, d'): the square root of its smaller Gram matrix's top eigenvalue (a
+    symmetric eigensolver on min(d, d')^2 entries, 2.5x faster here than the SVD of W at 256 x 64)."""
+    return torch.linalg.eigvalsh(_smaller_gram(w))[..., -1].clamp_min(0.0).sqrt()
+
+
+#: squarings of the Gram matrix G in :func:`spectral_norm_bound`: ``||W||_2^2 = lambda_max(G) <=
+#: (tr G^(2^k))^(1/2^k)``, at most ``rank^(1/2^k)`` times too large (1.68 at k = 3 and rank 64; about 1.2
+#: for the singular values of a random 256 x 64 init)
+NORM_BOUND_SQUARINGS = 3
+
+
+def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
+    """An upper bound (N,) of ``||W||_2`` for w (N, d, d') from matrix products alone:
+    ``lambda_max(G)^(2^k) <= tr(G^(2^k)) = ||G^(2^(k-1))||_F^2`` for the PSD Gram matrix G of W,
+    k = :data:`NORM_BOUND_SQUARINGS`. Each power is renormalised to unit Frobenius norm (tracked in
+    the exponent), so nothing overflows; a zero W gives 0."""
+    power = _smaller_gram(w)
+    scale = torch.linalg.matrix_norm(power)  # ||G||_F >= lambda_max(G), the k = 1 bound
+    bound = scale
+    for k in range(1, NORM_BOUND_SQUARINGS):
+        power = power / torch.where(scale > 0, scale, 1.0)[:, None, None]
+        power = power @ power
+        scale = torch.linalg.matrix_norm(power)
+        bound = bound * scale.pow(1.0 / 2**k)  # lambda_max(G) <= ||G||_F prod_k ||A_k^2||_F^(1/2^k)
+    return bound.sqrt()
 
 
 class MLPMemory(FastModel):
@@ -186,15 +224,16 @@ class MLPMemory(FastModel):
         applies it once to all read-outs instead of chunk by chunk."""
         return x + self._layer_norm(h)[0] if self.residual_norm else h
 
-    def curvature_gains(self, params, inputs):
+    def curvature_gains(self, params, inputs, norm=None):
         """Backward through the layers: the last layer's gain is 1, or ``max |gamma|^2`` with the
         ``x + LN(g(x))`` wrapper (the LayerNorm's Jacobian at unit-RMS g: LN(g) does not change when
         g is scaled, so a step that its 1 / RMS(g) factor would call large grows g and shrinks that
         factor instead of oscillating); layer l's is ``a_s^2 ||W_{l+1}||_2^2`` times layer l+1's,
         ``a_s = max_j |activation'(z_sj)|`` over the token's pre-activations z_s of layer l (the
         Jacobian ``diag(activation'(z_s)) W_{l+1}`` has at most that norm). Non-finite weights (a run
-        that has already diverged) count as zero here, so the NaN reaches the layer's output, where
-        ``check_finite`` names the layer, instead of stopping the SVD."""
+        that has already diverged) count as zero here (in their Gram matrices, :func:`spectral_norm`), so the
+        NaN reaches the layer's output, where ``check_finite`` names the layer, instead of stopping the
+        eigensolver."""
         first = inputs[self.weight_names[0]]
         gain = first.new_ones(first.shape[:2])
         if self.residual_norm:
@@ -209,8 +248,8 @@ class MLPMemory(FastModel):
                 below = self.weight_names[i - 1]
                 z = linear(below, inputs[below])
                 slope = self.act_backward(torch.ones_like(z), z).abs().amax(-1).nan_to_num(0.0, 0.0, 0.0)
-                norm = torch.linalg.matrix_norm(params[name].nan_to_num(0.0, 0.0, 0.0), ord=2)
-                gain = gain * (slope * norm[:, None]).pow(2)
+                weight_norm = (norm or spectral_norm)(params[name])
+                gain = gain * (slope * weight_norm[:, None]).pow(2)
         return gains
 
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:

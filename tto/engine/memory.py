@@ -103,10 +103,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .chunkwise import ChunkwiseMemory
-from .fast_models import FastModel, upcast
+from .fast_models import FastModel, spectral_norm_bound, upcast
 from .objectives import Objective
 from .muon import naive_newton_schulz
-from .optimizers import Coefficients, InnerOptimizer, stable_step_factor
+from .optimizers import Coefficients, InnerOptimizer, stable_step_factor, step_factor, trace_curvature
 from .retention import Retention
 
 
@@ -413,14 +413,15 @@ class Memory(ChunkwiseMemory):
                     new_params[p].baddbmm_(left, step, alpha=-1.0)
         return new_params, new_momentum
 
-    def curvature_factors(self, params, grads, y, v, objective_gates, scale) -> list[torch.Tensor]:
+    def curvature_factors(self, params, grads, y, v, objective_gates, scale, norm=None) -> list[torch.Tensor]:
         """The chunk's curvature factors F_l (N, b, d_l [+ 1 with a bias]), one per fast layer, at the
         chunk-start weights `params` (module docstring): ``sqrt(objective curvature * gain) *
         [x^(l), 1]`` per token, so that ``||sum_s a_s H_s|| <= sum_l ||F_l^T diag(a) F_l||`` for the
         tokens' Gauss-Newton Hessians H_s and any a >= 0. `grads` as :meth:`FastModel.forward_backward`
-        returns them, y the fast model's outputs."""
+        returns them, y the fast model's outputs; `norm` the gains' spectral norm
+        (:meth:`FastModel.curvature_gains`; an upper bound of it gives factors that bound these)."""
         inputs = {name: x.detach() for name, x, _ in grads}
-        gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs)
+        gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs, norm)
         curvature = self.objective.curvature(y.detach(), v, objective_gates)  # (N, b)
         factors = []
         for name, x in inputs.items():
@@ -433,12 +434,24 @@ class Memory(ChunkwiseMemory):
     def _step_bound(self, params, grads, y, v, objective_gates, c: Coefficients, scale) -> torch.Tensor:
         """The factor kappa (N,) on the gradients the chunk commits (module docstring):
         :func:`stable_step_factor` of the chunk-end coefficients and the chunk's curvature factors.
-        Differentiated with respect to the gates, not the curvature factors (module docstring)."""
-        with torch.no_grad():
-            factors = self.curvature_factors(params, grads, y, v, objective_gates, scale)
-        decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(factors[0][..., 0, 0])
+        Differentiated with respect to the gates, not the curvature factors (module docstring).
+
+        First a screen from matrix products and elementwise work alone: the same bound with upper
+        bounds of the curvature (:func:`spectral_norm_bound` in the gains, :func:`trace_curvature` for
+        the eigenvalues). Where that already gives kappa = 1 for every row, so does the exact bound
+        (kappa falls as the curvature grows), and its eigensolvers are skipped: kappa is the constant
+        1, without a gradient, as the exact bound's would be. (Not under ``torch.compile``, whose
+        graph cannot branch on the screen's outcome: it always runs the exact bound.)"""
+        decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(c.mix[:, -1, 0])
         carry = c.carry[:, -1] if c.carry is not None else None
-        return stable_step_factor(decay, carry, c.s_decay, c.mix[:, -1], c.s_mix, factors)
+        coefficients = (decay, carry, c.s_decay, c.mix[:, -1], c.s_mix)
+        with torch.no_grad():
+            if not torch.compiler.is_compiling():
+                bounds = self.curvature_factors(params, grads, y, v, objective_gates, scale, spectral_norm_bound)
+                if bool((step_factor(*coefficients, bounds, curvature=trace_curvature) >= 1.0).all()):
+                    return torch.ones_like(decay)
+            factors = self.curvature_factors(params, grads, y, v, objective_gates, scale)
+        return stable_step_factor(*coefficients, factors)
 
 
 def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype,

@@ -103,6 +103,16 @@ def curvature_norm(factors: list[torch.Tensor], weights: torch.Tensor) -> torch.
     return total
 
 
+def trace_curvature(factors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """An upper bound of :func:`curvature_norm` from elementwise work alone: the trace
+    ``sum_l sum_s weights_s |F_l[s]|^2 >= sum_l ||F_l^T diag(weights) F_l||_2`` (a PSD matrix's top
+    eigenvalue is at most its trace), equal to it when a chunk's keys are parallel."""
+    total = 0.0
+    for f in factors:
+        total = total + (weights.clamp_min(0.0) * f.pow(2).sum(-1).nan_to_num(0.0, 0.0, 0.0)).sum(-1)
+    return total
+
+
 def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
                        mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor]) -> torch.Tensor:
     """:func:`step_factor` (below), differentiated with respect to the gates' coefficients (decay,
@@ -120,10 +130,17 @@ class _StepFactor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, decay, carry, s_decay, mix, s_mix, *factors):
         ctx.save_for_backward(decay, carry, s_decay, mix, s_mix, *factors)
-        return step_factor(decay, carry, s_decay, mix, s_mix, list(factors))
+        kappa = step_factor(decay, carry, s_decay, mix, s_mix, list(factors))
+        # kappa = 1 everywhere: each row is the constant branch of its min(1, .) (or of a degenerate
+        # chunk's where), whose derivative is 0, so the backward need not recompute anything; not
+        # decided under torch.compile, whose graph cannot branch on a tensor's value
+        ctx.unbounded = not torch.compiler.is_compiling() and bool((kappa >= 1.0).all())
+        return kappa
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.unbounded:
+            return (None,) * len(ctx.needs_input_grad)
         decay, carry, s_decay, mix, s_mix, *factors = ctx.saved_tensors
         inputs = [None if x is None else x.detach().requires_grad_(need)
                   for x, need in zip((decay, carry, s_decay, mix, s_mix), ctx.needs_input_grad)]
@@ -137,7 +154,8 @@ class _StepFactor(torch.autograd.Function):
 
 
 def step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
-                mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor]) -> torch.Tensor:
+                mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor],
+                curvature=curvature_norm) -> torch.Tensor:
     """The factor kappa (N,) in (0, 1] on one chunk's gradients that keeps the chunk map non-expanding.
 
     A chunk commits ``W' = d W + c S - sum_s m_s g_s``, ``S' = e S - sum_s p_s g_s`` (d = decay, c =
@@ -208,10 +226,13 @@ def step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.
     whose keys rotate at equal gates.
 
     decay, carry, s_decay (N,) (carry and s_decay None: no momentum), mix, s_mix (N, b), factors a list
-    of (N, b, d_l).
+    of (N, b, d_l). `curvature` is the right side of (*), :func:`curvature_norm`; an upper bound of it
+    (:func:`trace_curvature`, or factors that bound the true ones) gives a kappa no larger than this
+    one (kappa falls as the norms grow: the choice of P does not see them), so where that is 1, so is
+    this.
     """
     if carry is None:
-        worst = curvature_norm(factors, mix)
+        worst = curvature(factors, mix)
         return torch.where(worst > 0, STEP_MARGIN * (1 + decay) / worst, 1.0).clamp_max(1.0)
     tiny = torch.finfo(decay.dtype).tiny
     s_mix = torch.where(((carry == 0) & (s_decay == 0))[:, None], 0.0, s_mix)  # S unread: see above
@@ -235,7 +256,7 @@ def step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.
     hi = torch.where(steps, lam, -torch.inf).amax(-1, keepdim=True)
     to_hi = torch.where(hi > lo, ((lam - lo) / (hi - lo).clamp_min(tiny)).clamp(0.0, 1.0), 0.0)
     weights = torch.where(steps, size, 0.0) * torch.stack([1 - to_hi, to_hi])  # (2, N, b): u_s, v_s
-    norms = curvature_norm(factors, weights)[..., None]  # (2, N, 1): N_lo, N_hi
+    norms = curvature(factors, weights)[..., None]  # (2, N, 1): N_lo, N_hi
     mass = weights.sum(-1)[..., None]  # (2, N, 1): the gates' stand-in for N_lo, N_hi that picks P
     inverse_t = []  # 1 / t_max per end and candidate P (0 where the direction never expands V)
     for end in (lo, hi):
