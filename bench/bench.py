@@ -184,8 +184,9 @@ class Run:
                     self.ceiling_s.append(matmul_ceiling())
                 elif m.label not in self.entry(case)["errors"]:
                     setup, run = steps[case.name]
-                    inputs = setup()
-                    trim()
+                    inputs = setup()  # no malloc_trim before a timed sample: it runs on a warm heap, as a
+                    # training loop's steps do (trimmed, every sample re-faulted its memory from the OS:
+                    # ~15% slower for every case alike, Llama included, the ratios unchanged)
                     with ForeignCPU() as foreign:
                         seconds = self.attempt(case, m.label, timed, run, *inputs)
                     if seconds is not FAILED:
