@@ -100,7 +100,7 @@ class FastModel(nn.Module):
         raise NotImplementedError
 
     def curvature_gains(self, params: dict, inputs: dict[str, torch.Tensor],
-                        norm: Callable[[torch.Tensor], torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                        norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Per fast linear layer, a bound (N, b) per token on ``||d f / d z||_2^2`` (z the layer's
         output) at `params`, given every layer's inputs (N, b, d_l) there: a token's Gauss-Newton
         curvature of the inner loss in that layer's weights is at most ``loss curvature * (||layer
@@ -123,9 +123,9 @@ def spectral_norm(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(_smaller_gram(w))[..., -1].clamp_min(0.0).sqrt()
 
 
-#: squarings of the Gram matrix G in :func:`spectral_norm_bound`: ``||W||_2^2 = lambda_max(G) <=
-#: (tr G^(2^k))^(1/2^k)``, at most ``rank^(1/2^k)`` times too large (1.68 at k = 3 and rank 64; about 1.2
-#: for the singular values of a random 256 x 64 init)
+#: k of :func:`spectral_norm_bound`, which bounds ``||W||_2^2 = lambda_max(G)`` of the Gram matrix G by
+#: ``(tr G^(2^k))^(1/2^k)`` (k - 1 matrix squarings), at most ``rank^(1/2^k)`` times too large (1.68 at
+#: k = 3 and rank 64; about 1.2 for the singular values of a random 256 x 64 init)
 NORM_BOUND_SQUARINGS = 3
 
 
