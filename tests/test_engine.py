@@ -250,7 +250,7 @@ def test_step_bound_gradients_match_naive(optimizer, monkeypatch):
         g.requires_grad_(True)
     leaves = [q, k, v, *gates.values(), *mem.parameters()]
     w = torch.randn(3, 11, 2, 8, dtype=torch.float64)
-    bound, kappas = memory_module.stable_step_factor, []
+    bound, kappas = memory_module.stable_bound_factor, []
 
     def recording(*args, detach=False):
         kappa = bound(*args)
@@ -258,7 +258,7 @@ def test_step_bound_gradients_match_naive(optimizer, monkeypatch):
         return kappa.detach() if detach else kappa
 
     def gradients(detach=False):
-        monkeypatch.setattr(memory_module, "stable_step_factor", lambda *a: recording(*a, detach=detach))
+        monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: recording(*a, detach=detach))
         fast = torch.autograd.grad((mem(q, k, v, gates) * w).sum(), leaves, allow_unused=True)
         naive = torch.autograd.grad((naive_memory(mem, q, k, v, gates)[0] * w).sum(), leaves, allow_unused=True)
         return fast, naive
@@ -290,8 +290,8 @@ def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
     leaves = [q, k, v, *gates.values(), *mem.parameters()]
     w = torch.randn(3, 24, 2, 8, dtype=torch.float64)
     exact_calls = []
-    bound = memory_module.stable_step_factor
-    monkeypatch.setattr(memory_module, "stable_step_factor", lambda *a: exact_calls.append(1) or bound(*a))
+    bound = memory_module.stable_bound_factor
+    monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: exact_calls.append(1) or bound(*a))
 
     def run():
         state: dict = {}

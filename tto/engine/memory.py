@@ -48,7 +48,8 @@ geometrically (Titans at 300M: reads 0.8 -> 5e7 -> inf within 150 tokens at init
 
     W' = d W_c + c S_c - kappa sum_s m_s g_s,      S' = e S_c - kappa sum_s p_s g_s
 
-with kappa from :func:`tto.engine.optimizers.stable_step_factor`: the chunk map does not expand a
+with kappa from :func:`tto.engine.optimizers.stable_step_factor` (its gates' part computed for all chunks
+before the scan, :func:`~tto.engine.optimizers.step_gates`): the chunk map does not expand a
 quadratic norm of (W, S) that does not see the key directions (``||M||_P <= 1`` with ``P x I``, P a
 2 x 2 matrix of the chunk's gates: the chunks' maps cannot compound along keys that rotate from chunk
 to chunk; for plain descent ``||d I - kappa sum_s m_s H_s||_2 < 1``) for the tokens' Gauss-Newton
@@ -106,7 +107,8 @@ from .chunkwise import ChunkwiseMemory
 from .fast_models import FastModel, spectral_norm_bound, upcast
 from .objectives import Objective
 from .muon import naive_newton_schulz
-from .optimizers import Coefficients, InnerOptimizer, stable_step_factor, step_factor, trace_curvature
+from .optimizers import (Coefficients, InnerOptimizer, StepGates, bound_factor, stable_bound_factor, stable_step_factor,
+                         stable_step_gates, trace_curvature)
 from .retention import Retention
 
 
@@ -129,6 +131,9 @@ class Chunk(NamedTuple):
     #: reads alone (``read_start="only"``), whose coefficients are then the chunk-end row alone
     mixed_qk: torch.Tensor | None
     coefficients: Coefficients
+    #: the step bound's part from the gates alone (:func:`tto.engine.optimizers.step_gates`), computed for all
+    #: chunks at once; None for a retention that steps along the momentum (no bound)
+    step_gates: StepGates | None
     objective_gates: dict  # {name: (N, C)}
     active: torch.Tensor  # (N,) the row has a real token in this chunk
 
@@ -203,8 +208,16 @@ class Memory(ChunkwiseMemory):
         # backward write a zero tensor of the whole sequence's size
         objective_gates = [dict(zip(self.objective.gate_names, g))
                            for g in zip(*(gates[name].unbind(1) for name in self.objective.gate_names))] or [{}] * n
+        bounds = [None] * n if self.retention.steps_along_momentum else self._step_gates(coef).unbind()
         return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1), mixed, coef.unbind(),
-                                       objective_gates, valid.any(-1).unbind(1))]
+                                       bounds, objective_gates, valid.any(-1).unbind(1))]
+
+    @staticmethod
+    def _step_gates(c: Coefficients) -> StepGates:
+        """The step bound's gates part (N, n) of the chunk-end coefficients of all chunks `c` (N, n, ...)."""
+        decay = c.decay[..., -1] if c.decay is not None else torch.ones_like(c.mix[..., -1, 0])
+        carry = c.carry[..., -1] if c.carry is not None else None
+        return stable_step_gates(decay, carry, c.s_decay, c.mix[..., -1, :], c.s_mix)
 
     def _with_lookback(self, chunks: dict, dim: int) -> dict:
         """`chunks` with the keys, values and their gates preceded (along `dim`) by the optimizer's
@@ -247,10 +260,10 @@ class Memory(ChunkwiseMemory):
                 out = self.fast.core(chunk.q, self.fast.plain_linear(params)) if read_start == "only" else None
                 if i < n_commit:
                     new_params, new_momentum = self._commit(params, momentum, chunk.k, chunk.v, chunk.coefficients,
-                                                            chunk.objective_gates)
+                                                            chunk.step_gates, chunk.objective_gates)
             else:
                 out, new_params, new_momentum = self.step(params, momentum, chunk.q, chunk.k, chunk.v, chunk.mixed_qk,
-                                                          chunk.coefficients, chunk.objective_gates)
+                                                          chunk.coefficients, chunk.step_gates, chunk.objective_gates)
                 if read_start:
                     out = torch.stack([out, self.fast.core(chunk.q, self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
@@ -335,11 +348,12 @@ class Memory(ChunkwiseMemory):
 
         return self.fast.core(q, read)
 
-    def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, objective_gates: dict):
+    def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, bound: StepGates | None,
+               objective_gates: dict):
         """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention. A
         retention that steps along the momentum (Muon) replaces the end weights: they are not
         computed (the start weights stand in for them) and the momentum takes no step bound."""
-        grads, kappa = self._scaled_gradients(params, k, v, c, objective_gates)
+        grads, kappa = self._scaled_gradients(params, k, v, c, bound, objective_gates)
         out = self._read(params, momentum, grads, q, mixed_qk, c)
         if not self.retention.reads_chunk_end:
             new_params, new_momentum = self._end_state(params, momentum, grads, c, kappa)
@@ -357,26 +371,27 @@ class Memory(ChunkwiseMemory):
         return out, blend(carried_params, linear_params), (
             None if momentum is None else blend(carried_momentum, linear_momentum))
 
-    def _scaled_gradients(self, params, k, v, c: Coefficients, objective_gates: dict) -> tuple[list, torch.Tensor]:
+    def _scaled_gradients(self, params, k, v, c: Coefficients, bound: StepGates | None,
+                          objective_gates: dict) -> tuple[list, torch.Tensor]:
         """The chunk's keys' gradients at its start weights `params` as :meth:`_gradients` gives them,
-        times the retention's gradient scale, and the step bound kappa (N,) of its commit (1 for a
-        retention that steps along the momentum)."""
+        times the retention's gradient scale, and the step bound kappa (N,) of its commit from the
+        gates' part `bound` (1 for a retention that steps along the momentum)."""
         grads, y = self._gradients(params, k, v, objective_gates)
         scale = self.retention.grad_scale(params)
         if self.retention.steps_along_momentum:
             kappa = torch.ones_like(c.s_decay)
         else:
-            kappa = self._step_bound(params, grads, y, v, objective_gates, c, scale)
+            kappa = self._step_bound(params, grads, y, v, objective_gates, bound, scale)
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         return grads, kappa
 
-    def _commit(self, params, momentum, k, v, c: Coefficients, objective_gates: dict) -> tuple:
+    def _commit(self, params, momentum, k, v, c: Coefficients, bound: StepGates | None, objective_gates: dict) -> tuple:
         """What :meth:`_chunk` commits, without its reads: the chunk's end weights and momentum, before
         retention, from the chunk-end coefficients `c` alone (mix (N, 1, lookback + C), decay and
         carry (N, 1)). With a retention that reads the chunk end, :meth:`_chunk`'s blend of the
         carried and the linear end state by kappa is this end state at kappa (it is affine in kappa)."""
-        grads, kappa = self._scaled_gradients(params, k, v, c, objective_gates)
+        grads, kappa = self._scaled_gradients(params, k, v, c, bound, objective_gates)
         return self._end_state(params, momentum, grads, c, kappa)
 
     def _carried(self, params, momentum, c: Coefficients) -> tuple:
@@ -431,10 +446,11 @@ class Memory(ChunkwiseMemory):
             factors.append((curvature * gain).sqrt()[..., None] * x)
         return factors
 
-    def _step_bound(self, params, grads, y, v, objective_gates, c: Coefficients, scale) -> torch.Tensor:
+    def _step_bound(self, params, grads, y, v, objective_gates, bound: StepGates, scale) -> torch.Tensor:
         """The factor kappa (N,) on the gradients the chunk commits (module docstring):
-        :func:`stable_step_factor` of the chunk-end coefficients and the chunk's curvature factors.
-        Differentiated with respect to the gates, not the curvature factors (module docstring).
+        :func:`stable_bound_factor` of the gates' part `bound`, computed for all chunks before the scan,
+        and the chunk's curvature factors. Differentiated with respect to the gates, not the curvature
+        factors (module docstring).
 
         First a screen from matrix products and elementwise work alone: the same bound with upper
         bounds of the curvature (:func:`spectral_norm_bound` in the gains, :func:`trace_curvature` for
@@ -442,16 +458,13 @@ class Memory(ChunkwiseMemory):
         (kappa falls as the curvature grows), and its eigensolvers are skipped: kappa is the constant
         1, without a gradient, as the exact bound's would be. (Not under ``torch.compile``, whose
         graph cannot branch on the screen's outcome: it always runs the exact bound.)"""
-        decay = c.decay[:, -1] if c.decay is not None else torch.ones_like(c.mix[:, -1, 0])
-        carry = c.carry[:, -1] if c.carry is not None else None
-        coefficients = (decay, carry, c.s_decay, c.mix[:, -1], c.s_mix)
         with torch.no_grad():
             if not torch.compiler.is_compiling():
                 bounds = self.curvature_factors(params, grads, y, v, objective_gates, scale, spectral_norm_bound)
-                if bool((step_factor(*coefficients, bounds, curvature=trace_curvature) >= 1.0).all()):
-                    return torch.ones_like(decay)
+                if bool((bound_factor(bound, bounds, curvature=trace_curvature) >= 1.0).all()):
+                    return torch.ones_like(bound.inverse_t[0])
             factors = self.curvature_factors(params, grads, y, v, objective_gates, scale)
-        return stable_step_factor(*coefficients, factors)
+        return stable_bound_factor(bound, factors)
 
 
 def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -113,44 +114,82 @@ def trace_curvature(factors: list[torch.Tensor], weights: torch.Tensor) -> torch
     return total
 
 
-def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
-                       mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor]) -> torch.Tensor:
-    """:func:`step_factor` (below), differentiated with respect to the gates' coefficients (decay,
-    carry, s_decay, mix, s_mix), not the curvature factors (taken as constants, like a clipping norm).
-    The bound's branches for degenerate chunks (zero weights, no momentum, a direction that never
-    expands the norm) are selected by ``torch.where``, whose discarded sides can hold 0 x inf; their
-    non-finite gradient entries are zero, the derivative of the branch actually taken."""
-    return _StepFactor.apply(decay, carry, s_decay, mix, s_mix, *(f.detach() for f in factors))
+class StepGates(NamedTuple):
+    """What the step bound (:func:`step_factor`) takes from a chunk's gates alone, before any key is
+    seen: computed for all chunks at once (leading dims ``...`` = (N, n)) or for one (N,). E is 1
+    without momentum (the weights m_s), 2 with it (u_s and v_s, the two extreme directions)."""
+
+    weights: torch.Tensor  # (E, ..., b): token weights whose curvature norms (*) the bound sums
+    inverse_t: torch.Tensor  # (E, ...): each norm's factor in that sum: 1 / t_max at the chosen P, or 1 / (1 + d)
+    bounded: torch.Tensor  # (...) bool: a candidate P has ||D||_P <= 1 (else a chunk that steps gets kappa = 0)
+    steps: torch.Tensor  # (..., b) bool: the tokens with a step
+
+    def unbind(self) -> list["StepGates"]:
+        """Per-chunk parts of gates computed for all chunks (leading dims (N, n))."""
+        return [StepGates(*p) for p in zip(self.weights.unbind(2), self.inverse_t.unbind(2), self.bounded.unbind(1),
+                                           self.steps.unbind(1))]
 
 
-class _StepFactor(torch.autograd.Function):
-    """kappa in the forward; in the backward, its vector-Jacobian product recomputed under autograd
-    with non-finite entries zeroed (:func:`stable_step_factor`)."""
+def step_gates(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
+               mix: torch.Tensor, s_mix: torch.Tensor | None) -> StepGates:
+    """The gates' part of :func:`step_factor` (its docstring has the derivation): the token weights
+    u_s, v_s, the candidate P that minimises the bound with their sums in place of the curvature
+    norms, and 1 / t_max of both ends at that P. decay, carry, s_decay (...), mix, s_mix (..., b)."""
+    if carry is None:
+        return StepGates(mix[None], (1 + decay).reciprocal()[None], torch.ones_like(decay, dtype=torch.bool), mix > 0)
+    tiny = torch.finfo(decay.dtype).tiny
+    s_mix = torch.where(((carry == 0) & (s_decay == 0))[..., None], 0.0, s_mix)  # S unread: see step_factor
+    one_minus_e = (1 - s_decay).clamp_min(torch.finfo(decay.dtype).eps)[..., None]  # e = 1 only if a momentum gate rounds to 1
+    d, c, e = decay[..., None], carry[..., None], 1 - one_minus_e
+    shift = LYAPUNOV_SHIFT.to(d)
+    gamma = c / one_minus_e * shift  # (..., K) candidate P's
+    delta = c * ((1 - shift) * one_minus_e + shift * (1 - d)) / one_minus_e  # c + gamma (e - d): 0 at d = 1, shift 1
+    least = delta**2 / ((1 - d**2) * (1 - e**2)).clamp_min(tiny)  # the least nu^2 with ||D||_P <= 1
+    nu = torch.maximum(LYAPUNOV_BALANCE.to(d) * gamma / one_minus_e, LYAPUNOV_SLACK.to(d) * least)
+    nu = nu.sqrt().clamp_min(tiny)
+    off = delta / nu
+    q11, q12, q22 = 1 - d**2, -d * off, 1 - e**2 - off**2
+    det_q = q11 * q22 - q12**2
+    z2 = -gamma / nu
+    valid_p = (q22 >= 0) & (det_q >= 0)  # candidates with ||D||_P <= 1 (without forgetting only shift 1)
+    size = mix + s_mix
+    steps = size > 0
+    lam = torch.where(steps, s_mix / size.clamp_min(tiny), 0.0)
+    lo = torch.where(steps, lam, torch.inf).amin(-1, keepdim=True)
+    hi = torch.where(steps, lam, -torch.inf).amax(-1, keepdim=True)
+    to_hi = torch.where(hi > lo, ((lam - lo) / (hi - lo).clamp_min(tiny)).clamp(0.0, 1.0), 0.0)
+    weights = torch.where(steps, size, 0.0) * torch.stack([1 - to_hi, to_hi])  # (2, ..., b): u_s, v_s
+    inverse_t = []  # 1 / t_max per end and candidate P (0 where the direction never expands V)
+    for end in (lo, hi):
+        w1, w2 = 1 - end + gamma * end, nu * end
+        l1, l2 = d * w1, off * w1 + e * w2
+        beta = q22 * l1 - q12 * (l2 + z2 * l1) + q11 * z2 * l2
+        alpha = (w1**2 + w2**2) * (q22 - 2 * q12 * z2 + q11 * z2**2) + (l2 - z2 * l1) ** 2
+        inverse_t.append(alpha / (beta + (beta**2 + alpha * det_q.clamp_min(0.0)).sqrt()))
+    inverse_t = torch.stack(inverse_t)  # (2, ..., K)
+    mass = weights.sum(-1)[..., None]  # (2, ..., 1): the gates' stand-in for the curvature norms that picks P
+    by_gates = torch.where(valid_p, _inverse_kappa(mass, inverse_t), torch.inf).nan_to_num(torch.inf)
+    choice = by_gates.argmin(-1, keepdim=True)  # the P of these gates, the same whatever the keys
+    at_choice = inverse_t.gather(-1, choice.expand(2, *choice.shape))[..., 0]
+    return StepGates(weights, at_choice, by_gates.gather(-1, choice)[..., 0] < torch.inf, steps)
 
-    @staticmethod
-    def forward(ctx, decay, carry, s_decay, mix, s_mix, *factors):
-        ctx.save_for_backward(decay, carry, s_decay, mix, s_mix, *factors)
-        kappa = step_factor(decay, carry, s_decay, mix, s_mix, list(factors))
-        # kappa = 1 everywhere: each row is the constant branch of its min(1, .) (or of a degenerate
-        # chunk's where), whose derivative is 0, so the backward need not recompute anything; not
-        # decided under torch.compile, whose graph cannot branch on a tensor's value
-        ctx.unbounded = not torch.compiler.is_compiling() and bool((kappa >= 1.0).all())
-        return kappa
 
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.unbounded:
-            return (None,) * len(ctx.needs_input_grad)
-        decay, carry, s_decay, mix, s_mix, *factors = ctx.saved_tensors
-        inputs = [None if x is None else x.detach().requires_grad_(need)
-                  for x, need in zip((decay, carry, s_decay, mix, s_mix), ctx.needs_input_grad)]
-        wanted = [x for x in inputs if x is not None and x.requires_grad]
-        with torch.enable_grad():
-            kappa = step_factor(*inputs, factors)
-        grads = iter(torch.autograd.grad(kappa, wanted, grad, allow_unused=True) if kappa.requires_grad else
-                     [None] * len(wanted))
-        out = [next(grads) if x is not None and x.requires_grad else None for x in inputs]
-        return (*(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in out), *([None] * len(factors)))
+def _inverse_kappa(norms: torch.Tensor, inverse_t: torch.Tensor) -> torch.Tensor:
+    """``sum_e N_e / t_max(e)`` over the first dim (a zero norm adds nothing, whatever its t_max)."""
+    return torch.where(norms > 0, norms * inverse_t, 0.0).sum(0)
+
+
+def bound_factor(gates: StepGates, factors: list[torch.Tensor], curvature=curvature_norm) -> torch.Tensor:
+    """The keys' part of :func:`step_factor`: kappa (N,) of one chunk from its :class:`StepGates` (N,)
+    and its curvature factors, ``min(1, STEP_MARGIN / sum_e N_e / t_max(e))`` with N_e the curvature
+    norms (*) at the gates' token weights (0 where no P is valid, 1 where no token steps)."""
+    counted = (gates.steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)).any(-1)  # a token that takes a step
+    return _combine(curvature(factors, gates.weights), gates.inverse_t, gates.bounded, counted)
+
+
+def _combine(norms, inverse_t, bounded, counted) -> torch.Tensor:
+    best = torch.where(bounded, 1 / _inverse_kappa(norms, inverse_t), 0.0).nan_to_num(0.0)
+    return torch.where(counted, (STEP_MARGIN * best).clamp_max(1.0), 1.0)
 
 
 def step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
@@ -230,51 +269,79 @@ def step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.
     (:func:`trace_curvature`, or factors that bound the true ones) gives a kappa no larger than this
     one (kappa falls as the norms grow: the choice of P does not see them), so where that is 1, so is
     this.
+
+    Everything but the norms N_lo, N_hi depends on the gates alone: :func:`step_gates` computes it
+    (for the engine, for all chunks at once before the scan), :func:`bound_factor` adds the keys.
     """
-    if carry is None:
-        worst = curvature(factors, mix)
-        return torch.where(worst > 0, STEP_MARGIN * (1 + decay) / worst, 1.0).clamp_max(1.0)
-    tiny = torch.finfo(decay.dtype).tiny
-    s_mix = torch.where(((carry == 0) & (s_decay == 0))[:, None], 0.0, s_mix)  # S unread: see above
-    one_minus_e = (1 - s_decay).clamp_min(torch.finfo(decay.dtype).eps)[:, None]  # e = 1 only if a momentum gate rounds to 1
-    d, c, e = decay[:, None], carry[:, None], 1 - one_minus_e
-    shift = LYAPUNOV_SHIFT.to(d)
-    gamma = c / one_minus_e * shift  # (N, K) candidate P's
-    delta = c * ((1 - shift) * one_minus_e + shift * (1 - d)) / one_minus_e  # c + gamma (e - d): 0 at d = 1, shift 1
-    least = delta**2 / ((1 - d**2) * (1 - e**2)).clamp_min(tiny)  # the least nu^2 with ||D||_P <= 1
-    nu = torch.maximum(LYAPUNOV_BALANCE.to(d) * gamma / one_minus_e, LYAPUNOV_SLACK.to(d) * least)
-    nu = nu.sqrt().clamp_min(tiny)
-    off = delta / nu
-    q11, q12, q22 = 1 - d**2, -d * off, 1 - e**2 - off**2
-    det_q = q11 * q22 - q12**2
-    z2 = -gamma / nu
-    valid_p = (q22 >= 0) & (det_q >= 0)  # candidates with ||D||_P <= 1 (without forgetting only shift 1)
-    size = mix + s_mix
-    steps = size > 0  # tokens with a step (from the gates alone: the choice of P below must not see the keys)
-    lam = torch.where(steps, s_mix / size.clamp_min(tiny), 0.0)
-    lo = torch.where(steps, lam, torch.inf).amin(-1, keepdim=True)
-    hi = torch.where(steps, lam, -torch.inf).amax(-1, keepdim=True)
-    to_hi = torch.where(hi > lo, ((lam - lo) / (hi - lo).clamp_min(tiny)).clamp(0.0, 1.0), 0.0)
-    weights = torch.where(steps, size, 0.0) * torch.stack([1 - to_hi, to_hi])  # (2, N, b): u_s, v_s
-    norms = curvature(factors, weights)[..., None]  # (2, N, 1): N_lo, N_hi
-    mass = weights.sum(-1)[..., None]  # (2, N, 1): the gates' stand-in for N_lo, N_hi that picks P
-    inverse_t = []  # 1 / t_max per end and candidate P (0 where the direction never expands V)
-    for end in (lo, hi):
-        w1, w2 = 1 - end + gamma * end, nu * end
-        l1, l2 = d * w1, off * w1 + e * w2
-        beta = q22 * l1 - q12 * (l2 + z2 * l1) + q11 * z2 * l2
-        alpha = (w1**2 + w2**2) * (q22 - 2 * q12 * z2 + q11 * z2**2) + (l2 - z2 * l1) ** 2
-        inverse_t.append(alpha / (beta + (beta**2 + alpha * det_q.clamp_min(0.0)).sqrt()))
+    return bound_factor(step_gates(decay, carry, s_decay, mix, s_mix), factors, curvature)
 
-    def inverse_kappa(n):  # sum over the ends of n / t_max, per candidate P (a zero n adds nothing)
-        return sum(torch.where(x > 0, x * inv, 0.0) for x, inv in zip(n, inverse_t))
 
-    by_gates = torch.where(valid_p, inverse_kappa(mass), torch.inf).nan_to_num(torch.inf)
-    choice = by_gates.argmin(-1, keepdim=True)  # the P of these gates, the same whatever the keys
-    inverse = inverse_kappa(norms).gather(-1, choice)[:, 0]
-    best = torch.where(by_gates.gather(-1, choice)[:, 0] < torch.inf, 1 / inverse, 0.0).nan_to_num(0.0)
-    counted = steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)  # tokens that take a step
-    return torch.where(counted.any(-1), (STEP_MARGIN * best).clamp_max(1.0), 1.0)
+def stable_step_factor(decay: torch.Tensor, carry: torch.Tensor | None, s_decay: torch.Tensor | None,
+                       mix: torch.Tensor, s_mix: torch.Tensor | None, factors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`step_factor` (below), differentiated with respect to the gates' coefficients (decay,
+    carry, s_decay, mix, s_mix), not the curvature factors (taken as constants, like a clipping norm):
+    :func:`stable_bound_factor` of :func:`stable_step_gates`."""
+    return stable_bound_factor(stable_step_gates(decay, carry, s_decay, mix, s_mix), factors)
+
+
+def stable_step_gates(decay, carry, s_decay, mix, s_mix) -> StepGates:
+    """:func:`step_gates` whose vector-Jacobian products have their non-finite entries zeroed. The
+    bound's branches for degenerate chunks (zero weights, no momentum, a direction that never expands
+    the norm) are selected by ``torch.where``, whose discarded sides can hold 0 x inf; their non-finite
+    gradient entries are zero, the derivative of the branch actually taken."""
+    inputs = (decay, carry, s_decay, mix, s_mix)
+    return StepGates(*_FiniteGradients.apply(_step_gates_tuple, len(inputs), *inputs))
+
+
+def _step_gates_tuple(*inputs) -> tuple:
+    return tuple(step_gates(*inputs))
+
+
+def stable_bound_factor(gates: StepGates, factors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`bound_factor` differentiated with respect to the gates' part (the curvature factors
+    detached), with the non-finite entries of its vector-Jacobian products zeroed (a zero norm's
+    ``where`` branch, ``1 / 0`` where no token steps): the curvature norms by autograd through the
+    eigensolver, their combination recomputed in the backward. Where kappa = 1 on every row, each is
+    the constant branch of its ``min(1, .)``, whose derivative is 0: kappa is returned as a constant
+    (not decided under ``torch.compile``, whose graph cannot branch on a tensor's value)."""
+    factors = [f.detach() for f in factors]
+    counted = (gates.steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)).any(-1)
+    norms = curvature_norm(factors, gates.weights)
+    if not torch.compiler.is_compiling():
+        with torch.no_grad():
+            kappa = _combine(norms, gates.inverse_t, gates.bounded, counted)
+        if bool((kappa >= 1.0).all()):
+            return kappa
+    return _FiniteGradients.apply(_combine, 2, norms, gates.inverse_t, gates.bounded, counted)
+
+
+class _FiniteGradients(torch.autograd.Function):
+    """``fn(*inputs)`` in the forward; in the backward, its vector-Jacobian product with respect to the
+    first `n_differentiable` inputs, recomputed under autograd, with non-finite entries zeroed."""
+
+    @staticmethod
+    def forward(ctx, fn, n_differentiable, *inputs):
+        ctx.fn, ctx.n = fn, n_differentiable
+        ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs))
+        with torch.no_grad():
+            out = fn(*inputs)
+        ctx.mark_non_differentiable(*(o for o in (out if isinstance(out, tuple) else (out,)) if not o.is_floating_point()))
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        leaves = [None if x is None else x.detach().requires_grad_(need and i < ctx.n)
+                  for i, (x, need) in enumerate(zip(inputs, needs))]
+        wanted = [x for x in leaves if x is not None and x.requires_grad]
+        with torch.enable_grad():
+            out = ctx.fn(*leaves)
+        pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grads) if g is not None and o.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                     if pairs and wanted else [None] * len(wanted))
+        result = [next(found) if x is not None and x.requires_grad else None for x in leaves]
+        return (None, None, *(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in result))
 
 
 @functools.lru_cache(maxsize=None)
