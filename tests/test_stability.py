@@ -113,6 +113,42 @@ def test_bounded_chunk_map_is_stable_for_every_allowed_curvature(optimizer):
         assert radius(chunk_map(c, kappa, h)).max() <= 1 + 1e-9
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_step_gates_of_all_chunks_at_once_equal_them_chunk_by_chunk(optimizer):
+    """The engine computes the bound's gates part for all chunks before the scan (leading dims (N, n)),
+    the reference one chunk at a time (N,): the same token weights, 1 / t_max, valid-P and step masks,
+    and so the same kappa, on random gates (some tokens padded: no step) where the bound is active on
+    some chunks and not on others."""
+    from tto.engine.memory import Memory
+    from tto.engine.optimizers import bound_factor, step_gates
+
+    g = torch.Generator().manual_seed(1)
+    rows, n, b = 64, 5, 8
+    gates = {"lr": 10 * torch.rand(rows, n, b, generator=g, dtype=torch.float64) ** 3,
+             "momentum": (1 - torch.rand(rows, n, b, generator=g, dtype=torch.float64) ** 4).clamp_max(0.999),
+             "forget": 0.2 * torch.rand(rows, n, b, generator=g, dtype=torch.float64) ** 2,
+             "omega": torch.rand(rows, n, b, generator=g, dtype=torch.float64)}
+    opt = OPTIMIZERS[optimizer]()
+    valid = torch.rand(rows, n, b, generator=g) < 0.9
+    c = opt.coefficients(gates, valid)
+    scale = 10 ** (5 * torch.rand(rows, n, 1, 1, generator=g, dtype=torch.float64) - 4)  # curvatures over decades
+    factors = [scale * torch.randn(rows, n, c.mix.shape[-1], 3, generator=g, dtype=torch.float64)]
+    together = Memory._step_gates(c).unbind()
+    kappas = []
+    for i, chunk in enumerate(together):
+        decay = c.decay[:, i, -1] if c.decay is not None else torch.ones(rows, dtype=torch.float64)
+        alone = step_gates(decay, None if c.carry is None else c.carry[:, i, -1],
+                           None if c.s_decay is None else c.s_decay[:, i], c.mix[:, i, -1],
+                           None if c.s_mix is None else c.s_mix[:, i])
+        for a, b_ in zip(chunk, alone):
+            torch.testing.assert_close(a, b_, rtol=1e-14, atol=0)
+        kappa = bound_factor(chunk, [factors[0][:, i]])
+        torch.testing.assert_close(kappa, bound_factor(alone, [factors[0][:, i]]), rtol=1e-14, atol=0)
+        kappas.append(kappa)
+    kappas = torch.stack(kappas)
+    assert (kappas < 1).any() and (kappas == 1).any()
+
+
 def test_diverged_pass_key_chunk_is_unstable_without_the_bound_and_stable_with_it():
     """The chunk where the pass-key run diverged (Titans, mem_max_lr 0.1): spectral radius > 1 at
     kappa = 1, < 1 with the bound, and the bound leaves a chunk with a small enough step alone
