@@ -290,7 +290,7 @@ def stable_step_gates(decay, carry, s_decay, mix, s_mix) -> StepGates:
     the norm) are selected by ``torch.where``, whose discarded sides can hold 0 x inf; their non-finite
     gradient entries are zero, the derivative of the branch actually taken."""
     inputs = (decay, carry, s_decay, mix, s_mix)
-    return StepGates(*_FiniteGradients.apply(_step_gates_tuple, len(inputs), *inputs))
+    return StepGates(*_FiniteGradients.apply(_step_gates_tuple, len(inputs), False, *inputs))
 
 
 def _step_gates_tuple(*inputs) -> tuple:
@@ -300,38 +300,40 @@ def _step_gates_tuple(*inputs) -> tuple:
 def stable_bound_factor(gates: StepGates, factors: list[torch.Tensor]) -> torch.Tensor:
     """:func:`bound_factor` differentiated with respect to the gates' part (the curvature factors
     detached), with the non-finite entries of its vector-Jacobian products zeroed (a zero norm's
-    ``where`` branch, ``1 / 0`` where no token steps): the curvature norms by autograd through the
-    eigensolver, their combination recomputed in the backward. Where kappa = 1 on every row, each is
-    the constant branch of its ``min(1, .)``, whose derivative is 0: kappa is returned as a constant
-    (not decided under ``torch.compile``, whose graph cannot branch on a tensor's value)."""
+    ``where`` branch, ``1 / 0`` where no token steps), recomputed in the backward (which keeps only
+    the factors, not the eigensolver's intermediates)."""
     factors = [f.detach() for f in factors]
     counted = (gates.steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)).any(-1)
-    norms = curvature_norm(factors, gates.weights)
-    if not torch.compiler.is_compiling():
-        with torch.no_grad():
-            kappa = _combine(norms, gates.inverse_t, gates.bounded, counted)
-        if bool((kappa >= 1.0).all()):
-            return kappa
-    return _FiniteGradients.apply(_combine, 2, norms, gates.inverse_t, gates.bounded, counted)
+    return _FiniteGradients.apply(_kappa, 2, True, gates.weights, gates.inverse_t, gates.bounded, counted, *factors)
+
+
+def _kappa(weights, inverse_t, bounded, counted, *factors) -> torch.Tensor:
+    return _combine(curvature_norm(list(factors), weights), inverse_t, bounded, counted)
 
 
 class _FiniteGradients(torch.autograd.Function):
     """``fn(*inputs)`` in the forward; in the backward, its vector-Jacobian product with respect to the
-    first `n_differentiable` inputs, recomputed under autograd, with non-finite entries zeroed."""
+    first `n_differentiable` inputs, recomputed under autograd, with non-finite entries zeroed.
+    `clamped_at_one`: fn is a ``min(1, .)``; where it is 1 on every row, each row is the constant branch,
+    whose derivative is 0, and the backward recomputes nothing (not decided under ``torch.compile``,
+    whose graph cannot branch on a tensor's value)."""
 
     @staticmethod
-    def forward(ctx, fn, n_differentiable, *inputs):
+    def forward(ctx, fn, n_differentiable, clamped_at_one, *inputs):
         ctx.fn, ctx.n = fn, n_differentiable
         ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs))
         with torch.no_grad():
             out = fn(*inputs)
         ctx.mark_non_differentiable(*(o for o in (out if isinstance(out, tuple) else (out,)) if not o.is_floating_point()))
+        ctx.constant = clamped_at_one and not torch.compiler.is_compiling() and bool((out >= 1.0).all())
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
+        if ctx.constant:
+            return (None,) * (3 + len(inputs))
+        needs = ctx.needs_input_grad[3:]
         leaves = [None if x is None else x.detach().requires_grad_(need and i < ctx.n)
                   for i, (x, need) in enumerate(zip(inputs, needs))]
         wanted = [x for x in leaves if x is not None and x.requires_grad]
@@ -341,7 +343,7 @@ class _FiniteGradients(torch.autograd.Function):
         found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                      if pairs and wanted else [None] * len(wanted))
         result = [next(found) if x is not None and x.requires_grad else None for x in leaves]
-        return (None, None, *(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in result))
+        return (None, None, None, *(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in result))
 
 
 @functools.lru_cache(maxsize=None)
