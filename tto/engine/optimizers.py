@@ -183,8 +183,12 @@ def bound_factor(gates: StepGates, factors: list[torch.Tensor], curvature=curvat
     """The keys' part of :func:`step_factor`: kappa (N,) of one chunk from its :class:`StepGates` (N,)
     and its curvature factors, ``min(1, STEP_MARGIN / sum_e N_e / t_max(e))`` with N_e the curvature
     norms (*) at the gates' token weights (0 where no P is valid, 1 where no token steps)."""
-    counted = (gates.steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)).any(-1)  # a token that takes a step
-    return _combine(curvature(factors, gates.weights), gates.inverse_t, gates.bounded, counted)
+    return _combine(curvature(factors, gates.weights), gates.inverse_t, gates.bounded, _counted(gates.steps, factors))
+
+
+def _counted(steps: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """(N,) bool: the chunk has a token that takes a step (a step weight and a non-zero curvature factor)."""
+    return (steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)).any(-1)
 
 
 def _combine(norms, inverse_t, bounded, counted) -> torch.Tensor:
@@ -303,8 +307,8 @@ def stable_bound_factor(gates: StepGates, factors: list[torch.Tensor]) -> torch.
     ``where`` branch, ``1 / 0`` where no token steps), recomputed in the backward (which keeps only
     the factors, not the eigensolver's intermediates)."""
     factors = [f.detach() for f in factors]
-    counted = (gates.steps & (sum(f.pow(2).sum(-1) for f in factors) > 0)).any(-1)
-    return _FiniteGradients.apply(_kappa, 2, True, gates.weights, gates.inverse_t, gates.bounded, counted, *factors)
+    return _FiniteGradients.apply(_kappa, 2, True, gates.weights, gates.inverse_t, gates.bounded,
+                                  _counted(gates.steps, factors), *factors)
 
 
 def _kappa(weights, inverse_t, bounded, counted, *factors) -> torch.Tensor:
@@ -321,7 +325,7 @@ class _FiniteGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, n_differentiable, clamped_at_one, *inputs):
         ctx.fn, ctx.n = fn, n_differentiable
-        ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs))
+        ctx.save_for_backward(*inputs)
         with torch.no_grad():
             out = fn(*inputs)
         ctx.mark_non_differentiable(*(o for o in (out if isinstance(out, tuple) else (out,)) if not o.is_floating_point()))
