@@ -239,12 +239,14 @@ def test_scan_gradients_match_naive(optimizer):
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "momentum"])
-def test_step_bound_gradients_match_naive(optimizer, monkeypatch):
+@pytest.mark.parametrize("depth", [1, 2])
+def test_step_bound_gradients_match_naive(depth, optimizer, monkeypatch):
     """Where the step bound scales a commit (kappa < 1), its factor is differentiated with respect to the
-    gates in the fast and the naive form alike; without that term the gate gradients would differ."""
+    gates in the fast and the naive form alike; without that term the gate gradients would differ. (At
+    depth 1 the fast form bounds all chunks before the scan, at depth 2 chunk by chunk.)"""
     import tto.engine.memory as memory_module
 
-    mem = make_memory(2, optimizer).double()
+    mem = make_memory(depth, optimizer).double()
     q, k, v, gates = make_inputs(optimizer=optimizer, requires_grad=True, dtype=torch.float64, max_lr=20.0)
     for g in gates.values():
         g.requires_grad_(True)
@@ -311,6 +313,56 @@ def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
     assert screened[1].keys() == exact[1].keys() and all(torch.equal(screened[1][n], exact[1][n]) for n in exact[1])
     for a, b in zip(screened[2], exact[2]):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "momentum", "decay", "omega-momentum"])
+@pytest.mark.parametrize("read_start", [False, "only"])
+def test_step_bound_before_the_scan_equals_it_chunk_by_chunk(optimizer, read_start, monkeypatch):
+    """A one-layer memory with a squared error (TTT-Linear's) bounds all chunks at once before the scan,
+    from the keys and gates alone; chunk by chunk (``bound_before_scan`` off) the same kappa gives the same
+    outputs, committed state and gradients (float64, 1e-12: only the order of the eigensolver's batch
+    differs), at inner lrs where the bound is active on some chunks and not on others. A two-layer
+    memory's bound reads its weights (the second layer's norm, the first's activations) and stays in
+    the scan."""
+    import tto.engine.memory as memory_module
+
+    assert not make_memory(2, optimizer).bound_before_scan
+    mem = make_memory(1, optimizer).double()
+    assert mem.bound_before_scan
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=24, requires_grad=True, dtype=torch.float64, max_lr=2.0)
+    with torch.no_grad():  # chunk-by-chunk lr scales from 1e-3 to 2 (6 chunks of 4)
+        gates["lr"].mul_(torch.logspace(-3, 0, 6, dtype=torch.float64).repeat_interleave(4)[None, :, None])
+    for g in gates.values():
+        g.requires_grad_(True)
+    leaves = [q, k, v, *gates.values(), *mem.parameters()]
+    w = torch.randn(3, 24, 2, 8, dtype=torch.float64)
+    kappas = []
+    bound = memory_module.stable_bound_factor
+    monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: kappas.append(bound(*a)) or kappas[-1])
+
+    def run():
+        state: dict = {}
+        out = mem(q, k, v, gates, None, state, read_start=read_start)
+        weights = {n: t for n, t in state.items() if n.startswith(("memory.W.", "memory.S."))}
+        loss = (out * w).sum() + sum(t.sum() for t in weights.values())
+        return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    before = run()
+    assert len(kappas) == 1 and kappas[0].shape == (6, 6)  # one call for the 6 rows' 6 chunks
+    assert (kappas[0] < 0.9).any() and (kappas[0] == 1).any()  # the bound is active on some chunks only
+    kappas.clear()
+    mem.bound_before_scan = False
+    by_chunk = run()
+    assert 1 < len(kappas) <= 6  # chunk by chunk: the exact bound on each chunk the screen does not skip
+    close = dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(before[0], by_chunk[0], **close)
+    assert before[1].keys() == by_chunk[1].keys()
+    for n in before[1]:
+        torch.testing.assert_close(before[1][n], by_chunk[1][n], **close)
+    for a, b in zip(before[2], by_chunk[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **close)
 
 
 def test_checkpoint_groups_do_not_change_results():

@@ -73,6 +73,10 @@ class FastModel(nn.Module):
 
     #: names of the fast linear layers, in order
     weight_names: tuple[str, ...]
+    #: the step bound's curvature factors (:meth:`curvature_gains`, the layers' inputs) depend on the fast
+    #: weights; a single linear layer's do not (its input is the key, its gain is fixed), and the engine
+    #: then bounds all chunks at once, before the scan (:mod:`tto.engine.memory`)
+    curvature_reads_weights = True
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -161,6 +165,7 @@ class MLPMemory(FastModel):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown fast-model activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
         self.num_heads, self.dim, self.depth = num_heads, dim, depth
+        self.curvature_reads_weights = depth > 1
         self.act, self.act_backward = ACTIVATIONS[activation]
         self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std
         in_dim = dim if in_dim is None else in_dim

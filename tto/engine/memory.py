@@ -49,7 +49,9 @@ geometrically (Titans at 300M: reads 0.8 -> 5e7 -> inf within 150 tokens at init
     W' = d W_c + c S_c - kappa sum_s m_s g_s,      S' = e S_c - kappa sum_s p_s g_s
 
 with kappa from :func:`tto.engine.optimizers.stable_step_factor` (its gates' part computed for all chunks
-before the scan, :func:`~tto.engine.optimizers.step_gates`): the chunk map does not expand a
+before the scan, :func:`~tto.engine.optimizers.step_gates`; the whole bound so, where it reads no fast
+weight: a one-layer fast model, an objective whose curvature does not read the output and no gradient
+scale, as in TTT-Linear, :attr:`Memory.bound_before_scan`): the chunk map does not expand a
 quadratic norm of (W, S) that does not see the key directions (``||M||_P <= 1`` with ``P x I``, P a
 2 x 2 matrix of the chunk's gates: the chunks' maps cannot compound along keys that rotate from chunk
 to chunk; for plain descent ``||d I - kappa sum_s m_s H_s||_2 < 1``) for the tokens' Gauss-Newton
@@ -134,6 +136,9 @@ class Chunk(NamedTuple):
     #: the step bound's part from the gates alone (:func:`tto.engine.optimizers.step_gates`), computed for all
     #: chunks at once; None for a retention that steps along the momentum (no bound)
     step_gates: StepGates | None
+    #: the step bound kappa (N,) itself where it does not read the weights (:attr:`Memory.bound_before_scan`),
+    #: computed for all chunks at once; else None
+    kappa: torch.Tensor | None
     objective_gates: dict  # {name: (N, C)}
     active: torch.Tensor  # (N,) the row has a real token in this chunk
 
@@ -169,6 +174,11 @@ class Memory(ChunkwiseMemory):
         self.lookback = optimizer.lookback
         if self.lookback:
             self.lookback_names = ("k", "v", *("gate." + n for n in optimizer.lookback_gates + objective.gate_names))
+        #: the step bound reads the gates and the keys alone (a one-layer fast model, an objective whose
+        #: curvature does not read the output, no gradient scale from the weights): it is computed for all
+        #: chunks at once before the scan, the same kappa as chunk by chunk
+        self.bound_before_scan = not (fast_model.curvature_reads_weights or objective.curvature_reads_output
+                                      or self.retention.scales_gradients or self.retention.steps_along_momentum)
 
     def param_names(self) -> list[str]:
         return list(self.fast.param_names)
@@ -208,9 +218,28 @@ class Memory(ChunkwiseMemory):
         # backward write a zero tensor of the whole sequence's size
         objective_gates = [dict(zip(self.objective.gate_names, g))
                            for g in zip(*(gates[name].unbind(1) for name in self.objective.gate_names))] or [{}] * n
-        bounds = [None] * n if self.retention.steps_along_momentum else self._step_gates(coef).unbind()
+        bounds = kappas = [None] * n
+        if self.bound_before_scan:
+            kappas = self._bound_before_scan(params, keys, values, gates, self._step_gates(coef)).unbind(1)
+        elif not self.retention.steps_along_momentum:
+            bounds = self._step_gates(coef).unbind()
         return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1), mixed, coef.unbind(),
-                                       bounds, objective_gates, valid.any(-1).unbind(1))]
+                                       bounds, kappas, objective_gates, valid.any(-1).unbind(1))]
+
+    def _bound_before_scan(self, params, keys, values, gates, bound: StepGates) -> torch.Tensor:
+        """kappa (N, n) of all chunks (:attr:`bound_before_scan`) from their keys and values (N, n, lookback + C, d),
+        gates {name: (N, n, lookback + C)} and gates' part `bound`: the chunks' tokens flattened into one
+        sequence, whose curvature factors are every chunk's (per token, from the key and the gates alone)."""
+        tokens = lambda t: t.flatten(1, 2)  # noqa: E731
+        inputs = [(self.fast.weight_names[0], tokens(keys), None)]
+        objective_gates = {name: tokens(gates[name]) for name in self.objective.gate_names}
+        values = tokens(values)  # the objective's curvature does not read the output: the values stand in for it
+
+        def factors(norm):
+            return [f.unflatten(1, keys.shape[1:3]) for f in
+                    self.curvature_factors(params, inputs, values, values, objective_gates, None, norm)]
+
+        return self._step_bound(bound, factors)
 
     @staticmethod
     def _step_gates(c: Coefficients) -> StepGates:
@@ -260,10 +289,11 @@ class Memory(ChunkwiseMemory):
                 out = self.fast.core(chunk.q, self.fast.plain_linear(params)) if read_start == "only" else None
                 if i < n_commit:
                     new_params, new_momentum = self._commit(params, momentum, chunk.k, chunk.v, chunk.coefficients,
-                                                            chunk.step_gates, chunk.objective_gates)
+                                                            chunk.step_gates, chunk.kappa, chunk.objective_gates)
             else:
                 out, new_params, new_momentum = self.step(params, momentum, chunk.q, chunk.k, chunk.v, chunk.mixed_qk,
-                                                          chunk.coefficients, chunk.step_gates, chunk.objective_gates)
+                                                          chunk.coefficients, chunk.step_gates, chunk.kappa,
+                                                          chunk.objective_gates)
                 if read_start:
                     out = torch.stack([out, self.fast.core(chunk.q, self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
@@ -349,11 +379,11 @@ class Memory(ChunkwiseMemory):
         return self.fast.core(q, read)
 
     def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, bound: StepGates | None,
-               objective_gates: dict):
+               kappa: torch.Tensor | None, objective_gates: dict):
         """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention. A
         retention that steps along the momentum (Muon) replaces the end weights: they are not
         computed (the start weights stand in for them) and the momentum takes no step bound."""
-        grads, kappa = self._scaled_gradients(params, k, v, c, bound, objective_gates)
+        grads, kappa = self._scaled_gradients(params, k, v, c, bound, kappa, objective_gates)
         out = self._read(params, momentum, grads, q, mixed_qk, c)
         if not self.retention.reads_chunk_end:
             new_params, new_momentum = self._end_state(params, momentum, grads, c, kappa)
@@ -371,27 +401,30 @@ class Memory(ChunkwiseMemory):
         return out, blend(carried_params, linear_params), (
             None if momentum is None else blend(carried_momentum, linear_momentum))
 
-    def _scaled_gradients(self, params, k, v, c: Coefficients, bound: StepGates | None,
+    def _scaled_gradients(self, params, k, v, c: Coefficients, bound: StepGates | None, kappa: torch.Tensor | None,
                           objective_gates: dict) -> tuple[list, torch.Tensor]:
         """The chunk's keys' gradients at its start weights `params` as :meth:`_gradients` gives them,
-        times the retention's gradient scale, and the step bound kappa (N,) of its commit from the
-        gates' part `bound` (1 for a retention that steps along the momentum)."""
+        times the retention's gradient scale, and the step bound kappa (N,) of its commit: `kappa` where
+        it was computed before the scan, else from the gates' part `bound` (1 for a retention that steps
+        along the momentum)."""
         grads, y = self._gradients(params, k, v, objective_gates)
         scale = self.retention.grad_scale(params)
         if self.retention.steps_along_momentum:
             kappa = torch.ones_like(c.s_decay)
-        else:
-            kappa = self._step_bound(params, grads, y, v, objective_gates, bound, scale)
+        elif kappa is None:
+            kappa = self._step_bound(bound, lambda norm: self.curvature_factors(params, grads, y, v, objective_gates,
+                                                                                scale, norm))
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         return grads, kappa
 
-    def _commit(self, params, momentum, k, v, c: Coefficients, bound: StepGates | None, objective_gates: dict) -> tuple:
+    def _commit(self, params, momentum, k, v, c: Coefficients, bound: StepGates | None, kappa: torch.Tensor | None,
+                objective_gates: dict) -> tuple:
         """What :meth:`_chunk` commits, without its reads: the chunk's end weights and momentum, before
         retention, from the chunk-end coefficients `c` alone (mix (N, 1, lookback + C), decay and
         carry (N, 1)). With a retention that reads the chunk end, :meth:`_chunk`'s blend of the
         carried and the linear end state by kappa is this end state at kappa (it is affine in kappa)."""
-        grads, kappa = self._scaled_gradients(params, k, v, c, bound, objective_gates)
+        grads, kappa = self._scaled_gradients(params, k, v, c, bound, kappa, objective_gates)
         return self._end_state(params, momentum, grads, c, kappa)
 
     def _carried(self, params, momentum, c: Coefficients) -> tuple:
@@ -446,11 +479,13 @@ class Memory(ChunkwiseMemory):
             factors.append((curvature * gain).sqrt()[..., None] * x)
         return factors
 
-    def _step_bound(self, params, grads, y, v, objective_gates, bound: StepGates, scale) -> torch.Tensor:
-        """The factor kappa (N,) on the gradients the chunk commits (module docstring):
-        :func:`stable_bound_factor` of the gates' part `bound`, computed for all chunks before the scan,
-        and the chunk's curvature factors. Differentiated with respect to the gates, not the curvature
-        factors (module docstring).
+    @staticmethod
+    def _step_bound(bound: StepGates, factors) -> torch.Tensor:
+        """The factor kappa (N,) on the gradients the chunk commits (module docstring), or (N, n) of all
+        chunks at once: :func:`stable_bound_factor` of the gates' part `bound`, computed for all chunks
+        before the scan, and the curvature factors ``factors(norm)`` (:meth:`curvature_factors` with that
+        spectral norm). Differentiated with respect to the gates, not the curvature factors (module
+        docstring).
 
         First a screen from matrix products and elementwise work alone: the same bound with upper
         bounds of the curvature (:func:`spectral_norm_bound` in the gains, :func:`trace_curvature` for
@@ -460,11 +495,10 @@ class Memory(ChunkwiseMemory):
         graph cannot branch on the screen's outcome: it always runs the exact bound.)"""
         with torch.no_grad():
             if not torch.compiler.is_compiling():
-                bounds = self.curvature_factors(params, grads, y, v, objective_gates, scale, spectral_norm_bound)
-                if bool((bound_factor(bound, bounds, curvature=trace_curvature) >= 1.0).all()):
+                if bool((bound_factor(bound, factors(spectral_norm_bound), curvature=trace_curvature) >= 1.0).all()):
                     return torch.ones_like(bound.inverse_t[0])
-            factors = self.curvature_factors(params, grads, y, v, objective_gates, scale)
-        return stable_bound_factor(bound, factors)
+            exact = factors(None)
+        return stable_bound_factor(bound, exact)
 
 
 def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype,

@@ -16,6 +16,8 @@ import torch
 class Objective:
     #: names of the per-token gates this objective reads
     gate_names: tuple[str, ...] = ()
+    #: :meth:`curvature` depends on the memory's output y (False: on the gates alone, y gives its shape)
+    curvature_reads_output = True
 
     def loss(self, y: torch.Tensor, v: torch.Tensor, gates: dict) -> torch.Tensor:
         """Per-token loss (...,) of outputs y and targets v (..., d)."""
@@ -38,6 +40,8 @@ class SquaredError(Objective):
     scale 2/d averages over features (titans-pytorch).
     """
 
+    curvature_reads_output = False
+
     def __init__(self, scale: float = 1.0):
         self.scale = scale
 
@@ -54,6 +58,8 @@ class SquaredError(Objective):
 class DotProduct(Objective):
     """LaCT's (and Hebbian linear attention's) bias ``l(y, v) = -<y, v>``: descent raises the memory's
     alignment with the value; its gradient ``-v`` does not depend on y."""
+
+    curvature_reads_output = False
 
     def loss(self, y, v, gates=None):
         return -(y * v).sum(-1)

@@ -34,6 +34,8 @@ class Retention:
     #: the commit is a step along the chunk-end momentum whose size the gates bound by themselves
     #: (:class:`MuonRetention`): it needs no step bound and no linearly updated end weights
     steps_along_momentum = False
+    #: :meth:`grad_scale` scales the gradients (from the start weights; False: it is None)
+    scales_gradients = False
 
     def start(self, params: Params) -> Params:
         return params
@@ -83,6 +85,7 @@ class LqNormalization(Retention):
     """
 
     reads_chunk_end = True
+    scales_gradients = True
 
     def __init__(self, q: float, min_norm: float = 0.0, eps: float = 1e-12):
         if q == 3:
