@@ -379,6 +379,18 @@ def test_checkpoint_groups_do_not_change_results():
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_max_slope_bounds_the_activation_slope_tightly(name):
+    """:data:`MAX_SLOPES` (the step bound's screen) is at least ``|activation'(z)|`` on a grid of spacing
+    1e-5 over [-20, 20] (both slopes settle to 0 or 1 outside it) and within 1e-3 of its maximum."""
+    from tto.engine.fast_models import MAX_SLOPES
+
+    assert sorted(MAX_SLOPES) == sorted(ACTIVATIONS)
+    z = torch.linspace(-20, 20, 4_000_001, dtype=torch.float64)
+    slope = ACTIVATIONS[name][1](torch.ones_like(z), z).abs().max().item()
+    assert slope <= MAX_SLOPES[name] < slope + 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_activation_backward_matches_autograd(name):
     fn, backward = ACTIVATIONS[name]
     z = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_(True)

@@ -336,8 +336,10 @@ def test_curvature_factors_bound_the_gauss_newton_hessian(depth, bias, activatio
     eigenvalue of ``sum_s a_s H_s``, H_s the token's Gauss-Newton Hessian of the unhalved squared
     error in all fast weights by autograd, is at most the bound of the engine's curvature factors,
     for one-hot, uniform and random weightings a; the bound is not vacuous (within 30x), and its
-    last layer alone (what a bound that dropped the earlier layers' terms would give) is exceeded."""
+    last layer alone (what a bound that dropped the earlier layers' terms would give) is exceeded. The
+    step bound's screens (looser gains) give factors whose per-token norms are at least these."""
     from tto.engine import MLPMemory, Memory, SquaredError
+    from tto.engine.fast_models import SCREEN_GAINS
     from tto.engine.optimizers import curvature_norm
 
     torch.manual_seed(depth)
@@ -356,6 +358,9 @@ def test_curvature_factors_bound_the_gauss_newton_hessian(depth, bias, activatio
 
     grads = fast.forward_backward(params, k, dloss)
     factors = memory.curvature_factors(params, grads, outputs[0], v, {}, None)
+    for screen in SCREEN_GAINS:  # a screen needs each token's factor norms to bound the exact ones
+        for loose, exact in zip(memory.curvature_factors(params, grads, outputs[0], v, {}, None, screen), factors):
+            assert (loose.square().sum(-1) >= exact.square().sum(-1) * (1 - 1e-12)).all()
     names = list(params)
     jac = torch.func.jacrev(lambda *w: fast.apply(k, fast.plain_linear(dict(zip(names, w)))), argnums=tuple(range(len(names))))(
         *params.values())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,11 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "silu": (F.silu, lambda g, z: g * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))),  # ATen's has no double backward
     "relu": (F.relu, lambda g, z: g * (z > 0).to(g.dtype)),
 }
+
+#: activation name -> an upper bound of its largest slope ``max_z |activation'(z)|`` (rounded up in the
+#: fourth decimal: GELU's 1.12899 near z = 1.42, SiLU's 1.09984 near z = 2.40), for gains that need no
+#: pre-activations (:class:`GainBound`)
+MAX_SLOPES: dict[str, float] = {"gelu_tanh": 1.1290, "gelu": 1.1290, "silu": 1.0999, "relu": 1.0}
 
 
 def layer_norm(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, tuple]:
@@ -104,13 +110,12 @@ class FastModel(nn.Module):
         raise NotImplementedError
 
     def curvature_gains(self, params: dict, inputs: dict[str, torch.Tensor],
-                        norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                        bound: "GainBound | None" = None) -> dict[str, torch.Tensor]:
         """Per fast linear layer, a bound (N, b) per token on ``||d f / d z||_2^2`` (z the layer's
         output) at `params`, given every layer's inputs (N, b, d_l) there: a token's Gauss-Newton
         curvature of the inner loss in that layer's weights is at most ``loss curvature * (||layer
-        input||^2 [+ 1 with a bias]) * gain``. `norm` (N, d, d') -> (N,) is the spectral norm the
-        gains multiply (default :func:`spectral_norm`), or an upper bound of it
-        (:func:`spectral_norm_bound`), which gives upper bounds of the gains."""
+        input||^2 [+ 1 with a bias]) * gain``. `bound` (default :data:`EXACT_GAINS`) says how the later
+        layers' Jacobians are bounded; the looser :data:`SCREEN_GAINS` give upper bounds of these gains."""
         raise NotImplementedError
 
 
@@ -133,6 +138,11 @@ def spectral_norm(w: torch.Tensor) -> torch.Tensor:
 NORM_BOUND_SQUARINGS = 3
 
 
+def frobenius_norm(w: torch.Tensor) -> torch.Tensor:
+    """``||W||_F >= ||W||_2`` (N,) for w (N, d, d'): one reduction, at most sqrt(rank) times too large."""
+    return torch.linalg.matrix_norm(w)
+
+
 def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
     """An upper bound (N,) of ``||W||_2`` for w (N, d, d') from matrix products alone:
     ``lambda_max(G)^(2^k) <= tr(G^(2^k)) = ||G^(2^(k-1))||_F^2`` for the PSD Gram matrix G of W,
@@ -147,6 +157,23 @@ def spectral_norm_bound(w: torch.Tensor) -> torch.Tensor:
         scale = torch.linalg.matrix_norm(power)
         bound = bound * scale.pow(1.0 / 2**k)  # lambda_max(G) <= ||G||_F prod_k ||A_k^2||_F^(1/2^k)
     return bound.sqrt()
+
+
+class GainBound(NamedTuple):
+    """How :meth:`FastModel.curvature_gains` bounds a later layer's Jacobian ``diag(activation'(z)) W``:
+    `norm` (N, d, d') -> (N,) is ``||W||_2`` or an upper bound of it; `token_slopes` takes each token's
+    largest activation slope at its pre-activations z (False: the activation's largest slope anywhere,
+    :data:`MAX_SLOPES`, which needs no forward)."""
+
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    token_slopes: bool = True
+
+
+#: the exact gains of the step bound
+EXACT_GAINS = GainBound(spectral_norm)
+#: the step bound's screens, cheapest first (:meth:`tto.engine.Memory._step_bound`): Frobenius norms and
+#: the activation's largest slope (a few reductions), then :func:`spectral_norm_bound` and the tokens' slopes
+SCREEN_GAINS = (GainBound(frobenius_norm, token_slopes=False), GainBound(spectral_norm_bound))
 
 
 class MLPMemory(FastModel):
@@ -167,6 +194,7 @@ class MLPMemory(FastModel):
         self.num_heads, self.dim, self.depth = num_heads, dim, depth
         self.curvature_reads_weights = depth > 1
         self.act, self.act_backward = ACTIVATIONS[activation]
+        self.max_slope = MAX_SLOPES[activation]
         self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std
         in_dim = dim if in_dim is None else in_dim
         if residual_norm and in_dim != dim:
@@ -229,16 +257,18 @@ class MLPMemory(FastModel):
         applies it once to all read-outs instead of chunk by chunk."""
         return x + self._layer_norm(h)[0] if self.residual_norm else h
 
-    def curvature_gains(self, params, inputs, norm=None):
+    def curvature_gains(self, params, inputs, bound=None):
         """Backward through the layers: the last layer's gain is 1, or ``max |gamma|^2`` with the
         ``x + LN(g(x))`` wrapper (the LayerNorm's Jacobian at unit-RMS g: LN(g) does not change when
         g is scaled, so a step that its 1 / RMS(g) factor would call large grows g and shrinks that
         factor instead of oscillating); layer l's is ``a_s^2 ||W_{l+1}||_2^2`` times layer l+1's,
         ``a_s = max_j |activation'(z_sj)|`` over the token's pre-activations z_s of layer l (the
-        Jacobian ``diag(activation'(z_s)) W_{l+1}`` has at most that norm). Non-finite weights (a run
+        Jacobian ``diag(activation'(z_s)) W_{l+1}`` has at most that norm), or the activation's largest
+        slope with ``bound.token_slopes`` off. Non-finite weights (a run
         that has already diverged) count as zero here (in their Gram matrices, :func:`spectral_norm`), so the
         NaN reaches the layer's output, where ``check_finite`` names the layer, instead of stopping the
         eigensolver."""
+        bound = bound or EXACT_GAINS
         first = inputs[self.weight_names[0]]
         gain = first.new_ones(first.shape[:2])
         if self.residual_norm:
@@ -250,11 +280,13 @@ class MLPMemory(FastModel):
             name = self.weight_names[i]
             gains[name] = gain
             if i > 0:
-                below = self.weight_names[i - 1]
-                z = linear(below, inputs[below])
-                slope = self.act_backward(torch.ones_like(z), z).abs().amax(-1).nan_to_num(0.0, 0.0, 0.0)
-                weight_norm = (norm or spectral_norm)(params[name])
-                gain = gain * (slope * weight_norm[:, None]).pow(2)
+                if bound.token_slopes:
+                    below = self.weight_names[i - 1]
+                    z = linear(below, inputs[below])
+                    slope = self.act_backward(torch.ones_like(z), z).abs().amax(-1).nan_to_num(0.0, 0.0, 0.0)
+                else:
+                    slope = self.max_slope
+                gain = gain * (slope * bound.norm(params[name])[:, None]).pow(2)
         return gains
 
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:

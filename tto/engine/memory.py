@@ -106,7 +106,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .chunkwise import ChunkwiseMemory
-from .fast_models import FastModel, spectral_norm_bound, upcast
+from .fast_models import EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, upcast
 from .objectives import Objective
 from .muon import naive_newton_schulz
 from .optimizers import (Coefficients, InnerOptimizer, StepGates, bound_factor, stable_bound_factor, stable_step_factor,
@@ -235,9 +235,9 @@ class Memory(ChunkwiseMemory):
         objective_gates = {name: tokens(gates[name]) for name in self.objective.gate_names}
         values = tokens(values)  # the objective's curvature does not read the output: the values stand in for it
 
-        def factors(norm):
+        def factors(gain_bound):
             return [f.unflatten(1, keys.shape[1:3]) for f in
-                    self.curvature_factors(params, inputs, values, values, objective_gates, None, norm)]
+                    self.curvature_factors(params, inputs, values, values, objective_gates, None, gain_bound)]
 
         return self._step_bound(bound, factors)
 
@@ -412,8 +412,8 @@ class Memory(ChunkwiseMemory):
         if self.retention.steps_along_momentum:
             kappa = torch.ones_like(c.s_decay)
         elif kappa is None:
-            kappa = self._step_bound(bound, lambda norm: self.curvature_factors(params, grads, y, v, objective_gates,
-                                                                                scale, norm))
+            kappa = self._step_bound(bound, lambda gain_bound: self.curvature_factors(params, grads, y, v, objective_gates,
+                                                                                      scale, gain_bound))
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         return grads, kappa
@@ -461,15 +461,16 @@ class Memory(ChunkwiseMemory):
                     new_params[p].baddbmm_(left, step, alpha=-1.0)
         return new_params, new_momentum
 
-    def curvature_factors(self, params, grads, y, v, objective_gates, scale, norm=None) -> list[torch.Tensor]:
+    def curvature_factors(self, params, grads, y, v, objective_gates, scale,
+                          gain_bound: GainBound = EXACT_GAINS) -> list[torch.Tensor]:
         """The chunk's curvature factors F_l (N, b, d_l [+ 1 with a bias]), one per fast layer, at the
         chunk-start weights `params` (module docstring): ``sqrt(objective curvature * gain) *
         [x^(l), 1]`` per token, so that ``||sum_s a_s H_s|| <= sum_l ||F_l^T diag(a) F_l||`` for the
         tokens' Gauss-Newton Hessians H_s and any a >= 0. `grads` as :meth:`FastModel.forward_backward`
-        returns them, y the fast model's outputs; `norm` the gains' spectral norm
-        (:meth:`FastModel.curvature_gains`; an upper bound of it gives factors that bound these)."""
+        returns them, y the fast model's outputs; `gain_bound` how :meth:`FastModel.curvature_gains` bounds the
+        later layers (a screen's :data:`~tto.engine.fast_models.SCREEN_GAINS` give factors that bound these)."""
         inputs = {name: x.detach() for name, x, _ in grads}
-        gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs, norm)
+        gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs, gain_bound)
         curvature = self.objective.curvature(y.detach(), v, objective_gates)  # (N, b)
         factors = []
         for name, x in inputs.items():
@@ -483,21 +484,23 @@ class Memory(ChunkwiseMemory):
     def _step_bound(bound: StepGates, factors) -> torch.Tensor:
         """The factor kappa (N,) on the gradients the chunk commits (module docstring), or (N, n) of all
         chunks at once: :func:`stable_bound_factor` of the gates' part `bound`, computed for all chunks
-        before the scan, and the curvature factors ``factors(norm)`` (:meth:`curvature_factors` with that
-        spectral norm). Differentiated with respect to the gates, not the curvature factors (module
+        before the scan, and the curvature factors ``factors(gain_bound)`` (:meth:`curvature_factors` with
+        those gains). Differentiated with respect to the gates, not the curvature factors (module
         docstring).
 
-        First a screen from matrix products and elementwise work alone: the same bound with upper
-        bounds of the curvature (:func:`spectral_norm_bound` in the gains, :func:`trace_curvature` for
-        the eigenvalues). Where that already gives kappa = 1 for every row, so does the exact bound
-        (kappa falls as the curvature grows), and its eigensolvers are skipped: kappa is the constant
-        1, without a gradient, as the exact bound's would be. (Not under ``torch.compile``, whose
-        graph cannot branch on the screen's outcome: it always runs the exact bound.)"""
+        First screens from matrix products and elementwise work alone, cheapest first: the same bound
+        with upper bounds of the curvature (:data:`~tto.engine.fast_models.SCREEN_GAINS` in the gains,
+        :func:`trace_curvature` for the eigenvalues). Where one already gives kappa = 1 for every row, so
+        does the exact bound (kappa falls as the curvature grows), and its eigensolvers are skipped: kappa
+        is the constant 1, without a gradient, as the exact bound's would be. (Not under
+        ``torch.compile``, whose graph cannot branch on a screen's outcome: it always runs the exact
+        bound.)"""
         with torch.no_grad():
             if not torch.compiler.is_compiling():
-                if bool((bound_factor(bound, factors(spectral_norm_bound), curvature=trace_curvature) >= 1.0).all()):
-                    return torch.ones_like(bound.inverse_t[0])
-            exact = factors(None)
+                for screen in SCREEN_GAINS:
+                    if bool((bound_factor(bound, factors(screen), curvature=trace_curvature) >= 1.0).all()):
+                        return torch.ones_like(bound.inverse_t[0])
+            exact = factors(EXACT_GAINS)
         return stable_bound_factor(bound, exact)
 
 
