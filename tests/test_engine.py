@@ -275,6 +275,46 @@ def test_step_bound_gradients_match_naive(depth, optimizer, monkeypatch):
     assert (fast[3] - detached[3]).abs().max() > 1e-3  # the lr gate's gradient includes kappa's
 
 
+def partly_bounded_run(mem, optimizer: str, read_start=False):
+    """A run() -> (outputs, committed fast weights and momentum, gradients of a weighted sum of both in
+    every input, gate and parameter) of `mem` on float64 inputs of 24 tokens whose inner lr scales chunk by
+    chunk (6 chunks of 4) from 1e-3 to 2: the step bound inactive on some chunks and active on others."""
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=24, requires_grad=True, dtype=torch.float64, max_lr=2.0)
+    with torch.no_grad():
+        gates["lr"].mul_(torch.logspace(-3, 0, 6, dtype=torch.float64).repeat_interleave(4)[None, :, None])
+    for g in gates.values():
+        g.requires_grad_(True)
+    leaves = [q, k, v, *gates.values(), *mem.parameters()]
+    w = torch.randn(3, 24, 2, 8, dtype=torch.float64)
+
+    def run():
+        state: dict = {}
+        out = mem(q, k, v, gates, None, state, read_start=read_start)
+        weights = {n: t for n, t in state.items() if n.startswith(("memory.W.", "memory.S."))}
+        loss = (out * w).sum() + sum(t.sum() for t in weights.values())
+        return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    return run
+
+
+def assert_same_run(a, b, **close):
+    """Two :func:`partly_bounded_run` results equal: bit for bit, or to `close` (assert_close's tolerances)."""
+    def same(x, y):
+        if close:
+            torch.testing.assert_close(x, y, **close)
+        else:
+            assert torch.equal(x, y)
+
+    same(a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for n in a[1]:
+        same(a[1][n], b[1][n])
+    for x, y in zip(a[2], b[2]):
+        assert (x is None) == (y is None)
+        if x is not None:
+            same(x, y)
+
+
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "decay", "omega-momentum"])
 def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
     """The step bound's screen (upper bounds of the curvature from matrix products; where they give
@@ -283,25 +323,10 @@ def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
     on some chunks and active on others; the screen both skips and falls through on these inputs."""
     import tto.engine.memory as memory_module
 
-    mem = make_memory(2, optimizer).double()
-    q, k, v, gates = make_inputs(optimizer=optimizer, length=24, requires_grad=True, dtype=torch.float64, max_lr=2.0)
-    with torch.no_grad():  # chunk-by-chunk lr scales from 1e-3 to 2 (6 chunks of 4)
-        gates["lr"].mul_(torch.logspace(-3, 0, 6, dtype=torch.float64).repeat_interleave(4)[None, :, None])
-    for g in gates.values():
-        g.requires_grad_(True)
-    leaves = [q, k, v, *gates.values(), *mem.parameters()]
-    w = torch.randn(3, 24, 2, 8, dtype=torch.float64)
+    run = partly_bounded_run(make_memory(2, optimizer).double(), optimizer)
     exact_calls = []
     bound = memory_module.stable_bound_factor
     monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: exact_calls.append(1) or bound(*a))
-
-    def run():
-        state: dict = {}
-        out = mem(q, k, v, gates, None, state)
-        weights = {n: t for n, t in state.items() if n.startswith(("memory.W.", "memory.S."))}
-        loss = (out * w).sum() + sum(t.sum() for t in weights.values())
-        return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
-
     screened = run()
     screened_exact = len(exact_calls)
     exact_calls.clear()
@@ -309,10 +334,7 @@ def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
                                                                                                dtype=weights.dtype))
     exact = run()
     assert 0 < screened_exact < len(exact_calls) == 6  # the screen skipped some chunks, not all
-    assert torch.equal(screened[0], exact[0])
-    assert screened[1].keys() == exact[1].keys() and all(torch.equal(screened[1][n], exact[1][n]) for n in exact[1])
-    for a, b in zip(screened[2], exact[2]):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    assert_same_run(screened, exact)
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "decay", "omega-momentum"])
@@ -329,24 +351,10 @@ def test_step_bound_before_the_scan_equals_it_chunk_by_chunk(optimizer, read_sta
     assert not make_memory(2, optimizer).bound_before_scan
     mem = make_memory(1, optimizer).double()
     assert mem.bound_before_scan
-    q, k, v, gates = make_inputs(optimizer=optimizer, length=24, requires_grad=True, dtype=torch.float64, max_lr=2.0)
-    with torch.no_grad():  # chunk-by-chunk lr scales from 1e-3 to 2 (6 chunks of 4)
-        gates["lr"].mul_(torch.logspace(-3, 0, 6, dtype=torch.float64).repeat_interleave(4)[None, :, None])
-    for g in gates.values():
-        g.requires_grad_(True)
-    leaves = [q, k, v, *gates.values(), *mem.parameters()]
-    w = torch.randn(3, 24, 2, 8, dtype=torch.float64)
+    run = partly_bounded_run(mem, optimizer, read_start)
     kappas = []
     bound = memory_module.stable_bound_factor
     monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: kappas.append(bound(*a)) or kappas[-1])
-
-    def run():
-        state: dict = {}
-        out = mem(q, k, v, gates, None, state, read_start=read_start)
-        weights = {n: t for n, t in state.items() if n.startswith(("memory.W.", "memory.S."))}
-        loss = (out * w).sum() + sum(t.sum() for t in weights.values())
-        return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
-
     before = run()
     assert len(kappas) == 1 and kappas[0].shape == (6, 6)  # one call for the 6 rows' 6 chunks
     assert (kappas[0] < 0.9).any() and (kappas[0] == 1).any()  # the bound is active on some chunks only
@@ -354,15 +362,7 @@ def test_step_bound_before_the_scan_equals_it_chunk_by_chunk(optimizer, read_sta
     mem.bound_before_scan = False
     by_chunk = run()
     assert 1 < len(kappas) <= 6  # chunk by chunk: the exact bound on each chunk the screen does not skip
-    close = dict(atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(before[0], by_chunk[0], **close)
-    assert before[1].keys() == by_chunk[1].keys()
-    for n in before[1]:
-        torch.testing.assert_close(before[1][n], by_chunk[1][n], **close)
-    for a, b in zip(before[2], by_chunk[2]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, **close)
+    assert_same_run(before, by_chunk, atol=1e-12, rtol=1e-12)
 
 
 def test_checkpoint_groups_do_not_change_results():
