@@ -329,6 +329,41 @@ def test_trace_curvature_bounds_the_curvature_norm():
                                    rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("b,d", [(8, 64), (8, 3), (5, 5)])
+def test_step_bound_closed_form_gradient_equals_autograd(b, d):
+    """The engine's kappa (:func:`stable_bound_factor`) is differentiated in closed form from the
+    eigenvectors; autograd through :func:`curvature_norm`'s eigensolver and :func:`bound_factor` gives the
+    same kappa and the same gradients in the token weights and inverse_t (float64, 1e-10: eigenvector
+    sensitivities), in the b x b (b <= d) and the d x d form, with zero weights (tokens at an end of the
+    momentum split, tokens that do not step) and rows where kappa is 1 (gradient 0)."""
+    from tto.engine.optimizers import StepGates, bound_factor, curvature_norm, curvature_norm_slopes, stable_bound_factor
+
+    torch.manual_seed(b * d)
+    rows = 6
+    factors = [torch.randn(rows, b, d, dtype=torch.float64), torch.randn(rows, b, d + 1, dtype=torch.float64) * 0.5]
+    weights = torch.rand(2, rows, b, dtype=torch.float64) * torch.logspace(-2, 0.5, rows, dtype=torch.float64)[:, None]
+    weights[0, :, 0] = 0.0
+    weights[1, :, -1] = 0.0
+    weights[:, 2, 1:3] = 0.0
+    inverse_t = torch.rand(2, rows, dtype=torch.float64) + 0.1
+    steps = torch.ones(rows, b, dtype=torch.bool)
+    bounded = torch.ones(rows, dtype=torch.bool)
+    weights.requires_grad_(True)
+    inverse_t.requires_grad_(True)
+    gates = StepGates(weights, inverse_t, bounded, steps)
+    fast = stable_bound_factor(gates, factors)
+    plain = bound_factor(gates, factors, curvature=curvature_norm)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=0)
+    assert (fast < 0.5).any() and (fast == 1).any()  # both branches of min(1, .)
+    seed = torch.randn(rows, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(fast, (weights, inverse_t), seed),
+                    torch.autograd.grad(plain, (weights, inverse_t), seed)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    norms, slopes = curvature_norm_slopes(factors, weights.detach())
+    torch.testing.assert_close(norms, curvature_norm(factors, weights.detach()), rtol=1e-12, atol=0)
+    assert slopes.abs().max() > 0 and (slopes[0, :, 0] == 0).all() == (b <= d)  # b x b: 0 at zero weights
+
+
 @pytest.mark.parametrize("depth,bias,activation", [(1, True, "gelu_tanh"), (2, False, "silu"), (2, True, "gelu_tanh"),
                                                    (3, True, "relu"), (3, False, "gelu")])
 def test_curvature_factors_bound_the_gauss_newton_hessian(depth, bias, activation):

@@ -85,23 +85,48 @@ LYAPUNOV_SHIFT, LYAPUNOV_BALANCE, LYAPUNOV_SLACK = torch.cartesian_prod(
     torch.tensor([1.0, 0.5, 0.25, 0.125, 0.0]), torch.tensor([0.25, 1.0, 4.0]), torch.tensor([1.1, 1.5, 2.0, 4.0])).T
 
 
+def _weighted_gram(f: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The smaller Gram matrix of ``diag(sqrt a) F`` for a factor F (N, b, d) and weights a (..., N, b):
+    ``diag(r) F F^T diag(r)`` (b x b, r = sqrt(a) where a > 0, else 0: a sqrt with a finite gradient at 0)
+    and r when b <= d, else ``F^T diag(max(a, 0)) F`` (d x d) and None. Non-finite entries (a run that has
+    already diverged) count as zero, as in the curvature gains, so the NaN reaches the layer's output
+    instead of stopping the eigensolver."""
+    if f.shape[-2] <= f.shape[-1]:
+        positive = weights > 0
+        root = torch.where(positive, weights, 1.0).sqrt() * positive
+        gram = root[..., None] * f @ f.transpose(-1, -2) * root[..., None, :]
+    else:
+        root, gram = None, f.transpose(-1, -2) @ (weights.clamp_min(0.0)[..., None] * f)
+    return gram.nan_to_num(0.0, 0.0, 0.0), root
+
+
 def curvature_norm(factors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """``sum_l ||F_l^T diag(weights) F_l||_2`` (N,) for curvature factors F_l (N, b, d_l) and token
     weights (..., N, b) >= 0 (leading dims kept): the largest eigenvalue of the smaller of the two
     Gram matrices, b x b or d_l x d_l, which share their non-zero eigenvalues."""
-    total = 0.0
+    return sum(torch.linalg.eigvalsh(_weighted_gram(f, weights)[0])[..., -1].clamp_min(0.0) for f in factors)
+
+
+def curvature_norm_slopes(factors: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`curvature_norm` and its derivative with respect to the weights (..., N, b), in closed form
+    from the top eigenvector: ``d lambda / d a_s = (F[s] . v)^2`` for the unit top eigenvector v of
+    ``F^T diag(a) F``, which is ``F^T (r u) / sqrt(lambda)`` for the top eigenvector u of the b x b form
+    ``diag(r) F F^T diag(r)`` (r = sqrt a), so there ``d lambda / d a_s = u_s (F[s] . F^T (r u)) / r_s``.
+    Both are what autograd takes through the eigensolver, including its conventions at the edges: 0 where
+    a_s = 0 in the b x b form (the sqrt's masked branch), and where the clamp of lambda at 0 is active."""
+    total, slopes = 0.0, 0.0
     for f in factors:
-        if f.shape[-2] <= f.shape[-1]:
-            positive = weights > 0
-            root = torch.where(positive, weights, 1.0).sqrt() * positive  # sqrt with a finite gradient at 0
-            scaled = root[..., None] * f
-            gram = scaled @ f.transpose(-1, -2) * root[..., None, :]
+        gram, root = _weighted_gram(f, weights)
+        values, vectors = torch.linalg.eigh(gram)
+        top, vector = values[..., -1], vectors[..., -1]
+        if root is None:
+            slope = (f @ vector[..., None]).squeeze(-1).pow(2) * (weights >= 0)
         else:
-            gram = f.transpose(-1, -2) @ (weights.clamp_min(0.0)[..., None] * f)
-        # non-finite entries (a run that has already diverged) count as zero, as in the curvature gains,
-        # so the NaN reaches the layer's output instead of stopping the eigensolver
-        total = total + torch.linalg.eigvalsh(gram.nan_to_num(0.0, 0.0, 0.0))[..., -1].clamp_min(0.0)
-    return total
+            along = ((root * vector)[..., None, :] @ f) @ f.transpose(-1, -2)  # (u r)^T F F^T (..., N, 1, b)
+            slope = torch.where(root > 0, vector * along.squeeze(-2) / torch.where(root > 0, root, 1.0), 0.0)
+        total = total + top.clamp_min(0.0)
+        slopes = slopes + slope * (top >= 0)[..., None]
+    return total, slopes
 
 
 def trace_curvature(factors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -294,7 +319,7 @@ def stable_step_gates(decay, carry, s_decay, mix, s_mix) -> StepGates:
     the norm) are selected by ``torch.where``, whose discarded sides can hold 0 x inf; their non-finite
     gradient entries are zero, the derivative of the branch actually taken."""
     inputs = (decay, carry, s_decay, mix, s_mix)
-    return StepGates(*_FiniteGradients.apply(_step_gates_tuple, len(inputs), False, *inputs))
+    return StepGates(*_FiniteGradients.apply(_step_gates_tuple, len(inputs), *inputs))
 
 
 def _step_gates_tuple(*inputs) -> tuple:
@@ -303,41 +328,61 @@ def _step_gates_tuple(*inputs) -> tuple:
 
 def stable_bound_factor(gates: StepGates, factors: list[torch.Tensor]) -> torch.Tensor:
     """:func:`bound_factor` differentiated with respect to the gates' part (the curvature factors
-    detached), with the non-finite entries of its vector-Jacobian products zeroed (a zero norm's
-    ``where`` branch, ``1 / 0`` where no token steps), recomputed in the backward (which keeps only
-    the factors, not the eigensolver's intermediates)."""
+    detached, like a clipping norm): :class:`_BoundFactor`, or without a gradient to take (inference)
+    :func:`bound_factor` itself."""
     factors = [f.detach() for f in factors]
-    return _FiniteGradients.apply(_kappa, 2, True, gates.weights, gates.inverse_t, gates.bounded,
-                                  _counted(gates.steps, factors), *factors)
+    if not (torch.is_grad_enabled() and (gates.weights.requires_grad or gates.inverse_t.requires_grad)):
+        return bound_factor(gates, factors)
+    return _BoundFactor.apply(gates.weights, gates.inverse_t, gates.bounded, _counted(gates.steps, factors), *factors)
 
 
-def _kappa(weights, inverse_t, bounded, counted, *factors) -> torch.Tensor:
-    return _combine(curvature_norm(list(factors), weights), inverse_t, bounded, counted)
+class _BoundFactor(torch.autograd.Function):
+    """kappa of :func:`bound_factor` at :func:`curvature_norm`, whose backward takes the norms' derivatives
+    with respect to the token weights in closed form (:func:`curvature_norm_slopes`, saved in the forward)
+    instead of differentiating the eigensolver: the vector-Jacobian product with respect to the weights
+    and inverse_t, with non-finite entries zeroed (a zero norm's ``where`` branch, ``1 / 0`` where no token
+    steps). Where kappa is 1 on every row, each row is the constant branch of ``min(1, .)``, whose
+    derivative is 0 (not decided under ``torch.compile``, whose graph cannot branch on a tensor's value)."""
+
+    @staticmethod
+    def forward(ctx, weights, inverse_t, bounded, counted, *factors):
+        norms, slopes = curvature_norm_slopes(list(factors), weights)
+        kappa = _combine(norms, inverse_t, bounded, counted)
+        ctx.constant = not torch.compiler.is_compiling() and bool((kappa >= 1.0).all())
+        ctx.save_for_backward(norms, slopes, inverse_t, bounded, counted)
+        return kappa
+
+    @staticmethod
+    def backward(ctx, grad):
+        none = (None,) * (len(ctx.needs_input_grad) - 2)
+        if ctx.constant:
+            return (None, None, *none)
+        norms, slopes, inverse_t, bounded, counted = ctx.saved_tensors
+        norms, inverse_t = norms.detach().requires_grad_(), inverse_t.detach().requires_grad_()
+        with torch.enable_grad():
+            kappa = _combine(norms, inverse_t, bounded, counted)
+        d_norms, d_inverse_t = torch.autograd.grad(kappa, (norms, inverse_t), grad)
+        finite = lambda t: t.nan_to_num(0.0, 0.0, 0.0)  # noqa: E731
+        return finite(d_norms[..., None] * slopes), finite(d_inverse_t), *none
 
 
 class _FiniteGradients(torch.autograd.Function):
     """``fn(*inputs)`` in the forward; in the backward, its vector-Jacobian product with respect to the
-    first `n_differentiable` inputs, recomputed under autograd, with non-finite entries zeroed.
-    `clamped_at_one`: fn is a ``min(1, .)``; where it is 1 on every row, each row is the constant branch,
-    whose derivative is 0, and the backward recomputes nothing (not decided under ``torch.compile``,
-    whose graph cannot branch on a tensor's value)."""
+    first `n_differentiable` inputs, recomputed under autograd, with non-finite entries zeroed."""
 
     @staticmethod
-    def forward(ctx, fn, n_differentiable, clamped_at_one, *inputs):
+    def forward(ctx, fn, n_differentiable, *inputs):
         ctx.fn, ctx.n = fn, n_differentiable
         ctx.save_for_backward(*inputs)
         with torch.no_grad():
             out = fn(*inputs)
         ctx.mark_non_differentiable(*(o for o in (out if isinstance(out, tuple) else (out,)) if not o.is_floating_point()))
-        ctx.constant = clamped_at_one and not torch.compiler.is_compiling() and bool((out >= 1.0).all())
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         inputs = ctx.saved_tensors
-        if ctx.constant:
-            return (None,) * (3 + len(inputs))
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[2:]
         leaves = [None if x is None else x.detach().requires_grad_(need and i < ctx.n)
                   for i, (x, need) in enumerate(zip(inputs, needs))]
         wanted = [x for x in leaves if x is not None and x.requires_grad]
@@ -347,7 +392,7 @@ class _FiniteGradients(torch.autograd.Function):
         found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                      if pairs and wanted else [None] * len(wanted))
         result = [next(found) if x is not None and x.requires_grad else None for x in leaves]
-        return (None, None, None, *(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in result))
+        return (None, None, *(None if g is None else g.nan_to_num(0.0, 0.0, 0.0) for g in result))
 
 
 @functools.lru_cache(maxsize=None)
