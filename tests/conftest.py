@@ -86,7 +86,7 @@ def step_factors(monkeypatch):
     step_bound = Memory._step_bound
 
     def recorded(self, *args):
-        kappa = step_bound(*args)
+        kappa = step_bound(self, *args)
         seen.append(kappa)
         return kappa
 

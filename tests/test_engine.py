@@ -337,6 +337,34 @@ def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
     assert_same_run(screened, exact)
 
 
+def test_failing_screens_are_skipped_on_the_next_chunks(monkeypatch):
+    """Where the step bound is active on every chunk, the screens fail each time they run: after a failure
+    the memory skips them on the next 1, 2, 4, ... chunks (6 chunks: tried on chunks 0, 2 and 5), and the
+    run is bit for bit the one that tries them on every chunk; once a screen passes, every chunk tries
+    them again."""
+    import tto.engine.memory as memory_module
+
+    mem = make_memory(2, "momentum").double()
+    run = partly_bounded_run(mem, "momentum")
+    screens = []
+    trace = memory_module.trace_curvature
+    monkeypatch.setattr(memory_module, "trace_curvature", lambda *a: screens.append(1) or trace(*a) * 1e9)
+    skipping = run()
+    tries = len(screens) // len(memory_module.SCREEN_GAINS)
+    assert tries == 3 and mem._screen_backoff == 4
+    screens.clear()
+    monkeypatch.setattr(memory_module, "SCREEN_MAX_SKIPS", 0)
+    mem._screen_skips = mem._screen_backoff = 0
+    every = run()
+    assert len(screens) == 6 * len(memory_module.SCREEN_GAINS)
+    assert_same_run(skipping, every)
+    monkeypatch.setattr(memory_module, "trace_curvature", lambda *a: screens.append(1) or trace(*a) * 0)
+    mem._screen_backoff, mem._screen_skips = 4, 0
+    screens.clear()
+    run()
+    assert len(screens) == 6 and mem._screen_backoff == 0  # each chunk's first screen passes
+
+
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "decay", "omega-momentum"])
 @pytest.mark.parametrize("read_start", [False, "only"])
 def test_step_bound_before_the_scan_equals_it_chunk_by_chunk(optimizer, read_start, monkeypatch):
