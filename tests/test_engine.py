@@ -351,18 +351,31 @@ def test_failing_screens_are_skipped_on_the_next_chunks(monkeypatch):
     monkeypatch.setattr(memory_module, "trace_curvature", lambda *a: screens.append(1) or trace(*a) * 1e9)
     skipping = run()
     tries = len(screens) // len(memory_module.SCREEN_GAINS)
-    assert tries == 3 and mem._screen_backoff == 4
+    assert tries == 3 and mem._screen_schedule[1] == 4
     screens.clear()
     monkeypatch.setattr(memory_module, "SCREEN_MAX_SKIPS", 0)
-    mem._screen_skips = mem._screen_backoff = 0
+    mem._screen_schedule = (0, 0)
     every = run()
     assert len(screens) == 6 * len(memory_module.SCREEN_GAINS)
     assert_same_run(skipping, every)
     monkeypatch.setattr(memory_module, "trace_curvature", lambda *a: screens.append(1) or trace(*a) * 0)
-    mem._screen_backoff, mem._screen_skips = 4, 0
+    mem._screen_schedule = (0, 4)
     screens.clear()
     run()
-    assert len(screens) == 6 and mem._screen_backoff == 0  # each chunk's first screen passes
+    assert len(screens) == 6 and mem._screen_schedule == (0, 0)  # each chunk's first screen passes
+
+
+def test_checkpoint_groups_repeat_the_screens_schedule():
+    """A checkpointed group's recomputation in the backward starts from the screens' schedule of its
+    forward (not the schedule the later groups left), so it takes the same branches: the inner lr rises
+    chunk by chunk (the screens pass on the first chunks, fail on the later ones), and groups of 3 chunks
+    give the run without groups."""
+    mem = make_memory(2, "momentum").double()
+    run = partly_bounded_run(mem, "momentum")
+    whole = run()
+    mem._screen_schedule = (0, 0)
+    mem.checkpoint_group = 3
+    assert_same_run(run(), whole)
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "decay", "omega-momentum"])

@@ -185,8 +185,8 @@ class Memory(ChunkwiseMemory):
         #: chunks at once before the scan, the same kappa as chunk by chunk
         self.bound_before_scan = not (fast_model.curvature_reads_weights or objective.curvature_reads_output
                                       or self.retention.scales_gradients or self.retention.steps_along_momentum)
-        #: chunks left on which the step bound skips its screens, and the last such count (SCREEN_MAX_SKIPS)
-        self._screen_skips = self._screen_backoff = 0
+        #: (chunks left on which the step bound skips its screens, the last such count): SCREEN_MAX_SKIPS
+        self._screen_schedule = (0, 0)
 
     def param_names(self) -> list[str]:
         return list(self.fast.param_names)
@@ -275,8 +275,10 @@ class Memory(ChunkwiseMemory):
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
             hi = min(n, lo + group)
-            run = lambda p, m, lo=lo, hi=hi: self._chunks(  # noqa: E731
-                p, m, chunk_list[lo:hi], n_commit - lo, read_start)
+            # a group's recomputation in the backward starts from the screens' schedule of its forward,
+            # so it takes the same branches (checkpoint needs the same saved tensors)
+            run = lambda p, m, lo=lo, hi=hi, schedule=self._screen_schedule: self._chunks(  # noqa: E731
+                p, m, chunk_list[lo:hi], n_commit - lo, read_start, schedule)
             if group < n:
                 out, params, momentum = checkpoint(run, params, momentum, use_reentrant=False)
             else:
@@ -286,11 +288,14 @@ class Memory(ChunkwiseMemory):
         x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start is True else queries
         return self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape), params, momentum
 
-    def _chunks(self, params, momentum, chunks: list[Chunk], n_commit: int, read_start: bool | str):
+    def _chunks(self, params, momentum, chunks: list[Chunk], n_commit: int, read_start: bool | str,
+                screen_schedule: tuple[int, int]):
         """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
         (N, chunks, C, d), or (N, chunks, 2, C, d) with the chunk-start reads second
         (``read_start=True``), or the chunk-start reads alone (N, chunks, C, d) with "only", or the
-        reads of the weights each chunk commits with "end"."""
+        reads of the weights each chunk commits with "end". The step bound's screens start from
+        `screen_schedule` (:data:`SCREEN_MAX_SKIPS`)."""
+        self._screen_schedule = screen_schedule
         outs = []
         for i, chunk in enumerate(chunks):
             if read_start in ("only", "end"):  # no read inside the chunk: the start (end) weights' reads, the commit
@@ -504,14 +509,16 @@ class Memory(ChunkwiseMemory):
         whose graph cannot branch on a screen's outcome: it always runs the exact bound.)"""
         with torch.no_grad():
             if not torch.compiler.is_compiling():
-                if self._screen_skips > 0:
-                    self._screen_skips -= 1
+                skips, backoff = self._screen_schedule
+                if skips > 0:
+                    self._screen_schedule = (skips - 1, backoff)
                 else:
                     for screen in SCREEN_GAINS:
                         if bool((bound_factor(bound, factors(screen), curvature=trace_curvature) >= 1.0).all()):
-                            self._screen_backoff = 0
+                            self._screen_schedule = (0, 0)
                             return torch.ones_like(bound.inverse_t[0])
-                    self._screen_backoff = self._screen_skips = min(max(1, 2 * self._screen_backoff), SCREEN_MAX_SKIPS)
+                    backoff = min(max(1, 2 * backoff), SCREEN_MAX_SKIPS)
+                    self._screen_schedule = (backoff, backoff)
             exact = factors(EXACT_GAINS)
         return stable_bound_factor(bound, exact)
 
