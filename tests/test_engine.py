@@ -275,17 +275,19 @@ def test_step_bound_gradients_match_naive(depth, optimizer, monkeypatch):
     assert (fast[3] - detached[3]).abs().max() > 1e-3  # the lr gate's gradient includes kappa's
 
 
-def partly_bounded_run(mem, optimizer: str, read_start=False):
+def partly_bounded_run(mem, optimizer: str, read_start=False, chunks: int = 6):
     """A run() -> (outputs, committed fast weights and momentum, gradients of a weighted sum of both in
-    every input, gate and parameter) of `mem` on float64 inputs of 24 tokens whose inner lr scales chunk by
-    chunk (6 chunks of 4) from 1e-3 to 2: the step bound inactive on some chunks and active on others."""
-    q, k, v, gates = make_inputs(optimizer=optimizer, length=24, requires_grad=True, dtype=torch.float64, max_lr=2.0)
+    every input, gate and parameter) of `mem` on float64 inputs of `chunks` chunks of 4 tokens whose inner
+    lr scales chunk by chunk from 1e-3 to 2: the step bound inactive on some chunks and active on others."""
+    length = 4 * chunks
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=length, requires_grad=True, dtype=torch.float64,
+                                 max_lr=2.0)
     with torch.no_grad():
-        gates["lr"].mul_(torch.logspace(-3, 0, 6, dtype=torch.float64).repeat_interleave(4)[None, :, None])
+        gates["lr"].mul_(torch.logspace(-3, 0, chunks, dtype=torch.float64).repeat_interleave(4)[None, :, None])
     for g in gates.values():
         g.requires_grad_(True)
     leaves = [q, k, v, *gates.values(), *mem.parameters()]
-    w = torch.randn(3, 24, 2, 8, dtype=torch.float64)
+    w = torch.randn(3, length, 2, 8, dtype=torch.float64)
 
     def run():
         state: dict = {}
@@ -339,9 +341,9 @@ def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
 
 def test_failing_screens_are_skipped_on_the_next_chunks(monkeypatch):
     """Where the step bound is active on every chunk, the screens fail each time they run: after a failure
-    the memory skips them on the next 1, 2, 4, ... chunks (6 chunks: tried on chunks 0, 2 and 5), and the
-    run is bit for bit the one that tries them on every chunk; once a screen passes, every chunk tries
-    them again."""
+    the memory skips them on the next 1, 2, 4, ... chunks of the call (6 chunks: tried on chunks 0, 2 and
+    5; a second call starts afresh), and the run is bit for bit the one that tries them on every chunk;
+    where they pass, every chunk tries them."""
     import tto.engine.memory as memory_module
 
     mem = make_memory(2, "momentum").double()
@@ -350,32 +352,44 @@ def test_failing_screens_are_skipped_on_the_next_chunks(monkeypatch):
     trace = memory_module.trace_curvature
     monkeypatch.setattr(memory_module, "trace_curvature", lambda *a: screens.append(1) or trace(*a) * 1e9)
     skipping = run()
-    tries = len(screens) // len(memory_module.SCREEN_GAINS)
-    assert tries == 3 and mem._screen_schedule[1] == 4
+    assert len(screens) == 3 * len(memory_module.SCREEN_GAINS)
     screens.clear()
+    assert_same_run(run(), skipping)
+    assert len(screens) == 3 * len(memory_module.SCREEN_GAINS)
+    limit = memory_module.SCREEN_MAX_SKIPS
     monkeypatch.setattr(memory_module, "SCREEN_MAX_SKIPS", 0)
-    mem._screen_schedule = (0, 0)
-    every = run()
+    screens.clear()
+    assert_same_run(run(), skipping)
     assert len(screens) == 6 * len(memory_module.SCREEN_GAINS)
-    assert_same_run(skipping, every)
+    monkeypatch.setattr(memory_module, "SCREEN_MAX_SKIPS", limit)
     monkeypatch.setattr(memory_module, "trace_curvature", lambda *a: screens.append(1) or trace(*a) * 0)
-    mem._screen_schedule = (0, 4)
     screens.clear()
     run()
-    assert len(screens) == 6 and mem._screen_schedule == (0, 0)  # each chunk's first screen passes
+    assert len(screens) == 6  # each chunk's first screen passes
 
 
-def test_checkpoint_groups_repeat_the_screens_schedule():
-    """A checkpointed group's recomputation in the backward starts from the screens' schedule of its
-    forward (not the schedule the later groups left), so it takes the same branches: the inner lr rises
-    chunk by chunk (the screens pass on the first chunks, fail on the later ones), and groups of 3 chunks
-    give the run without groups."""
+@pytest.mark.parametrize("where", ["groups", "call"])
+def test_checkpoints_repeat_the_screens_schedule(where):
+    """A checkpointed recomputation in the backward takes the step bound's branches of its forward, as
+    checkpoint needs: a group of chunks starts from the screens' schedule its forward started with (not
+    the one the later groups left), a whole call (a checkpointed layer) from a fresh one. The inner lr
+    rises chunk by chunk (the screens pass on the first chunk and fail on later ones); groups of 3 chunks,
+    or the call under ``torch.utils.checkpoint``, give the run without checkpoints."""
     mem = make_memory(2, "momentum").double()
-    run = partly_bounded_run(mem, "momentum")
-    whole = run()
-    mem._screen_schedule = (0, 0)
-    mem.checkpoint_group = 3
-    assert_same_run(run(), whole)
+    # 5 chunks: the screens pass on the first, fail on the second and fourth, and the call ends with a
+    # skip pending, which a recomputation that went on from there would apply to the first chunk
+    run = partly_bounded_run(mem, "momentum", chunks=5)
+    forward = mem.forward
+    if where == "groups":
+        mem.checkpoint_group = 3
+        checkpointed = run()
+        mem.checkpoint_group = 0
+    else:  # a layer in training: no cache state (a recomputation would start from the state its forward wrote)
+        stateless = lambda *a, **k: forward(*a[:5], None, *a[6:], **k)  # noqa: E731
+        mem.forward = lambda *a, **k: torch.utils.checkpoint.checkpoint(stateless, *a, use_reentrant=False, **k)
+        checkpointed = run()
+        mem.forward = stateless
+    assert_same_run(checkpointed, run())
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "decay", "omega-momentum"])

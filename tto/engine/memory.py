@@ -114,8 +114,8 @@ from .optimizers import (Coefficients, InnerOptimizer, StepGates, bound_factor, 
 from .retention import Retention
 
 #: after the step bound's screens fail on a chunk, a memory skips them on its next 1, 2, 4, ... chunks
-#: (doubling while they keep failing, at most this many; on every chunk again once they pass): where the
-#: bound is active on most chunks (Titans at chunk 8: 93%), a screen is wasted work (10% of a training
+#: of the call (doubling while they keep failing, at most this many; on every chunk again once they pass):
+#: where the bound is active on most chunks (Titans at chunk 8: 93%), a screen is wasted work (10% of a training
 #: step). Only the cost depends on it: where a screen passes, the exact bound gives kappa = 1 too.
 SCREEN_MAX_SKIPS = 16
 
@@ -185,7 +185,8 @@ class Memory(ChunkwiseMemory):
         #: chunks at once before the scan, the same kappa as chunk by chunk
         self.bound_before_scan = not (fast_model.curvature_reads_weights or objective.curvature_reads_output
                                       or self.retention.scales_gradients or self.retention.steps_along_momentum)
-        #: (chunks left on which the step bound skips its screens, the last such count): SCREEN_MAX_SKIPS
+        #: (chunks left on which the step bound skips its screens, the last such count) in the current
+        #: call: SCREEN_MAX_SKIPS
         self._screen_schedule = (0, 0)
 
     def param_names(self) -> list[str]:
@@ -270,13 +271,15 @@ class Memory(ChunkwiseMemory):
     def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
         n = valid.shape[1]
         queries = chunks["q"]
+        # each call starts the screens' schedule afresh: a recomputation of the whole call (a checkpointed
+        # layer) then takes the branches of its forward, as checkpoint needs (the same saved tensors)
+        self._screen_schedule = (0, 0)
         chunk_list = self._chunk_inputs(params, chunks, valid, read_start in ("only", "end"))
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
             hi = min(n, lo + group)
-            # a group's recomputation in the backward starts from the screens' schedule of its forward,
-            # so it takes the same branches (checkpoint needs the same saved tensors)
+            # and so does a group's recomputation, from the schedule its forward started with
             run = lambda p, m, lo=lo, hi=hi, schedule=self._screen_schedule: self._chunks(  # noqa: E731
                 p, m, chunk_list[lo:hi], n_commit - lo, read_start, schedule)
             if group < n:
