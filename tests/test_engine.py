@@ -1159,6 +1159,24 @@ def test_polynomial_features_are_a_taylor_kernel():
     assert features(q).shape[-1] == features.out_dim == 1 + 5 + 15 + 35
 
 
+@pytest.mark.parametrize("dim,degree", [(5, 3), (6, 4), (64, 2), (1, 3), (3, 1)])
+def test_polynomial_features_fast_equals_naive(dim, degree):
+    """The monomials built degree by degree from slices are the reference's gathered products, in
+    the same order (a saved memory's first-layer rows are per monomial), and so are the gradients
+    in x and in the coefficients (float64: a monomial is a product of at most 4 factors)."""
+    features = PolynomialFeatures(dim, degree).double()
+    with torch.no_grad():
+        features.coefficients.normal_()
+    x = torch.randn(3, 7, dim, dtype=torch.float64, requires_grad=True)
+    fast, naive = features._features(x), features.naive(x)
+    assert fast.shape[-1] == features.out_dim
+    torch.testing.assert_close(fast, naive, atol=1e-12, rtol=0)
+    w = torch.randn_like(fast)
+    for g, r in zip(torch.autograd.grad((fast * w).sum(), (x, features.coefficients)),
+                    torch.autograd.grad((naive * w).sum(), (x, features.coefficients))):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
+
+
 def saved_for_backward(fn, *args) -> list[torch.Tensor]:
     """The tensors autograd keeps for the backward pass of fn(*args), as its pack hook sees them."""
     saved = []
