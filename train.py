@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tto.cli import OneLineErrors, return_freed_memory
+from tto.cli import OneLineErrors
 
 #: exit code of a run stopped by a non-finite loss (2 is a bad recipe or input, before any work)
 EXIT_DIVERGED = 3
@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=128")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    return_freed_memory()
     from tto.training import Diverged, TrainingInterrupted, build_trainer, load_recipe, newest_complete_checkpoint, run
 
     try:  # problems with the recipe or its inputs: one line, before any training

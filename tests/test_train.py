@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tto
 from conftest import require_memory
+from tto.cli import MMAP_THRESHOLD
 from tto.training import Diverged, load_recipe, parse_recipe, train
 from tto.training.checkpoints import is_complete
 
@@ -312,6 +313,23 @@ def test_return_freed_memory_gives_freed_tensors_back_to_the_system():
 
     assert grown("default") >= 15 << 20  # the situation the fix is for: glibc's default keeps the pages
     assert grown("fixed") < 1 << 20
+
+
+@pytest.mark.parametrize("given,applied", [(None, MMAP_THRESHOLD), ("131072", 131072), ("null", None)])
+def test_a_recipes_mmap_threshold_is_the_one_training_fixes(given, applied, tmp_path, monkeypatch):
+    """build_trainer fixes glibc's mmap threshold from ``training_args.mmap_threshold`` (the default
+    when the recipe says nothing, glibc's own with null), before the model is built."""
+    seen = []
+    monkeypatch.setattr(tto.training.trainer, "return_freed_memory", seen.append)
+    overrides = [] if given is None else [f"training_args.mmap_threshold={given}"]
+    tto.training.build_trainer(recipe_for("ttt", tmp_path, *overrides))
+    assert seen == [applied]
+
+
+def test_an_mmap_threshold_glibc_refuses_is_refused_in_the_recipe(tmp_path):
+    """glibc takes thresholds up to 32 MiB on 64-bit systems and silently ignores larger ones."""
+    with pytest.raises(ValueError, match=r"training_args\.mmap_threshold=67108864: must be in \[0, 33554432\]"):
+        recipe_for("ttt", tmp_path, f"training_args.mmap_threshold={64 << 20}")
 
 
 def test_two_process_ddp(tmp_path):

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..cli import MAX_MMAP_THRESHOLD, MMAP_THRESHOLD
 from ..config import suggest
 from ..data import BYTE_TOKENIZER
 from ..typed import (
@@ -68,6 +69,11 @@ class RunOptions:
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...
     resume_from_checkpoint: bool | str | None = None  # true: the newest checkpoint in output_dir; or a path
     overwrite_output_dir: bool = False  # allow writing into a non-empty output_dir
+    # glibc's mmap threshold in bytes for the run (tto.cli.return_freed_memory): tensors from this size
+    # on give their pages back when freed; lower saves memory where fast weights are large, costs speed
+    mmap_threshold: int | None = MMAP_THRESHOLD
+
+    bounds: ClassVar[dict[str, Bound]] = {"mmap_threshold": Bound(low=0, high=MAX_MMAP_THRESHOLD)}
 
 
 #: recipe keys in training_args that are not TrainingArguments fields

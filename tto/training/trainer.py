@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..cli import resolve_device
+from ..cli import MMAP_THRESHOLD, resolve_device, return_freed_memory
 from .callbacks import Diverged, InnerLRWarmup, StopOnNonFiniteLoss
 from .checkpoints import (FINAL_STAGING_DIR, STAGING_DIR, CheckpointingTrainer, StopOnSignal, TrainingInterrupted,
                           fsync, newest_complete_checkpoint, remove_staging, resolve_resume)
@@ -145,6 +145,7 @@ def build_trainer(recipe: Recipe, callbacks=()):
     resolve_device(device, "training_args.device")  # one this machine has, before any work
     resume = args.pop("resume_from_checkpoint", None)
     overwrite = bool(args.pop("overwrite_output_dir", False))
+    return_freed_memory(args.pop("mmap_threshold", MMAP_THRESHOLD))
     args.setdefault("output_dir", "runs/" + run_name(recipe.model))
     args.setdefault("report_to", "none")
     args.setdefault("data_seed", args.get("seed", 42))  # else the sampler may draw its seed from the clock
