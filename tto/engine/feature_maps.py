@@ -69,24 +69,25 @@ class PolynomialFeatures(nn.Module):
         return checkpoint(features, x, use_reentrant=False)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.coefficients.to(x.dtype)
-        parts, monomials = [a[0] * torch.ones_like(x[..., :1])], x
-        if self.degree >= 1:
-            parts.append(a[1] * x)
+        """phi(x), each degree's monomials from the previous degree's by slices."""
+        monomials, higher = x, []
         for i in range(2, self.degree + 1):
             total = self._count(i - 1, self.dim)  # degree-(i-1) monomials; those starting at >= j: the last count(dim - j)
             monomials = torch.cat([x[..., j, None] * monomials[..., total - self._count(i - 1, self.dim - j):]
                                    for j in range(self.dim)], dim=-1)
-            parts.append(monomials * (a[i] * self._table(i, x)[1]))
-        return torch.cat(parts, dim=-1)
+            higher.append(monomials)
+        return self._weighted(x, higher)
 
     def naive(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) by definition: each monomial the product of its gathered factors."""
+        return self._weighted(x, [x[..., self._table(i, x)[0]].prod(-1) for i in range(2, self.degree + 1)])
+
+    def _weighted(self, x: torch.Tensor, higher: list[torch.Tensor]) -> torch.Tensor:
+        """``[a_0, a_1 x, a_i sqrt(multinomial) M_i for i >= 2]`` (..., out_dim) from the monomials
+        M_i of degrees 2..p (`higher`)."""
         a = self.coefficients.to(x.dtype)
         parts = [a[0] * torch.ones_like(x[..., :1])]
         if self.degree >= 1:
             parts.append(a[1] * x)
-        for i in range(2, self.degree + 1):
-            index, weight = self._table(i, x)
-            parts.append(a[i] * weight * x[..., index].prod(-1))
+        parts += [monomials * (a[i] * self._table(i, x)[1]) for i, monomials in enumerate(higher, start=2)]
         return torch.cat(parts, dim=-1)
