@@ -226,9 +226,11 @@ class Run:
             {"images": m.images} if m.images else {}))
 
     def summarize(self) -> None:
-        """Median tok/s (img/s), worst/best, ratio to the group's baseline, GFLOP/s and % of the ceiling."""
+        """Median tok/s (img/s), worst/best, ratio to the group's baseline, GFLOP/s and % of the ceiling
+        (again from the samples at every call: the run summarizes after each measure)."""
         ceiling = statistics.median(CEILING_FLOPS / s / 1e9 for s in self.ceiling_s) if self.ceiling_s else None
-        for group, cases in self.results.items():
+        for group in GROUPS:
+            cases = self.results[group]
             for entry in cases.values():
                 for s in entry["measures"].values():
                     if s.get("seconds"):
@@ -467,18 +469,29 @@ def main(argv=None) -> dict:
     info = settings(args)
     print(f"tto bench: {len(cases)} cases, registered {info['registered']}, titans-pytorch {info['titans_pytorch']}",
           flush=True)
-    run = Run(args, cases)
-    for m in plan(args, {c.group for c in cases}):
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    run, measures = Run(args, cases), plan(args, {c.group for c in cases})
+    for done, m in enumerate(measures, start=1):
         run.measure(m)
+        # after every measure, so that a run stopped or crashed later keeps what it measured
+        results = write_results(path, run, {**info, "measures_done": f"{done} of {len(measures)}"})
+    if not measures:
+        results = write_results(path, run, info)
+    print()
+    print(report(results, args))
+    print(f"\nwrote {path}")
+    return results
+
+
+def write_results(path: Path, run: Run, info: dict) -> dict:
+    """The run's summarized results so far, written to `path` whole or not at all."""
     run.summarize()
     results = {"settings": {**info, "loadavg_end": os.getloadavg(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")},
                **run.results}
-    print()
-    print(report(results, args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nwrote {path}")
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(partial, path)
     return results
 
 

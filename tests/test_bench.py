@@ -1,7 +1,9 @@
 """bench/bench.py's image cases: derived from the registry, measured against the vit baseline, and
-run without the language-model cases when only image types are named; its --bf16 switch."""
+run without the language-model cases when only image types are named; its --bf16 switch; its
+results file written after every measure."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -72,3 +74,30 @@ def test_bf16_runs_every_measure_under_autocast(bench, monkeypatch, tmp_path, bf
     assert len(seen) >= 2 * 2 * 3 and set(seen) == {bf16}
     for name in ("llama", "ttt-linear"):
         assert results["lm"][name]["errors"] == {}, name
+
+
+def test_a_run_stopped_midway_keeps_the_measures_it_finished(bench, monkeypatch, tmp_path):
+    # the results file is rewritten after every measure: a run interrupted in its second measure
+    # leaves the first one's samples and summaries, and says how many of its measures it holds
+    measure, calls = bench.Run.measure, []
+
+    def stopping(self, m):
+        calls.append(m.label)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        measure(self, m)
+
+    monkeypatch.setattr(bench.Run, "measure", stopping)
+    argv = ["--quick", "--types", "ttt", "--variants", "linear", "--no-layers", "--no-peers", "--no-flops", "--kinds",
+            "train", "prefill", "--threads", "1", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    [path] = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    assert results["settings"]["measures_done"] == "1 of 2"
+    first, second = calls
+    for name in ("llama", "ttt-linear"):
+        measures = results["lm"][name]["measures"]
+        assert measures[first]["tok_s"] > 0 and len(measures[first]["seconds"]) == 1, name
+        assert second not in measures, name
+    assert not list(tmp_path.glob("*.partial"))
