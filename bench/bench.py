@@ -472,12 +472,11 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     run, measures = Run(args, cases), plan(args, {c.group for c in cases})
+    results = write_results(path, run, {**info, "measures_done": f"0 of {len(measures)}"})  # the builds' errors
     for done, m in enumerate(measures, start=1):
         run.measure(m)
         # after every measure, so that a run stopped or crashed later keeps what it measured
         results = write_results(path, run, {**info, "measures_done": f"{done} of {len(measures)}"})
-    if not measures:
-        results = write_results(path, run, info)
     print()
     print(report(results, args))
     print(f"\nwrote {path}")
