@@ -21,7 +21,7 @@ from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, Larg
                         MiniBatchGD, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow, PolynomialFeatures,
                         SoftmaxRetention, SquaredError, SwiGLUMemory, naive_delta_rule, naive_large_chunk,
                         naive_memory, newton_schulz5)
-from tto.engine.fast_models import layer_norm, layer_norm_backward
+from tto.engine.fast_models import flush_subnormal, layer_norm, layer_norm_backward
 from tto.engine.layout import Layout
 from tto.engine.muon import GRAM_ASPECT, NS5_COEFFICIENTS, NS5_MAX_GAIN
 from tto.engine.memory import naive_chunk_map
@@ -636,6 +636,34 @@ def test_negligible_coefficients_are_zero_not_subnormal():
         assert torch.equal(after[~small], before[~small])
     # decay_i = 0.5^(i+1): kept up to 0.5^63, zero from 0.5^65 (0.5^64 = NEGLIGIBLE up to rounding)
     assert (kept.decay[0, 0, :63] > 0).all() and (kept.decay[0, 0, 64:] == 0).all()
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flush_subnormal_zeroes_only_the_entries_below_the_square_root_of_the_smallest_normal(dtype):
+    tiny = torch.finfo(dtype).tiny
+    w = torch.tensor([tiny / 4, -tiny * 2, tiny ** 0.5 / 2, -(tiny ** 0.5) * 2, 0.3, -5.0, float("nan"), float("inf")],
+                     dtype=dtype)
+    got = flush_subnormal({"W": w})["W"]
+    assert torch.equal(got[:3], torch.zeros(3, dtype=dtype))
+    assert torch.equal(got[3:6], w[3:6])
+    assert got[6].isnan() and got[7] == float("inf")
+
+
+def test_weights_that_decay_towards_zero_are_stored_as_zero_not_subnormal():
+    """A forget gate that keeps shrinking weights no update refreshes (lr 0) would leave them
+    subnormal (0.1^40 of their initial size after 40 tokens), which a CPU multiplies slowly: the
+    committed weights hold exact zeros instead."""
+    mem = make_memory(2, "decay")
+    q, k, v, gates = make_inputs(length=40, optimizer="decay")
+    gates["lr"].zero_()
+    gates["forget"].fill_(0.9)
+    state = {}
+    mem(q, k, v, gates, state=state)
+    weights = {n: t for n, t in state.items() if n.startswith("memory.W.")}
+    initial = mem.fast.initial_params(1)
+    assert weights and all(initial[n.split(".")[-1]].abs().max() * 0.1 ** 40 < torch.finfo(torch.float32).tiny
+                           for n in weights)  # without the flush: subnormal or zero
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in weights.values())
+
 
 def test_chunk_one_gd_is_per_token_gradient_descent():
     """Chunk size 1: every token takes a plain GD step (eta = 1) before it is read."""

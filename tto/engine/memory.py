@@ -106,7 +106,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .chunkwise import ChunkwiseMemory
-from .fast_models import EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, upcast
+from .fast_models import EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, flush_subnormal, upcast
 from .objectives import Objective
 from .muon import naive_newton_schulz
 from .optimizers import (Coefficients, InnerOptimizer, StepGates, bound_factor, stable_bound_factor, stable_step_factor,
@@ -317,7 +317,7 @@ class Memory(ChunkwiseMemory):
                     decay = chunk.coefficients.decay
                     new_params = self.retention.commit(params, new_params, None if decay is None else decay[:, -1],
                                                        chunk.active, new_momentum, chunk.coefficients.step)
-                params, momentum = new_params, new_momentum
+                params, momentum = flush_subnormal(new_params), flush_subnormal(new_momentum)
             if out is None:  # "end": the committed weights
                 out = self.fast.core(chunk.q, self.fast.plain_linear(params))
             outs.append(out)
