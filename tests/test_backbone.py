@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import initialization as init
 
 import tto
 from tto import TTOCache
+from tto.layers.conv import ShortConv
 
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              mini_batch_size=4)
@@ -19,6 +21,23 @@ SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
 def ttt(**fields):
     torch.manual_seed(0)
     return tto.get("ttt").model_class(tto.build_config("ttt", **{**SIZES, **fields}))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_short_conv_token_by_token_equals_the_whole_sequence(bias):
+    """The decoding path (one token: a weighted sum of the cached inputs) against conv1d over the
+    whole sequence, with pads entering as zeros."""
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4, bias=bias)
+    conv._tto_init(init)
+    x, mask = torch.randn(2, 9, 6), torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False
+    whole = conv(x, mask, None, "conv")
+    state = {}
+    steps = torch.cat([conv(x[:, t:t + 1], mask[:, t:t + 1], state, "conv") for t in range(9)], dim=1)
+    torch.testing.assert_close(steps, whole, atol=1e-6, rtol=0)  # float32 sums of 4 unit-scale products
+    expect = sum(conv.weight[:, 0, j] * x[0, 8 - 3 + j] for j in range(4)) + (conv.bias if bias else 0)
+    torch.testing.assert_close(steps[0, 8], expect, atol=1e-6, rtol=0)
 
 
 def test_loss_ignores_minus_100_labels():

@@ -44,5 +44,8 @@ class ShortConv(nn.Module):
         full = torch.cat([tail.to(x.dtype), x], dim=1)
         if state is not None:
             state[key] = full[:, full.shape[1] - (self.kernel_size - 1) :].detach()
+        if t == 1:  # decoding: the k inputs' weighted sum (F.conv1d's dispatch costs ~20x as much here)
+            y = (full * self.weight[:, 0].T).sum(1, keepdim=True)
+            return y if self.bias is None else y + self.bias
         y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=c)
         return y.transpose(1, 2)
