@@ -18,7 +18,7 @@ from transformers import initialization as init
 
 import tto
 from tto.engine import (ACTIVATIONS, DecayGD, DeltaRule, DotProduct, Huber, LargeChunkMemory, LpError, LqNormalization,
-                        MiniBatchGD, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow, PolynomialFeatures,
+                        MiniBatchGD, MLPMemory, Memory, MomentumGD, MuonRetention, OmegaWindow, PlainGD, PolynomialFeatures,
                         SoftmaxRetention, SquaredError, SwiGLUMemory, naive_delta_rule, naive_large_chunk,
                         naive_memory, newton_schulz5)
 from tto.engine.fast_models import flush_subnormal, layer_norm, layer_norm_backward
@@ -32,10 +32,11 @@ GRAD_ATOL = 1e-10
 
 
 def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim: int = 8, residual_norm=True,
-                activation="gelu_tanh", seed=0, objective=None, retention=None) -> Memory:
+                activation="gelu_tanh", seed=0, objective=None, retention=None, swiglu=False) -> Memory:
+    """A memory of an MLP fast model of `depth` layers (or with `swiglu` a SwiGLU, the CMS levels')."""
     torch.manual_seed(seed)
-    fast = MLPMemory(heads, dim, depth=depth, expansion=2, residual_norm=residual_norm, activation=activation,
-                     bias=retention is None)
+    fast = SwiGLUMemory(heads, dim, expansion=2) if swiglu else MLPMemory(
+        heads, dim, depth=depth, expansion=2, residual_norm=residual_norm, activation=activation, bias=retention is None)
     fast._tto_init(init)
     with torch.no_grad():  # move away from the trivial init so every term matters
         for p in fast.parameters():
@@ -46,7 +47,7 @@ def make_memory(depth: int, optimizer: str, chunk: int = 4, heads: int = 2, dim:
         with torch.no_grad():
             opt.token_offset.add_(torch.randn(chunk) * 0.1)
     else:
-        opt = {"momentum": MomentumGD, "decay": DecayGD,
+        opt = {"momentum": MomentumGD, "decay": DecayGD, "plain": PlainGD,
                "omega-decay": lambda: OmegaWindow(DecayGD(), 3), "omega-momentum": lambda: OmegaWindow(MomentumGD(), 3),
                "omega-atlas-momentum": lambda: OmegaWindow(MomentumGD(lr_after_momentum=True), 3)}[optimizer]()
     if isinstance(retention, SoftmaxRetention):  # its initial weights are logits: keep them spread out
@@ -136,20 +137,20 @@ def test_chunk_start_reads_match_naive(optimizer):
     torch.testing.assert_close(torch.cat(streamed, 1) * keep, ref_start, atol=ATOL, rtol=0)
 
 
-#: (optimizer, retention) of the start-only tests: Titans', TTT's and Moneta's steps, ATLAS' window
-#: and Muon commit
-START_ONLY_PARTS = [("momentum", None), ("gd", None), ("decay", LqNormalization(4.0)),
-                    ("omega-atlas-momentum", MuonRetention())]
+#: (optimizer, retention, SwiGLU fast model) of the start-only tests: Titans', TTT's and Moneta's steps,
+#: ATLAS' window and Muon commit, a CMS level's summed gradient
+START_ONLY_PARTS = [("momentum", None, False), ("gd", None, False), ("decay", LqNormalization(4.0), False),
+                    ("omega-atlas-momentum", MuonRetention(), False), ("plain", None, True)]
 
 
-@pytest.mark.parametrize("optimizer,retention", START_ONLY_PARTS, ids=["titans", "ttt", "moneta", "atlas"])
-def test_chunk_start_reads_alone_equal_the_full_chunk(optimizer, retention):
+@pytest.mark.parametrize("optimizer,retention,swiglu", START_ONLY_PARTS, ids=["titans", "ttt", "moneta", "atlas", "cms"])
+def test_chunk_start_reads_alone_equal_the_full_chunk(optimizer, retention, swiglu):
     """``read_start="only"`` (no dual form: plain reads at the chunk-start weights, commits from the
     chunk-end coefficients) gives the full scan's chunk-start reads and committed weights and
     momentum, and their gradients in every input, gate and parameter, at rounding distance (float64,
     1e-12): 13 tokens in chunks of 4, rows left- and right-padded. Streamed in pieces (prefill, one
     token, blocks across chunk boundaries) it gives the naive chunk-start reads and commits."""
-    mem = make_memory(2, optimizer, retention=retention).double()
+    mem = make_memory(2, optimizer, retention=retention, swiglu=swiglu).double()
     q, k, v, gates = make_inputs(optimizer=optimizer, length=13, requires_grad=True, dtype=torch.float64)
     for g in gates.values():
         g.requires_grad_(True)
@@ -536,7 +537,7 @@ def _chunk_gates(shape: tuple, lookback: int, seed: int, spread: dict | None = N
     return gates
 
 
-END_OPTIMIZERS = ["gd", "decay", "momentum", "omega-decay", "omega-momentum", "omega-atlas-momentum"]
+END_OPTIMIZERS = ["gd", "plain", "decay", "momentum", "omega-decay", "omega-momentum", "omega-atlas-momentum"]
 
 
 @pytest.mark.parametrize("name", END_OPTIMIZERS)

@@ -63,16 +63,26 @@ def reference_cms(cms: ContinuumMemory, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def test_cms_matches_per_token_reference_in_float64():
-    """The engine's CMS (large-chunk apply-then-update per level) equals the transcription, outputs
-    and the gradients of every parameter and of the input, to 1e-10 in float64; the periods do not
-    divide the length, and one level is never updated."""
-    config = tto.build_config("transformer", **SIZES, mlp_type="cms", cms_periods=[2, None, 5], cms_max_lr=0.3)
+def initialised_cms(config) -> ContinuumMemory:
+    """A CMS chain with MLP weights ~ N(0, 1 / fan_in) and lr gates ~ N(0, 0.3^2), seed 0."""
     torch.manual_seed(0)
-    cms = ContinuumMemory(config).double()
-    for name, p in cms.named_parameters():  # MLP weights ~ N(0, 1 / fan_in), lr gates ~ N(0, 0.3^2)
-        fan_in = p.shape[-2] if p.dim() == 3 else p.shape[-1]
-        torch.nn.init.normal_(p, std=0.3 if "lr_gate" in name else fan_in ** -0.5)
+    cms = ContinuumMemory(config)
+    with torch.no_grad():
+        for name, p in cms.named_parameters():
+            fan_in = p.shape[-2] if p.dim() == 3 else p.shape[-1]
+            torch.nn.init.normal_(p, std=0.3 if "lr_gate" in name else fan_in ** -0.5)
+    return cms
+
+
+def test_cms_matches_per_token_reference_in_float64():
+    """The engine's CMS (chunk-start reads and summed-gradient commits per level) equals the
+    transcription, outputs and the gradients of every parameter and of the input, to 1e-10 in
+    float64; the periods do not divide the length, and one level is never updated. At this lr every
+    chunk's step is stable by itself, so the step bound leaves it unchanged (kappa = 1: at 0.05 it
+    falls to 0.64 and the outputs differ by 0.06; the engine's commit with kappa < 1 is tested
+    against tto.engine.naive_memory in test_engine)."""
+    config = tto.build_config("transformer", **SIZES, mlp_type="cms", cms_periods=[2, None, 5], cms_max_lr=0.03)
+    cms = initialised_cms(config).double()
     x = torch.randn(2, 13, SIZES["hidden_size"], dtype=torch.float64, requires_grad=True)
     target = torch.randn_like(x)
     ctx = Context(mask=None, positions=torch.arange(13).expand(2, 13))
@@ -91,6 +101,34 @@ def test_cms_matches_per_token_reference_in_float64():
         if level.lr_gate is not None:
             torch.nn.init.constant_(level.lr_gate.bias, -1e4)  # lr = 0
     assert (frozen(x, ctx, None) - out).abs().max() > 1e-3
+
+
+def test_long_period_level_stays_bounded_where_the_unbounded_update_diverges(monkeypatch):
+    """One CMS level with a 64-token period at lr up to 1, on 512 tokens of unit-RMS inputs: the
+    paper's summed update (the step bound forced to kappa = 1) grows the weights geometrically to
+    NaN/inf or an RMS above 1e3, while with the bound they stay within 10x of their initial RMS and
+    the outputs are finite."""
+    from tto.engine.memory import Memory
+
+    config = tto.build_config("transformer", **SIZES, mlp_type="cms", cms_periods=[64], cms_max_lr=1.0)
+    cms = initialised_cms(config)
+    x = torch.randn(2, 512, SIZES["hidden_size"], generator=torch.Generator().manual_seed(3))
+    ctx = Context(mask=None, positions=torch.arange(512).expand(2, 512))
+
+    def run():
+        state = {}
+        with torch.no_grad():
+            out = cms(x, ctx, state)
+        return out, torch.cat([state[f"cms.0.W.{n}"].flatten() for n in ("W0", "W1", "W2")])
+
+    initial = torch.cat([getattr(cms.levels[0].memory.fast, n).flatten() for n in ("W0", "W1", "W2")]).pow(2).mean().sqrt()
+    out, weights = run()
+    assert torch.isfinite(out).all()
+    assert weights.pow(2).mean().sqrt() < 10 * initial
+    monkeypatch.setattr(Memory, "_step_bound", lambda self, bound, factors: torch.ones_like(bound.inverse_t[0]))
+    _, unbounded = run()
+    rms = unbounded.pow(2).mean().sqrt()
+    assert not torch.isfinite(rms) or rms > 1e3 * initial
 
 
 def test_infinite_period_is_a_plain_mlp():

@@ -33,7 +33,7 @@ import torch
 
 import tto
 from conftest import require_memory
-from tto.engine import DecayGD, MiniBatchGD, MomentumGD, OmegaWindow
+from tto.engine import DecayGD, MiniBatchGD, MomentumGD, OmegaWindow, PlainGD
 from tto.engine.optimizers import Coefficients
 from tto.engine.optimizers import STEP_MARGIN, stable_step_factor
 
@@ -82,7 +82,7 @@ def radius(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvals(m).abs().amax(-1)
 
 
-OPTIMIZERS = {"momentum": MomentumGD, "decay": DecayGD, "minibatch": lambda: MiniBatchGD(8),
+OPTIMIZERS = {"momentum": MomentumGD, "decay": DecayGD, "plain": PlainGD, "minibatch": lambda: MiniBatchGD(8),
               "omega-momentum": lambda: OmegaWindow(MomentumGD(), 3)}
 
 
@@ -365,21 +365,23 @@ def test_step_bound_closed_form_gradient_equals_autograd(b, d):
 
 
 @pytest.mark.parametrize("depth,bias,activation", [(1, True, "gelu_tanh"), (2, False, "silu"), (2, True, "gelu_tanh"),
-                                                   (3, True, "relu"), (3, False, "gelu")])
+                                                   (3, True, "relu"), (3, False, "gelu"), (2, False, "swiglu")])
 def test_curvature_factors_bound_the_gauss_newton_hessian(depth, bias, activation):
-    """An MLP memory's chunk (6 tokens, 2 heads of width 4, weights of unit scale): the largest
+    """An MLP memory's chunk (6 tokens, 2 heads of width 4, weights of unit scale; "swiglu": the CMS
+    levels' SwiGLU memory, three weights, no biases): the largest
     eigenvalue of ``sum_s a_s H_s``, H_s the token's Gauss-Newton Hessian of the unhalved squared
     error in all fast weights by autograd, is at most the bound of the engine's curvature factors,
     for one-hot, uniform and random weightings a; the bound is not vacuous (within 30x), and its
     last layer alone (what a bound that dropped the earlier layers' terms would give) is exceeded. The
     step bound's screens (looser gains) give factors whose per-token norms are at least these."""
-    from tto.engine import MLPMemory, Memory, SquaredError
+    from tto.engine import MLPMemory, Memory, SquaredError, SwiGLUMemory
     from tto.engine.fast_models import SCREEN_GAINS
     from tto.engine.optimizers import curvature_norm
 
     torch.manual_seed(depth)
     heads, dim, b = 2, 4, 6
-    fast = MLPMemory(heads, dim, depth=depth, expansion=2, activation=activation, bias=bias, residual_norm=False).double()
+    fast = (SwiGLUMemory(heads, dim, expansion=2) if activation == "swiglu" else
+            MLPMemory(heads, dim, depth=depth, expansion=2, activation=activation, bias=bias, residual_norm=False)).double()
     for p in fast.parameters():
         torch.nn.init.normal_(p, std=0.6)
     memory = Memory(fast, SquaredError(2.0), MomentumGD(), b)
@@ -474,6 +476,10 @@ DRAWN = {
     "expand_v": lambda r: r.choice([0.5, 1.0, 2.0]),
     "local_chunk_sizes": lambda r: r.choice([[], [1], [2], [2, 4], [8]]),
     "local_shard_size": lambda r: r.choice([4, 8, 16]),
+    # mlp_type "cms" (a field of every language model's config): None is valid only with "swiglu"
+    # (and hope's default levels)
+    "cms_periods": lambda r: r.choice([None, [4], [8, 32], [2, None, 16]]),
+    "cms_max_lr": _log_uniform(1e-3, 10.0),
 }
 
 

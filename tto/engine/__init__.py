@@ -14,11 +14,12 @@ from .muon import newton_schulz5
 from .memory import Memory, naive_memory
 from .one_step import OneStepMemory, naive_one_step
 from .objectives import DotProduct, Huber, LpError, Objective, SquaredError
-from .optimizers import Coefficients, DecayGD, InnerOptimizer, MiniBatchGD, MomentumGD, OmegaWindow
+from .optimizers import Coefficients, DecayGD, InnerOptimizer, MiniBatchGD, MomentumGD, OmegaWindow, PlainGD
 from .retention import LqNormalization, MuonRetention, Retention, SoftmaxRetention, WeightNorm
 
 __all__ = ["ACTIVATIONS", "ChunkwiseMemory", "Coefficients", "DecayGD", "DeltaRule", "DotProduct", "FastModel", "GatedLinearMemory",
            "Float32Parameters", "Huber", "InnerOptimizer", "LargeChunkMemory", "LpError", "LqNormalization", "MLPMemory", "Memory",
-           "MiniBatchGD", "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "OneStepMemory", "PolynomialFeatures", "Retention", "SoftmaxRetention",
+           "MiniBatchGD", "MomentumGD", "MuonRetention", "Objective", "OmegaWindow", "OneStepMemory", "PlainGD", "PolynomialFeatures",
+           "Retention", "SoftmaxRetention",
            "SquaredError", "SwiGLUMemory", "WeightNorm", "naive_delta_rule", "naive_large_chunk", "naive_memory", "naive_one_step",
            "newton_schulz5", "noncausal"]

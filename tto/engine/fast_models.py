@@ -365,6 +365,29 @@ class SwiGLUMemory(FastModel):
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
         return lambda name, x: x @ params[name]
 
+    def curvature_gains(self, params, inputs, bound=None):
+        """With ``z0 = x W0``, ``z2 = x W2`` and ``f = (silu(z0) * z2) W1``, the Jacobians of f in the
+        layers' outputs are ``I`` (W1), ``diag(silu'(z0) * z2) W1`` (W0) and ``diag(silu(z0)) W1`` (W2),
+        so the gains are 1, ``a_s^2 ||W1||_2^2`` with ``a_s = max_j |silu'(z0_sj) z2_sj|`` and
+        ``c_s^2 ||W1||_2^2`` with ``c_s = max_j |silu(z0_sj)|``. Without ``bound.token_slopes`` (no
+        forward) a_s and c_s are bounded from the key x_s (``inputs["W0"]``) and the columns w_j of
+        W0, W2: ``|z_sj| <= ||x_s|| ||w_j||``, ``|silu'| <=`` :data:`MAX_SLOPES` ["silu"] and
+        ``|silu(z)| <= |z|``."""
+        bound = bound or EXACT_GAINS
+        x = inputs["W0"]
+        if bound.token_slopes:
+            gate, up = x @ params["W0"], x @ params["W2"]
+            slope = ACTIVATIONS["silu"][1](up, gate).abs().amax(-1)
+            level = F.silu(gate).abs().amax(-1)
+        else:
+            norm = x.norm(dim=-1)
+            largest = lambda w: w.norm(dim=-2).amax(-1)[:, None]  # noqa: E731  (N, 1): the longest column
+            slope = MAX_SLOPES["silu"] * norm * largest(params["W2"])
+            level = norm * largest(params["W0"])
+        out = bound.norm(params["W1"])[:, None].pow(2)
+        gains = {"W0": slope.pow(2) * out, "W2": level.pow(2) * out, "W1": torch.ones_like(slope)}
+        return {name: gains[name].nan_to_num(0.0, 0.0, 0.0) for name in self.weight_names}
+
     def forward_backward(self, params: dict, x: torch.Tensor, dloss: Callable) -> list[tuple]:
         gate, up = x @ params["W0"], x @ params["W2"]
         act = F.silu(gate)

@@ -520,6 +520,35 @@ class MiniBatchGD(InnerOptimizer):
         state["G"] = {k: torch.zeros_like(v) for k, v in state["W"].items()}
 
 
+class PlainGD(InnerOptimizer):
+    """Plain gradient descent, no momentum, no forgetting::
+
+        W_t = W_{t-1} - lr_t * g_t
+
+    so a chunk commits ``W_c - sum_s lr_s g_s``, the gradients summed over the chunk at its start
+    weights (the Continuum Memory System's levels, :mod:`tto.layers.cms`). Gate: ``lr`` (N, T).
+    """
+
+    gate_names = ("lr",)
+
+    def coefficients(self, gates, valid):
+        lr = gates["lr"] * valid
+        return Coefficients(mix=torch.tril(lr[..., None, :].expand(*lr.shape, lr.shape[-1])))
+
+    def end_coefficients(self, gates, valid):
+        return Coefficients(mix=(gates["lr"] * valid)[..., None, :])
+
+    def naive_init(self, params):
+        return {"W": dict(params)}
+
+    def naive_step(self, state, grads, gates, t):
+        state["W"] = {k: state["W"][k] - gates["lr"][..., None, None] * grads[k] for k in grads}
+        return state["W"]
+
+    def naive_chunk_end(self, state):
+        pass
+
+
 class DecayGD(InnerOptimizer):
     """Gradient descent with a forget gate and no momentum (Miras' Yaad, Moneta, Memora)::
 

@@ -12,11 +12,19 @@ and every level is read at every token. Level l with ``C^(l) = None`` (infinite:
 is a plain MLP, learned in pre-training and frozen at test time; one such level is the
 Transformer's MLP.
 
-Each updated level runs on the shared engine as a large-chunk apply-then-update memory
-(:class:`tto.engine.LargeChunkMemory`, chunk ``C^(l)``, no momentum, Muon or weight norm): a token
-reads its level's weights as they were when its chunk started; its chunk's update serves the
+Each updated level runs on the shared engine (:class:`tto.engine.Memory`, chunk ``C^(l)``, plain
+gradient descent :class:`tto.engine.PlainGD`, chunk-start reads alone, ``read_start="only"``): a
+token reads its level's weights as they were when its chunk started; its chunk's update serves the
 tokens after the chunk. The fast weights live in the layer's cache state under ``cms.<l>.``
 (float32 under autocast, as every memory's), so decoding token by token continues them exactly.
+
+**Deviation: the engine's step bound.** A chunk sums up to ``C^(l)`` tokens' steps taken at one
+point, so at long periods the paper's update overshoots and the level's weights grow geometrically
+(HOPE-Attention at width 256, level period 2048: NaN within 4K tokens). Each commit therefore takes
+its summed gradient times the engine's factor kappa in (0, 1] (:mod:`tto.engine.memory`: the chunk map
+``W -> W - kappa sum_s lr_s H_s (W - W*)`` does not expand, ``kappa ||sum_s lr_s H_s|| <= 1.8``, with
+the SwiGLU's Gauss-Newton curvature bounded by :meth:`tto.engine.SwiGLUMemory.curvature_gains`).
+Where a chunk's step is stable by itself kappa = 1 and the update is the paper's.
 
 Choices where the paper leaves the detail open (its "f(theta; x)" is "the error component of an
 arbitrary optimizer"):
@@ -44,7 +52,7 @@ import torch
 from torch import nn
 
 from ..cache import Context
-from ..engine import LargeChunkMemory, SquaredError, SwiGLUMemory
+from ..engine import Memory, PlainGD, SquaredError, SwiGLUMemory
 from .gates import Gate
 from .mlp import SwiGLU
 
@@ -61,8 +69,7 @@ class CMSLevel(nn.Module):
             self.memory, self.lr_gate = None, None
         else:
             fast = SwiGLUMemory(1, config.hidden_size, hidden=config.intermediate_size)  # init N(0, 1 / fan_in)
-            self.memory = LargeChunkMemory(fast, SquaredError(1 / config.hidden_size), period, use_momentum=False, use_muon=False,
-                                           weight_norm=False, state_prefix=f"cms.{index}")
+            self.memory = Memory(fast, SquaredError(1 / config.hidden_size), PlainGD(), period, state_prefix=f"cms.{index}")
             self.lr_gate = Gate(config.hidden_size, 1, config.cms_max_lr, config.cms_lr_bias_init,
                                 config.initializer_range)
 
@@ -70,8 +77,7 @@ class CMSLevel(nn.Module):
         if self.memory is None:
             return self.mlp(x)
         q = x[:, :, None]  # one head of the full width: query = key = value = the level's input
-        lr = self.lr_gate(x)[..., None].expand(*x.shape[:2], 1, len(self.memory.fast.weight_names))
-        return self.memory(q, q, q, {"lr": lr}, ctx.mask, state)[:, :, 0]
+        return self.memory(q, q, q, {"lr": self.lr_gate(x)}, ctx.mask, state, read_start="only")[:, :, 0]
 
     @torch.no_grad()
     def start_from(self, mlp: nn.Module) -> None:
