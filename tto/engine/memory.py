@@ -24,12 +24,12 @@ one chunk of all the tokens, read by every query.
 
 **Chunk-start reads alone** (``read_start="only"``: TNT's global memory and the Continuum Memory
 System's levels, read only at their chunk-start weights, at chunks of up to thousands of tokens).
-Nothing inside a chunk reads an updated weight, so the dual form is not run: a chunk's reads are the fast model's plain forward ``f(q_t; W_c)``, and its
-commit takes the keys' gradients at W_c, the step bound and the end state from the last row of the
-optimizer's coefficients alone (:meth:`~tto.engine.InnerOptimizer.end_coefficients`, O(b) per
-chunk): no (b x b) matrix anywhere. The commit is :meth:`Memory._chunk`'s, from the same gradients
-and coefficients (:meth:`Memory._commit`); a read-only chunk (incomplete, or a decoding step) takes
-no gradient at all.
+Nothing inside a chunk reads an updated weight, so the dual form is not run: a chunk's reads are
+the fast model's plain forward ``f(q_t; W_c)``, and its commit takes the keys' gradients at W_c,
+the step bound and the end state from the last row of the optimizer's coefficients alone
+(:meth:`~tto.engine.InnerOptimizer.end_coefficients`, O(b) per chunk): no (b x b) matrix anywhere.
+The commit is :meth:`Memory._chunk`'s, from the same gradients and coefficients
+(:meth:`Memory._commit`); a read-only chunk (incomplete, or a decoding step) takes no gradient at all.
 
 Padding and decoding follow the engine's layout (:mod:`tto.engine.layout`): an incomplete last
 chunk is only read and kept pending. A decoding step that completes no chunk
