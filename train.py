@@ -37,6 +37,23 @@ def resume_command(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    try:
+        return train_from_command_line(argv)
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Under torchrun, destroy the process group the Trainer created, while the interpreter is whole:
+    left to interpreter exit, gloo's worker threads can abort the process (SIGABRT, "terminate called
+    without an active exception") after a run that finished and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def train_from_command_line(argv: list[str] | None) -> dict:
     parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="YAML recipe (dataset, model, tokenizer, training_args)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=128")

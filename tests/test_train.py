@@ -282,6 +282,8 @@ build = tto.training.build_trainer  # train.py imports it when it runs: hand it 
 tto.training.build_trainer = lambda recipe, callbacks=(): build(recipe, [*callbacks, *ours])
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
+with open(f"{os.environ['REPORT_DIR']}/rank{os.environ['RANK']}.exit.json", "w") as f:  # after train.py's main
+    json.dump({"process_group_alive": dist.is_initialized()}, f)
 """
 
 
@@ -340,13 +342,16 @@ def test_two_process_ddp(tmp_path):
            str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={tmp_path / 'ddp'}",
            "training_args.max_steps=4", "training_args.logging_steps=1", "training_args.save_strategy=steps",
            "training_args.save_steps=2"]
-    env = script_env()
+    env = {**script_env(), "REPORT_DIR": str(tmp_path)}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: eval_loss=" in result.stdout
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["world"] == 2 and len(rank0["losses"]) == 4
     assert rank0 == rank1
+    # left to interpreter exit, gloo's threads can abort a rank after a run that finished and saved (SIGABRT)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.exit.json").read_text()) == {"process_group_alive": False}
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "ddp")) is tto.get("ttt").model_class
     for step in (2, 4):  # each rank's random state reached the staging dir before it was renamed
         checkpoint = tmp_path / "ddp" / f"checkpoint-{step}"
@@ -363,7 +368,7 @@ def torchrun_tiny_ttt(tmp_path: Path, out: Path, max_steps: int, save_steps: int
            str(ROOT / "train.py"), str(TINY / "ttt.yml"), f"training_args.output_dir={out}",
            f"training_args.max_steps={max_steps}", "training_args.logging_steps=1", "training_args.save_strategy=steps",
            f"training_args.save_steps={save_steps}", "dataset.eval_fraction=0"]
-    return cmd, script_env()
+    return cmd, {**script_env(), "REPORT_DIR": str(tmp_path)}
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
