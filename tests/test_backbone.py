@@ -117,6 +117,53 @@ def test_cache_persists_across_calls_and_resets():
         torch.testing.assert_close(fresh, model(x[:, 7:]).logits, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dim", [1, 2])
+def test_appended_writes_in_place_while_its_buffer_has_room(dim):
+    """`appended` equals concatenation; single slots join in place (same storage) until the buffer's
+    capacity, then one copy into a new buffer; a narrowed view (a window's last slots) keeps the room
+    behind it."""
+    from tto.cache import appended
+
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(2, 3, 5, generator=g).movedim(1, dim) for _ in range(12)]
+    held, storages = None, []
+    for i, piece in enumerate(pieces):
+        held = appended(held, piece.narrow(dim, 0, 1 if i else 3), dim, capacity=6)
+        storages.append(held.untyped_storage().data_ptr())
+    expected = torch.cat([p.narrow(dim, 0, 1 if i else 3) for i, p in enumerate(pieces)], dim)
+    assert torch.equal(held, expected)
+    # 3 slots, then 3 single ones fill the 6-slot buffer; the 7th needs a buffer of 7 (max(capacity, total))
+    assert len(set(storages[:4])) == 1 and storages[4] != storages[3] and len(set(storages[4:])) == 8
+    window = appended(None, pieces[0], dim, capacity=8).narrow(dim, 1, 2)  # a window of the last 2 of 3
+    grown = appended(window, pieces[1].narrow(dim, 0, 1), dim, capacity=8)
+    assert grown.untyped_storage().data_ptr() == window.untyped_storage().data_ptr()
+    assert torch.equal(grown, torch.cat([pieces[0].narrow(dim, 1, 2), pieces[1].narrow(dim, 0, 1)], dim))
+
+
+def test_appended_never_writes_into_a_tensor_it_did_not_allocate():
+    """Tensors that are not a buffer of `appended`'s with room (a slice of a tensor with more dims, a
+    transposed view, a whole tensor) are copied, and what they view is left unchanged; a deep copy
+    of a buffer is its own buffer."""
+    import copy
+
+    from tto.cache import appended
+
+    new = torch.ones(2, 1, 4)
+    wide, square, full = torch.zeros(2, 6, 4, 3), torch.zeros(2, 4, 6), torch.zeros(2, 3, 4)
+    for base, held in [(wide, wide[..., 0][:, :3]), (square, square.transpose(1, 2)[:, :3]), (full, full)]:
+        before = base.clone()
+        joined = appended(held, new, 1, capacity=8)
+        assert torch.equal(base, before)
+        assert joined.untyped_storage().data_ptr() not in (base.untyped_storage().data_ptr(),
+                                                            held.untyped_storage().data_ptr())
+        assert torch.equal(joined, torch.cat([held, new], 1))
+    buffer = appended(None, torch.zeros(2, 2, 4), 1, capacity=8)
+    twin = copy.deepcopy(buffer)
+    appended(twin, new, 1, capacity=8)
+    extended = appended(buffer, 2 * new, 1, capacity=8)
+    assert torch.equal(extended[:, 2], 2 * new[:, 0]) and torch.equal(buffer, torch.zeros(2, 2, 4))
+
+
 def test_beam_search_and_sampling_run_with_the_cache():
     model = ttt().eval()
     x = torch.randint(0, 64, (2, 6))
@@ -179,7 +226,7 @@ def test_attention_query_subset_equals_full_attention_rows(bound):
     mask[1, :4] = False
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     for queries in (slice(1, None, 2), slice(0, None, 3)):
-        for mode in (contextlib.nullcontext, reference_mode):
+        for mode in (contextlib.nullcontext, reference_mode, torch.no_grad):  # no_grad: the cache grows in place
             with mode():
                 full, part, state_full, state_part = [], [], {}, {}
                 for lo, hi in [(0, 9), (9, 11), (11, 23)]:  # a prefill, one step of two slots, the rest
@@ -187,6 +234,32 @@ def test_attention_query_subset_equals_full_attention_rows(bound):
                     full.append(attention(x[:, lo:hi], ctx, state_full)[:, queries])
                     part.append(attention(x[:, lo:hi], ctx, state_part, queries=queries))
             torch.testing.assert_close(torch.cat(part, 1), torch.cat(full, 1), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("bound", [dict(window=8), dict()], ids=["window", "causal"])
+def test_decoding_attention_grows_its_kv_cache_in_place(bound):
+    """Decoding token by token (no grad): the outputs equal one call's, and the KV cache moves to a
+    new buffer once per window of tokens (twice the cached slots per buffer) or each time it grows
+    by half (no window), not at every token."""
+    from tto.cache import Context
+    from tto.layers.attention import Attention
+
+    torch.manual_seed(0)
+    config = tto.build_config("transformer", hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    attention = Attention(config, **bound).double()
+    x = torch.randn(2, 60, 16, dtype=torch.float64)
+    positions = torch.arange(60).expand(2, 60)
+    with torch.no_grad():
+        whole = attention(x, Context(mask=None, positions=positions))
+        state, outs, storages = {}, [], []
+        for t in range(60):
+            outs.append(attention(x[:, t:t + 1], Context(mask=None, positions=positions[:, t:t + 1]), state))
+            storages.append(state["k"].untyped_storage().data_ptr())
+    torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-12, rtol=0)
+    moves = sum(a != b for a, b in zip(storages, storages[1:]))
+    # window 8: 7 cached slots in buffers of 14, a move every 7 tokens (from token 1 on); no window: the
+    # first token's keys, then buffers of 1.5x the slots they hold when made: 3, 6, 10, 16, 25, 39, 60
+    assert moves == (8 if bound else 7), moves
 
 
 MEMORY_TYPES = [n for n in tto.available() if issubclass(tto.get(n).config_class, tto.MemoryConfig)]

@@ -11,6 +11,7 @@ Tolerances: the models are tiny and fp32; two mathematically equal evaluation or
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -173,6 +174,26 @@ def test_cached_decode_matches_full_forward(name, fields):
             pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=ATOL, rtol=0)
     assert cache.get_seq_length() == LENGTH
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_a_deep_copied_cache_decodes_on_its_own(name, fields):
+    """A cache copied with ``copy.deepcopy`` after a prefill, then it and the original decoded token by
+    token with different tokens, alternately: each gives the logits of one forward over its own
+    sequence (states grow in place in their buffers; a copy has its own)."""
+    model = build(name, fields)
+    x, other = tokens(), tokens(seed=2)
+    y = torch.cat([x[:, :6], other[:, 6:]], 1)
+    with torch.no_grad():
+        cache = model(x[:, :6], use_cache=True).past_key_values
+        twin = copy.deepcopy(cache)
+        outs = [], []
+        for t in range(6, LENGTH):
+            outs[0].append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            outs[1].append(model(y[:, t:t + 1], past_key_values=twin, use_cache=True).logits)
+        full_x, full_y = model(x, use_cache=False).logits, model(y, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(outs[0], 1), full_x[:, 6:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat(outs[1], 1), full_y[:, 6:], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name,fields", CASES)

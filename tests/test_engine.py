@@ -1123,6 +1123,33 @@ def test_large_chunk_matches_naive(momentum, muon, weight_norm):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("engine,read_start", [("large_chunk", False), ("memory", "only"), ("memory", False)])
+def test_decoding_writes_the_pending_tokens_in_place(engine, read_start):
+    """Token by token without a mask (the decoding path: new tokens join the pending ones): the
+    reads equal one call's, and within a chunk every pending-token tensor of the state stays in one
+    buffer (same storage, its first slots unchanged), so a step copies its own token, not the
+    chunk's. A commit lays the chunk out anew."""
+    chunk = 8
+    if engine == "large_chunk":
+        mem = make_large_chunk(chunk=chunk)
+        q, k, v, gates = large_chunk_inputs(length=21)
+    else:
+        mem = make_memory(2, "momentum", chunk=chunk).double()
+        q, k, v, gates = make_inputs(optimizer="momentum", length=21, dtype=torch.float64)
+    whole = mem(q, k, v, gates, read_start=read_start)
+    state, reads, buffers = {}, [], []
+    for t in range(21):
+        reads.append(mem(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], {n: g[:, t:t + 1] for n, g in gates.items()},
+                         state=state, read_start=read_start))
+        pending = {n[len("memory.pending."):]: x for n, x in state.items() if n.startswith("memory.pending.")}
+        assert set(pending) >= {"q", "k", "v"} and pending["q"].shape[1] == (t + 1) % chunk
+        buffers.append({n: x.untyped_storage().data_ptr() for n, x in pending.items()})
+        if pending["q"].shape[1] > 1:  # a token joined the pending ones: the same buffers, earlier slots kept
+            assert buffers[-1] == buffers[-2]
+            torch.testing.assert_close(pending["k"][:, :-1], k[:, t + 1 - pending["k"].shape[1]:t], atol=0, rtol=0)
+    torch.testing.assert_close(torch.cat(reads, 1), whole, atol=1e-10, rtol=0)
+
+
 def test_large_chunk_reads_chunk_start_weights_and_keeps_norms():
     """A chunk's outputs do not depend on its own keys/values (apply-then-update), the first chunk
     reads the initial weights, and with weight norm every column keeps its initial norm."""

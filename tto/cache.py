@@ -4,6 +4,11 @@ Every layer owns one dict in :class:`TTOCache` and keeps in it whatever it needs
 sequence: fast weights and momentum of a memory, the tokens of a not yet completed chunk, conv
 tails, an attention KV window. Every tensor in a state has the batch as its first dimension, so
 beam search and batch selection work on any mixer without knowing what it stores.
+
+What grows token by token (pending tokens, KV caches) lives in buffers with room behind it
+(:func:`appended`): a decoded token is written in place, so its cost does not grow with what is
+already held. Branch a state with ``copy.deepcopy`` or the cache's batch operations (which copy),
+never by sharing its tensors: two states sharing a buffer would write each other's slots.
 """
 
 from __future__ import annotations
@@ -12,6 +17,49 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache
+
+
+def appended(held: torch.Tensor | None, new: torch.Tensor, dim: int, capacity: int) -> torch.Tensor:
+    """`held` followed by `new` along `dim` (a sequence dimension after the batch): a view of a
+    buffer. When `held` is a stretch of such a buffer with room behind it, `new` is written there in
+    place; otherwise both are copied into a new buffer of ``max(capacity, total)`` slots, `held` at
+    its front. A caller that keeps only the last slots of the result (a sliding window) narrows it:
+    the narrowed view still has the buffer's room behind it. Under autograd pass `new` detached, or
+    concatenate instead: the buffer is written again by later calls."""
+    count = 0 if held is None else held.shape[dim]
+    total = count + new.shape[dim]
+    if held is not None and _room_behind(held, dim) >= new.shape[dim]:
+        size = list(held.shape)
+        size[dim] = total
+        joined = held.as_strided(size, held.stride(), held.storage_offset())
+    else:
+        size = list(new.shape)
+        size[dim] = max(capacity, total)
+        joined = new.new_empty(size).narrow(dim, 0, total)
+        if count:
+            joined.narrow(dim, 0, count).copy_(held)
+    joined.narrow(dim, count, new.shape[dim]).copy_(new)
+    return joined
+
+
+def _room_behind(t: torch.Tensor, dim: int) -> int:
+    """Free slots after `t` along `dim` when `t` is a stretch of a whole contiguous buffer (its
+    storage, as :func:`appended` allocates it) along that dimension; 0 otherwise."""
+    if dim < 1 or t.stride(dim) == 0 or t.stride(dim - 1) % t.stride(dim):
+        return 0
+    slots = t.stride(dim - 1) // t.stride(dim)
+    start, offset_within = divmod(t.storage_offset(), t.stride(dim))
+    size = list(t.shape)
+    size[dim] = slots
+    step = 1
+    for n, stride in zip(reversed(size), reversed(t.stride())):
+        if stride != step and n > 1:
+            return 0
+        step *= n
+    whole = t.untyped_storage().nbytes() == step * t.element_size()
+    if offset_within or not whole or start + t.shape[dim] > slots:
+        return 0
+    return slots - start - t.shape[dim]
 
 
 @dataclass

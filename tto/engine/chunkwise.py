@@ -170,6 +170,12 @@ class ChunkwiseMemory(Float32Parameters):
         gets them back."""
         raise NotImplementedError
 
+    def reads_pending(self, read_start: bool | str) -> bool:
+        """Whether a read-only chunk's reads of its new queries depend on its pending tokens (the
+        dual form reads weights updated by them); when not, a decoding step takes the new tokens
+        alone and its cost does not grow with the pending ones."""
+        return True
+
     def naive(self, q, k, v, gates: dict, mask: torch.Tensor | None, read_start: bool):
         """The slow reference of the whole forward (no state): reads (B, T, H, d_v), or the pair
         with ``read_start``. It shares no update code with the scan."""
@@ -270,7 +276,8 @@ class ChunkwiseMemory(Float32Parameters):
             reads, params, momentum = self._scan(params, momentum, chunks, layout.chunk_valid(heads), layout.n_commit,
                                                  read_start)
         if state is not None:
-            store_state(state, self.prefix, heads, params, momentum, tokens, layout)
+            store_state(state, self.prefix, heads, params, momentum, tokens, layout,
+                        0 if self.commits_incomplete_chunk else self.chunk_size)
             state.update({self.prefix + "window." + n: detached(t) for n, t in earlier.items()})
         if read_start is True:
             return tuple(layout.tokens(r)[:, total - new_len:] for r in reads.unbind(2))
@@ -289,20 +296,24 @@ class ChunkwiseMemory(Float32Parameters):
                 new: bool):
         """A call that completes no chunk and follows no pending tokens but real ones (decoding one
         token without a mask): the layout is the identity, so its chunk is the pending tokens and
-        then the new ones, of which only the new ones are read. The joined tokens become the pending
-        ones; the committed weights stay in the state as they are (a `new` sequence stores its
-        initial ones), and so do the engine's per-token values of the pending tokens (``cache.``)."""
+        then the new ones, of which only the new ones are read (by the new queries alone where the
+        reads do not depend on the pending tokens: :meth:`reads_pending`). The new tokens join the
+        pending ones in place (:func:`tto.cache.appended`); the committed weights stay in the
+        state as they are (a `new` sequence stores its initial ones), and so do the engine's
+        per-token values of the pending tokens (``cache.``)."""
         batch, new_len, heads = tokens["q"].shape[:3]
-        held = pending["q"].shape[1] if pending else 0
-        joined = {n: torch.cat([pending[n], t], dim=1) for n, t in tokens.items()} if pending else tokens
-        chunk = {n: heads_first(t) for n, t in joined.items()}
+        if pending and self.reads_pending(read_start):
+            held = pending["q"].shape[1]
+            chunk = {n: heads_first(torch.cat([pending[n], t], dim=1)) for n, t in tokens.items()}
+        else:
+            held, chunk = 0, {n: heads_first(t) for n, t in tokens.items()}
         valid = torch.ones(chunk["q"].shape[:2], dtype=torch.bool, device=chunk["q"].device)
         cache = load_cache(state, self.prefix)
         reads = self._read_chunk(params, momentum, chunk, valid, held, read_start, cache)
         if state is not None:
             if new:
                 store_weights(state, self.prefix, heads, params, momentum)
-            append_pending(state, self.prefix, heads, joined, cache)
+            append_pending(state, self.prefix, heads, tokens, cache, self.chunk_size)
         if read_start is True:
             return tuple(tokens_first(r, batch) for r in reads.unbind(1))
         return tokens_first(reads, batch)

@@ -77,6 +77,9 @@ class LargeChunkMemory(ChunkwiseMemory):
                 params = self.retention.commit(params, {n: params[n] + s for n, s in step.items()}, None, active)
         return torch.stack(reads, dim=1), params, momentum
 
+    def reads_pending(self, read_start):
+        return False  # every token reads the chunk-start weights
+
     def _read_chunk(self, params, momentum, chunk, valid, first, read_start, cache=None):
         """A read-only chunk's reads depend on its queries and the committed weights only (nothing
         to cache)."""

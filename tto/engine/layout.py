@@ -12,7 +12,8 @@ Decoding: a call whose tokens complete no chunk commits nothing, so its one chun
 real length (:meth:`Layout.read_only`, no pad slots) and only the new tokens are read; the
 pending tokens' reads were returned by the calls that brought them. Without a mask, after pending
 tokens that are all real, the layout is the identity: the new tokens are appended to the pending
-ones (:func:`append_pending`), the committed weights stay in the state untouched, and what the
+ones (:func:`append_pending`, in place: pending tokens live in buffers with room for a whole chunk,
+:func:`tto.cache.appended`), the committed weights stay in the state untouched, and what the
 engine derived from the pending tokens alone stays in the state beside them (``cache.``), until a
 call that commits or lays its tokens out otherwise (:func:`store_state`) drops it.
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..cache import appended
 from .fast_models import upcast
 
 
@@ -190,14 +192,15 @@ def store_weights(state: dict, prefix: str, heads: int, params: dict, momentum: 
 
 
 def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
-                layout: Layout) -> None:
+                layout: Layout, capacity: int) -> None:
     """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
-    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending."""
+    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending, in buffers of
+    `capacity` slots (:func:`tto.cache.appended`; 0: no room kept, for an engine that keeps nothing pending)."""
     store_weights(state, prefix, heads, params, momentum)
     start = layout.n_commit * layout.chunk_size
     tail = slice(start, start + int(layout.remainder.max()))
     for n, t in tokens.items():
-        state[prefix + "pending." + n] = detached(layout.gather(t)[:, tail])
+        state[prefix + "pending." + n] = appended(None, detached(layout.gather(t)[:, tail]), 1, capacity)
     state[prefix + "n_pending"] = layout.remainder
 
 
@@ -209,12 +212,13 @@ def load_cache(state: dict | None, prefix: str) -> dict:
     return {k[len(key):]: t.flatten(0, 1) for k, t in state.items() if k.startswith(key)}
 
 
-def append_pending(state: dict, prefix: str, heads: int, joined: dict, cache: dict) -> None:
-    """Make `joined` {name: (B, pending, heads, ...)}, all real, the pending tokens of `state`, and
-    `cache` {name: (B * heads, pending, ...)} their cached values; the weights stay as they are."""
-    first = next(iter(joined.values()))
-    for n, t in joined.items():
-        state[prefix + "pending." + n] = detached(t)
+def append_pending(state: dict, prefix: str, heads: int, new: dict, cache: dict, capacity: int) -> None:
+    """Append `new` {name: (B, n, heads, ...)}, all real, to the pending tokens of `state` (all real
+    too; :func:`tto.cache.appended`, buffers of `capacity` slots), and make `cache` {name: (B * heads,
+    pending, ...)} their cached values; the weights stay as they are."""
+    for n, t in new.items():
+        state[prefix + "pending." + n] = appended(state.get(prefix + "pending." + n), detached(t), 1, capacity)
+    first = state[prefix + "pending.q"]
     state[prefix + "n_pending"] = torch.full(first.shape[:1], first.shape[1], device=first.device)
     for n, t in cache.items():
         state[prefix + "cache." + n] = detached(t).unflatten(0, (-1, heads))

@@ -323,6 +323,9 @@ class Memory(ChunkwiseMemory):
             outs.append(out)
         return torch.stack(outs, dim=1), params, momentum
 
+    def reads_pending(self, read_start):
+        return read_start != "only"
+
     def _read_chunk(self, params, momentum, chunk, valid, first, read_start, cache=None):
         """Reads of the queries from `first` on: the chunk's keys' gradients at the committed
         weights and the dual form's rows of those queries; no step bound, no commit. A key's

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import Context
+from ..cache import Context, appended
 from ..reference import in_reference_mode
 from .rope import apply_rope, rope_cos_sin
 
@@ -132,6 +132,13 @@ class Attention(nn.Module):
             prefix = (pk.expand(b, -1, -1, -1).to(k.dtype), pv.expand(b, -1, -1, -1).to(v.dtype))
         return self.o_proj(self.attend(q, k, v, ctx, state, prefix, queries))
 
+    def _join(self, old: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+        """The cache `old` then the new slots, in place in the cache's buffer (:func:`tto.cache.appended`)
+        of twice the cached slots under a window (a copy every ``max_cached`` tokens), else 1.5x the
+        slots (a copy each time the cache grows by half)."""
+        total = old.shape[dim] + new.shape[dim]
+        return appended(old, new, dim, 2 * self.max_cached if self.max_cached is not None else total + total // 2)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context, state: dict | None = None,
                prefix: tuple[torch.Tensor, torch.Tensor] | None = None, queries: slice | None = None) -> torch.Tensor:
         """The attention itself, for projected q (B, T_q, H, E) and k, v (B, T, H_kv, E) before RoPE:
@@ -149,14 +156,14 @@ class Attention(nn.Module):
         n_cached = 0
         if state is not None and "k" in state:
             n_cached = state["k"].shape[2]
-            k = torch.cat([state["k"], k], dim=2)
-            v = torch.cat([state["v"], v], dim=2)
-            k_pos = torch.cat([state["pos"], k_pos], dim=1)
+            join = self._join if not ctx.differentiable_state and not torch.is_grad_enabled() else \
+                lambda old, new, dim: torch.cat([old, new], dim=dim)
+            k, v, k_pos = join(state["k"], k, 2), join(state["v"], v, 2), join(state["pos"], k_pos, 1)
             if valid is not None or state.get("valid") is not None:
                 old = state.get("valid")
                 old = old if old is not None else torch.ones_like(state["pos"], dtype=torch.bool)
                 new = valid if valid is not None else torch.ones_like(ctx.positions, dtype=torch.bool)
-                valid = torch.cat([old, new], dim=1)
+                valid = join(old, new, 1)
         if state is not None:
             keep = k.shape[2] if self.max_cached is None else min(k.shape[2], self.max_cached)
             kept_k, kept_v = k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :]
@@ -187,12 +194,16 @@ class Attention(nn.Module):
                 q_sizes = [z - a for a, z in zip(ends, ends[1:])]
                 block_slots = [torch.tensor(slots[a:z], device=q.device) - lo
                                for lo, a, z in zip(starts, ends, ends[1:])]
+
+            def pair(i: int, whole: torch.Tensor, pieces: tuple, dim: int) -> torch.Tensor:
+                """Block i's keys: the previous block's and its own; with one block (decoding) all of them."""
+                return whole if len(sizes) == 2 else torch.cat(pieces[i: i + 2], dim)
+
             blocks = []
             for i, (q_block, q_pos_block) in enumerate(zip(q.split(q_sizes, 2), q_pos.split(q_sizes, 1))):
-                pair = slice(i, i + 2)  # this block's keys: the previous block's and its own
-                blocks.append(self._sdpa(q_block, torch.cat(k_pieces[pair], 2), torch.cat(v_pieces[pair], 2), q_pos_block,
-                                         torch.cat(kpos_pieces[pair], 1),
-                                         None if valid is None else torch.cat(valid_pieces[pair], 1), sizes[i], prefix,
+                blocks.append(self._sdpa(q_block, pair(i, k, k_pieces, 2), pair(i, v, v_pieces, 2), q_pos_block,
+                                         pair(i, k_pos, kpos_pieces, 1),
+                                         None if valid is None else pair(i, valid, valid_pieces, 1), sizes[i], prefix,
                                          block_slots[i]))
             o = torch.cat(blocks, dim=2)
         return o.transpose(1, 2).reshape(b, o.shape[2], self.num_heads * self.head_dim)
