@@ -142,8 +142,8 @@ def test_appended_writes_in_place_while_its_buffer_has_room(dim):
 
 def test_appended_never_writes_into_a_tensor_it_did_not_allocate():
     """Tensors that are not a buffer of `appended`'s with room (a slice of a tensor with more dims, a
-    transposed view, a whole tensor) are copied, and what they view is left unchanged; a deep copy
-    of a buffer is its own buffer."""
+    transposed view, a whole tensor) are copied, and what they view is left unchanged; so is a buffer
+    made under inference mode, outside it; a deep copy of a buffer is its own buffer."""
     import copy
 
     from tto.cache import appended
@@ -157,6 +157,9 @@ def test_appended_never_writes_into_a_tensor_it_did_not_allocate():
         assert joined.untyped_storage().data_ptr() not in (base.untyped_storage().data_ptr(),
                                                             held.untyped_storage().data_ptr())
         assert torch.equal(joined, torch.cat([held, new], 1))
+    with torch.inference_mode():  # a prefill under inference mode, decoding outside it: copied, not refused
+        made = appended(None, torch.zeros(2, 2, 4), 1, capacity=8)
+    assert torch.equal(appended(made, new, 1, capacity=8), torch.cat([made, new], 1))
     buffer = appended(None, torch.zeros(2, 2, 4), 1, capacity=8)
     twin = copy.deepcopy(buffer)
     appended(twin, new, 1, capacity=8)

@@ -44,8 +44,11 @@ def appended(held: torch.Tensor | None, new: torch.Tensor, dim: int, capacity: i
 
 def _room_behind(t: torch.Tensor, dim: int) -> int:
     """Free slots after `t` along `dim` when `t` is a stretch of a whole contiguous buffer (its
-    storage, as :func:`appended` allocates it) along that dimension; 0 otherwise."""
+    storage, as :func:`appended` allocates it) along that dimension; 0 otherwise, and for a tensor made
+    under ``torch.inference_mode`` outside it (which may not be written in place there)."""
     if dim < 1 or t.stride(dim) == 0 or t.stride(dim - 1) % t.stride(dim):
+        return 0
+    if t.is_inference() and not torch.is_inference_mode_enabled():
         return 0
     slots = t.stride(dim - 1) // t.stride(dim)
     start, offset_within = divmod(t.storage_offset(), t.stride(dim))
