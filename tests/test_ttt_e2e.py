@@ -234,6 +234,31 @@ def test_cached_decoding_of_differently_padded_rows_equals_each_row_alone():
             torch.testing.assert_close(got[r, n:], alone, atol=1e-10, rtol=0)
 
 
+def test_decoding_between_inner_steps_writes_in_place():
+    """A decoded token that ends no mini-batch reads the stored prime weights and joins the cached
+    windows and the unfinished mini-batch in place (the same buffers before and after it, the same
+    weight tensors); the token that ends a mini-batch steps. Every token's logits are those of a
+    forward over the whole sequence."""
+    m = model()
+    x = tokens(batch=2, length=13)  # b = 4: the token at position 12 starts a mini-batch, 9-11 do not
+    suffix = m.model.layers[m.config.prime_layers[0]:]
+    with torch.no_grad():
+        cache = m(x[:, :9], use_cache=True).past_key_values
+        states = cache.states[m.config.prime_layers[0]:]
+        buffers = None
+        for t in range(9, 13):
+            weights = [[state[key] for key in PRIME_KEYS] for state in states]
+            logits = m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(logits, m(x[:, :t + 1], use_cache=False).logits[:, -1], atol=1e-10, rtol=0)
+            after = [state[key].untyped_storage().data_ptr() for state in states for key in ("k", "v")]
+            after.append(states[0]["e2e.h"].untyped_storage().data_ptr())
+            stepped = [not all(state[key] is w for key, w in zip(PRIME_KEYS, ws)) for state, ws in zip(states, weights)]
+            if t in (10, 11):  # the token at 9 moves each window into a buffer with room behind it
+                assert after == buffers and stepped == [False] * len(suffix)
+            buffers = after
+        assert stepped == [True] * len(suffix) and t == 12
+
+
 def test_generate_adapts_while_decoding():
     """Greedy generate() equals re-running the whole sequence for every new token, and differs from
     generation without inner steps (the prime MLPs step every b tokens of the growing context)."""

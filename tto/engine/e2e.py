@@ -23,7 +23,10 @@ Decoding continues a sequence across calls through the layers' cache states: the
 each row's unfinished mini-batch (``e2e.*``). A call re-runs that unfinished mini-batch with the new
 tokens when a row steps in that call, so the step sees the whole mini-batch with its graph; other
 calls read their tokens against the cached windows. Decoding thus re-reads b tokens of the suffix
-once per b tokens (exact; not the paper's decode kernel).
+once per b tokens (exact; not the paper's decode kernel). A call in which no row steps, outside
+autograd (decoding between two steps: :func:`_read_between_steps`), needs no graph and no loss: its
+tokens read the stored prime weights, and the windows and the unfinished mini-batch grow in place
+(:func:`tto.cache.appended`), so its cost does not grow with the window.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ..cache import Context
+from ..cache import Context, appended
 from ..layers.mlp import SwiGLU
 from .chunkwise import Float32Parameters
 from .fast_models import autocast_off, upcast
@@ -178,6 +181,10 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     if int(pending.max()) > b:
         raise ValueError(f"a row's unfinished mini-batch spans {int(pending.max())} slots > mini_batch_size={b}: "
                          "the cache continues a sequence with padding inside (pad on the left, before the first call)")
+    new_starts = mask & (ctx.positions % b == 0)  # (B, t): a row's mini-batch starts here
+    if (not create_graph and not bool(new_starts.any()) and states is not None
+            and all(PRIME_KEYS[0] in state for state in states)):
+        return _read_between_steps(blocks, h, ctx, input_ids, mask, states, check, b)
     if n_old:
         old_h, old_ids, old_mask, old_pos = (first[key] for key in PENDING_KEYS)
         mine = torch.arange(n_old, device=dev)[None, :] >= (n_old - pending)[:, None]
@@ -189,8 +196,7 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
         hx, ids, mask_x, pos = h, input_ids, mask, ctx.positions
     total = n_old + t
 
-    starts = mask_x & (pos % b == 0)  # (B, total): a row's mini-batch starts here
-    starts[:, :n_old] = False  # the unfinished mini-batches' own starts: stepped before
+    starts = F.pad(new_starts, (n_old, 0))  # (B, total); the unfinished mini-batches' own starts were stepped before
     # a call in which no row steps reads its new tokens against the cached windows as they are (the
     # unfinished mini-batches' slots there were computed with the current weights); one in which a
     # row steps re-reads them, so the step differentiates the whole mini-batch
@@ -247,6 +253,29 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     if states is not None:
         _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, pending)
     return out
+
+
+def _read_between_steps(blocks, h, ctx: Context, input_ids, mask, states: list[dict], check, b: int) -> torch.Tensor:
+    """A call in which no row steps, outside autograd (decoding between two steps): the suffix blocks
+    read h (B, t, hidden) with the stored prime weights against the cached windows, which grow in
+    place, and the new slots join each row's unfinished mini-batch in place. No loss is taken: the
+    call that ends the mini-batch re-reads it with its graph. Returns the last block's output."""
+    seg = Context(mask=ctx.mask, positions=ctx.positions)  # a state without graph: windows grow in place
+    x = h
+    for i, (block, state) in enumerate(zip(blocks, states)):
+        kv = {key: state[key] for key in KV_KEYS if key in state}
+        x = block(x, seg, kv, prime_weights=tuple(state[key] for key in PRIME_KEYS))
+        check(x, i)
+        state.update(kv)
+    first = states[0]
+    pending = first.get(PENDING_COUNT, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
+    count = torch.where(pending > 0, pending + h.shape[1], 0)  # slots since each row's last mini-batch start
+    n = int(count.max())
+    for key, new in zip(PENDING_KEYS, (h, input_ids, mask, ctx.positions)):
+        joined = appended(first.get(key), new, 1, b)
+        first[key] = joined.narrow(1, joined.shape[1] - n, n)
+    first[PENDING_COUNT] = count
+    return x
 
 
 def _store(blocks, states, weights, kept, new_kv, starts, n_old, hx, ids, mask_x, pos, pending) -> None:
