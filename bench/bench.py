@@ -111,7 +111,7 @@ def plan(args, groups: set[str]) -> list[Measure]:
                         args.image_batch * tokens, args.image_batch) for kind in forward]
     if "decode" in args.kinds and "lm" in groups:
         for ctx in sorted(set(args.seq) | set(args.decode_contexts)):
-            out.append(Measure(f"decode@{ctx}", "lm", "decode", ctx, args.batch, args.batch * DECODE_TOKENS))
+            out.append(Measure(f"decode@{ctx}", "lm", "decode", ctx, args.batch, args.batch * args.decode_tokens))
     return out
 
 
@@ -165,7 +165,8 @@ class Run:
             elif adapter.can_decode:
                 prefilled = self.attempt(case, m.label, self.in_dtype(adapter.start_decode), m.batch, m.seq)
                 if prefilled is not FAILED:
-                    steps[case.name] = (lambda p=prefilled: (copy.deepcopy(p),), self.in_dtype(adapter.decode))
+                    steps[case.name] = (lambda p=prefilled: (copy.deepcopy(p), self.args.decode_tokens),
+                                        self.in_dtype(adapter.decode))
         live = [c for c in self.cases if c.group == m.group and c.name in steps]
         live = [c for c in live if self.attempt(c, m.label, self.call, steps[c.name]) is not FAILED]  # warm-up
         if m.kind != "decode" and self.args.flops:
@@ -326,7 +327,7 @@ def report(results: dict, args) -> str:
                          + [_speed(e, f"train@{s}") for s in seqs] + [_speed(e, f"prefill@{s}") for s in seqs]
                          + [_peak(e, f"train@{s}") for s in seqs] for n, e in lm.items()])
     if lm:
-        lines += ["", f"### Decode tokens/s ({DECODE_TOKENS} greedy tokens after an untimed prefill of the context)", ""]
+        lines += ["", f"### Decode tokens/s ({args.decode_tokens} greedy tokens after an untimed prefill of the context)", ""]
         lines += _table(["model"] + [f"decode@{c}" for c in contexts] + [f"@{contexts[-1]} / @{contexts[0]}"],
                         [[n] + [_speed(e, f"decode@{c}") for c in contexts] + [_flatness(e, contexts)]
                          for n, e in lm.items() if any(k.startswith("decode@") for k in e["measures"])])
@@ -400,7 +401,7 @@ def settings(args) -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], **SMALL, "batch": args.batch,
-            "seq": args.seq, "decode_contexts": args.decode_contexts, "decode_tokens": DECODE_TOKENS,
+            "seq": args.seq, "decode_contexts": args.decode_contexts, "decode_tokens": args.decode_tokens,
             "image": {**IMAGE_SMALL, "batch": args.image_batch},
             "iters": args.iters, "threads": args.threads,
             "dtype": "bf16 autocast" if args.bf16 else "fp32", "torch": torch.__version__,
@@ -416,6 +417,9 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048], help="train/prefill lengths")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096, 16384],
                    help="decode contexts besides --seq")
+    p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS,
+                   help="greedy tokens timed per decode sample (TTT-E2E steps once per mini-batch of 1,024: "
+                        "time that many to include its steps at their rate)")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                    help="which measures to run (e.g. only decode)")
     p.add_argument("--types", nargs="+",
@@ -448,6 +452,8 @@ def parse_args(argv=None):
     known_variants = {v for vs in registered.values() for v in vs}
     if args.variants and (unknown := [v for v in args.variants if v not in known_variants]):
         p.error(f"unknown variant(s) {unknown}; registered: {sorted(known_variants)}")
+    if args.decode_tokens < 1:
+        p.error(f"--decode-tokens must be at least 1 (got {args.decode_tokens})")
     if args.quick:
         args.seq, args.decode_contexts, args.iters, args.idle_wait, args.image_batch = [128], [256], 1, 0.0, 2
     return args

@@ -99,10 +99,10 @@ class CausalLM:
         return cache, out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
-    def decode(self, state) -> None:
-        """DECODE_TOKENS greedy tokens one at a time from `state` (which it advances)."""
+    def decode(self, state, tokens: int = DECODE_TOKENS) -> None:
+        """`tokens` greedy tokens one at a time from `state` (which it advances)."""
         cache, token = state
-        for _ in range(DECODE_TOKENS):
+        for _ in range(tokens):
             out = self.module(token, **{self.cache_field: cache}, use_cache=True)
             cache, token = getattr(out, self.cache_field), out.logits[:, -1:].argmax(-1)
 

@@ -101,3 +101,23 @@ def test_a_run_stopped_midway_keeps_the_measures_it_finished(bench, monkeypatch,
         assert measures[first]["tok_s"] > 0 and len(measures[first]["seconds"]) == 1, name
         assert second not in measures, name
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_decode_times_the_number_of_tokens_asked_for(bench, monkeypatch, tmp_path):
+    # --decode-tokens sets the greedy tokens of every timed decode sample (TTT-E2E steps once per
+    # mini-batch: a sample shorter than one charges its step to those few tokens)
+    adapter = sys.modules["models"].CausalLM  # bench.py's own import of bench/models.py
+    decode, asked = adapter.decode, []
+
+    def counting(self, state, tokens):
+        asked.append(tokens)
+        decode(self, state, tokens)
+
+    monkeypatch.setattr(adapter, "decode", counting)
+    argv = ["--quick", "--types", "ttt", "--variants", "linear", "--no-layers", "--no-peers", "--kinds", "decode",
+            "--decode-tokens", "3", "--threads", "1", "--out", str(tmp_path)]
+    results = bench.main(argv)
+    assert asked and set(asked) == {3}
+    assert results["settings"]["decode_tokens"] == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--decode-tokens", "0"])
