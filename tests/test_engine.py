@@ -434,6 +434,96 @@ def test_checkpoint_groups_do_not_change_results():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+NORM_CASES = {"titans": (False, "momentum"), "forgetting": (False, "decay"), "cms": (True, "plain")}
+
+
+def long_bounded_inputs(optimizer: str, chunks: int = 24, max_lr: float = 2.0):
+    """float64 inputs of `chunks` chunks of 4 tokens, at inner lrs where the step bound is active."""
+    return make_inputs(optimizer=optimizer, length=4 * chunks, dtype=torch.float64, max_lr=max_lr)
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_carried_spectral_norms_bound_the_exact_ones_within_the_slack(case, monkeypatch):
+    """After every commit the state's carried spectral norms (the step bound's, for the fast model's later
+    layers) are upper bounds of the exact norms of the committed weights, at most 1 / (1 - 2 NORM_SLACK)
+    times them; the eigensolver runs on the rows whose carried norm got too loose, fewer than half the
+    rows of all commits."""
+    import tto.engine.memory as memory_module
+    from tto.engine.fast_models import spectral_norm
+
+    swiglu, optimizer = NORM_CASES[case]
+    rows = []  # rows whose norm the eigensolver computes, per call
+    monkeypatch.setattr(memory_module, "spectral_norm", lambda w: rows.append(w.shape[0]) or spectral_norm(w))
+    mem = make_memory(2, optimizer, swiglu=swiglu).double()
+    # small steps and weak forgetting: the weights change by a little per commit, so the norms carry over
+    # several (forgetting 0.2 per token would replace most of the weights every few chunks)
+    q, k, v, gates = long_bounded_inputs(optimizer, max_lr=1e-3)
+    if "forget" in gates:
+        gates["forget"] = gates["forget"] * 0.01
+    state: dict = {}
+    for lo in range(0, q.shape[1], 4):
+        mem(q[:, lo:lo + 4], k[:, lo:lo + 4], v[:, lo:lo + 4], {n: g[:, lo:lo + 4] for n, g in gates.items()}, None, state)
+        for name in mem.norm_names:
+            exact = torch.linalg.matrix_norm(state["memory.W." + name], ord=2)
+            carried = state["memory.carried.norm." + name]
+            assert bool((carried >= exact * (1 - 1e-12)).all()), (lo, name)
+            assert bool((carried <= exact / (1 - 2 * memory_module.NORM_SLACK) + 1e-12).all()), (lo, name)
+    n_rows, commits = q.shape[0] * q.shape[2], q.shape[1] // 4
+    assert mem.norm_names and n_rows < sum(rows) < n_rows * commits / 2, rows
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_carried_spectral_norms_stream_and_match_naive(case, monkeypatch):
+    """With the step bound active, one call, chunk-by-chunk calls (the carried norms through the state)
+    and the naive reference (its own carried norms, an SVD for the exact ones) give the same outputs and
+    committed weights; recomputing every norm exactly (NORM_SLACK = 0) gives different ones, so the
+    carried norms are what these runs use, and the naive reference follows that too. (The steps that make
+    the bound active move these small weights by more than the default slack per commit: a large slack
+    keeps the norms carried for several commits.)"""
+    import tto.engine.memory as memory_module
+
+    monkeypatch.setattr(memory_module, "NORM_SLACK", 0.4)
+    swiglu, optimizer = NORM_CASES[case]
+    mem = make_memory(2, optimizer, swiglu=swiglu).double()
+    q, k, v, gates = long_bounded_inputs(optimizer)
+
+    def runs():
+        whole = mem(q, k, v, gates)
+        state: dict = {}
+        pieces = [mem(q[:, lo:lo + 4], k[:, lo:lo + 4], v[:, lo:lo + 4], {n: g[:, lo:lo + 4] for n, g in gates.items()},
+                      None, state) for lo in range(0, q.shape[1], 4)]
+        naive, _, committed = naive_memory(mem, q, k, v, gates)
+        torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(naive, whole, atol=1e-10, rtol=1e-10)
+        for row in range(q.shape[0]):
+            for name, w in committed[row].items():
+                torch.testing.assert_close(state["memory.W." + name][row], w, atol=1e-10, rtol=1e-10)
+        return whole
+
+    carried = runs()
+    monkeypatch.setattr(memory_module, "NORM_SLACK", 0.0)
+    exact = runs()
+    assert (carried - exact).abs().max() > 1e-6
+
+
+def test_a_restarted_row_recomputes_its_carried_norms():
+    """restart_rows marks the restarted rows' carried norms unknown (NaN), the others keep theirs; the
+    next commit gives the restarted row the exact norm of its weights."""
+    mem = make_memory(2, "momentum").double()
+    q, k, v, gates = long_bounded_inputs("momentum", chunks=3)
+    state: dict = {}
+    mem(q[:, :8], k[:, :8], v[:, :8], {n: g[:, :8] for n, g in gates.items()}, None, state)
+    before = state["memory.carried.norm.W2"].clone()
+    mem.restart_rows(state, torch.tensor([False, True, False]))
+    after = state["memory.carried.norm.W2"]
+    assert torch.isnan(after[1]).all() and torch.equal(after[[0, 2]], before[[0, 2]])
+    mem(q[:, 8:], k[:, 8:], v[:, 8:], {n: g[:, 8:] for n, g in gates.items()}, None, state)
+    norm = state["memory.carried.norm.W2"]
+    assert torch.isfinite(norm).all()
+    exact = torch.linalg.matrix_norm(state["memory.W.W2"][1], ord=2)
+    torch.testing.assert_close(norm[1], exact, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_max_slope_bounds_the_activation_slope_tightly(name):
     """:data:`MAX_SLOPES` (the step bound's screen) is at least ``|activation'(z)|`` on a grid of spacing
@@ -750,7 +840,8 @@ def delta_scan(chunk, q, k, v, beta, log_decay, s0):
     heads = q.shape[2]
     layout = Layout.build(None, q.shape[1], q.shape[0], chunk, q.device, commit_incomplete=True)
     chunks = {n: layout.chunks(t) for n, t in {"q": q, "k": k, "v": v, "gate.lr": beta, "gate.log_decay": log_decay}.items()}
-    reads, params, _ = memory._scan({"S": s0.flatten(0, 1)}, None, chunks, layout.chunk_valid(heads), layout.n_commit, False)
+    reads, params, *_ = memory._scan({"S": s0.flatten(0, 1)}, None, {}, chunks, layout.chunk_valid(heads), layout.n_commit,
+                                     False)
     return layout.tokens(reads), params["S"].unflatten(0, (q.shape[0], heads))
 
 

@@ -146,13 +146,15 @@ class ChunkwiseMemory(Float32Parameters):
         `tokens` {"q", "k", "v": (B, T, H, d)} in the inner dtype."""
         raise NotImplementedError
 
-    def _scan(self, params: dict, momentum: dict | None, chunks: dict, valid: torch.Tensor, n_commit: int,
-              read_start: bool | str) -> tuple[torch.Tensor, dict, dict | None]:
+    def _scan(self, params: dict, momentum: dict | None, carried: dict, chunks: dict, valid: torch.Tensor,
+              n_commit: int, read_start: bool | str) -> tuple[torch.Tensor, dict, dict | None, dict]:
         """Run all chunks: `chunks` {"q", "k", "v", "gate.<name>"} (B * H, n, C, ...), `valid`
         (B * H, n, C); the first `n_commit` chunks update the weights, the rest are only read.
-        Returns (reads (B * H, n, C, d_v), or (B * H, n, 2, C, d_v) with the chunk-start reads
-        second, the committed params, momentum). ``read_start="end"`` (a non-causal call, engines
-        without :attr:`causal_only`): each chunk's queries read the weights it commits."""
+        `carried`: the values the engine carries from commit to commit beside the weights ({name:
+        (B * H,)}, empty for a new sequence; :mod:`tto.engine.layout`). Returns (reads (B * H, n, C,
+        d_v), or (B * H, n, 2, C, d_v) with the chunk-start reads second, the committed params,
+        momentum, carried values). ``read_start="end"`` (a non-causal call, engines without
+        :attr:`causal_only`): each chunk's queries read the weights it commits."""
         raise NotImplementedError
 
     def _read_chunk(self, params: dict, momentum: dict | None, chunk: dict, valid: torch.Tensor, first: int,
@@ -232,7 +234,7 @@ class ChunkwiseMemory(Float32Parameters):
         earlier = {n: tokens[n].new_zeros(batch, self.lookback, *tokens[n].shape[2:]) for n in self.lookback_names}
         layout = Layout.build(None, total, batch, total, q.device)
         chunks, _ = self._chunked(layout, tokens, earlier)
-        reads, _, _ = self._scan(params, momentum, chunks, layout.chunk_valid(heads), layout.n_commit, "end")
+        reads, *_ = self._scan(params, momentum, {}, chunks, layout.chunk_valid(heads), layout.n_commit, "end")
         return layout.tokens(reads)
 
     def _pipeline(self, q, k, v, gates, mask, state, read_start: bool | str):
@@ -246,13 +248,13 @@ class ChunkwiseMemory(Float32Parameters):
         if loaded is None:
             params, momentum = self.initial_weights(tokens)
             earlier = {n: tokens[n].new_zeros(batch, self.lookback, *tokens[n].shape[2:]) for n in self.lookback_names}
-            pending, n_pending = {}, None
+            carried, pending, n_pending = {}, {}, None
         else:
-            params, momentum, pending, n_pending = loaded
+            params, momentum, carried, pending, n_pending = loaded
         held = pending["q"].shape[1] if pending else 0
         if (mask is None and not self.commits_incomplete_chunk and not self.lookback_names
                 and held + new_len < self.chunk_size and (n_pending is None or bool((n_pending == held).all()))):
-            return self._append(params, momentum, tokens, pending, state, read_start, loaded is None)
+            return self._append(params, momentum, carried, tokens, pending, state, read_start, loaded is None)
         if loaded is not None:
             tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
             earlier = {n: state[self.prefix + "window." + n] for n in self.lookback_names}
@@ -273,10 +275,10 @@ class ChunkwiseMemory(Float32Parameters):
             reads = F.pad(reads, (0, 0, first, 0))[:, None]
         else:
             chunks, earlier = self._chunked(layout, tokens, earlier)
-            reads, params, momentum = self._scan(params, momentum, chunks, layout.chunk_valid(heads), layout.n_commit,
-                                                 read_start)
+            reads, params, momentum, carried = self._scan(params, momentum, carried, chunks, layout.chunk_valid(heads),
+                                                          layout.n_commit, read_start)
         if state is not None:
-            store_state(state, self.prefix, heads, params, momentum, tokens, layout,
+            store_state(state, self.prefix, heads, params, momentum, carried, tokens, layout,
                         0 if self.commits_incomplete_chunk else self.chunk_size)
             state.update({self.prefix + "window." + n: detached(t) for n, t in earlier.items()})
         if read_start is True:
@@ -292,8 +294,8 @@ class ChunkwiseMemory(Float32Parameters):
             chunks["prev." + name], after[name] = layout.lookback(tokens[name], t)
         return chunks, after
 
-    def _append(self, params, momentum, tokens: dict, pending: dict, state: dict | None, read_start: bool | str,
-                new: bool):
+    def _append(self, params, momentum, carried: dict, tokens: dict, pending: dict, state: dict | None,
+                read_start: bool | str, new: bool):
         """A call that completes no chunk and follows no pending tokens but real ones (decoding one
         token without a mask): the layout is the identity, so its chunk is the pending tokens and
         then the new ones, of which only the new ones are read (by the new queries alone where the
@@ -312,7 +314,7 @@ class ChunkwiseMemory(Float32Parameters):
         reads = self._read_chunk(params, momentum, chunk, valid, held, read_start, cache)
         if state is not None:
             if new:
-                store_weights(state, self.prefix, heads, params, momentum)
+                store_weights(state, self.prefix, heads, params, momentum, carried)
             append_pending(state, self.prefix, heads, tokens, cache, self.chunk_size)
         if read_start is True:
             return tuple(tokens_first(r, batch) for r in reads.unbind(1))
@@ -320,13 +322,14 @@ class ChunkwiseMemory(Float32Parameters):
 
     def restart_rows(self, state: dict, rows: torch.Tensor) -> None:
         """Rows `rows` (B,) bool of `state` continue as new sequences: their fast weights go back to
-        the initial ones and their momentum to zero (TNT's local memories at a shard boundary). Only
-        where those rows hold no pending real tokens (a chunk boundary of theirs); the pending
-        tokens' cached values are dropped. A state without this engine's entries is left alone."""
+        the initial ones and their momentum to zero (TNT's local memories at a shard boundary), their
+        carried values to NaN (not known). Only where those rows hold no pending real tokens (a chunk
+        boundary of theirs); the pending tokens' cached values are dropped. A state without this
+        engine's entries is left alone."""
         loaded = load_state(state, self.prefix, self.param_names(), self.has_momentum)
         if loaded is None or not bool(rows.any()):
             return
-        params, momentum, pending, n_pending = loaded
+        params, momentum, carried, pending, n_pending = loaded
         if bool((n_pending[rows] > 0).any()):
             raise ValueError("restart_rows: a restarted row still holds pending tokens (not at a chunk boundary)")
         heads = state[self.prefix + "W." + self.param_names()[0]].shape[1]
@@ -334,7 +337,8 @@ class ChunkwiseMemory(Float32Parameters):
         restart = rows.repeat_interleave(heads)
         keep = lambda fresh, old: torch.where(restart.view(-1, *[1] * (old.dim() - 1)), fresh, old)  # noqa: E731
         store_weights(state, self.prefix, heads, {n: keep(start[n], p) for n, p in params.items()},
-                      None if momentum is None else {n: keep(start_momentum[n], m) for n, m in momentum.items()})
+                      None if momentum is None else {n: keep(start_momentum[n], m) for n, m in momentum.items()},
+                      {n: keep(torch.full_like(c, float("nan")), c) for n, c in carried.items()})
         for n, t in pending.items():
             state[self.prefix + "pending." + n] = t
         state[self.prefix + "n_pending"] = n_pending

@@ -87,7 +87,7 @@ class DeltaRule(ChunkwiseMemory):
         return gates
 
     # ------------------------------------------------------------------ the scan
-    def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
+    def _scan(self, params, momentum, carried, chunks, valid, n_commit, read_start):
         """The WY form of every chunk at once (module docstring), then the chunk-to-chunk scan.
         Pad slots hold zeros: beta = 0 and log a = 0, identity steps."""
         q, k, v, beta = chunks["q"], chunks["k"], chunks["v"], chunks["gate.lr"]  # (N, n, C, ...)
@@ -111,7 +111,7 @@ class DeltaRule(ChunkwiseMemory):
         for chunk in zip(*(x.unbind(1) for x in (q, qk, u_v, w, gamma, to_end))):
             out, s = self.step(s, *chunk)
             outs.append(out)
-        return torch.stack(outs, dim=1), {"S": s}, None
+        return torch.stack(outs, dim=1), {"S": s}, None, carried
 
     @staticmethod
     def _chunk(s, q, qk, u_v, w, gamma, to_end):

@@ -97,6 +97,8 @@ class FastModel(nn.Module):
     #: weights; a single linear layer's do not (its input is the key, its gain is fixed), and the engine
     #: then bounds all chunks at once, before the scan (:mod:`tto.engine.memory`)
     curvature_reads_weights = True
+    #: the weights whose spectral norms :meth:`curvature_gains` reads (a later layer's, bounding its Jacobian)
+    norm_weights: tuple[str, ...] = ()
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -123,14 +125,20 @@ class FastModel(nn.Module):
         """Forward `x` at `params`, then backward ``dloss(y)``: [(name, input, delta)] per layer."""
         raise NotImplementedError
 
-    def curvature_gains(self, params: dict, inputs: dict[str, torch.Tensor],
-                        bound: "GainBound | None" = None) -> dict[str, torch.Tensor]:
+    def curvature_gains(self, params: dict, inputs: dict[str, torch.Tensor], bound: "GainBound | None" = None,
+                        norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Per fast linear layer, a bound (N, b) per token on ``||d f / d z||_2^2`` (z the layer's
         output) at `params`, given every layer's inputs (N, b, d_l) there: a token's Gauss-Newton
         curvature of the inner loss in that layer's weights is at most ``loss curvature * (||layer
         input||^2 [+ 1 with a bias]) * gain``. `bound` (default :data:`EXACT_GAINS`) says how the later
-        layers' Jacobians are bounded; the looser :data:`SCREEN_GAINS` give upper bounds of these gains."""
+        layers' Jacobians are bounded; the looser :data:`SCREEN_GAINS` give upper bounds of these gains.
+        `norms` {name: (N,)}: upper bounds of the :attr:`norm_weights`' spectral norms that the caller
+        holds (:meth:`tto.engine.Memory.carried_norms`), used instead of ``bound.norm``."""
         raise NotImplementedError
+
+    def _norm(self, params: dict, name: str, bound: "GainBound", norms: dict | None) -> torch.Tensor:
+        """``||W_name||_2`` (N,) or an upper bound of it: the caller's `norms`, else ``bound.norm``."""
+        return norms[name] if norms is not None else bound.norm(params[name])
 
 
 def _smaller_gram(w: torch.Tensor) -> torch.Tensor:
@@ -215,6 +223,7 @@ class MLPMemory(FastModel):
             raise ValueError(f"x + LN(g(x)) needs equal input and output widths (got {in_dim} -> {dim})")
         dims = [in_dim] + [dim * expansion] * (depth - 1) + [dim]
         self.weight_names = tuple(f"W{i + 1}" for i in range(depth))
+        self.norm_weights = self.weight_names[1:]
         self.has_bias = bias
         for i, name in enumerate(self.weight_names):
             self.register_parameter(name, nn.Parameter(torch.empty(num_heads, dims[i], dims[i + 1])))
@@ -271,7 +280,7 @@ class MLPMemory(FastModel):
         applies it once to all read-outs instead of chunk by chunk."""
         return x + self._layer_norm(h)[0] if self.residual_norm else h
 
-    def curvature_gains(self, params, inputs, bound=None):
+    def curvature_gains(self, params, inputs, bound=None, norms=None):
         """Backward through the layers: the last layer's gain is 1, or ``max |gamma|^2`` with the
         ``x + LN(g(x))`` wrapper (the LayerNorm's Jacobian at unit-RMS g: LN(g) does not change when
         g is scaled, so a step that its 1 / RMS(g) factor would call large grows g and shrinks that
@@ -300,7 +309,7 @@ class MLPMemory(FastModel):
                     slope = self.act_backward(torch.ones_like(z), z).abs().amax(-1).nan_to_num(0.0, 0.0, 0.0)
                 else:
                     slope = self.max_slope
-                gain = gain * (slope * bound.norm(params[name])[:, None]).pow(2)
+                gain = gain * (slope * self._norm(params, name, bound, norms)[:, None]).pow(2)
         return gains
 
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
@@ -341,6 +350,7 @@ class SwiGLUMemory(FastModel):
     Initialised as LaCT: entries ~ N(0, 1 / fan_in) times ``init_gain``."""
 
     weight_names = ("W0", "W2", "W1")
+    norm_weights = ("W1",)
 
     def __init__(self, num_heads: int, dim: int, *, expansion: float = 1.0, init_gain: float = 1.0,
                  hidden: int | None = None):
@@ -365,7 +375,7 @@ class SwiGLUMemory(FastModel):
     def plain_linear(self, params: dict[str, torch.Tensor]) -> Linear:
         return lambda name, x: x @ params[name]
 
-    def curvature_gains(self, params, inputs, bound=None):
+    def curvature_gains(self, params, inputs, bound=None, norms=None):
         """With ``z0 = x W0``, ``z2 = x W2`` and ``f = (silu(z0) * z2) W1``, the Jacobians of f in the
         layers' outputs are ``I`` (W1), ``diag(silu'(z0) * z2) W1`` (W0) and ``diag(silu(z0)) W1`` (W2),
         so the gains are 1, ``a_s^2 ||W1||_2^2`` with ``a_s = max_j |silu'(z0_sj) z2_sj|`` and
@@ -384,7 +394,7 @@ class SwiGLUMemory(FastModel):
             largest = lambda w: w.norm(dim=-2).amax(-1)[:, None]  # noqa: E731  (N, 1): the longest column
             slope = MAX_SLOPES["silu"] * norm * largest(params["W2"])
             level = norm * largest(params["W0"])
-        out = bound.norm(params["W1"])[:, None].pow(2)
+        out = self._norm(params, "W1", bound, norms)[:, None].pow(2)
         gains = {"W0": slope.pow(2) * out, "W2": level.pow(2) * out, "W1": torch.ones_like(slope)}
         return {name: gains[name].nan_to_num(0.0, 0.0, 0.0) for name in self.weight_names}
 

@@ -60,7 +60,7 @@ class LargeChunkMemory(ChunkwiseMemory):
         return naive_large_chunk(self, q, k, v, gates, mask)
 
     # ------------------------------------------------------------------ the scan
-    def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
+    def _scan(self, params, momentum, carried, chunks, valid, n_commit, read_start):
         lr = chunks["gate.lr"]  # (N, n, C, n_weights), 0 at pad slots
         mean_gate = None
         if self.has_momentum:  # each chunk's mean momentum gate over its real tokens (N, n)
@@ -75,7 +75,7 @@ class LargeChunkMemory(ChunkwiseMemory):
                 if self.muon is not None:
                     step = {n: self.muon.orthogonalize(s) for n, s in step.items()}
                 params = self.retention.commit(params, {n: params[n] + s for n, s in step.items()}, None, active)
-        return torch.stack(reads, dim=1), params, momentum
+        return torch.stack(reads, dim=1), params, momentum, carried
 
     def reads_pending(self, read_start):
         return False  # every token reads the chunk-start weights

@@ -29,6 +29,10 @@ State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
     <prefix>.cache.<name>    the engine's per-token values of the pending     (B, heads, pending, ...)
                              tokens, while they are all real (the chunk's
                              keys' gradients at the committed weights)
+    <prefix>.carried.<name>  a value per row that the engine carries from     (B, heads)
+                             commit to commit beside the weights (NaN: not
+                             known, the engine recomputes it; the step
+                             bound's spectral norms, :meth:`tto.engine.Memory.carried_norms`)
 """
 
 from __future__ import annotations
@@ -156,15 +160,17 @@ class Layout:
 
 
 def load_state(state: dict | None, prefix: str, names, with_momentum: bool):
-    """What a previous call left in `state` under `prefix`: (params, momentum or None, pending
-    tokens, pending counts (B,)), params as (batch * heads, ...); None when the sequence is new."""
+    """What a previous call left in `state` under `prefix`: (params, momentum or None, carried values,
+    pending tokens, pending counts (B,)), params as (batch * heads, ...), carried as (batch * heads,);
+    None when the sequence is new."""
     if state is None or prefix + "n_pending" not in state:
         return None
     unpack = lambda key: state[key].flatten(0, 1)  # noqa: E731
     params = {n: unpack(prefix + "W." + n) for n in names}
     momentum = {n: unpack(prefix + "S." + n) for n in names} if with_momentum else None
+    carried = {k[len(prefix + "carried."):]: unpack(k) for k in state if k.startswith(prefix + "carried.")}
     pending = {k[len(prefix + "pending."):]: v for k, v in state.items() if k.startswith(prefix + "pending.")}
-    return params, momentum, pending, state[prefix + "n_pending"]
+    return params, momentum, carried, pending, state[prefix + "n_pending"]
 
 
 def prepend_pending(tokens: dict, pending: dict, n_pending: torch.Tensor, mask: torch.Tensor | None):
@@ -179,9 +185,9 @@ def prepend_pending(tokens: dict, pending: dict, n_pending: torch.Tensor, mask: 
     return tokens, torch.cat([old, new], dim=1)
 
 
-def store_weights(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None) -> None:
-    """Replace all of `prefix`'s entries of `state` with the committed params (and momentum), split
-    back to (batch, heads, ...); pending tokens and their cache are dropped."""
+def store_weights(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, carried: dict) -> None:
+    """Replace all of `prefix`'s entries of `state` with the committed params (and momentum) and the
+    carried values, split back to (batch, heads, ...); pending tokens and their cache are dropped."""
     for key in [k for k in state if k.startswith(prefix)]:
         del state[key]
     split = lambda t: detached(t).unflatten(0, (-1, heads))  # noqa: E731
@@ -189,14 +195,17 @@ def store_weights(state: dict, prefix: str, heads: int, params: dict, momentum: 
         state[prefix + "W." + n] = split(p)
         if momentum is not None:
             state[prefix + "S." + n] = split(momentum[n])
+    for n, t in carried.items():
+        state[prefix + "carried." + n] = split(t)
 
 
-def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, tokens: dict,
-                layout: Layout, capacity: int) -> None:
-    """Replace `prefix`'s entries of `state` with the committed params (and momentum), split back
-    to (batch, heads, ...), and the tokens of the incomplete last chunk as pending, in buffers of
-    `capacity` slots (:func:`tto.cache.appended`; 0: no room kept, for an engine that keeps nothing pending)."""
-    store_weights(state, prefix, heads, params, momentum)
+def store_state(state: dict, prefix: str, heads: int, params: dict, momentum: dict | None, carried: dict,
+                tokens: dict, layout: Layout, capacity: int) -> None:
+    """Replace `prefix`'s entries of `state` with the committed params (and momentum) and the carried
+    values, split back to (batch, heads, ...), and the tokens of the incomplete last chunk as pending, in
+    buffers of `capacity` slots (:func:`tto.cache.appended`; 0: no room kept, for an engine that keeps
+    nothing pending)."""
+    store_weights(state, prefix, heads, params, momentum, carried)
     start = layout.n_commit * layout.chunk_size
     tail = slice(start, start + int(layout.remainder.max()))
     for n, t in tokens.items():

@@ -67,7 +67,11 @@ Lambda_s J_s`` with ``Lambda_s <= curvature(y_s) I``, layer l's part of ``J_s J_
 E_s E_t^T`` with ``||E_s||^2 <= gain_l,s``, and for a PSD Gram matrix G,
 ``||blockdiag(E_s) (G x I) blockdiag(E_s)^T|| <= ||diag(sqrt gain) G diag(sqrt gain)||``. Keys that
 point in different directions make this the chunk's Gram matrix, not the sum of its tokens'
-curvatures. kappa = 1 exactly wherever the step is stable by itself, so the paper's update is
+curvatures. The spectral norms of the later layers' weights are carried from commit to commit as upper
+bounds (:meth:`Memory.carried_norms`: ``||W'||_2 <= |beta| ||W||_2 + ||W' - beta W||_F``, the eigensolver
+again only where the carried part passes :data:`NORM_SLACK` of the bound, so each is at most 1.053 times
+the exact norm; kept in the decoding state, so a sequence streamed in pieces uses the same ones).
+kappa = 1 exactly wherever the step is stable by itself, so the paper's update is
 computed unchanged there; the reads inside a chunk are the
 paper's in any case (a bound that depended on a chunk's later tokens would break causality), and a
 read-only incomplete chunk commits nothing. kappa is differentiated with respect to the gates
@@ -106,7 +110,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .chunkwise import ChunkwiseMemory
-from .fast_models import EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, flush_subnormal, upcast
+from .fast_models import EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, flush_subnormal, spectral_norm, upcast
 from .objectives import Objective
 from .muon import naive_newton_schulz
 from .optimizers import (Coefficients, InnerOptimizer, StepGates, bound_factor, stable_bound_factor, stable_step_factor,
@@ -118,6 +122,10 @@ from .retention import Retention
 #: where the bound is active on most chunks (Titans at chunk 8: 93%), a screen is wasted work (10% of a training
 #: step). Only the cost depends on it: where a screen passes, the exact bound gives kappa = 1 too.
 SCREEN_MAX_SKIPS = 16
+#: the spectral norms the step bound reads are carried from commit to commit as upper bounds
+#: (:meth:`Memory.carried_norms`); a row's is recomputed exactly once the carried part exceeds this
+#: fraction of it, so every bound used is at most 1 / (1 - 2 NORM_SLACK) = 1.053 times the exact norm
+NORM_SLACK = 0.025
 
 
 def _bias_name(weight_name: str) -> str:
@@ -185,6 +193,8 @@ class Memory(ChunkwiseMemory):
         #: chunks at once before the scan, the same kappa as chunk by chunk
         self.bound_before_scan = not (fast_model.curvature_reads_weights or objective.curvature_reads_output
                                       or self.retention.scales_gradients or self.retention.steps_along_momentum)
+        #: the fast weights whose spectral norms the step bound reads and carries (:meth:`carried_norms`)
+        self.norm_names = () if (self.bound_before_scan or self.retention.steps_along_momentum) else fast_model.norm_weights
         #: (chunks left on which the step bound skips its screens, the last such count) in the current
         #: call: SCREEN_MAX_SKIPS
         self._screen_schedule = (0, 0)
@@ -268,48 +278,53 @@ class Memory(ChunkwiseMemory):
         qk = torch.bmm(q.flatten(0, -3), k.flatten(0, -3).transpose(-1, -2)).view(*q.shape[:-1], k.shape[-2])
         return qk + 1.0 if _bias_name(self.fast.weight_names[0]) in params else qk
 
-    def _scan(self, params, momentum, chunks, valid, n_commit, read_start):
+    def _scan(self, params, momentum, carried, chunks, valid, n_commit, read_start):
         n = valid.shape[1]
         queries = chunks["q"]
         # each call starts the screens' schedule afresh: a recomputation of the whole call (a checkpointed
         # layer) then takes the branches of its forward, as checkpoint needs (the same saved tensors)
         self._screen_schedule = (0, 0)
         chunk_list = self._chunk_inputs(params, chunks, valid, read_start in ("only", "end"))
+        if n_commit:
+            carried = self.carried_norms(params, carried)
         outs = []
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
         for lo in range(0, n, group):
             hi = min(n, lo + group)
             # and so does a group's recomputation, from the schedule its forward started with
-            run = lambda p, m, lo=lo, hi=hi, schedule=self._screen_schedule: self._chunks(  # noqa: E731
-                p, m, chunk_list[lo:hi], n_commit - lo, read_start, schedule)
+            run = lambda p, m, c, lo=lo, hi=hi, schedule=self._screen_schedule: self._chunks(  # noqa: E731
+                p, m, c, chunk_list[lo:hi], n_commit - lo, read_start, schedule)
             if group < n:
-                out, params, momentum = checkpoint(run, params, momentum, use_reentrant=False)
+                out, params, momentum, carried = checkpoint(run, params, momentum, carried, use_reentrant=False)
             else:
-                out, params, momentum = run(params, momentum)
+                out, params, momentum, carried = run(params, momentum, carried)
             outs.append(out)
         reads = torch.cat(outs, dim=1)  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
         x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start is True else queries
-        return self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape), params, momentum
+        reads = self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape)
+        return reads, params, momentum, carried
 
-    def _chunks(self, params, momentum, chunks: list[Chunk], n_commit: int, read_start: bool | str,
+    def _chunks(self, params, momentum, carried: dict, chunks: list[Chunk], n_commit: int, read_start: bool | str,
                 screen_schedule: tuple[int, int]):
         """Run consecutive chunks; the first `n_commit` of them update the weights. Read-outs
         (N, chunks, C, d), or (N, chunks, 2, C, d) with the chunk-start reads second
         (``read_start=True``), or the chunk-start reads alone (N, chunks, C, d) with "only", or the
-        reads of the weights each chunk commits with "end". The step bound's screens start from
-        `screen_schedule` (:data:`SCREEN_MAX_SKIPS`)."""
+        reads of the weights each chunk commits with "end"; the end params, momentum and carried
+        norms (:meth:`carried_norms`). The step bound's screens start from `screen_schedule`
+        (:data:`SCREEN_MAX_SKIPS`)."""
         self._screen_schedule = screen_schedule
         outs = []
         for i, chunk in enumerate(chunks):
+            norms = {name: carried["norm." + name] for name in self.norm_names} if i < n_commit and self.norm_names else None
             if read_start in ("only", "end"):  # no read inside the chunk: the start (end) weights' reads, the commit
                 out = self.fast.core(chunk.q, self.fast.plain_linear(params)) if read_start == "only" else None
                 if i < n_commit:
                     new_params, new_momentum = self._commit(params, momentum, chunk.k, chunk.v, chunk.coefficients,
-                                                            chunk.step_gates, chunk.kappa, chunk.objective_gates)
+                                                            chunk.step_gates, chunk.kappa, chunk.objective_gates, norms)
             else:
                 out, new_params, new_momentum = self.step(params, momentum, chunk.q, chunk.k, chunk.v, chunk.mixed_qk,
                                                           chunk.coefficients, chunk.step_gates, chunk.kappa,
-                                                          chunk.objective_gates)
+                                                          chunk.objective_gates, norms)
                 if read_start:
                     out = torch.stack([out, self.fast.core(chunk.q, self.fast.plain_linear(params))], dim=1)
             if i < n_commit:
@@ -317,11 +332,56 @@ class Memory(ChunkwiseMemory):
                     decay = chunk.coefficients.decay
                     new_params = self.retention.commit(params, new_params, None if decay is None else decay[:, -1],
                                                        chunk.active, new_momentum, chunk.coefficients.step)
-                params, momentum = flush_subnormal(new_params), flush_subnormal(new_momentum)
+                new_params, momentum = flush_subnormal(new_params), flush_subnormal(new_momentum)
+                if self.norm_names:
+                    carried = self.carried_norms(new_params, self._carry_norms(params, new_params, carried))
+                params = new_params
             if out is None:  # "end": the committed weights
                 out = self.fast.core(chunk.q, self.fast.plain_linear(params))
             outs.append(out)
-        return torch.stack(outs, dim=1), params, momentum
+        return torch.stack(outs, dim=1), params, momentum, carried
+
+    def carried_norms(self, params: dict, carried: dict) -> dict:
+        """The carried values before a commit: for each weight the step bound reads the spectral norm of
+        (:attr:`norm_names`), ``norm.<name>`` (N,), an upper bound of ``||W||_2`` at `params`, and
+        ``slack.<name>``, the part of it carried across commits (:meth:`_carry_norms`) rather than computed.
+        Rows whose slack exceeds :data:`NORM_SLACK` of their bound, or whose values are not known (a new
+        sequence, a restarted row: NaN), get the exact norm (:func:`~tto.engine.fast_models.spectral_norm`,
+        an eigensolver) and slack 0. The bound b is ``a + s`` with a the exact norm at the last recomputation
+        times the commits' factors |beta| and s the slack; the exact norm is at least ``a - s`` (the same
+        inequalities the other way), so with ``s <= NORM_SLACK b`` the bound is at most ``1 / (1 - 2
+        NORM_SLACK)`` times the exact norm. The eigensolver runs once per many commits instead of at every one."""
+        out = dict(carried)
+        for name in self.norm_names:
+            bound, slack = carried.get("norm." + name), carried.get("slack." + name)
+            weights = params[name].detach()
+            if bound is None:
+                bound = spectral_norm(weights)
+                slack = torch.zeros_like(bound)
+            else:
+                stale = ~(slack <= NORM_SLACK * bound)  # NaN compares False: stale
+                if torch.compiler.is_compiling():  # no branch on a value: every row's exact norm
+                    bound = torch.where(stale, spectral_norm(weights), bound)
+                elif bool(stale.any()):  # the eigensolver on the stale rows alone
+                    bound = bound.masked_scatter(stale, spectral_norm(weights[stale]))
+                slack = torch.where(stale, 0.0, slack)
+            out["norm." + name], out["slack." + name] = bound, slack
+        return out
+
+    def _carry_norms(self, before: dict, after: dict, carried: dict) -> dict:
+        """The carried norms of `after`, the weights a commit leaves, from those of `before`: for any
+        scalar beta, ``||W'||_2 <= |beta| ||W||_2 + ||W' - beta W||_2 <= |beta| ||W||_2 + ||W' - beta W||_F``
+        (the triangle inequality; the Frobenius norm bounds the spectral one), with beta the least-squares
+        ``<W', W>_F / ||W||_F^2`` (a forget gate's decay, momentum and the update leave W' close to a multiple
+        of W); the slack grows by the same terms."""
+        out = dict(carried)
+        for name in self.norm_names:
+            w, new = before[name].detach(), after[name].detach()
+            beta = (w * new).sum((-2, -1)) / w.pow(2).sum((-2, -1)).clamp_min(torch.finfo(w.dtype).tiny)
+            rest = torch.linalg.matrix_norm(new - beta[:, None, None] * w)
+            out["norm." + name] = beta.abs() * carried["norm." + name] + rest
+            out["slack." + name] = beta.abs() * carried["slack." + name] + rest
+        return out
 
     def reads_pending(self, read_start):
         return read_start != "only"
@@ -398,11 +458,12 @@ class Memory(ChunkwiseMemory):
         return self.fast.core(q, read)
 
     def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, bound: StepGates | None,
-               kappa: torch.Tensor | None, objective_gates: dict):
+               kappa: torch.Tensor | None, objective_gates: dict, norms: dict | None = None):
         """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention. A
         retention that steps along the momentum (Muon) replaces the end weights: they are not
-        computed (the start weights stand in for them) and the momentum takes no step bound."""
-        grads, kappa = self._scaled_gradients(params, k, v, c, bound, kappa, objective_gates)
+        computed (the start weights stand in for them) and the momentum takes no step bound. `norms`: the
+        step bound's spectral norms at the start weights (:meth:`carried_norms`)."""
+        grads, kappa = self._scaled_gradients(params, k, v, c, bound, kappa, objective_gates, norms)
         out = self._read(params, momentum, grads, q, mixed_qk, c)
         if not self.retention.reads_chunk_end:
             new_params, new_momentum = self._end_state(params, momentum, grads, c, kappa)
@@ -421,7 +482,7 @@ class Memory(ChunkwiseMemory):
             None if momentum is None else blend(carried_momentum, linear_momentum))
 
     def _scaled_gradients(self, params, k, v, c: Coefficients, bound: StepGates | None, kappa: torch.Tensor | None,
-                          objective_gates: dict) -> tuple[list, torch.Tensor]:
+                          objective_gates: dict, norms: dict | None) -> tuple[list, torch.Tensor]:
         """The chunk's keys' gradients at its start weights `params` as :meth:`_gradients` gives them,
         times the retention's gradient scale, and the step bound kappa (N,) of its commit: `kappa` where
         it was computed before the scan, else from the gates' part `bound` (1 for a retention that steps
@@ -432,18 +493,18 @@ class Memory(ChunkwiseMemory):
             kappa = torch.ones_like(c.s_decay)
         elif kappa is None:
             kappa = self._step_bound(bound, lambda gain_bound: self.curvature_factors(params, grads, y, v, objective_gates,
-                                                                                      scale, gain_bound))
+                                                                                      scale, gain_bound, norms))
         if scale is not None:
             grads = [(name, x, delta * scale[name]) for name, x, delta in grads]
         return grads, kappa
 
     def _commit(self, params, momentum, k, v, c: Coefficients, bound: StepGates | None, kappa: torch.Tensor | None,
-                objective_gates: dict) -> tuple:
+                objective_gates: dict, norms: dict | None = None) -> tuple:
         """What :meth:`_chunk` commits, without its reads: the chunk's end weights and momentum, before
         retention, from the chunk-end coefficients `c` alone (mix (N, 1, lookback + C), decay and
         carry (N, 1)). With a retention that reads the chunk end, :meth:`_chunk`'s blend of the
         carried and the linear end state by kappa is this end state at kappa (it is affine in kappa)."""
-        grads, kappa = self._scaled_gradients(params, k, v, c, bound, kappa, objective_gates)
+        grads, kappa = self._scaled_gradients(params, k, v, c, bound, kappa, objective_gates, norms)
         return self._end_state(params, momentum, grads, c, kappa)
 
     def _carried(self, params, momentum, c: Coefficients) -> tuple:
@@ -481,15 +542,16 @@ class Memory(ChunkwiseMemory):
         return new_params, new_momentum
 
     def curvature_factors(self, params, grads, y, v, objective_gates, scale,
-                          gain_bound: GainBound = EXACT_GAINS) -> list[torch.Tensor]:
+                          gain_bound: GainBound = EXACT_GAINS, norms: dict | None = None) -> list[torch.Tensor]:
         """The chunk's curvature factors F_l (N, b, d_l [+ 1 with a bias]), one per fast layer, at the
         chunk-start weights `params` (module docstring): ``sqrt(objective curvature * gain) *
         [x^(l), 1]`` per token, so that ``||sum_s a_s H_s|| <= sum_l ||F_l^T diag(a) F_l||`` for the
         tokens' Gauss-Newton Hessians H_s and any a >= 0. `grads` as :meth:`FastModel.forward_backward`
         returns them, y the fast model's outputs; `gain_bound` how :meth:`FastModel.curvature_gains` bounds the
-        later layers (a screen's :data:`~tto.engine.fast_models.SCREEN_GAINS` give factors that bound these)."""
+        later layers (a screen's :data:`~tto.engine.fast_models.SCREEN_GAINS` give factors that bound these), with
+        the spectral norms `norms` where given (:meth:`carried_norms`)."""
         inputs = {name: x.detach() for name, x, _ in grads}
-        gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs, gain_bound)
+        gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs, gain_bound, norms)
         curvature = self.objective.curvature(y.detach(), v, objective_gates)  # (N, b)
         factors = []
         for name, x in inputs.items():
@@ -564,11 +626,11 @@ def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: i
 
 
 def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tensor, gates: dict,
-                    scale: dict | None) -> list[torch.Tensor]:
+                    scale: dict | None, norms: dict | None = None) -> list[torch.Tensor]:
     """Curvature factors of the step bound for one token x, v (heads, 1, d) at the chunk-start
     weights, one (heads, d_l) per layer: the layer's input [with a 1 for a bias] times the square root
     of the objective's curvature (the top eigenvalue of its autograd Hessian in the output) and the
-    fast model's gain."""
+    fast model's gain, with the spectral norms `norms` {name: (heads,)}."""
     fast, inputs = memory.fast, {}
     plain = fast.plain_linear({n: w.detach() for n, w in start.items()})
 
@@ -577,7 +639,7 @@ def naive_curvature(memory: Memory, start: dict, x: torch.Tensor, v: torch.Tenso
         return plain(name, h)
 
     y = fast.apply(x, recording).detach()
-    gains = fast.curvature_gains({n: w.detach() for n, w in start.items()}, inputs)
+    gains = fast.curvature_gains({n: w.detach() for n, w in start.items()}, inputs, None, norms)
     top = []
     for head in range(y.shape[0]):
         head_gates = {n: g[head: head + 1, None] for n, g in gates.items()}
@@ -620,17 +682,27 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None, chunk_size: int | No
         if scale is not None:
             grads = {n: grad * scale[n] for n, grad in grads.items()}
         curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
-                                    scale)
+                                    scale, {n: bound for n, (bound, _) in norms.items()} if norms else None)
         return grads, token_gates, [f.detach() for f in curvature]
+
+    def exact_norm(w):
+        return torch.stack([torch.linalg.matrix_norm(head.detach(), ord=2) for head in w])
 
     for row in range(batch):
         idx = (torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]).tolist()
         state = opt.naive_init(retention.start(fast.initial_params(1)))
         row_out, start, keep, last_commit = [], None, None, dict(state["W"])
+        norms = {}  # name -> (upper bound of the spectral norm (heads,), its carried part): Memory.carried_norms
         for j, t in enumerate(idx):
             pos = j % b
             if pos == 0:
                 start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
+                for name in memory.norm_names:  # recomputed where never known or carried past NORM_SLACK
+                    bound, slack = norms.get(name, (None, None))
+                    exact = exact_norm(start[name])
+                    stale = torch.ones_like(exact, dtype=torch.bool) if bound is None else ~(slack <= NORM_SLACK * bound)
+                    norms[name] = (torch.where(stale, exact, bound if bound is not None else exact),
+                                   torch.where(stale, 0.0, slack if slack is not None else exact))
                 keep = torch.ones(heads, dtype=outs.dtype)
                 earlier = [gradient(start, row, i) for i in idx[max(0, j - opt.lookback): j]]
                 if earlier:
@@ -672,6 +744,12 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None, chunk_size: int | No
                 opt.naive_chunk_end(state)
                 state["W"] = retention.chunk_end(start, state["W"], keep if "forget" in token_gates else None)
                 last_commit = dict(state["W"])
+                for name, (bound, slack) in norms.items():  # ||W'|| <= |beta| ||W|| + ||W' - beta W||_F
+                    w, new = start[name].detach(), state["W"][name].detach()
+                    beta = torch.stack([(a * c).sum() / (a * a).sum() if (a * a).sum() > 0 else a.new_zeros(())
+                                        for a, c in zip(w, new)])
+                    rest = torch.stack([torch.linalg.norm(c - s * a) for a, c, s in zip(w, new, beta)])
+                    norms[name] = (beta.abs() * bound + rest, beta.abs() * slack + rest)
         for t, o, o_start in row_out:
             outs[row, t], starts[row, t] = o, o_start
         committed.append(last_commit)
