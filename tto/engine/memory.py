@@ -362,6 +362,8 @@ class Memory(ChunkwiseMemory):
                 stale = ~(slack <= NORM_SLACK * bound)  # NaN compares False: stale
                 if torch.compiler.is_compiling():  # no branch on a value: every row's exact norm
                     bound = torch.where(stale, spectral_norm(weights), bound)
+                elif bool(stale.all()):
+                    bound = spectral_norm(weights)
                 elif bool(stale.any()):  # the eigensolver on the stale rows alone
                     bound = bound.masked_scatter(stale, spectral_norm(weights[stale]))
                 slack = torch.where(stale, 0.0, slack)
