@@ -254,7 +254,7 @@ class ChunkwiseMemory(Float32Parameters):
         held = pending["q"].shape[1] if pending else 0
         if (mask is None and not self.commits_incomplete_chunk and not self.lookback_names
                 and held + new_len < self.chunk_size and (n_pending is None or bool((n_pending == held).all()))):
-            return self._append(params, momentum, carried, tokens, pending, state, read_start, loaded is None)
+            return self._append(params, momentum, tokens, pending, state, read_start, loaded is None)
         if loaded is not None:
             tokens, valid = prepend_pending(tokens, pending, n_pending, mask)
             earlier = {n: state[self.prefix + "window." + n] for n in self.lookback_names}
@@ -294,8 +294,8 @@ class ChunkwiseMemory(Float32Parameters):
             chunks["prev." + name], after[name] = layout.lookback(tokens[name], t)
         return chunks, after
 
-    def _append(self, params, momentum, carried: dict, tokens: dict, pending: dict, state: dict | None,
-                read_start: bool | str, new: bool):
+    def _append(self, params, momentum, tokens: dict, pending: dict, state: dict | None, read_start: bool | str,
+                new: bool):
         """A call that completes no chunk and follows no pending tokens but real ones (decoding one
         token without a mask): the layout is the identity, so its chunk is the pending tokens and
         then the new ones, of which only the new ones are read (by the new queries alone where the
@@ -314,7 +314,7 @@ class ChunkwiseMemory(Float32Parameters):
         reads = self._read_chunk(params, momentum, chunk, valid, held, read_start, cache)
         if state is not None:
             if new:
-                store_weights(state, self.prefix, heads, params, momentum, carried)
+                store_weights(state, self.prefix, heads, params, momentum, {})  # nothing carried before a commit
             append_pending(state, self.prefix, heads, tokens, cache, self.chunk_size)
         if read_start is True:
             return tuple(tokens_first(r, batch) for r in reads.unbind(1))

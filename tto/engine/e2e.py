@@ -184,7 +184,7 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     new_starts = mask & (ctx.positions % b == 0)  # (B, t): a row's mini-batch starts here
     if (not create_graph and not bool(new_starts.any()) and states is not None
             and all(PRIME_KEYS[0] in state for state in states)):
-        return _read_between_steps(blocks, h, ctx, input_ids, mask, states, check, b)
+        return _read_between_steps(blocks, h, ctx, input_ids, mask, states, check, b, pending)
     if n_old:
         old_h, old_ids, old_mask, old_pos = (first[key] for key in PENDING_KEYS)
         mine = torch.arange(n_old, device=dev)[None, :] >= (n_old - pending)[:, None]
@@ -255,11 +255,13 @@ def run_suffix(blocks: Sequence[nn.Module], h: torch.Tensor, ctx: Context, input
     return out
 
 
-def _read_between_steps(blocks, h, ctx: Context, input_ids, mask, states: list[dict], check, b: int) -> torch.Tensor:
+def _read_between_steps(blocks, h, ctx: Context, input_ids, mask, states: list[dict], check, b: int,
+                        pending: torch.Tensor) -> torch.Tensor:
     """A call in which no row steps, outside autograd (decoding between two steps): the suffix blocks
     read h (B, t, hidden) with the stored prime weights against the cached windows, which grow in
     place, and the new slots join each row's unfinished mini-batch in place. No loss is taken: the
-    call that ends the mini-batch re-reads it with its graph. Returns the last block's output."""
+    call that ends the mini-batch re-reads it with its graph. `pending` (B,): each row's slots of its
+    unfinished mini-batch before the call. Returns the last block's output."""
     seg = Context(mask=ctx.mask, positions=ctx.positions)  # a state without graph: windows grow in place
     x = h
     for i, (block, state) in enumerate(zip(blocks, states)):
@@ -268,7 +270,6 @@ def _read_between_steps(blocks, h, ctx: Context, input_ids, mask, states: list[d
         check(x, i)
         state.update(kv)
     first = states[0]
-    pending = first.get(PENDING_COUNT, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
     count = torch.where(pending > 0, pending + h.shape[1], 0)  # slots since each row's last mini-batch start
     n = int(count.max())
     for key, new in zip(PENDING_KEYS, (h, input_ids, mask, ctx.positions)):
