@@ -239,6 +239,25 @@ def test_attention_query_subset_equals_full_attention_rows(bound):
             torch.testing.assert_close(torch.cat(part, 1), torch.cat(full, 1), atol=1e-12, rtol=0)
 
 
+def test_a_window_that_reaches_every_key_leaves_the_plain_causal_mask():
+    """A window no shorter than the call's span of positions excludes nothing: the mask is the causal
+    one (None for SDPA's causal path without cached slots), and one position less excludes exactly
+    the farthest pair."""
+    from tto.layers.attention import attention_mask
+
+    pos = torch.arange(12).expand(2, 12)
+    assert attention_mask(pos, pos, None, 0, window=12) is None
+    narrower = attention_mask(pos, pos, None, 0, window=11)[:, 0]
+    expected = torch.ones(12, 12, dtype=torch.bool).tril()
+    expected[11, 0] = False
+    assert torch.equal(narrower, expected.expand(2, 12, 12))
+    # queries after 5 cached slots: their causal mask, with or without a window of the whole span
+    queries = pos[:, 5:]
+    plain = attention_mask(queries, pos, None, 5, window=None)
+    assert torch.equal(attention_mask(queries, pos, None, 5, window=12), plain)
+    assert not torch.equal(attention_mask(queries, pos, None, 5, window=11), plain)
+
+
 @pytest.mark.parametrize("bound", [dict(window=8), dict()], ids=["window", "causal"])
 def test_decoding_attention_grows_its_kv_cache_in_place(bound):
     """Decoding token by token (no grad): the outputs equal one call's, and the KV cache moves to a

@@ -32,6 +32,8 @@ def attention_mask(
     new slots of these indices. None when plain causal suffices."""
     b, t = q_pos.shape
     s = k_pos.shape[1]
+    if window is not None and t and s and bool(q_pos.max() - k_pos.min() < window):
+        window = None  # no key is out of the window's reach (a call no longer than it): causality alone
     if n_prefix:
         inner = attention_mask(q_pos, k_pos, k_valid, n_cached, window, segment=segment, q_slots=q_slots)
         if inner is None:
