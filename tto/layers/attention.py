@@ -14,6 +14,12 @@ from ..cache import Context, appended
 from ..reference import in_reference_mode
 from .rope import apply_rope, rope_cos_sin
 
+#: a bounded look-back (window or segment) of R slots is evaluated in query blocks of R / this many
+#: slots, each over its own slots and the R before it: SDPA computes every (query, key) pair of a
+#: block, masked or not, so a block of R / n queries costs (1 + 1 / n) R per query where the whole
+#: look-back needs R (blocks of R slots, n = 1, would cost twice that)
+QUERY_BLOCKS_PER_LOOKBACK = 4
+
 
 def attention_mask(
     q_pos: torch.Tensor,
@@ -178,12 +184,16 @@ class Attention(nn.Module):
                 k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
             o = naive_attention(q, k, v, q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment, slots)
         else:
-            # A bounded look-back (window or segment) is evaluated in query blocks that see only
-            # their own slots and the `step` slots before them: cost linear in the length.
-            # Block i's keys are the cached slots (i = 0) or block i - 1's, then its own. Pieces come
-            # from split, whose backward is one cat: slicing the full tensor per block would make
-            # every block's backward write a zero tensor of the whole sequence's size.
-            step = t if self.max_cached is None else self.max_cached + 1
+            # A bounded look-back (window or segment) of max_cached + 1 slots is evaluated in query
+            # blocks of `step` slots that see only their own slots and the `back` blocks before them
+            # (the cached slots counting as block -1), which hold at least the look-back: cost linear in
+            # the length. Pieces come from split, whose backward is one cat: slicing the full tensor per
+            # block would make every block's backward write a zero tensor of the whole sequence's size.
+            if self.max_cached is None or n_cached + t <= self.max_cached + 1:  # one block reaches every key
+                step, back = t, 1
+            else:
+                step = -(-(self.max_cached + 1) // QUERY_BLOCKS_PER_LOOKBACK)
+                back = -(-(self.max_cached + 1) // step)
             sizes = [n_cached] + [min(step, t - lo) for lo in range(0, t, step)]
             k_pieces, v_pieces, kpos_pieces = k.split(sizes, 2), v.split(sizes, 2), k_pos.split(sizes, 1)
             valid_pieces = [None] * len(sizes) if valid is None else valid.split(sizes, 1)
@@ -197,15 +207,17 @@ class Attention(nn.Module):
                 block_slots = [torch.tensor(slots[a:z], device=q.device) - lo
                                for lo, a, z in zip(starts, ends, ends[1:])]
 
-            def pair(i: int, whole: torch.Tensor, pieces: tuple, dim: int) -> torch.Tensor:
-                """Block i's keys: the previous block's and its own; with one block (decoding) all of them."""
-                return whole if len(sizes) == 2 else torch.cat(pieces[i: i + 2], dim)
+            def keys(i: int, whole: torch.Tensor, pieces: tuple, dim: int) -> torch.Tensor:
+                """Block i's keys: the `back` pieces before its own, then its own; with one block
+                (decoding) all of them."""
+                return whole if len(sizes) == 2 else torch.cat(pieces[max(0, i + 1 - back): i + 2], dim)
 
             blocks = []
             for i, (q_block, q_pos_block) in enumerate(zip(q.split(q_sizes, 2), q_pos.split(q_sizes, 1))):
-                blocks.append(self._sdpa(q_block, pair(i, k, k_pieces, 2), pair(i, v, v_pieces, 2), q_pos_block,
-                                         pair(i, k_pos, kpos_pieces, 1),
-                                         None if valid is None else pair(i, valid, valid_pieces, 1), sizes[i], prefix,
+                before = sum(sizes[max(0, i + 1 - back): i + 1])  # key slots in front of the block's own
+                blocks.append(self._sdpa(q_block, keys(i, k, k_pieces, 2), keys(i, v, v_pieces, 2), q_pos_block,
+                                         keys(i, k_pos, kpos_pieces, 1),
+                                         None if valid is None else keys(i, valid, valid_pieces, 1), before, prefix,
                                          block_slots[i]))
             o = torch.cat(blocks, dim=2)
         return o.transpose(1, 2).reshape(b, o.shape[2], self.num_heads * self.head_dim)
