@@ -27,25 +27,17 @@ def attention_mask(
     k_valid: torch.Tensor | None,
     n_cached: int,
     window: int | None,
-    n_prefix: int = 0,
     segment: int | None = None,
     q_slots: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean (B, 1, T, n_prefix + S) mask: key slot s is visible to query t when it is not after
-    t (slot order), is a real token, lies within `window` positions and in the same `segment`
-    (positions // segment); the `n_prefix` persistent slots in front are always visible. The
-    queries are the new slots (the S - n_cached after the cached ones) or, with `q_slots` (T,), the
-    new slots of these indices. None when plain causal suffices."""
+    """Boolean (B, 1, T, S) mask: key slot s is visible to query t when it is not after t (slot
+    order), is a real token, lies within `window` positions and in the same `segment` (positions //
+    segment). The queries are the new slots (the S - n_cached after the cached ones) or, with
+    `q_slots` (T,), the new slots of these indices. None when plain causal suffices."""
     b, t = q_pos.shape
     s = k_pos.shape[1]
     if window is not None and t and s and bool(q_pos.max() - k_pos.min() < window):
         window = None  # no key is out of the window's reach (a call no longer than it): causality alone
-    if n_prefix:
-        inner = attention_mask(q_pos, k_pos, k_valid, n_cached, window, segment=segment, q_slots=q_slots)
-        if inner is None:
-            inner = torch.ones(t, s, dtype=torch.bool, device=q_pos.device).tril(n_cached)[None, None]
-        front = torch.ones(*inner.shape[:3], n_prefix, dtype=torch.bool, device=q_pos.device)
-        return torch.cat([front, inner], dim=-1).expand(b, 1, t, n_prefix + s)
     if k_valid is None and window is None and segment is None and q_slots is None:
         if n_cached == 0:
             return None  # is_causal path
@@ -61,8 +53,6 @@ def attention_mask(
         allowed = allowed & (q_pos[:, :, None] // segment == k_pos[:, None, :] // segment)
     # a pad query may see nothing; let it see everything so softmax stays finite (its output is unused)
     allowed = allowed | ~allowed.any(-1, keepdim=True)
-    if n_prefix:
-        allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], n_prefix), allowed], dim=-1)
     return allowed[:, None]
 
 
@@ -224,13 +214,20 @@ class Attention(nn.Module):
 
     def _sdpa(self, q, k, v, q_pos, k_pos, valid, n_cached: int, prefix, q_slots=None) -> torch.Tensor:
         """SDPA of queries (B, H, T, E) over keys (B, H_kv, S, E) of which the first `n_cached`
-        precede the queries' slots, with the persistent (keys, values) prefix in front."""
-        n_prefix = 0
-        if prefix is not None:
-            n_prefix = prefix[0].shape[2]
-            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, n_prefix, self.segment, q_slots)
+        precede the queries' slots, with the persistent (keys, values) prefix in front, visible to
+        every query."""
+        mask = attention_mask(q_pos, k_pos, valid, n_cached, self.window, self.segment, q_slots)
         gqa = self.num_kv_heads != self.num_heads
+        if prefix is None:
+            if mask is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        n_prefix = prefix[0].shape[2]
+        k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            # the persistent slots open a causal attention whose first n_prefix queries (zeros) are
+            # dropped: query n_prefix + t sees them and slots <= t, at the causal path's cost
+            q = torch.cat([q.new_zeros(*q.shape[:2], n_prefix, q.shape[3]), q], dim=2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[:, :, n_prefix:]
+        front = mask.new_ones(*mask.shape[:-1], n_prefix)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([front, mask], dim=-1), enable_gqa=gqa)
