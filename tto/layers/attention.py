@@ -222,6 +222,8 @@ class Attention(nn.Module):
             if mask is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if q.shape[2] == 1:
+            return self._one_query(q, k, v, mask, prefix)
         n_prefix = prefix[0].shape[2]
         k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         if mask is None:
@@ -231,3 +233,17 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[:, :, n_prefix:]
         front = mask.new_ones(*mask.shape[:-1], n_prefix)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([front, mask], dim=-1), enable_gqa=gqa)
+
+    def _one_query(self, q, k, v, mask, prefix) -> torch.Tensor:
+        """One query slot (decoding) over the persistent prefix and the keys: their scores side by side
+        instead of keys and values joined behind the prefix (a copy of the whole window per call).
+        q (B, H, 1, E), k, v (B, H_kv, S, E), mask (B or 1, 1, 1, S) or None -> (B, H, 1, E)."""
+        b, heads, _, dim = q.shape
+        q = q.reshape(b, self.num_kv_heads, heads // self.num_kv_heads, dim) * dim ** -0.5  # query heads of each kv head
+        scores = q @ k.transpose(-1, -2)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.cat([q @ prefix[0].transpose(-1, -2), scores], dim=-1).softmax(-1)
+        n_prefix = prefix[0].shape[2]
+        out = weights[..., :n_prefix] @ prefix[1] + weights[..., n_prefix:] @ v
+        return out.view(b, heads, 1, dim)
