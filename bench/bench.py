@@ -314,7 +314,8 @@ def report(results: dict, args) -> str:
     st = results["settings"]
     text = bool(results["lm"] or results["layer"])
     ran = (["lm", "layer"] if text else []) + (["image"] if results["image"] else [])
-    lines = [f"## tto bench — {st['started']}, torch {st['torch']}, {st['threads']} threads, {st['dtype']}, "
+    lines = [f"## tto bench — {st['started']}, {st['cpu']} ({st['cpu_capability']}), torch {st['torch']}, "
+             f"{st['threads']} threads, {st['dtype']}, "
              f"{f'batch {args.batch}, ' if text else ''}median of {args.iters} "
              f"(ratio to {' / '.join(BASELINE[g] for g in ran)} of the same run)", ""]
     lm, layer, image = results["lm"], results["layer"], results["image"]
@@ -406,7 +407,8 @@ def settings(args) -> dict:
             "iters": args.iters, "threads": args.threads,
             "dtype": "bf16 autocast" if args.bf16 else "fp32", "torch": torch.__version__,
             "transformers": transformers.__version__, "titans_pytorch": titans_pytorch_version(),
-            "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
             "loadavg_start": os.getloadavg(), "tto_commit": git("rev-parse", "HEAD"),
             "tto_dirty": bool(git("status", "--porcelain", "--", "tto")), "registered": tto.available(None)}
 
