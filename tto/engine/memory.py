@@ -699,12 +699,11 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None, chunk_size: int | No
             pos = j % b
             if pos == 0:
                 start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
-                for name in memory.norm_names:  # recomputed where never known or carried past NORM_SLACK
-                    bound, slack = norms.get(name, (None, None))
+                for name in memory.norm_names:  # exact where never known or carried past NORM_SLACK
                     exact = exact_norm(start[name])
-                    stale = torch.ones_like(exact, dtype=torch.bool) if bound is None else ~(slack <= NORM_SLACK * bound)
-                    norms[name] = (torch.where(stale, exact, bound if bound is not None else exact),
-                                   torch.where(stale, 0.0, slack if slack is not None else exact))
+                    bound, slack = norms.get(name, (exact, torch.full_like(exact, float("nan"))))
+                    stale = ~(slack <= NORM_SLACK * bound)
+                    norms[name] = (torch.where(stale, exact, bound), torch.where(stale, 0.0, slack))
                 keep = torch.ones(heads, dtype=outs.dtype)
                 earlier = [gradient(start, row, i) for i in idx[max(0, j - opt.lookback): j]]
                 if earlier:
