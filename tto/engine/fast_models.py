@@ -200,7 +200,8 @@ SCREEN_GAINS = (GainBound(frobenius_norm, token_slopes=False), GainBound(spectra
 
 class MLPMemory(FastModel):
     """Per-head MLP ``g(x) = W_L act(... act(x W_1 + b_1) ...) + b_L``, optionally wrapped as
-    ``f(x) = x + LN(g(x))`` with a per-head LayerNorm whose affine is an outer parameter.
+    ``f(x) = x + LN(g(x))`` with a per-head LayerNorm whose affine is an outer parameter
+    (``residual_norm``), or as the plain residual ``f(x) = x + g(x)`` (``residual``).
 
     depth 1 is a matrix memory (TTT-Linear, Titans L_M = 1); depth 2 with ``expansion`` 4 is the
     TTT-MLP / Titans memory. Weights are ``W{l}`` (heads, d_in, d_out) and ``b{l}`` (heads, 1, d_out).
@@ -209,7 +210,7 @@ class MLPMemory(FastModel):
 
     def __init__(self, num_heads: int, dim: int, *, depth: int = 1, expansion: int = 4,
                  activation: str = "gelu_tanh", bias: bool = True, residual_norm: bool = True,
-                 norm_eps: float = 1e-6, init_std: float = 0.02, in_dim: int | None = None):
+                 residual: bool = False, norm_eps: float = 1e-6, init_std: float = 0.02, in_dim: int | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown fast-model activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
@@ -218,9 +219,12 @@ class MLPMemory(FastModel):
         self.act, self.act_backward = ACTIVATIONS[activation]
         self.max_slope = MAX_SLOPES[activation]
         self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std
+        self.residual = residual or residual_norm
+        if residual and residual_norm:
+            raise ValueError("choose one wrapper: residual (x + g(x)) or residual_norm (x + LN(g(x)))")
         in_dim = dim if in_dim is None else in_dim
-        if residual_norm and in_dim != dim:
-            raise ValueError(f"x + LN(g(x)) needs equal input and output widths (got {in_dim} -> {dim})")
+        if self.residual and in_dim != dim:
+            raise ValueError(f"a residual fast model needs equal input and output widths (got {in_dim} -> {dim})")
         dims = [in_dim] + [dim * expansion] * (depth - 1) + [dim]
         self.weight_names = tuple(f"W{i + 1}" for i in range(depth))
         self.norm_weights = self.weight_names[1:]
@@ -276,9 +280,11 @@ class MLPMemory(FastModel):
         return h
 
     def wrap(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """f(x) from g(x): ``x + LN(g(x))`` or ``g(x)``. It holds no fast weights, so the engine
-        applies it once to all read-outs instead of chunk by chunk."""
-        return x + self._layer_norm(h)[0] if self.residual_norm else h
+        """f(x) from g(x): ``x + LN(g(x))``, ``x + g(x)`` or ``g(x)``. It holds no fast weights, so
+        the engine applies it once to all read-outs instead of chunk by chunk."""
+        if self.residual_norm:
+            return x + self._layer_norm(h)[0]
+        return x + h if self.residual else h
 
     def curvature_gains(self, params, inputs, bound=None, norms=None):
         """Backward through the layers: the last layer's gain is 1, or ``max |gamma|^2`` with the
@@ -332,7 +338,7 @@ class MLPMemory(FastModel):
             y, saved = self._layer_norm(h)
             g = layer_norm_backward(self._per_head(dloss(x + y), lambda t, gamma, beta: t * gamma), saved)
         else:
-            g = dloss(h)
+            g = dloss(x + h if self.residual else h)
         grads = []
         for i in reversed(range(self.depth)):
             name = self.weight_names[i]

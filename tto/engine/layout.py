@@ -37,6 +37,8 @@ State keys, each with one meaning (``<prefix>`` the engine's ``state_prefix``)::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +58,26 @@ def tokens_first(y: torch.Tensor, batch: int) -> torch.Tensor:
     return y.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
+_KEEP_GRAPH = False
+
+
+@contextmanager
+def state_keeps_graph() -> Iterator[None]:
+    """Inside, the states that engines store keep their autograd graph: a mixer that runs its
+    engines piece by piece, each piece's inputs computed from the weights the previous one
+    committed (HOPE's self-modifying Titans), differentiates through the whole sequence."""
+    global _KEEP_GRAPH
+    previous, _KEEP_GRAPH = _KEEP_GRAPH, True
+    try:
+        yield
+    finally:
+        _KEEP_GRAPH = previous
+
+
 def detached(t: torch.Tensor) -> torch.Tensor:
     """`t` cut from the autograd graph, as the state keeps it (`t` itself when it has no graph: no
-    alias dispatched for each stored tensor of each decoded token)."""
-    return t.detach() if t.requires_grad else t
+    alias dispatched for each stored tensor of each decoded token, or inside :func:`state_keeps_graph`)."""
+    return t.detach() if t.requires_grad and not _KEEP_GRAPH else t
 
 
 @dataclass
