@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import tto
 from tto.layers.cms import ContinuumMemory
+from tto.mixers.hope import SelfModifyingTitans
 from tto.cache import Context
 
 SIZES = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
@@ -234,3 +235,98 @@ def test_hope_with_a_never_updated_level_is_its_peer(variant, peer, peer_fields)
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(hope(x).logits, other(x).logits, atol=0, rtol=0)
+
+
+def self_modifying_titans_equations(layer: SelfModifyingTitans, x: torch.Tensor) -> torch.Tensor:
+    """HOPE's self-modifying Titans from the paper's equations (Sec. 8.1-8.3), row by row, head by head,
+    token by token, with explicit weights and autograd: x (B, T, hidden) -> (B, T, hidden).
+
+    Each of the five memories (k, v, eta, alpha, the main one) is ``M(z) = z + silu(z W1) W2``.
+    Token t of a chunk of C reads the projection memories at the chunk-start weights:
+    ``k_t = normalize(M_k(x_t))``, ``v_t = M_v(x_t)``, ``eta_t = max_lr sigmoid(w_eta . M_eta(x_t) + b)``,
+    ``alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b)``, ``q_t = normalize(x_t W_q)``; every memory
+    steps ``M <- (1 - alpha_t) M - eta_t grad ||M(k_t) - v^_t||^2`` with the gradient at the
+    chunk-start weights and its own generated value ``v^_t = M_start(v_t)`` as target (its norm at most
+    ``value_norm_cap ||x_t||``), and the main memory's read is
+    ``y_t = M_memory,t(q_t)`` after the token's step. Outer gradients flow through everything."""
+    heads, d, chunk = layer.num_heads, layer.head_dim, layer.chunk_size
+    proj, main = layer.projections.fast, layer.memory.fast
+    scale = layer.memory.objective.scale
+
+    def memory(w, z):
+        return z + F.silu(z @ w[0]) @ w[1]
+
+    def fast(module, head):
+        return [module.W1[head], module.W2[head]]
+
+    out = torch.zeros(*x.shape[:2], heads, d, dtype=x.dtype)
+    q_all = x @ layer.q_proj.weight.T
+    for row in range(x.shape[0]):
+        for h in range(heads):
+            names = ("k", "v", "lr", "forget", "memory")
+            weights = {name: fast(main, h) if name == "memory" else fast(proj, m * heads + h)
+                       for m, name in enumerate(names)}
+            for t in range(x.shape[1]):
+                if t % chunk == 0:
+                    start = {name: list(w) for name, w in weights.items()}
+                x_t = x[row, t, h * d:(h + 1) * d]
+                read = {name: memory(start[name], x_t) for name in ("k", "v", "lr", "forget")}
+                k_t, v_t = F.normalize(read["k"], dim=-1), read["v"]
+                lr = layer.lr_gate.scale * torch.sigmoid(read["lr"] @ layer.lr_gate.weight[h] + layer.lr_gate.bias[h])
+                keep = 1 - torch.sigmoid(read["forget"] @ layer.forget_gate.weight[h] + layer.forget_gate.bias[h])
+                for name in names:
+                    # the gradient with respect to the weights at fixed k_t (which M_k's weights also
+                    # produce): taken at an alias of the chunk-start weights that only y reads
+                    alias = [w.view_as(w) for w in start[name]]
+                    y = memory(alias, k_t)
+                    target = memory(start[name], v_t)
+                    target = target * (layer.value_norm_cap * x_t.norm() / target.norm()).clamp(max=1.0)
+                    grads = torch.autograd.grad(y, alias, grad_outputs=scale * (y - target), create_graph=True)
+                    weights[name] = [keep * w - lr * g for w, g in zip(weights[name], grads)]
+                q_t = F.normalize(q_all[row, t, h * d:(h + 1) * d], dim=-1)
+                out[row, t, h] = memory(weights["memory"], q_t)
+    out = layer.out_norm(out.flatten(2)) * F.silu(layer.gate_proj(x))
+    return layer.o_proj(out)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_self_modifying_titans_matches_its_equations(chunk):
+    """The self-modifying Titans (two engines run piece by piece along the chunks) equals the paper's
+    recurrence transcribed token by token, outputs and every parameter's gradient, in float64; 8
+    tokens at chunk 3 end in an incomplete chunk. At these sizes every chunk's step is stable by
+    itself, so the engine's step bound is 1 and the update is the paper's."""
+    model = build("hope", chunk_size=chunk, cms_periods=[None]).double()
+    layer = next(m for m in model.modules() if isinstance(m, SelfModifyingTitans))
+    x = torch.randn(2, 8, SIZES["hidden_size"], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ctx = Context(mask=None, positions=torch.arange(8).expand(2, -1))
+    out = layer(x, ctx, None)
+    expected = self_modifying_titans_equations(layer, x)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    params = list(layer.parameters())
+    grads = torch.autograd.grad(out.pow(2).sum(), params)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), params)
+    for (name, _), g, e in zip(layer.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_self_generated_values_need_their_norm_cap():
+    """A memory that learns from values it generates itself chases a target that moves with its own
+    weights (``||M(k) - M(v)||^2`` with M(v) read at the chunk start: a bootstrap), so its chunk map
+    can expand at any step size. A linear residual memory, one head, a large step and no forgetting
+    (a configuration the config class accepts): with the generated values uncapped its fast weights
+    (initially ~N(0, 0.02^2)) grow geometrically, past RMS 1e6 within 128 tokens; under the default
+    cap they stay at RMS < 2 (1.13 after 2,048 tokens, growing ever more slowly)."""
+
+    def largest_rms(cap: float) -> float:
+        model = build("hope", hidden_size=32, num_memory_heads=1, mem_depth=1, chunk_size=2, mem_max_lr=0.63,
+                      lr_gate_bias_init=1.0, forget_gate_bias_init=-9.0, cms_periods=[None], value_norm_cap=cap,
+                      seed=2)
+        x = torch.randint(0, SIZES["vocab_size"], (2, 128), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            out = model(x, use_cache=True)
+        assert torch.isfinite(out.logits).all()
+        weights = [w for state in out.past_key_values.states for k, w in state.items() if ".W." in k]
+        return max(w.double().pow(2).mean().sqrt().item() for w in weights)
+
+    assert largest_rms(2.0) < 2.0
+    assert largest_rms(1e30) > 1e6

@@ -12,19 +12,47 @@ million pending tokens per layer while decoding, so the defaults stay within a t
 
 **Variants** (``variant``):
 
-* ``titans``: the mixer is Titans' neural long-term memory (the LMM layer of
-  :mod:`tto.mixers.titans`: deep MLP memory, momentum and forgetting, chunk-start gradients, with
-  all of Titans' memory fields). The paper's HOPE uses a *self-modifying* Titans, whose keys,
-  values, inner step eta and retention alpha are the outputs of their own in-context memories
-  (each trained on values it generates itself, ``v^_t = M_{.,t-1}(v_t)``, with delta-gradient-descent
-  chunk updates; q is a static projection). That self-modification is **not implemented**: here
-  k, v, eta and alpha come from static projections and gates, so this variant is HOPE's block
-  structure (Titans memory + CMS) without it.
+* ``self_modifying`` (the paper's HOPE, Sec. 8.1-8.3, Eqs. 83-93): a self-modifying Titans. Per
+  memory head, the keys, values, inner step and retention are the reads of their own in-context
+  memories, and only the queries are a static projection::
+
+      k_t = M_k,t-1(x_t),  v_t = M_v,t-1(x_t),  eta_t = M_eta,t-1(x_t),  alpha_t = M_alpha,t-1(x_t)
+      q_t = x_t W_q,       y_t = M_memory,t(q_t)
+
+  Every memory, the main one included, learns from values it generates itself,
+  ``v^_[],t = M_[],t-1(v_t)``, with the associative loss ``||M_[](k_t) - v^_[],t||^2`` and the
+  step ``M_[],t = (1 - alpha_t) M_[],t-1 - eta_t grad``; within a chunk of ``chunk_size`` tokens
+  every gradient, key, value and gate is taken at the chunk-start weights (the paper's chunk-wise
+  training), so the five memories advance chunk by chunk together: chunk i's inputs are what the
+  projection memories committed after chunk i-1. :class:`SelfModifyingTitans` runs the two
+  engines (the main memory; the four projection memories as one engine of 4 x heads) piece by
+  piece along the chunks, their states keeping the autograd graph inside the call, so the outer
+  gradient flows through every memory's whole history.
+* ``titans``: the ablation without self-modification: Titans' neural long-term memory (the LMM layer
+  of :mod:`tto.mixers.titans`: static k, v projections and gates, momentum, forgetting,
+  chunk-start gradients, with all of Titans' memory fields) followed by the CMS.
 * ``attention``: HOPE-Attention, the paper's variant with softmax attention (the backbone's
   attention: RoPE, GQA, optional sliding window and QK-norm) followed by the CMS.
 
+Choices and deviations of ``self_modifying`` (the paper leaves the first three open):
+
+* memory heads: the memories act per head on the head's slice of x (``num_memory_heads`` slices of
+  ``hidden_size // num_memory_heads``); q and k are l2-normalised per head, as in Titans;
+* each memory is the paper's residual MLP (Eq. 91), ``x + g(x)`` with g the engine's MLP of
+  ``mem_depth`` layers and hidden width ``mem_expansion_factor`` x head width, no biases;
+* eta and alpha are scalars per head: ``mem_max_lr * sigmoid(w . M_eta(x_t) + b)`` and
+  ``sigmoid(w . M_alpha(x_t) + b)`` with a learned read-out (w, b) per head, Titans' gates read
+  through the memories (at M = identity they are Titans' static gates of x);
+* one chunk size for all five memories (the paper allows the projection memories their own);
+* the update is gradient descent with retention, without delta gradient descent's extra erase term
+  ``-eta_t M k_t k_t^T`` (Eq. 90's ``alpha_t I - eta_t k_t k_t^T``), which is defined for a linear
+  layer; the engine's step bound (:mod:`tto.engine.memory`) applies to every memory as to Titans'.
+* decoding and padding use the engines' own states: a call runs in pieces that end where some
+  row's chunk ends, so each row's projections always read the weights its last chunk committed.
+
 **Retrofit** (:func:`tto.retrofit`): the ``titans`` variant's memory takes q, k, v, o from the
-pretrained attention as Titans' does (:data:`tto.mixers.titans.TITANS_FROM_ATTENTION`); in
+pretrained attention as Titans' does (:data:`tto.mixers.titans.TITANS_FROM_ATTENTION`; the
+``self_modifying`` variant its q and o projections); in
 HOPE-Attention the attention is the pretrained one, as it was. Each block's pretrained MLP starts
 every CMS level, and the chain defaults to that MLP alone, never updated (the source's function
 kept); ``cms_periods=[C]`` makes it learn in context from its first C tokens on (see
@@ -39,11 +67,17 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Context
+from ..config import config_error
+from ..engine import DecayGD, MLPMemory, Memory, SquaredError, naive_memory
+from ..engine.fast_models import autocast_off, upcast
+from ..engine.layout import detached, heads_first, state_keeps_graph, tokens_first
+from ..reference import in_reference_mode
 from ..layers.attention import Attention
-from ..registry import register
+from ..registry import FromAttention, qkvo, register
 from .titans import LMM, TITANS_FROM_ATTENTION, TitansConfig
 
 #: the backbone of the paper's 760M / 30B-token comparison (Titans' 760M setting: 24 blocks of width
@@ -54,6 +88,8 @@ HOPE_PRESETS = {
                  num_attention_heads=16, num_memory_heads=16, chunk_size=16, cms_periods=[16, 256, 2048]),
     # small chunks and periods, so 13 tokens cross every boundary of the memory and two CMS levels
     "tiny": dict(chunk_size=2, cms_periods=[2, 5, None], num_persistent_mem_tokens=0),
+    # chunks of 3 against the CMS's 2: the memories' pieces and the levels' chunks cross
+    "tiny-self-modifying-chunks": dict(chunk_size=3, cms_periods=[2, None]),
     "tiny-attention": dict(variant="attention", cms_periods=[3, None, 4], sliding_window=5),
 }
 
@@ -62,10 +98,16 @@ class HopeConfig(TitansConfig):
     """HOPE fields: Titans' memory fields (used by the ``titans`` variant) and the backbone's CMS
     fields (``cms_periods``, ``cms_max_lr``, ``cms_lr_bias_init``), with HOPE's defaults."""
 
-    choices: ClassVar[dict[str, tuple]] = {**TitansConfig.choices, "variant": ("titans", "attention")}
+    choices: ClassVar[dict[str, tuple]] = {**TitansConfig.choices,
+                                           "variant": ("self_modifying", "titans", "attention")}
 
-    variant: str = "titans"  # "titans": Titans' memory + CMS (not self-modifying); "attention": HOPE-Attention
+    # "self_modifying": the paper's HOPE (self-modifying Titans + CMS); "titans": Titans' memory + CMS;
+    # "attention": HOPE-Attention
+    variant: str = "self_modifying"
     sliding_window: int | None = None  # HOPE-Attention's attention window (None: full causal attention)
+    # self_modifying: a memory's generated values v^ = M(v) are scaled down where their norm passes this
+    # multiple of the norm of the head's slice of x (at init M is near the identity and v^ ~ x: inactive)
+    value_norm_cap: float = 2.0
     num_persistent_mem_tokens: int = 0  # unused: neither variant has Titans' attention branch
     mlp_type: str = "cms"  # the block MLP is the Continuum Memory System
     cms_periods: list[int | None] | None = None  # C^(l) per CMS level (None: [16, 256, 2048])
@@ -74,6 +116,11 @@ class HopeConfig(TitansConfig):
         if self.mlp_type == "cms" and self.cms_periods is None:
             self.cms_periods = [16, 256, 2048]
         super().__post_init__(**kwargs)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.value_norm_cap > 0:
+            raise config_error("value_norm_cap", self.value_norm_cap, "must be > 0")
 
 
 class HopeAttention(nn.Module):
@@ -87,11 +134,171 @@ class HopeAttention(nn.Module):
         return self.attention(x, ctx, state)
 
 
-VARIANTS: dict[str, type[nn.Module]] = {"titans": LMM, "attention": HopeAttention}
+class HeadGate(nn.Module):
+    """``scale * sigmoid(m . w_h + b_h)``: per head h a scalar of that head's features m (B, T, H, d)
+    -> (B, T, H): the self-modifying Titans' eta and alpha read out of their memories."""
+
+    def __init__(self, heads: int, dim: int, scale: float, bias_init: float, init_std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, dim))
+        self.bias = nn.Parameter(torch.empty(heads))
+        self.scale, self.bias_init, self.init_std = scale, bias_init, init_std
+
+    def _tto_init(self, init) -> None:
+        init.normal_(self.weight, mean=0.0, std=self.init_std)
+        init.constant_(self.bias, self.bias_init)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.sigmoid((m * self.weight.to(m.dtype)).sum(-1) + self.bias.to(m.dtype))
+
+
+#: the projection memories of the self-modifying Titans, in their engine's head order (memory-major)
+PROJECTIONS = ("k", "v", "lr", "forget")
+
+
+class SelfModifyingTitans(nn.Module):
+    """HOPE's self-modifying Titans (module docstring): x (B, T, hidden) -> (B, T, hidden).
+
+    ``memory``: the main memory M_memory (``num_memory_heads`` heads); ``projections``: M_k, M_v,
+    M_eta, M_alpha as one engine of 4 x heads, head ``m * heads + h`` being memory ``PROJECTIONS[m]``
+    of head h. State keys: the engines' ``memory.*`` and ``projections.*``.
+    """
+
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        self.num_heads = heads = config.num_memory_heads
+        self.head_dim = dim = config.hidden_size // heads
+        self.chunk_size = config.chunk_size
+        self.value_norm_cap = config.value_norm_cap
+
+        def engine(n_heads: int, prefix: str) -> Memory:
+            fast = MLPMemory(n_heads, dim, depth=config.mem_depth, expansion=config.mem_expansion_factor,
+                             activation=config.mem_activation, bias=False, residual_norm=False, residual=True,
+                             norm_eps=config.rms_norm_eps, init_std=config.initializer_range)
+            return Memory(fast, SquaredError(config.mem_loss_scale), DecayGD(), config.chunk_size, state_prefix=prefix)
+
+        self.memory = engine(heads, "memory")
+        self.projections = engine(len(PROJECTIONS) * heads, "projections")
+        std = config.initializer_range
+        self.lr_gate = HeadGate(heads, dim, config.mem_max_lr, config.lr_gate_bias_init, std)  # eta_t
+        self.forget_gate = HeadGate(heads, dim, 1.0, config.forget_gate_bias_init, std)  # alpha_t
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # the static W_q
+        self.out_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gate_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.use_gate else None
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.use_output_proj else None
+
+    def forward(self, x: torch.Tensor, ctx: Context, state: dict | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = F.normalize(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), dim=-1)
+        heads_x = x.unflatten(-1, (self.num_heads, self.head_dim))
+        real = ctx.mask if ctx.mask is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        mine = ("memory.", "projections.")
+        work = {k: v for k, v in (state or {}).items() if k.startswith(mine)}
+        history = [] if in_reference_mode() else None
+        if history is not None and state is not None:
+            raise RuntimeError("the naive reference does not keep a decoding state")
+        held = work.get("memory.n_pending", torch.zeros(batch, dtype=torch.long, device=x.device))
+        reads, start = [], 0
+        with state_keeps_graph():
+            while start < length:
+                end = start + self._piece_length(held + real[:, :start].sum(1), real[:, start:])
+                piece = slice(start, end)
+                mask = None if ctx.mask is None else ctx.mask[:, piece]
+                reads.append(self._piece(heads_x[:, piece], q[:, piece], mask, work, history))
+                start = end
+        read = torch.cat(reads, dim=1) if history is None else self._reference_reads(history)
+        if state is not None:
+            for key in [k for k in state if k.startswith(mine)]:
+                del state[key]
+            state.update(work if ctx.differentiable_state else {k: detached(v) for k, v in work.items()})
+        out = self.out_norm(read.flatten(2).to(x.dtype))
+        if self.gate_proj is not None:
+            out = out * F.silu(self.gate_proj(x))
+        return out if self.o_proj is None else self.o_proj(out)
+
+    def _piece_length(self, seen: torch.Tensor, real: torch.Tensor) -> int:
+        """Tokens of the next piece: up to where some row completes its current chunk (`seen` (B,):
+        the real tokens each row has read, `real` (B, n): the rest of the call's), so that no row's
+        chunk boundary falls inside a piece."""
+        room = self.chunk_size - seen % self.chunk_size
+        reached = real.long().cumsum(1) >= room[:, None]  # row r has completed its chunk at or before slot j
+        ends = torch.where(reached.any(1), reached.long().argmax(1) + 1, real.shape[1])
+        return int(ends.min())
+
+    def _weights(self, engine: Memory, work: dict, history: list | None, like: torch.Tensor) -> dict:
+        """The weights `engine` committed last, (batch * heads, ...): the fast path's state, or in
+        reference mode the engine's naive reference over the call's history."""
+        if history:
+            names = ("q", "k", "v", "mask", "gates")
+            q, k, v, mask, gates = (_joined(engine, history, n) for n in names)
+            committed = naive_memory(engine, q, k, v, gates, mask)[2]
+            return {n: torch.cat([row[n] for row in committed]) for n in committed[0]}
+        tokens = {"q": like, "k": like, "v": like}
+        return engine.fast_weights(work, tokens)[0]
+
+    @staticmethod
+    def _read(engine: Memory, weights: dict, x: torch.Tensor) -> torch.Tensor:
+        """The engine's fast model at `weights` on x (B, n, heads, d): (B, n, heads, d)."""
+        return tokens_first(engine.fast.apply(heads_first(x), engine.fast.plain_linear(weights)), x.shape[0])
+
+    def _piece(self, x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None, work: dict,
+               history: list | None) -> torch.Tensor:
+        """One piece (B, n, heads, d): projections at the committed weights, both engines' updates;
+        the main memory's reads (update-then-read inside its chunk), or None in reference mode."""
+        n_proj = len(PROJECTIONS)
+        with autocast_off(x.device.type):
+            x_all = upcast(x).repeat(1, 1, n_proj, 1)  # each projection memory reads its head's slice of x
+            proj_weights = self._weights(self.projections, work, history, x_all)
+            k, v, lr_features, forget_features = self._read(self.projections, proj_weights, x_all).chunk(n_proj, dim=2)
+            k = F.normalize(k, dim=-1)
+            gates = {"lr": self.lr_gate(lr_features), "forget": self.forget_gate(forget_features)}
+            # every memory's values are its own reads of v at its chunk-start weights: v^_t = M_{t-1}(v_t)
+            cap = self.value_norm_cap * upcast(x).norm(dim=-1, keepdim=True)
+            v_hat = _capped(self._read(self.memory, self._weights(self.memory, work, history, upcast(q)), v), cap)
+            v_all = v.repeat(1, 1, n_proj, 1)
+            proj_v_hat = _capped(self._read(self.projections, proj_weights, v_all), cap.repeat(1, 1, n_proj, 1))
+        proj_gates = {n: g.repeat(1, 1, n_proj) for n, g in gates.items()}
+        if history is not None:
+            history.append({"memory": (q, k, v_hat, mask, gates),
+                            "projections": (x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, mask, proj_gates)})
+            return None
+        self.projections(x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, proj_gates, mask, work, read_start="only")
+        return self.memory(q, k, v_hat, gates, mask, work)
+
+    def _reference_reads(self, history: list) -> torch.Tensor:
+        """Reference mode: the main memory's naive reference over the whole call."""
+        names = ("q", "k", "v", "mask", "gates")
+        q, k, v, mask, gates = (_joined(self.memory, history, n) for n in names)
+        return naive_memory(self.memory, q, k, v, gates, mask)[0]
+
+
+def _capped(values: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """`values` (..., d) scaled down to norm `cap` (..., 1) where theirs is larger."""
+    norm = values.norm(dim=-1, keepdim=True)
+    return values * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
+
+
+def _joined(engine: Memory, history: list, name: str):
+    """`engine`'s input `name` over the pieces of `history`, joined along the tokens."""
+    index = ("q", "k", "v", "mask", "gates").index(name)
+    parts = [piece[engine.prefix[:-1]][index] for piece in history]
+    if name == "gates":
+        return {g: torch.cat([p[g] for p in parts], dim=1) for g in parts[0]}
+    if name == "mask":
+        return None if parts[0] is None else torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1)
+
+
+#: retrofit: Titans' map, and the self-modifying Titans' own static q and output projections
+HOPE_FROM_ATTENTION = FromAttention(lambda mixer: TITANS_FROM_ATTENTION.projections(mixer) + qkvo(mixer.wiring),
+                                    heads=TITANS_FROM_ATTENTION.heads)
+
+VARIANTS: dict[str, type[nn.Module]] = {"self_modifying": SelfModifyingTitans, "titans": LMM,
+                                         "attention": HopeAttention}
 
 
 @register("hope", config=HopeConfig, presets=HOPE_PRESETS, paper_sizes={"760m": 760e6},
-          paper="arXiv:2512.24695 (Behrouz, Razaviyayn, Zhong, Mirrokni, 2025)", from_attention=TITANS_FROM_ATTENTION)
+          paper="arXiv:2512.24695 (Behrouz, Razaviyayn, Zhong, Mirrokni, 2025)", from_attention=HOPE_FROM_ATTENTION)
 class HopeMixer(nn.Module):
     """HOPE's mixer: x (B, T, hidden) -> (B, T, hidden), wired as `config.variant`."""
 
