@@ -314,6 +314,24 @@ def test_spectral_norm_and_its_bound(shape):
     assert torch.equal(spectral_norm_bound(zero), torch.zeros(2, dtype=torch.float64))
 
 
+def test_spectral_norm_at_extreme_scales_and_on_flushed_weights():
+    """In float32, :func:`spectral_norm` is ``||W||_2`` (to float32 rounding) for weights whose Gram
+    matrix would overflow (1e20) or underflow (1e-21), and for the two fast weights (of a
+    self-modifying HOPE whose forget gate had shrunk them to ~1e-19 and flushed most entries to
+    zero) on whose Gram matrices float32's eigensolver failed to converge: the first unscaled, the
+    second scaled to unit entries."""
+    from tto.engine.fast_models import spectral_norm
+
+    torch.manual_seed(0)
+    for scale in (1e20, 1e-21):
+        w = torch.randn(3, 256, 64) * scale
+        exact = torch.linalg.matrix_norm(w.double(), ord=2)
+        torch.testing.assert_close(spectral_norm(w).double(), exact, rtol=1e-5, atol=0)
+    stored = torch.load(Path(__file__).parent / "data" / "flushed_fast_weights.pt")
+    flushed = torch.sparse_coo_tensor(stored["indices"].long(), stored["values"], stored["shape"]).to_dense()
+    exact = torch.linalg.matrix_norm(flushed.double(), ord=2)
+    torch.testing.assert_close(spectral_norm(flushed).double(), exact, rtol=1e-5, atol=0)
+
 def test_trace_curvature_bounds_the_curvature_norm():
     """:func:`trace_curvature` is at least :func:`curvature_norm` for any factors and weights (negative weights
     count as zero in both) and equals it when a chunk's keys are parallel."""
