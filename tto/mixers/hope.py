@@ -39,7 +39,12 @@ Choices and deviations of ``self_modifying`` (the paper leaves the first three o
 * memory heads: the memories act per head on the head's slice of x (``num_memory_heads`` slices of
   ``hidden_size // num_memory_heads``); q and k are l2-normalised per head, as in Titans;
 * each memory is the paper's residual MLP (Eq. 91), ``x + g(x)`` with g the engine's MLP of
-  ``mem_depth`` layers and hidden width ``mem_expansion_factor`` x head width, no biases;
+  ``mem_depth`` layers and hidden width ``mem_expansion_factor`` x head width, no biases, its
+  initial weights ~ N(0, 1 / fan_in). At ``initializer_range`` (0.02) every memory starts as nearly
+  the identity: keys, values and their targets all near x, and g's updates, products of two near-zero
+  layers, lose to the forget gate (bench's model: the memories' weights decayed to 1e-17 within 6K
+  tokens, the layer reduced to static reads of x); at 1 / fan_in they hold an RMS of about 0.04
+  over 8K tokens;
 * eta and alpha are scalars per head: ``mem_max_lr * sigmoid(w . M_eta(x_t) + b)`` and
   ``sigmoid(w . M_alpha(x_t) + b)`` with a learned read-out (w, b) per head, Titans' gates read
   through the memories (at M = identity they are Titans' static gates of x);
@@ -73,6 +78,7 @@ from torch import nn
 from ..cache import Context
 from ..config import config_error
 from ..engine import DecayGD, MLPMemory, Memory, SquaredError, naive_memory
+from ..engine.chunkwise import in_noncausal_mode
 from ..engine.fast_models import autocast_off, upcast
 from ..engine.layout import detached, heads_first, state_keeps_graph, tokens_first
 from ..reference import in_reference_mode
@@ -174,7 +180,7 @@ class SelfModifyingTitans(nn.Module):
         def engine(n_heads: int, prefix: str) -> Memory:
             fast = MLPMemory(n_heads, dim, depth=config.mem_depth, expansion=config.mem_expansion_factor,
                              activation=config.mem_activation, bias=False, residual_norm=False, residual=True,
-                             norm_eps=config.rms_norm_eps, init_std=config.initializer_range)
+                             init_std=None)
             return Memory(fast, SquaredError(config.mem_loss_scale), DecayGD(), config.chunk_size, state_prefix=prefix)
 
         self.memory = engine(heads, "memory")
@@ -191,6 +197,8 @@ class SelfModifyingTitans(nn.Module):
         batch, length, _ = x.shape
         q = F.normalize(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), dim=-1)
         heads_x = x.unflatten(-1, (self.num_heads, self.head_dim))
+        if in_noncausal_mode():  # one chunk (an image): projections at the initial weights, one commit
+            return self._output(self._piece(heads_x, q, None, None, None), x)
         real = ctx.mask if ctx.mask is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
         mine = ("memory.", "projections.")
         work = {k: v for k, v in (state or {}).items() if k.startswith(mine)}
@@ -211,6 +219,10 @@ class SelfModifyingTitans(nn.Module):
             for key in [k for k in state if k.startswith(mine)]:
                 del state[key]
             state.update(work if ctx.differentiable_state else {k: detached(v) for k, v in work.items()})
+        return self._output(read, x)
+
+    def _output(self, read: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Reads (B, T, heads, head_dim) -> (B, T, hidden): RMSNorm, gate by x, projection."""
         out = self.out_norm(read.flatten(2).to(x.dtype))
         if self.gate_proj is not None:
             out = out * F.silu(self.gate_proj(x))
@@ -244,7 +256,9 @@ class SelfModifyingTitans(nn.Module):
     def _piece(self, x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None, work: dict,
                history: list | None) -> torch.Tensor:
         """One piece (B, n, heads, d): projections at the committed weights, both engines' updates;
-        the main memory's reads (update-then-read inside its chunk), or None in reference mode."""
+        the main memory's reads (update-then-read inside its chunk), or None in reference mode.
+        Without a state `work` (a non-causal call) the projection memories' commit, which nothing
+        would read, is skipped."""
         n_proj = len(PROJECTIONS)
         with autocast_off(x.device.type):
             x_all = upcast(x).repeat(1, 1, n_proj, 1)  # each projection memory reads its head's slice of x
@@ -262,7 +276,8 @@ class SelfModifyingTitans(nn.Module):
             history.append({"memory": (q, k, v_hat, mask, gates),
                             "projections": (x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, mask, proj_gates)})
             return None
-        self.projections(x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, proj_gates, mask, work, read_start="only")
+        if work is not None:
+            self.projections(x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, proj_gates, mask, work, read_start="only")
         return self.memory(q, k, v_hat, gates, mask, work)
 
     def _reference_reads(self, history: list) -> torch.Tensor:
