@@ -330,3 +330,18 @@ def test_self_generated_values_need_their_norm_cap():
 
     assert largest_rms(2.0) < 2.0
     assert largest_rms(1e30) > 1e6
+
+
+def test_self_modifying_checkpoint_groups_give_the_same_gradients():
+    """Training with ``scan_checkpoint_group_size`` (the pieces of a call in groups whose activations
+    are recomputed in the backward) gives the loss and gradients of the plain run, in float64."""
+    x = tokens(length=13)
+    results = []
+    for group in (0, 2):
+        model = build("hope", chunk_size=2, cms_periods=[None], scan_checkpoint_group_size=group).double().train()
+        out = model(x, labels=x)
+        results.append((out.loss, torch.autograd.grad(out.loss, list(model.parameters()))))
+    (loss, grads), (group_loss, group_grads) = results
+    torch.testing.assert_close(group_loss, loss, atol=1e-12, rtol=0)
+    for g, r in zip(group_grads, grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)

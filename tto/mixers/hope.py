@@ -53,7 +53,8 @@ Choices and deviations of ``self_modifying`` (the paper leaves the first three o
   ``-eta_t M k_t k_t^T`` (Eq. 90's ``alpha_t I - eta_t k_t k_t^T``), which is defined for a linear
   layer; the engine's step bound (:mod:`tto.engine.memory`) applies to every memory as to Titans'.
 * decoding and padding use the engines' own states: a call runs in pieces that end where some
-  row's chunk ends, so each row's projections always read the weights its last chunk committed.
+  row's chunk ends, so each row's projections always read the weights its last chunk committed;
+  ``scan_checkpoint_group_size`` > 0 recomputes groups of that many pieces in the backward.
 
 **Retrofit** (:func:`tto.retrofit`): the ``titans`` variant's memory takes q, k, v, o from the
 pretrained attention as Titans' does (:data:`tto.mixers.titans.TITANS_FROM_ATTENTION`; the
@@ -74,6 +75,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import Context
 from ..config import config_error
@@ -176,6 +178,7 @@ class SelfModifyingTitans(nn.Module):
         self.head_dim = dim = config.hidden_size // heads
         self.chunk_size = config.chunk_size
         self.value_norm_cap = config.value_norm_cap
+        self.checkpoint_group = config.scan_checkpoint_group_size  # pieces per activation-checkpoint group
 
         def engine(n_heads: int, prefix: str) -> Memory:
             fast = MLPMemory(n_heads, dim, depth=config.mem_depth, expansion=config.mem_expansion_factor,
@@ -206,14 +209,28 @@ class SelfModifyingTitans(nn.Module):
         if history is not None and state is not None:
             raise RuntimeError("the naive reference does not keep a decoding state")
         held = work.get("memory.n_pending", torch.zeros(batch, dtype=torch.long, device=x.device))
-        reads, start = [], 0
-        with state_keeps_graph():
-            while start < length:
-                end = start + self._piece_length(held + real[:, :start].sum(1), real[:, start:])
-                piece = slice(start, end)
-                mask = None if ctx.mask is None else ctx.mask[:, piece]
-                reads.append(self._piece(heads_x[:, piece], q[:, piece], mask, work, history))
-                start = end
+        bounds, start = [], 0
+        while start < length:
+            bounds.append((start, start + self._piece_length(held + real[:, :start].sum(1), real[:, start:])))
+            start = bounds[-1][1]
+        group = len(bounds)
+        if self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training and history is None:
+            group = self.checkpoint_group
+
+        def run(work: dict, pieces: list) -> tuple[list, dict]:
+            """The pieces in order from the states `work` (a copy: a recomputation starts from the same)."""
+            work, reads = dict(work), []
+            with state_keeps_graph():
+                for a, b in pieces:
+                    mask = None if ctx.mask is None else ctx.mask[:, a:b]
+                    reads.append(self._piece(heads_x[:, a:b], q[:, a:b], mask, work, history))
+            return reads, work
+
+        reads = []
+        for lo in range(0, len(bounds), group):
+            pieces = bounds[lo:lo + group]
+            out, work = checkpoint(run, work, pieces, use_reentrant=False) if group < len(bounds) else run(work, pieces)
+            reads += out
         read = torch.cat(reads, dim=1) if history is None else self._reference_reads(history)
         if state is not None:
             for key in [k for k in state if k.startswith(mine)]:
