@@ -248,7 +248,8 @@ def self_modifying_titans_equations(layer: SelfModifyingTitans, x: torch.Tensor)
     steps ``M <- (1 - alpha_t) M - eta_t grad ||M(k_t) - v^_t||^2`` with the gradient at the
     chunk-start weights and its own generated value ``v^_t = M_start(v_t)`` as target (its norm at most
     ``value_norm_cap ||x_t||``), and the main memory's read is
-    ``y_t = M_memory,t(q_t)`` after the token's step. Outer gradients flow through everything."""
+    ``y_t = M_memory,t(q_t)`` after the token's step. Outer gradients flow through everything but
+    the generated values, which are targets."""
     heads, d, chunk = layer.num_heads, layer.head_dim, layer.chunk_size
     proj, main = layer.projections.fast, layer.memory.fast
     scale = layer.memory.objective.scale
@@ -280,7 +281,7 @@ def self_modifying_titans_equations(layer: SelfModifyingTitans, x: torch.Tensor)
                     alias = [w.view_as(w) for w in start[name]]
                     y = memory(alias, k_t)
                     target = memory(start[name], v_t)
-                    target = target * (layer.value_norm_cap * x_t.norm() / target.norm()).clamp(max=1.0)
+                    target = (target * (layer.value_norm_cap * x_t.norm() / target.norm()).clamp(max=1.0)).detach()
                     grads = torch.autograd.grad(y, alias, grad_outputs=scale * (y - target), create_graph=True)
                     weights[name] = [keep * w - lr * g for w, g in zip(weights[name], grads)]
                 q_t = F.normalize(q_all[row, t, h * d:(h + 1) * d], dim=-1)

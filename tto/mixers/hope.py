@@ -52,6 +52,10 @@ Choices and deviations of ``self_modifying`` (the paper leaves the first three o
 * the update is gradient descent with retention, without delta gradient descent's extra erase term
   ``-eta_t M k_t k_t^T`` (Eq. 90's ``alpha_t I - eta_t k_t k_t^T``), which is defined for a linear
   layer; the engine's step bound (:mod:`tto.engine.memory`) applies to every memory as to Titans'.
+* the generated values are targets only: no outer gradient flows through ``v^`` (a semi-gradient,
+  as temporal-difference learning treats its bootstrapped targets). Through them the outer gradient
+  grew about 8x per doubling of the sequence (bench's model: gradient norm 83 at 128 tokens, 1.1e4 at
+  1,024; hope_760m's first step 2.2e11); without, 25, 13 and 8.8, as the ``titans`` variant's fall;
 * decoding and padding use the engines' own states: a call runs in pieces that end where some
   row's chunk ends, so each row's projections always read the weights its last chunk committed;
   ``scan_checkpoint_group_size`` > 0 recomputes groups of that many pieces in the backward.
@@ -283,11 +287,12 @@ class SelfModifyingTitans(nn.Module):
             k, v, lr_features, forget_features = self._read(self.projections, proj_weights, x_all).chunk(n_proj, dim=2)
             k = F.normalize(k, dim=-1)
             gates = {"lr": self.lr_gate(lr_features), "forget": self.forget_gate(forget_features)}
-            # every memory's values are its own reads of v at its chunk-start weights: v^_t = M_{t-1}(v_t)
+            # every memory's values are its own reads of v at its chunk-start weights, v^_t = M_{t-1}(v_t):
+            # targets, without an outer gradient (module docstring)
             cap = self.value_norm_cap * upcast(x).norm(dim=-1, keepdim=True)
-            v_hat = _capped(self._read(self.memory, self._weights(self.memory, work, history, upcast(q)), v), cap)
+            v_hat = _capped(self._read(self.memory, self._weights(self.memory, work, history, upcast(q)), v), cap).detach()
             v_all = v.repeat(1, 1, n_proj, 1)
-            proj_v_hat = _capped(self._read(self.projections, proj_weights, v_all), cap.repeat(1, 1, n_proj, 1))
+            proj_v_hat = _capped(self._read(self.projections, proj_weights, v_all), cap.repeat(1, 1, n_proj, 1)).detach()
         proj_gates = {n: g.repeat(1, 1, n_proj) for n, g in gates.items()}
         if history is not None:
             history.append({"memory": (q, k, v_hat, mask, gates),
