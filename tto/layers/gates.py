@@ -27,6 +27,14 @@ class Gate(nn.Module):
         return self.scale * torch.sigmoid(F.linear(x, self.weight, self.bias))
 
 
+class HeadGate(Gate):
+    """``scale * sigmoid(m_h . w_h + b_h)``: each head's scalar from that head's own features,
+    (B, T, heads, width) -> (B, T, heads) (HOPE's eta and alpha, read out of their memories)."""
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.sigmoid((m * self.weight.to(m.dtype)).sum(-1) + self.bias.to(m.dtype))
+
+
 class DecayGate(nn.Module):
     """Mamba2's decay in log space: ``log a_t = -exp(A_log) * softplus(x W^T + dt_bias)`` (B, T, heads), <= 0.
 

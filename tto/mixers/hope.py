@@ -89,6 +89,7 @@ from ..engine.fast_models import autocast_off, upcast
 from ..engine.layout import detached, heads_first, state_keeps_graph, tokens_first
 from ..reference import in_reference_mode
 from ..layers.attention import Attention
+from ..layers.gates import HeadGate
 from ..registry import FromAttention, qkvo, register
 from .titans import LMM, TITANS_FROM_ATTENTION, TitansConfig
 
@@ -146,24 +147,6 @@ class HopeAttention(nn.Module):
         return self.attention(x, ctx, state)
 
 
-class HeadGate(nn.Module):
-    """``scale * sigmoid(m . w_h + b_h)``: per head h a scalar of that head's features m (B, T, H, d)
-    -> (B, T, H): the self-modifying Titans' eta and alpha read out of their memories."""
-
-    def __init__(self, heads: int, dim: int, scale: float, bias_init: float, init_std: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(heads, dim))
-        self.bias = nn.Parameter(torch.empty(heads))
-        self.scale, self.bias_init, self.init_std = scale, bias_init, init_std
-
-    def _tto_init(self, init) -> None:
-        init.normal_(self.weight, mean=0.0, std=self.init_std)
-        init.constant_(self.bias, self.bias_init)
-
-    def forward(self, m: torch.Tensor) -> torch.Tensor:
-        return self.scale * torch.sigmoid((m * self.weight.to(m.dtype)).sum(-1) + self.bias.to(m.dtype))
-
-
 #: the projection memories of the self-modifying Titans, in their engine's head order (memory-major)
 PROJECTIONS = ("k", "v", "lr", "forget")
 
@@ -193,8 +176,8 @@ class SelfModifyingTitans(nn.Module):
         self.memory = engine(heads, "memory")
         self.projections = engine(len(PROJECTIONS) * heads, "projections")
         std = config.initializer_range
-        self.lr_gate = HeadGate(heads, dim, config.mem_max_lr, config.lr_gate_bias_init, std)  # eta_t
-        self.forget_gate = HeadGate(heads, dim, 1.0, config.forget_gate_bias_init, std)  # alpha_t
+        self.lr_gate = HeadGate(dim, heads, config.mem_max_lr, config.lr_gate_bias_init, std)  # eta_t
+        self.forget_gate = HeadGate(dim, heads, 1.0, config.forget_gate_bias_init, std)  # alpha_t
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # the static W_q
         self.out_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gate_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if config.use_gate else None
@@ -207,7 +190,7 @@ class SelfModifyingTitans(nn.Module):
         if in_noncausal_mode():  # one chunk (an image): projections at the initial weights, one commit
             return self._output(self._piece(heads_x, q, None, None, None), x)
         real = ctx.mask if ctx.mask is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
-        mine = ("memory.", "projections.")
+        mine = (self.memory.prefix, self.projections.prefix)
         work = {k: v for k, v in (state or {}).items() if k.startswith(mine)}
         history = [] if in_reference_mode() else None
         if history is not None and state is not None:
@@ -262,9 +245,7 @@ class SelfModifyingTitans(nn.Module):
         """The weights `engine` committed last, (batch * heads, ...): the fast path's state, or in
         reference mode the engine's naive reference over the call's history."""
         if history:
-            names = ("q", "k", "v", "mask", "gates")
-            q, k, v, mask, gates = (_joined(engine, history, n) for n in names)
-            committed = naive_memory(engine, q, k, v, gates, mask)[2]
+            committed = naive_memory(engine, *_joined(history, engine))[2]
             return {n: torch.cat([row[n] for row in committed]) for n in committed[0]}
         tokens = {"q": like, "k": like, "v": like}
         return engine.fast_weights(work, tokens)[0]
@@ -295,8 +276,8 @@ class SelfModifyingTitans(nn.Module):
             proj_v_hat = _capped(self._read(self.projections, proj_weights, v_all), cap.repeat(1, 1, n_proj, 1)).detach()
         proj_gates = {n: g.repeat(1, 1, n_proj) for n, g in gates.items()}
         if history is not None:
-            history.append({"memory": (q, k, v_hat, mask, gates),
-                            "projections": (x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, mask, proj_gates)})
+            history.append({self.memory: (q, k, v_hat, gates, mask),
+                            self.projections: (x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, proj_gates, mask)})
             return None
         if work is not None:
             self.projections(x_all, k.repeat(1, 1, n_proj, 1), proj_v_hat, proj_gates, mask, work, read_start="only")
@@ -304,9 +285,7 @@ class SelfModifyingTitans(nn.Module):
 
     def _reference_reads(self, history: list) -> torch.Tensor:
         """Reference mode: the main memory's naive reference over the whole call."""
-        names = ("q", "k", "v", "mask", "gates")
-        q, k, v, mask, gates = (_joined(self.memory, history, n) for n in names)
-        return naive_memory(self.memory, q, k, v, gates, mask)[0]
+        return naive_memory(self.memory, *_joined(history, self.memory))[0]
 
 
 def _capped(values: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
@@ -315,15 +294,12 @@ def _capped(values: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     return values * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
 
 
-def _joined(engine: Memory, history: list, name: str):
-    """`engine`'s input `name` over the pieces of `history`, joined along the tokens."""
-    index = ("q", "k", "v", "mask", "gates").index(name)
-    parts = [piece[engine.prefix[:-1]][index] for piece in history]
-    if name == "gates":
-        return {g: torch.cat([p[g] for p in parts], dim=1) for g in parts[0]}
-    if name == "mask":
-        return None if parts[0] is None else torch.cat(parts, dim=1)
-    return torch.cat(parts, dim=1)
+def _joined(history: list, engine: Memory) -> tuple:
+    """`engine`'s inputs (q, k, v, gates, mask) over the pieces of `history`, joined along the tokens."""
+    q, k, v, gates, mask = zip(*(piece[engine] for piece in history))
+    joined = {g: torch.cat([piece[g] for piece in gates], dim=1) for g in gates[0]}
+    return (torch.cat(q, dim=1), torch.cat(k, dim=1), torch.cat(v, dim=1), joined,
+            None if mask[0] is None else torch.cat(mask, dim=1))
 
 
 #: retrofit: Titans' map, and the self-modifying Titans' own static q and output projections
