@@ -242,14 +242,14 @@ def self_modifying_titans_equations(layer: SelfModifyingTitans, x: torch.Tensor)
     token by token, with explicit weights and autograd: x (B, T, hidden) -> (B, T, hidden).
 
     Each of the five memories (k, v, eta, alpha, the main one) is ``M(z) = z + silu(z W1) W2``.
-    Token t of a chunk of C reads the projection memories at the chunk-start weights:
-    ``k_t = normalize(M_k(x_t))``, ``v_t = M_v(x_t)``, ``eta_t = max_lr sigmoid(w_eta . M_eta(x_t) + b)``,
-    ``alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b)``, ``q_t = normalize(x_t W_q)``; every memory
-    steps ``M <- (1 - alpha_t) M - eta_t grad ||M(k_t) - v^_t||^2`` with the gradient at the
-    chunk-start weights and its own generated value ``v^_t = M_start(v_t)`` as target (its norm at most
-    ``value_norm_cap ||x_t||``), and the main memory's read is
+    Token t of a chunk of C reads the projection memories at the chunk-start weights on its head's
+    slice of x, l2-normalised (x_t below): ``k_t = normalize(M_k(x_t))``, ``v_t = M_v(x_t)``,
+    ``eta_t = max_lr sigmoid(w_eta . M_eta(x_t) + b)``, ``alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b)``,
+    ``q_t = normalize(x W_q)``; every memory steps ``M <- (1 - alpha_t) M - eta_t grad ||M(k_t) - v^_t||^2``
+    with the gradient at the chunk-start weights and its own generated value ``v^_t = M_start(v_t)``
+    as target (its norm at most ``value_norm_cap``), and the main memory's read is
     ``y_t = M_memory,t(q_t)`` after the token's step. Outer gradients flow through everything but
-    the generated values, which are targets."""
+    the chunk-start weights that generate the values."""
     heads, d, chunk = layer.num_heads, layer.head_dim, layer.chunk_size
     proj, main = layer.projections.fast, layer.memory.fast
     scale = layer.memory.objective.scale
@@ -270,7 +270,7 @@ def self_modifying_titans_equations(layer: SelfModifyingTitans, x: torch.Tensor)
             for t in range(x.shape[1]):
                 if t % chunk == 0:
                     start = {name: list(w) for name, w in weights.items()}
-                x_t = x[row, t, h * d:(h + 1) * d]
+                x_t = F.normalize(x[row, t, h * d:(h + 1) * d], dim=-1)
                 read = {name: memory(start[name], x_t) for name in ("k", "v", "lr", "forget")}
                 k_t, v_t = F.normalize(read["k"], dim=-1), read["v"]
                 lr = layer.lr_gate.scale * torch.sigmoid(read["lr"] @ layer.lr_gate.weight[h] + layer.lr_gate.bias[h])
@@ -280,8 +280,8 @@ def self_modifying_titans_equations(layer: SelfModifyingTitans, x: torch.Tensor)
                     # produce): taken at an alias of the chunk-start weights that only y reads
                     alias = [w.view_as(w) for w in start[name]]
                     y = memory(alias, k_t)
-                    target = memory(start[name], v_t)
-                    target = (target * (layer.value_norm_cap * x_t.norm() / target.norm()).clamp(max=1.0)).detach()
+                    target = memory([w.detach() for w in start[name]], v_t)
+                    target = target * (layer.value_norm_cap / target.norm()).clamp(max=1.0)
                     grads = torch.autograd.grad(y, alias, grad_outputs=scale * (y - target), create_graph=True)
                     weights[name] = [keep * w - lr * g for w, g in zip(weights[name], grads)]
                 q_t = F.normalize(q_all[row, t, h * d:(h + 1) * d], dim=-1)

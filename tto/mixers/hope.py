@@ -37,7 +37,10 @@ million pending tokens per layer while decoding, so the defaults stay within a t
 Choices and deviations of ``self_modifying`` (the paper leaves the first three open):
 
 * memory heads: the memories act per head on the head's slice of x (``num_memory_heads`` slices of
-  ``hidden_size // num_memory_heads``); q and k are l2-normalised per head, as in Titans;
+  ``hidden_size // num_memory_heads``), l2-normalised; q and k are l2-normalised per head, as in
+  Titans. Unnormalised, the values (about x's norm, sqrt(head width)) dwarfed the unit keys and the
+  reads' sensitivity to the keys and gates compounded with depth: hope_760m's layers at 128 tokens
+  had a gradient norm of 7.6e3 (its ``titans`` variant: 32), 39 with the normalised inputs;
 * each memory is the paper's residual MLP (Eq. 91), ``x + g(x)`` with g the engine's MLP of
   ``mem_depth`` layers and hidden width ``mem_expansion_factor`` x head width, no biases, its
   initial weights ~ N(0, 1 / fan_in). At ``initializer_range`` (0.02) every memory starts as nearly
@@ -52,10 +55,11 @@ Choices and deviations of ``self_modifying`` (the paper leaves the first three o
 * the update is gradient descent with retention, without delta gradient descent's extra erase term
   ``-eta_t M k_t k_t^T`` (Eq. 90's ``alpha_t I - eta_t k_t k_t^T``), which is defined for a linear
   layer; the engine's step bound (:mod:`tto.engine.memory`) applies to every memory as to Titans'.
-* the generated values are targets only: no outer gradient flows through ``v^`` (a semi-gradient,
-  as temporal-difference learning treats its bootstrapped targets). Through them the outer gradient
-  grew about 8x per doubling of the sequence (bench's model: gradient norm 83 at 128 tokens, 1.1e4 at
-  1,024; hope_760m's first step 2.2e11); without, 25, 13 and 8.8, as the ``titans`` variant's fall;
+* no outer gradient flows through the weights that generate a memory's values, ``v^ = M_sg(v)`` (a
+  semi-gradient, as temporal-difference learning treats its bootstrapped targets; v itself, M_v's
+  read, keeps its gradient). Through them the outer gradient grew about 8x per doubling of the
+  sequence (bench's model: gradient norm 83 at 128 tokens, 1.1e4 at 1,024; hope_760m went NaN at its
+  second step); without, 11 and 3.4, falling with length as the ``titans`` variant's does;
 * decoding and padding use the engines' own states: a call runs in pieces that end where some
   row's chunk ends, so each row's projections always read the weights its last chunk committed;
   ``scan_checkpoint_group_size`` > 0 recomputes groups of that many pieces in the backward.
@@ -119,7 +123,7 @@ class HopeConfig(TitansConfig):
     variant: str = "self_modifying"
     sliding_window: int | None = None  # HOPE-Attention's attention window (None: full causal attention)
     # self_modifying: a memory's generated values v^ = M(v) are scaled down where their norm passes this
-    # multiple of the norm of the head's slice of x (at init M is near the identity and v^ ~ x: inactive)
+    # (the memories read unit-norm inputs; at init 99% of the v^ have a norm under 1.35: inactive)
     value_norm_cap: float = 2.0
     num_persistent_mem_tokens: int = 0  # unused: neither variant has Titans' attention branch
     mlp_type: str = "cms"  # the block MLP is the Continuum Memory System
@@ -263,17 +267,19 @@ class SelfModifyingTitans(nn.Module):
         would read, is skipped."""
         n_proj = len(PROJECTIONS)
         with autocast_off(x.device.type):
-            x_all = upcast(x).repeat(1, 1, n_proj, 1)  # each projection memory reads its head's slice of x
+            x_in = F.normalize(upcast(x), dim=-1)  # each memory reads its head's slice of x, l2-normalised
+            x_all = x_in.repeat(1, 1, n_proj, 1)
             proj_weights = self._weights(self.projections, work, history, x_all)
             k, v, lr_features, forget_features = self._read(self.projections, proj_weights, x_all).chunk(n_proj, dim=2)
             k = F.normalize(k, dim=-1)
             gates = {"lr": self.lr_gate(lr_features), "forget": self.forget_gate(forget_features)}
-            # every memory's values are its own reads of v at its chunk-start weights, v^_t = M_{t-1}(v_t):
-            # targets, without an outer gradient (module docstring)
-            cap = self.value_norm_cap * upcast(x).norm(dim=-1, keepdim=True)
-            v_hat = _capped(self._read(self.memory, self._weights(self.memory, work, history, upcast(q)), v), cap).detach()
-            v_all = v.repeat(1, 1, n_proj, 1)
-            proj_v_hat = _capped(self._read(self.projections, proj_weights, v_all), cap.repeat(1, 1, n_proj, 1)).detach()
+            # every memory's values are its own reads of v at its chunk-start weights, v^_t = M_{t-1}(v_t),
+            # with no outer gradient through those weights (module docstring)
+            fixed = lambda weights: {n: w.detach() for n, w in weights.items()}  # noqa: E731
+            v_hat = _capped(self._read(self.memory, fixed(self._weights(self.memory, work, history, upcast(q))), v),
+                            self.value_norm_cap)
+            proj_v_hat = _capped(self._read(self.projections, fixed(proj_weights), v.repeat(1, 1, n_proj, 1)),
+                                 self.value_norm_cap)
         proj_gates = {n: g.repeat(1, 1, n_proj) for n, g in gates.items()}
         if history is not None:
             history.append({self.memory: (q, k, v_hat, gates, mask),
@@ -288,8 +294,8 @@ class SelfModifyingTitans(nn.Module):
         return naive_memory(self.memory, *_joined(history, self.memory))[0]
 
 
-def _capped(values: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
-    """`values` (..., d) scaled down to norm `cap` (..., 1) where theirs is larger."""
+def _capped(values: torch.Tensor, cap: float) -> torch.Tensor:
+    """`values` (..., d) scaled down to norm `cap` where theirs is larger."""
     norm = values.norm(dim=-1, keepdim=True)
     return values * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
 
