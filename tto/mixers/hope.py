@@ -27,7 +27,7 @@ million pending tokens per layer while decoding, so the defaults stay within a t
   projection memories committed after chunk i-1. :class:`SelfModifyingTitans` runs the two
   engines (the main memory; the four projection memories as one engine of 4 x heads) piece by
   piece along the chunks, their states keeping the autograd graph inside the call, so the outer
-  gradient flows through every memory's whole history.
+  gradient flows through every memory's whole history (but the weights that generate values, below).
 * ``titans``: the ablation without self-modification: Titans' neural long-term memory (the LMM layer
   of :mod:`tto.mixers.titans`: static k, v projections and gates, momentum, forgetting,
   chunk-start gradients, with all of Titans' memory fields) followed by the CMS.
@@ -50,11 +50,17 @@ Choices and deviations of ``self_modifying`` (the paper leaves the first three o
   over 8K tokens;
 * eta and alpha are scalars per head: ``mem_max_lr * sigmoid(w . M_eta(x_t) + b)`` and
   ``sigmoid(w . M_alpha(x_t) + b)`` with a learned read-out (w, b) per head, Titans' gates read
-  through the memories (at M = identity they are Titans' static gates of x);
+  through the memories (at M = identity, Titans' static gates of the normalised x);
 * one chunk size for all five memories (the paper allows the projection memories their own);
 * the update is gradient descent with retention, without delta gradient descent's extra erase term
   ``-eta_t M k_t k_t^T`` (Eq. 90's ``alpha_t I - eta_t k_t k_t^T``), which is defined for a linear
-  layer; the engine's step bound (:mod:`tto.engine.memory`) applies to every memory as to Titans'.
+  layer; the engine's step bound (:mod:`tto.engine.memory`) applies to every memory as to Titans';
+* a generated value's norm is capped at ``value_norm_cap``: a memory that chases ``M_{W_c}(v)``,
+  a target that moves with its own weights (a bootstrap), has a chunk map
+  ``W -> W - eta J_k^T (M_W(k) - M_W(v))`` that is not symmetric and can expand at any step size,
+  which the step bound (the curvature at a fixed target) does not see; with bounded targets its
+  guarantee holds again (a random depth-1 configuration without the cap: weights past 1e11, then
+  NaN, within 128 tokens). 99% of the values are under 1.35 at init: the cap is inactive there;
 * no outer gradient flows through the weights that generate a memory's values, ``v^ = M_sg(v)`` (a
   semi-gradient, as temporal-difference learning treats its bootstrapped targets; v itself, M_v's
   read, keeps its gradient). Through them the outer gradient grew about 8x per doubling of the
