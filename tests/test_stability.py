@@ -328,7 +328,8 @@ def test_spectral_norm_at_extreme_scales_and_on_flushed_weights():
         exact = torch.linalg.matrix_norm(w.double(), ord=2)
         torch.testing.assert_close(spectral_norm(w).double(), exact, rtol=1e-5, atol=0)
     stored = torch.load(Path(__file__).parent / "data" / "flushed_fast_weights.pt")
-    flushed = torch.sparse_coo_tensor(stored["indices"].long(), stored["values"], stored["shape"]).to_dense()
+    flushed = torch.sparse_coo_tensor(stored["indices"].long(), stored["values"], stored["shape"],
+                                      check_invariants=True).to_dense()
     exact = torch.linalg.matrix_norm(flushed.double(), ord=2)
     torch.testing.assert_close(spectral_norm(flushed).double(), exact, rtol=1e-5, atol=0)
 
