@@ -206,10 +206,8 @@ class SelfModifyingTitans(nn.Module):
         if history is not None and state is not None:
             raise RuntimeError("the naive reference does not keep a decoding state")
         held = work.get("memory.n_pending", torch.zeros(batch, dtype=torch.long, device=x.device))
-        bounds, start = [], 0
-        while start < length:
-            bounds.append((start, start + self._piece_length(held + real[:, :start].sum(1), real[:, start:])))
-            start = bounds[-1][1]
+        ends = self._piece_ends(held, real)
+        bounds = list(zip([0] + ends[:-1], ends))
         group = len(bounds)
         if self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training and history is None:
             group = self.checkpoint_group
@@ -242,14 +240,13 @@ class SelfModifyingTitans(nn.Module):
             out = out * F.silu(self.gate_proj(x))
         return out if self.o_proj is None else self.o_proj(out)
 
-    def _piece_length(self, seen: torch.Tensor, real: torch.Tensor) -> int:
-        """Tokens of the next piece: up to where some row completes its current chunk (`seen` (B,):
-        the real tokens each row has read, `real` (B, n): the rest of the call's), so that no row's
-        chunk boundary falls inside a piece."""
-        room = self.chunk_size - seen % self.chunk_size
-        reached = real.long().cumsum(1) >= room[:, None]  # row r has completed its chunk at or before slot j
-        ends = torch.where(reached.any(1), reached.long().argmax(1) + 1, real.shape[1])
-        return int(ends.min())
+    def _piece_ends(self, held: torch.Tensor, real: torch.Tensor) -> list[int]:
+        """Where the call's pieces end: after every slot at which some row completes a chunk (`held`
+        (B,): the real tokens each row holds pending, `real` (B, T): the call's real tokens), and at
+        its end, so that no row's chunk boundary falls inside a piece."""
+        seen = held[:, None] + real.long().cumsum(1)
+        completes = (real & (seen % self.chunk_size == 0)).any(0)
+        return sorted({*(completes.nonzero()[:, 0] + 1).tolist(), real.shape[1]})
 
     def _weights(self, engine: Memory, work: dict, history: list | None, like: torch.Tensor) -> dict:
         """The weights `engine` committed last, (batch * heads, ...): the fast path's state, or in
