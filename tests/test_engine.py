@@ -421,6 +421,63 @@ def test_step_bound_before_the_scan_equals_it_chunk_by_chunk(optimizer, read_sta
     assert_same_run(before, by_chunk, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("optimizer", ["gd", "plain"])
+def test_linear_norm_scan_equals_the_chunk_steps(optimizer, monkeypatch):
+    """TTT-Linear's memory runs its scan as one autograd node with a hand-written backward
+    (:mod:`tto.engine.linear_norm_scan`); the generic chunk steps (``linear_norm`` off) give the same
+    reads, committed weights and gradients of every input, gate and parameter (float64, 1e-12), with a
+    padded row, an incomplete last chunk (read, not committed), the step bound active on some chunks and
+    not on others, and a weight row that stays zero (the subnormal flush's zero gradient there)."""
+    import tto.engine.memory as memory_module
+
+    mem = make_memory(1, optimizer).double()
+    assert mem.linear_norm and not make_memory(2, optimizer).linear_norm
+    with torch.no_grad():
+        mem.fast.W1[:, 0] = 0.0
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=23, dtype=torch.float64, max_lr=2.0)
+    with torch.no_grad():
+        k[..., 0] = 0.0  # no update reaches W1's first row: it stays 0
+        gates["lr"].mul_(torch.logspace(-3, 0, 23, dtype=torch.float64)[None, :, None])
+    leaves = [t.requires_grad_() for t in (q, k, v, *gates.values())] + list(mem.parameters())
+    mask = torch.ones(3, 23, dtype=torch.bool)
+    mask[1, :5] = False
+    w = torch.randn(3, 23, 2, 8, dtype=torch.float64)
+    scan, bound, commits, kappas = memory_module.linear_norm_scan, memory_module.stable_bound_factor, [], []
+    monkeypatch.setattr(memory_module, "linear_norm_scan", lambda *a: commits.append((a[2].shape[1], a[-1])) or scan(*a))
+    monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: kappas.append(bound(*a)) or kappas[-1])
+
+    def run():
+        state: dict = {}
+        out = mem(q, k, v, gates, mask, state)
+        weights = {n: t for n, t in state.items() if n.startswith("memory.W.")}
+        loss = (out * w * mask[..., None, None]).sum() + sum((t * t).sum() for t in weights.values())
+        return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    fused = run()
+    assert len(commits) == 1 and commits[0][1] < commits[0][0]  # the last chunk is only read
+    assert (kappas[0] < 0.9).any() and (kappas[0] == 1).any()
+    assert (fused[1]["memory.W.W1"][..., 0, :] == 0).all()
+    mem.linear_norm = False
+    steps = run()
+    assert len(commits) == 1
+    assert_same_run(fused, steps, atol=1e-12, rtol=1e-12)
+
+
+def test_linear_norm_scan_backward_is_the_derivative_of_its_forward():
+    """The hand-written backward against finite differences (``torch.autograd.gradcheck``, float64), with
+    chunks after the committed ones that are only read."""
+    from tto.engine.linear_norm_scan import linear_norm_scan
+
+    g = torch.Generator().manual_seed(0)
+    rows, chunks, size, dim = 2, 3, 4, 5
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()  # noqa: E731
+    mix = torch.tril(torch.rand(rows, chunks, size, size, generator=g, dtype=torch.float64)) * 0.3
+    inputs = (rand(rows, dim, dim, scale=0.3), rand(rows, 1, dim, scale=0.1),
+              *(rand(rows, chunks, size, dim) for _ in range(3)), mix.requires_grad_(), mix[..., -1, :].detach().clone().requires_grad_(),
+              (1 + 0.2 * torch.randn(rows, 1, dim, generator=g, dtype=torch.float64)).requires_grad_(), rand(rows, 1, dim, scale=0.1))
+    assert torch.autograd.gradcheck(lambda *x: linear_norm_scan(*x, 1e-6, 2), inputs)
+
+
 def test_checkpoint_groups_do_not_change_results():
     mem = make_memory(2, "momentum")
     q, k, v, gates = make_inputs(optimizer="momentum", length=17, requires_grad=True)

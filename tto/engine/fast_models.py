@@ -38,6 +38,12 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == inner else t.to(inner)
 
 
+def subnormal_threshold(dtype: torch.dtype) -> float:
+    """The magnitude below which :func:`flush_subnormal` zeroes an entry: the square root of the
+    dtype's smallest normal number."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
 def flush_subnormal(weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """`weights` with every entry below the square root of the dtype's smallest normal number set to
     zero (|w| < 1.1e-19 in float32, 1.5e-154 in float64); NaN and infinities kept. A memory whose
@@ -49,7 +55,7 @@ def flush_subnormal(weights: dict[str, torch.Tensor] | None) -> dict[str, torch.
     change by less than the threshold times the other factor of each product."""
     if weights is None:
         return None
-    return {name: F.hardshrink(w, torch.finfo(w.dtype).tiny ** 0.5) for name, w in weights.items()}
+    return {name: F.hardshrink(w, subnormal_threshold(w.dtype)) for name, w in weights.items()}
 
 
 def autocast_off(device_type: str):

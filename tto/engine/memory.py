@@ -110,8 +110,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .chunkwise import ChunkwiseMemory
-from .fast_models import EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, flush_subnormal, spectral_norm, upcast
-from .objectives import Objective
+from .fast_models import (EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, MLPMemory, flush_subnormal, spectral_norm,
+                          upcast)
+from .linear_norm_scan import linear_norm_scan
+from .objectives import Objective, SquaredError
 from .muon import naive_newton_schulz
 from .optimizers import (Coefficients, InnerOptimizer, StepGates, bound_factor, stable_bound_factor, stable_step_factor,
                          stable_step_gates, trace_curvature)
@@ -138,7 +140,8 @@ def _gates(chunks: dict) -> dict:
 
 
 class Chunk(NamedTuple):
-    """One chunk's inputs to :meth:`Memory._chunk` (N = batch * heads rows, C tokens)."""
+    """One chunk's inputs to :meth:`Memory._chunk` (N = batch * heads rows, C tokens), or all chunks'
+    at once with a chunk dim after N (:meth:`Memory._chunk_inputs`; :meth:`unbind` splits them)."""
 
     q: torch.Tensor  # (N, C, d)
     k: torch.Tensor  # (N, lookback + C, d): the optimizer's lookback tokens before the chunk, then the chunk's
@@ -155,6 +158,21 @@ class Chunk(NamedTuple):
     kappa: torch.Tensor | None
     objective_gates: dict  # {name: (N, C)}
     active: torch.Tensor  # (N,) the row has a real token in this chunk
+
+    def unbind(self) -> list["Chunk"]:
+        """Each chunk's inputs from those of all chunks (leading dims (N, n)), as views: indexing
+        ``t[:, i]`` instead would make every chunk's backward write a zero tensor of the whole
+        sequence's size."""
+        n = self.active.shape[1]
+
+        def split(field):
+            if field is None:
+                return [None] * n
+            if isinstance(field, dict):
+                return [dict(zip(field, parts)) for parts in zip(*(t.unbind(1) for t in field.values()))] or [{}] * n
+            return field.unbind() if isinstance(field, (Coefficients, StepGates)) else field.unbind(1)
+
+        return [Chunk(*fields) for fields in zip(*(split(field) for field in self))]
 
 
 class Memory(ChunkwiseMemory):
@@ -193,6 +211,11 @@ class Memory(ChunkwiseMemory):
         #: chunks at once before the scan, the same kappa as chunk by chunk
         self.bound_before_scan = not (fast_model.curvature_reads_weights or objective.curvature_reads_output
                                       or self.retention.scales_gradients or self.retention.steps_along_momentum)
+        #: TTT-Linear's memory (one linear layer with a bias in ``x + LN(g(x))``, TTT's squared error, no
+        #: momentum, no lookback, no retention): its scan can run as one autograd node (:meth:`_scans_fused`)
+        self.linear_norm = (isinstance(fast_model, MLPMemory) and fast_model.depth == 1 and fast_model.has_bias
+                            and fast_model.residual_norm and type(objective) is SquaredError and objective.scale == 1.0
+                            and not optimizer.has_momentum and not optimizer.lookback and retention is None)
         #: the fast weights whose spectral norms the step bound reads and carries (:meth:`carried_norms`)
         self.norm_names = () if (self.bound_before_scan or self.retention.steps_along_momentum) else fast_model.norm_weights
         #: (chunks left on which the step bound skips its screens, the last such count) in the current
@@ -218,32 +241,27 @@ class Memory(ChunkwiseMemory):
         return torch.stack(reads)
 
     # ------------------------------------------------------------------ the scan
-    def _chunk_inputs(self, params, chunks, valid, start_only: bool) -> list[Chunk]:
-        """Each chunk's :class:`Chunk` from `chunks` {"q", "k", "v", "gate.<name>"} (N, n, C, ...);
-        with `start_only` its chunk-end coefficients and no dual-form term."""
-        n = valid.shape[1]
+    def _chunk_inputs(self, params, chunks, valid, start_only: bool) -> Chunk:
+        """The :class:`Chunk` of all chunks at once (fields (N, n, ...)) from `chunks` {"q", "k", "v",
+        "gate.<name>"} (N, n, C, ...); with `start_only` the chunk-end coefficients and no dual-form term."""
         chunks = self._with_lookback(chunks, dim=2)
         queries, keys, values = chunks["q"], chunks["k"], chunks["v"]
         gates = _gates(chunks)
         if start_only:
             coef = self.optimizer.end_coefficients(gates, valid).without_negligible()
-            mixed = [None] * n
+            mixed = None
         else:
             coef = self.optimizer.coefficients(gates, valid).without_negligible()
             # the first layer reads the raw queries and writes the raw keys: its (mix * (q.k + 1)) term
             # does not depend on the weights, so it is built for all chunks at once
-            mixed = (coef.mix * self._first_layer_qk(params, queries, keys)).unbind(1)
-        # per-chunk views via unbind: indexing queries[:, i] instead would make every chunk's
-        # backward write a zero tensor of the whole sequence's size
-        objective_gates = [dict(zip(self.objective.gate_names, g))
-                           for g in zip(*(gates[name].unbind(1) for name in self.objective.gate_names))] or [{}] * n
-        bounds = kappas = [None] * n
+            mixed = coef.mix * self._first_layer_qk(params, queries, keys)
+        bound = kappa = None
         if self.bound_before_scan:
-            kappas = self._bound_before_scan(params, keys, values, gates, self._step_gates(coef)).unbind(1)
+            kappa = self._bound_before_scan(params, keys, values, gates, self._step_gates(coef))
         elif not self.retention.steps_along_momentum:
-            bounds = self._step_gates(coef).unbind()
-        return [Chunk(*c) for c in zip(queries.unbind(1), keys.unbind(1), values.unbind(1), mixed, coef.unbind(),
-                                       bounds, kappas, objective_gates, valid.any(-1).unbind(1))]
+            bound = self._step_gates(coef)
+        objective_gates = {name: gates[name] for name in self.objective.gate_names}
+        return Chunk(queries, keys, values, mixed, coef, bound, kappa, objective_gates, valid.any(-1))
 
     def _bound_before_scan(self, params, keys, values, gates, bound: StepGates) -> torch.Tensor:
         """kappa (N, n) of all chunks (:attr:`bound_before_scan`) from their keys and values (N, n, lookback + C, d),
@@ -284,25 +302,47 @@ class Memory(ChunkwiseMemory):
         # each call starts the screens' schedule afresh: a recomputation of the whole call (a checkpointed
         # layer) then takes the branches of its forward, as checkpoint needs (the same saved tensors)
         self._screen_schedule = (0, 0)
-        chunk_list = self._chunk_inputs(params, chunks, valid, read_start in ("only", "end"))
+        inputs = self._chunk_inputs(params, chunks, valid, read_start in ("only", "end"))
         if n_commit:
             carried = self.carried_norms(params, carried)
-        outs = []
-        group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
-        for lo in range(0, n, group):
-            hi = min(n, lo + group)
-            # and so does a group's recomputation, from the schedule its forward started with
-            run = lambda p, m, c, lo=lo, hi=hi, schedule=self._screen_schedule: self._chunks(  # noqa: E731
-                p, m, c, chunk_list[lo:hi], n_commit - lo, read_start, schedule)
-            if group < n:
-                out, params, momentum, carried = checkpoint(run, params, momentum, carried, use_reentrant=False)
-            else:
-                out, params, momentum, carried = run(params, momentum, carried)
-            outs.append(out)
-        reads = torch.cat(outs, dim=1)  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
+        if self._scans_fused(inputs, read_start):
+            reads, params = self._linear_norm_scan(params, inputs, n_commit)
+        else:
+            chunk_list, outs = inputs.unbind(), []
+            group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
+            for lo in range(0, n, group):
+                hi = min(n, lo + group)
+                # and so does a group's recomputation, from the schedule its forward started with
+                run = lambda p, m, c, lo=lo, hi=hi, schedule=self._screen_schedule: self._chunks(  # noqa: E731
+                    p, m, c, chunk_list[lo:hi], n_commit - lo, read_start, schedule)
+                if group < n:
+                    out, params, momentum, carried = checkpoint(run, params, momentum, carried, use_reentrant=False)
+                else:
+                    out, params, momentum, carried = run(params, momentum, carried)
+                outs.append(out)
+            reads = torch.cat(outs, dim=1)  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
         x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start is True else queries
         reads = self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape)
         return reads, params, momentum, carried
+
+    def _scans_fused(self, inputs: Chunk, read_start: bool | str) -> bool:
+        """Whether this scan runs as one autograd node (:mod:`tto.engine.linear_norm_scan`): TTT-Linear's
+        memory (:attr:`linear_norm`), reads of the updated weights alone, an optimizer whose coefficients
+        are its mix alone (no decay, no momentum), and the step not compiled."""
+        c = inputs.coefficients
+        return (self.linear_norm and read_start is False and self._compiled_chunk is None and c.decay is None
+                and c.carry is None and inputs.kappa is not None)
+
+    def _linear_norm_scan(self, params, inputs: Chunk, n_commit: int) -> tuple[torch.Tensor, dict]:
+        """The reads g(q) (N, n, C, d) of all chunks and the weights after the first `n_commit` commits,
+        by :func:`~tto.engine.linear_norm_scan.linear_norm_scan` (the same values as the chunk steps)."""
+        fast = self.fast
+        rows = params["W1"].shape[0] // fast.num_heads
+        gamma, beta = (upcast(p).repeat(rows, 1)[:, None] for p in (fast.norm_weight, fast.norm_bias))
+        end = inputs.kappa[..., None] * inputs.coefficients.mix[..., -1, :]
+        reads, w, b = linear_norm_scan(params["W1"], params["b1"], inputs.q, inputs.k, inputs.v, inputs.mixed_qk, end,
+                                       gamma, beta, fast.norm_eps, n_commit)
+        return reads, {"W1": w, "b1": b}
 
     def _chunks(self, params, momentum, carried: dict, chunks: list[Chunk], n_commit: int, read_start: bool | str,
                 screen_schedule: tuple[int, int]):
