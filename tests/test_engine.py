@@ -326,7 +326,9 @@ def test_step_bound_screen_changes_nothing(optimizer, monkeypatch):
     on some chunks and active on others; the screen both skips and falls through on these inputs."""
     import tto.engine.memory as memory_module
 
-    run = partly_bounded_run(make_memory(2, optimizer).double(), optimizer)
+    mem = make_memory(2, optimizer).double()
+    mem.ttt_memory = False  # the chunk steps' count of exact bounds (a fused TTT-MLP scan that meets kappa < 1 reruns them)
+    run = partly_bounded_run(mem, optimizer)
     exact_calls = []
     bound = memory_module.stable_bound_factor
     monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: exact_calls.append(1) or bound(*a))
@@ -421,20 +423,28 @@ def test_step_bound_before_the_scan_equals_it_chunk_by_chunk(optimizer, read_sta
     assert_same_run(before, by_chunk, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("optimizer", ["gd", "plain"])
-def test_linear_norm_scan_equals_the_chunk_steps(optimizer, monkeypatch):
-    """TTT-Linear's memory runs its scan as one autograd node with a hand-written backward
-    (:mod:`tto.engine.linear_norm_scan`); the generic chunk steps (``linear_norm`` off) give the same
-    reads, committed weights and gradients of every input, gate and parameter (float64, 1e-12), with a
-    padded row, an incomplete last chunk (read, not committed), the step bound active on some chunks and
-    not on others, and a weight row that stays zero (the subnormal flush's zero gradient there)."""
+#: memory depth, optimizer, largest inner lr (the step bound is active on some chunks at 2.0, on none at 0.05 with
+#: mini-batch GD and 0.01 with plain GD, which sums the chunk's gradients instead of averaging them)
+TTT_SCAN_CASES = {"linear": (1, "gd", 2.0), "linear-plain": (1, "plain", 2.0), "mlp": (2, "gd", 0.05),
+                  "mlp-plain": (2, "plain", 0.01), "mlp-bound-active": (2, "gd", 2.0)}
+
+
+@pytest.mark.parametrize("case", sorted(TTT_SCAN_CASES))
+def test_ttt_scans_equal_the_chunk_steps(case, monkeypatch):
+    """TTT-Linear's and TTT-MLP's memories run their scans as one autograd node with a hand-written backward
+    (:mod:`tto.engine.ttt_scans`); the generic chunk steps (``ttt_memory`` off) give the same reads, committed
+    weights and gradients of every input, gate and parameter (float64, 1e-12), with a padded row, an
+    incomplete last chunk (read, not committed) and a weight row that stays zero (the subnormal flush's zero
+    gradient there). TTT-Linear's bound (before the scan) is active on some chunks; where TTT-MLP's (chunk by
+    chunk) is, its scan gives way to the chunk steps."""
     import tto.engine.memory as memory_module
 
-    mem = make_memory(1, optimizer).double()
-    assert mem.linear_norm and not make_memory(2, optimizer).linear_norm
+    depth, optimizer, max_lr = TTT_SCAN_CASES[case]
+    mem = make_memory(depth, optimizer).double()
+    assert mem.ttt_memory
     with torch.no_grad():
         mem.fast.W1[:, 0] = 0.0
-    q, k, v, gates = make_inputs(optimizer=optimizer, length=23, dtype=torch.float64, max_lr=2.0)
+    q, k, v, gates = make_inputs(optimizer=optimizer, length=23, dtype=torch.float64, max_lr=max_lr)
     with torch.no_grad():
         k[..., 0] = 0.0  # no update reaches W1's first row: it stays 0
         gates["lr"].mul_(torch.logspace(-3, 0, 23, dtype=torch.float64)[None, :, None])
@@ -442,8 +452,16 @@ def test_linear_norm_scan_equals_the_chunk_steps(optimizer, monkeypatch):
     mask = torch.ones(3, 23, dtype=torch.bool)
     mask[1, :5] = False
     w = torch.randn(3, 23, 2, 8, dtype=torch.float64)
-    scan, bound, commits, kappas = memory_module.linear_norm_scan, memory_module.stable_bound_factor, [], []
-    monkeypatch.setattr(memory_module, "linear_norm_scan", lambda *a: commits.append((a[2].shape[1], a[-1])) or scan(*a))
+    name = "linear_scan" if depth == 1 else "mlp_scan"
+    scan, bound, calls, kappas = getattr(memory_module, name), memory_module.stable_bound_factor, [], []
+
+    def recording(*args):
+        calls.append([args[4 if depth == 1 else 6].shape[1], args[10 if depth == 1 else 12], False])
+        out = scan(*args)
+        calls[-1][2] = True  # ran to the end
+        return out
+
+    monkeypatch.setattr(memory_module, name, recording)
     monkeypatch.setattr(memory_module, "stable_bound_factor", lambda *a: kappas.append(bound(*a)) or kappas[-1])
 
     def run():
@@ -454,28 +472,59 @@ def test_linear_norm_scan_equals_the_chunk_steps(optimizer, monkeypatch):
         return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
 
     fused = run()
-    assert len(commits) == 1 and commits[0][1] < commits[0][0]  # the last chunk is only read
-    assert (kappas[0] < 0.9).any() and (kappas[0] == 1).any()
+    assert len(calls) == 1 and calls[0][1] < calls[0][0]  # (chunks, committed): the last chunk is only read
+    active = any(bool((kappa < 1).any()) for kappa in kappas)
+    assert active == (max_lr > 1)
+    assert calls[0][2] == (depth == 1 or not active)  # TTT-MLP's scan stops at its first bounded chunk
     assert (fused[1]["memory.W.W1"][..., 0, :] == 0).all()
-    mem.linear_norm = False
+    mem.ttt_memory = False
     steps = run()
-    assert len(commits) == 1
+    assert len(calls) == 1
     assert_same_run(fused, steps, atol=1e-12, rtol=1e-12)
 
 
-def test_linear_norm_scan_backward_is_the_derivative_of_its_forward():
-    """The hand-written backward against finite differences (``torch.autograd.gradcheck``, float64), with
-    chunks after the committed ones that are only read."""
-    from tto.engine.linear_norm_scan import linear_norm_scan
+def test_gelu_tanh_second_derivative_is_autograds():
+    from tto.engine.ttt_scans import _gelu_tanh_second
+
+    z = torch.linspace(-6, 6, 1001, dtype=torch.float64, requires_grad=True)
+    (first,) = torch.autograd.grad(F.gelu(z, approximate="tanh").sum(), z, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), z)
+    torch.testing.assert_close(_gelu_tanh_second(z.detach()), second, atol=1e-13, rtol=0)  # values up to 0.8
+
+
+class _NoBound:
+    """A step bound that never bounds (kappa = 1), for :func:`~tto.engine.ttt_scans.mlp_scan` alone."""
+
+    def __call__(self, i, params, grads, y):
+        return torch.ones(y.shape[0], dtype=y.dtype)
+
+    def committed(self, before, after):
+        pass
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_ttt_scans_backward_is_the_derivative_of_their_forward(depth):
+    """The hand-written backward passes against finite differences (``torch.autograd.gradcheck``, float64),
+    with a chunk after the committed ones that is only read."""
+    from tto.engine.ttt_scans import linear_scan, mlp_scan
 
     g = torch.Generator().manual_seed(0)
-    rows, chunks, size, dim = 2, 3, 4, 5
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()  # noqa: E731
-    mix = torch.tril(torch.rand(rows, chunks, size, size, generator=g, dtype=torch.float64)) * 0.3
-    inputs = (rand(rows, dim, dim, scale=0.3), rand(rows, 1, dim, scale=0.1),
-              *(rand(rows, chunks, size, dim) for _ in range(3)), mix.requires_grad_(), mix[..., -1, :].detach().clone().requires_grad_(),
-              (1 + 0.2 * torch.randn(rows, 1, dim, generator=g, dtype=torch.float64)).requires_grad_(), rand(rows, 1, dim, scale=0.1))
-    assert torch.autograd.gradcheck(lambda *x: linear_norm_scan(*x, 1e-6, 2), inputs)
+    rows, chunks, size, dim, hidden = 2, 3, 4, 5, 6
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (shift + torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    mix = lambda: (torch.tril(torch.rand(rows, chunks, size, size, generator=g, dtype=torch.float64)) * 0.3).requires_grad_()  # noqa: E731
+    tokens = [rand(rows, chunks, size, dim) for _ in range(3)]
+    norm = [rand(rows, 1, dim, scale=0.2, shift=1.0), rand(rows, 1, dim, scale=0.1)]
+    if depth == 1:
+        inputs = (rand(rows, dim, dim, scale=0.3), rand(rows, 1, dim, scale=0.1), *tokens, mix(),
+                  rand(rows, chunks, size, scale=0.1, shift=0.2), *norm)
+        assert torch.autograd.gradcheck(lambda *x: linear_scan(*x, 1e-6, 2), inputs)
+    else:
+        inputs = (rand(rows, dim, hidden, scale=0.4), rand(rows, 1, hidden, scale=0.1), rand(rows, hidden, dim, scale=0.3),
+                  rand(rows, 1, dim, scale=0.1), *tokens, mix(), mix(), *norm)
+        assert torch.autograd.gradcheck(lambda *x: mlp_scan(*x, 1e-6, 2, _NoBound()), inputs)
 
 
 def test_checkpoint_groups_do_not_change_results():

@@ -239,6 +239,7 @@ class MLPMemory(FastModel):
             raise ValueError(f"unknown fast-model activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
         self.num_heads, self.dim, self.depth = num_heads, dim, depth
         self.curvature_reads_weights = depth > 1
+        self.activation = activation
         self.act, self.act_backward = ACTIVATIONS[activation]
         self.max_slope = MAX_SLOPES[activation]
         self.residual_norm, self.norm_eps, self.init_std = residual_norm, norm_eps, init_std

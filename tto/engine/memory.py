@@ -112,7 +112,7 @@ from torch.utils.checkpoint import checkpoint
 from .chunkwise import ChunkwiseMemory
 from .fast_models import (EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, MLPMemory, flush_subnormal, spectral_norm,
                           upcast)
-from .linear_norm_scan import linear_norm_scan
+from .ttt_scans import BoundActive, linear_scan, mlp_scan
 from .objectives import Objective, SquaredError
 from .muon import naive_newton_schulz
 from .optimizers import (Coefficients, InnerOptimizer, StepGates, bound_factor, stable_bound_factor, stable_step_factor,
@@ -211,11 +211,12 @@ class Memory(ChunkwiseMemory):
         #: chunks at once before the scan, the same kappa as chunk by chunk
         self.bound_before_scan = not (fast_model.curvature_reads_weights or objective.curvature_reads_output
                                       or self.retention.scales_gradients or self.retention.steps_along_momentum)
-        #: TTT-Linear's memory (one linear layer with a bias in ``x + LN(g(x))``, TTT's squared error, no
-        #: momentum, no lookback, no retention): its scan can run as one autograd node (:meth:`_scans_fused`)
-        self.linear_norm = (isinstance(fast_model, MLPMemory) and fast_model.depth == 1 and fast_model.has_bias
-                            and fast_model.residual_norm and type(objective) is SquaredError and objective.scale == 1.0
-                            and not optimizer.has_momentum and not optimizer.lookback and retention is None)
+        #: TTT's memories (``x + LN(g(x))`` with biases, g linear or a tanh-GELU MLP of two layers, TTT's squared
+        #: error, no momentum, lookback or retention): their scans can run as one autograd node (:meth:`_scans_fused`)
+        self.ttt_memory = (isinstance(fast_model, MLPMemory) and fast_model.has_bias and fast_model.residual_norm
+                           and (fast_model.depth == 1 or (fast_model.depth == 2 and fast_model.activation == "gelu_tanh"))
+                           and type(objective) is SquaredError and objective.scale == 1.0 and not optimizer.has_momentum
+                           and not optimizer.lookback and retention is None)
         #: the fast weights whose spectral norms the step bound reads and carries (:meth:`carried_norms`)
         self.norm_names = () if (self.bound_before_scan or self.retention.steps_along_momentum) else fast_model.norm_weights
         #: (chunks left on which the step bound skips its screens, the last such count) in the current
@@ -305,8 +306,9 @@ class Memory(ChunkwiseMemory):
         inputs = self._chunk_inputs(params, chunks, valid, read_start in ("only", "end"))
         if n_commit:
             carried = self.carried_norms(params, carried)
-        if self._scans_fused(inputs, read_start):
-            reads, params = self._linear_norm_scan(params, inputs, n_commit)
+        fused = self._fused_scan(params, carried, inputs, n_commit) if self._scans_fused(inputs, read_start) else None
+        if fused is not None:
+            reads, params, carried = fused
         else:
             chunk_list, outs = inputs.unbind(), []
             group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
@@ -326,23 +328,38 @@ class Memory(ChunkwiseMemory):
         return reads, params, momentum, carried
 
     def _scans_fused(self, inputs: Chunk, read_start: bool | str) -> bool:
-        """Whether this scan runs as one autograd node (:mod:`tto.engine.linear_norm_scan`): TTT-Linear's
-        memory (:attr:`linear_norm`), reads of the updated weights alone, an optimizer whose coefficients
-        are its mix alone (no decay, no momentum), and the step not compiled."""
+        """Whether this scan can run as one autograd node (:mod:`tto.engine.ttt_scans`): a TTT memory
+        (:attr:`ttt_memory`), reads of the updated weights alone, an optimizer whose coefficients are its
+        mix alone (no decay, no momentum), no checkpoint groups (the fused scan keeps its own, smaller
+        tensors for the backward), the step not compiled, and a linear memory's step bound computed before
+        the scan."""
         c = inputs.coefficients
-        return (self.linear_norm and read_start is False and self._compiled_chunk is None and c.decay is None
-                and c.carry is None and inputs.kappa is not None)
+        return (self.ttt_memory and read_start is False and self._compiled_chunk is None and not self.checkpoint_group
+                and c.decay is None and c.carry is None and (self.fast.depth > 1 or inputs.kappa is not None))
 
-    def _linear_norm_scan(self, params, inputs: Chunk, n_commit: int) -> tuple[torch.Tensor, dict]:
-        """The reads g(q) (N, n, C, d) of all chunks and the weights after the first `n_commit` commits,
-        by :func:`~tto.engine.linear_norm_scan.linear_norm_scan` (the same values as the chunk steps)."""
+    def _fused_scan(self, params, carried: dict, inputs: Chunk, n_commit: int) -> tuple | None:
+        """The reads g(q) (N, n, C, d) of all chunks, the weights after the first `n_commit` commits and the
+        carried norms, by :func:`~tto.engine.ttt_scans.linear_scan` or :func:`~tto.engine.ttt_scans.mlp_scan`
+        (the same values as the chunk steps). TTT-MLP's step bound is computed chunk by chunk as in
+        :meth:`_chunks`; where it is active (kappa < 1) its gradient in the gates is not part of the fused
+        backward, so None: the caller runs the chunk steps."""
         fast = self.fast
         rows = params["W1"].shape[0] // fast.num_heads
         gamma, beta = (upcast(p).repeat(rows, 1)[:, None] for p in (fast.norm_weight, fast.norm_bias))
-        end = inputs.kappa[..., None] * inputs.coefficients.mix[..., -1, :]
-        reads, w, b = linear_norm_scan(params["W1"], params["b1"], inputs.q, inputs.k, inputs.v, inputs.mixed_qk, end,
-                                       gamma, beta, fast.norm_eps, n_commit)
-        return reads, {"W1": w, "b1": b}
+        mix = inputs.coefficients.mix
+        if fast.depth == 1:
+            end = inputs.kappa[..., None] * mix[..., -1, :]
+            reads, w, b = linear_scan(params["W1"], params["b1"], inputs.q, inputs.k, inputs.v, inputs.mixed_qk, end,
+                                      gamma, beta, fast.norm_eps, n_commit)
+            return reads, {"W1": w, "b1": b}, carried
+        bound = _ChunkBound(self, carried, inputs)
+        try:
+            reads, *weights = mlp_scan(*(params[n] for n in ("W1", "b1", "W2", "b2")), inputs.q, inputs.k, inputs.v,
+                                       inputs.mixed_qk, mix, gamma, beta, fast.norm_eps, n_commit, bound)
+        except BoundActive:
+            self._screen_schedule = (0, 0)
+            return None
+        return reads, dict(zip(("W1", "b1", "W2", "b2"), weights)), bound.carried
 
     def _chunks(self, params, momentum, carried: dict, chunks: list[Chunk], n_commit: int, read_start: bool | str,
                 screen_schedule: tuple[int, int]):
@@ -631,6 +648,32 @@ class Memory(ChunkwiseMemory):
                     self._screen_schedule = (backoff, backoff)
             exact = factors(EXACT_GAINS)
         return stable_bound_factor(bound, exact)
+
+
+class _ChunkBound:
+    """A fused scan's step bound (:func:`~tto.engine.ttt_scans.mlp_scan`): chunk i's kappa (N,) from the
+    memory's own screens and exact bound at its start weights, as :meth:`Memory._chunks` computes it,
+    raising :class:`~tto.engine.ttt_scans.BoundActive` where it is below 1; the carried spectral norms
+    follow each commit."""
+
+    def __init__(self, memory: Memory, carried: dict, inputs: Chunk):
+        self.memory, self.carried, self.inputs = memory, carried, inputs
+        self.step_gates = inputs.step_gates.unbind()
+
+    def __call__(self, i: int, params: dict, grads: list, y: torch.Tensor) -> torch.Tensor:
+        memory = self.memory
+        norms = {name: self.carried["norm." + name] for name in memory.norm_names} if memory.norm_names else None
+        v = self.inputs.v[:, i]
+        gates = {name: t[:, i] for name, t in self.inputs.objective_gates.items()}
+        kappa = memory._step_bound(self.step_gates[i], lambda gain_bound: memory.curvature_factors(
+            params, grads, y, v, gates, None, gain_bound, norms))
+        if not bool((kappa >= 1.0).all()):
+            raise BoundActive
+        return kappa
+
+    def committed(self, before: dict, after: dict) -> None:
+        if self.memory.norm_names:
+            self.carried = self.memory.carried_norms(after, self.memory._carry_norms(before, after, self.carried))
 
 
 def naive_chunk_map(optimizer: InnerOptimizer, token_gates: list[dict], heads: int, dtype,
