@@ -104,13 +104,15 @@ class LinearScan(torch.autograd.Function):
                 wa = F.hardshrink(torch.baddbmm(wa, ka[:, i].transpose(-1, -2), end[:, i, :, None] * delta, alpha=-1.0),
                                   threshold)
                 weights.append(wa)
+        starts = torch.stack([weights[min(i, n_commit)] for i in range(n)], dim=1)  # (N, n, d + 1, d)
+        reads = _bmm(qa, starts) - _bmm(mixed, torch.stack([chunk[-1] for chunk in values], dim=1))
+        if not any(ctx.needs_input_grad):  # inference: nothing to keep
+            return reads, wa[:, :d].clone(), wa[:, d:].clone()
         z, xh, mean, rstd, e, u, delta = zip(*values)
         # the LayerNorm's statistics stay one tensor per chunk: ATen's CPU layer-norm backward reads
         # non-contiguous mean / rstd (slices of a stack) wrongly (torch 2.13)
         ctx.statistics = mean, rstd
         z, xh, e, u, delta = (torch.stack(t, dim=1) for t in (z, xh, e, u, delta))
-        starts = torch.stack([weights[min(i, n_commit)] for i in range(n)], dim=1)  # (N, n, d + 1, d)
-        reads = _bmm(qa, starts) - _bmm(mixed, delta)
         # the flush's gradient is 0 where it zeroed an entry (hardshrink's backward): masks only if it did
         # (the committed weights are starts[:, 1:] and the last ones: two checks for all chunks)
         ctx.flushed = bool(n_commit) and not (bool(starts[:, 1:].all()) and bool(wa.all()))
@@ -233,6 +235,9 @@ class MLPScan(torch.autograd.Function):
                 w2a = F.hardshrink(torch.baddbmm(w2a, a.transpose(-1, -2), end * delta2, alpha=-1.0), threshold)
                 bound.committed(params, {"W1": w1a[:, :d], "b1": w1a[:, d:], "W2": w2a[:, :hidden], "b2": w2a[:, hidden:]})
                 weights.append((w1a, w2a))
+        reads = torch.stack(reads, dim=1)
+        if not any(ctx.needs_input_grad):  # inference: nothing to keep
+            return reads, w1a[:, :d].clone(), w1a[:, d:].clone(), w2a[:, :hidden].clone(), w2a[:, hidden:].clone()
         z, xh, mean, rstd, e, u, delta2 = zip(*values)
         ctx.statistics = mean, rstd  # one tensor per chunk: see LinearScan.forward
         z, xh, e, u, delta2 = (torch.stack(t, dim=1) for t in (z, xh, e, u, delta2))
@@ -241,8 +246,7 @@ class MLPScan(torch.autograd.Function):
         ctx.flushed = bool(n_commit) and not all(bool(w.all()) for pair in weights[1:] for w in pair)
         ctx.save_for_backward(qa, ka, mixed, mix, gamma, z, xh, e, u, delta2, z1, a, p1, s1, delta1, z1q, aq, att2)
         ctx.n_commit, ctx.kappas = n_commit, kappas
-        return (torch.stack(reads, dim=1), w1a[:, :d].clone(), w1a[:, d:].clone(), w2a[:, :hidden].clone(),
-                w2a[:, hidden:].clone())
+        return reads, w1a[:, :d].clone(), w1a[:, d:].clone(), w2a[:, :hidden].clone(), w2a[:, hidden:].clone()
 
     @staticmethod
     @once_differentiable
