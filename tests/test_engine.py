@@ -429,18 +429,20 @@ TTT_SCAN_CASES = {"linear": (1, "gd", 2.0), "linear-plain": (1, "plain", 2.0), "
                   "mlp-plain": (2, "plain", 0.01), "mlp-bound-active": (2, "gd", 2.0)}
 
 
+@pytest.mark.parametrize("group", [0, 2])
 @pytest.mark.parametrize("case", sorted(TTT_SCAN_CASES))
-def test_ttt_scans_equal_the_chunk_steps(case, monkeypatch):
+def test_ttt_scans_equal_the_chunk_steps(case, group, monkeypatch):
     """TTT-Linear's and TTT-MLP's memories run their scans as one autograd node with a hand-written backward
     (:mod:`tto.engine.ttt_scans`); the generic chunk steps (``ttt_memory`` off) give the same reads, committed
     weights and gradients of every input, gate and parameter (float64, 1e-12), with a padded row, an
     incomplete last chunk (read, not committed) and a weight row that stays zero (the subnormal flush's zero
-    gradient there). TTT-Linear's bound (before the scan) is active on some chunks; where TTT-MLP's (chunk by
-    chunk) is, its scan gives way to the chunk steps."""
+    gradient there), in one node or in checkpointed groups of 2 chunks. TTT-Linear's bound (before the scan)
+    is active on some chunks; where TTT-MLP's (chunk by chunk) is, its scan gives way to the chunk steps."""
     import tto.engine.memory as memory_module
 
     depth, optimizer, max_lr = TTT_SCAN_CASES[case]
     mem = make_memory(depth, optimizer).double()
+    mem.checkpoint_group = group
     assert mem.ttt_memory
     with torch.no_grad():
         mem.fast.W1[:, 0] = 0.0
@@ -472,14 +474,18 @@ def test_ttt_scans_equal_the_chunk_steps(case, monkeypatch):
         return out, weights, torch.autograd.grad(loss, leaves, allow_unused=True)
 
     fused = run()
-    assert len(calls) == 1 and calls[0][1] < calls[0][0]  # (chunks, committed): the last chunk is only read
     active = any(bool((kappa < 1).any()) for kappa in kappas)
     assert active == (max_lr > 1)
-    assert calls[0][2] == (depth == 1 or not active)  # TTT-MLP's scan stops at its first bounded chunk
+    if group == 0:
+        assert len(calls) == 1 and calls[0][1] < calls[0][0]  # (chunks, committed): the last chunk is only read
+        assert calls[0][2] == (depth == 1 or not active)  # TTT-MLP's scan stops at its first bounded chunk
+    else:  # 3 groups, run again in the backward where the scan ran to the end
+        assert [c[:2] for c in calls[:3]] == [[2, 2], [2, 2], [2, 1]] or (depth == 2 and active)
     assert (fused[1]["memory.W.W1"][..., 0, :] == 0).all()
+    calls.clear()
     mem.ttt_memory = False
     steps = run()
-    assert len(calls) == 1
+    assert not calls
     assert_same_run(fused, steps, atol=1e-12, rtol=1e-12)
 
 

@@ -1,6 +1,7 @@
 """The memory engine shared by every memory mixer: fast models, inner objectives, inner
 optimizers, chunk-boundary retentions and the chunked dual-form scan (with its naive per-token
-reference); the exact per-token delta rule of linear memories (with its recurrence as reference);
+reference; TTT-Linear's and TTT-MLP's scans also as one autograd node with a written-out backward,
+``ttt_scans``); the exact per-token delta rule of linear memories (with its recurrence as reference);
 large-chunk apply-then-update memories with Muon and weight norm (LaCT); the non-causal one-step
 memory of whole images (ViT³); feature maps (ATLAS).
 Each memory runs its chunks through one step (``chunkwise.ChunkwiseMemory``), optionally compiled."""

@@ -93,6 +93,10 @@ geometrically, and stay below ``NS5_MAX_GAIN max eta_bar / (1 - a)`` once ``a < 
 a linear filter of gradients taken at these bounded weights and enters W only through its direction.
 So such chunks commit the paper's step unscaled (kappa = 1) and the engine skips the bound.
 
+**TTT's memories** (``x + LN(g(x))``, g linear or a two-layer tanh-GELU MLP, TTT's squared error and
+mini-batch GD) run the same scan as one autograd node with the backward written out
+(:mod:`tto.engine.ttt_scans`, :meth:`Memory._scans_fused`): the same values in fewer ops (TTT-Linear: a third).
+
 :func:`naive_memory` is the slow reference: per row, per real token, gradients by autograd at the
 chunk-start weights and the optimizer's per-token recurrence; the commit replays the chunk's
 recurrence with the gradients times kappa, computed from the objective's autograd Hessian, the
@@ -328,37 +332,58 @@ class Memory(ChunkwiseMemory):
         return reads, params, momentum, carried
 
     def _scans_fused(self, inputs: Chunk, read_start: bool | str) -> bool:
-        """Whether this scan can run as one autograd node (:mod:`tto.engine.ttt_scans`): a TTT memory
-        (:attr:`ttt_memory`), reads of the updated weights alone, an optimizer whose coefficients are its
-        mix alone (no decay, no momentum), no checkpoint groups (the fused scan keeps its own, smaller
-        tensors for the backward), the step not compiled, and a linear memory's step bound computed before
-        the scan."""
+        """Whether this scan can run as one autograd node per checkpoint group (:mod:`tto.engine.ttt_scans`):
+        a TTT memory (:attr:`ttt_memory`), reads of the updated weights alone, an optimizer whose
+        coefficients are its mix alone (no decay, no momentum), the step not compiled, and a linear
+        memory's step bound computed before the scan."""
         c = inputs.coefficients
-        return (self.ttt_memory and read_start is False and self._compiled_chunk is None and not self.checkpoint_group
-                and c.decay is None and c.carry is None and (self.fast.depth > 1 or inputs.kappa is not None))
+        return (self.ttt_memory and read_start is False and self._compiled_chunk is None and c.decay is None
+                and c.carry is None and (self.fast.depth > 1 or inputs.kappa is not None))
 
     def _fused_scan(self, params, carried: dict, inputs: Chunk, n_commit: int) -> tuple | None:
         """The reads g(q) (N, n, C, d) of all chunks, the weights after the first `n_commit` commits and the
         carried norms, by :func:`~tto.engine.ttt_scans.linear_scan` or :func:`~tto.engine.ttt_scans.mlp_scan`
-        (the same values as the chunk steps). TTT-MLP's step bound is computed chunk by chunk as in
-        :meth:`_chunks`; where it is active (kappa < 1) its gradient in the gates is not part of the fused
-        backward, so None: the caller runs the chunk steps."""
-        fast = self.fast
-        rows = params["W1"].shape[0] // fast.num_heads
-        gamma, beta = (upcast(p).repeat(rows, 1)[:, None] for p in (fast.norm_weight, fast.norm_bias))
-        mix = inputs.coefficients.mix
-        if fast.depth == 1:
-            end = inputs.kappa[..., None] * mix[..., -1, :]
-            reads, w, b = linear_scan(params["W1"], params["b1"], inputs.q, inputs.k, inputs.v, inputs.mixed_qk, end,
-                                      gamma, beta, fast.norm_eps, n_commit)
-            return reads, {"W1": w, "b1": b}, carried
-        bound = _ChunkBound(self, carried, inputs)
+        per checkpoint group, as the chunk steps run them (the same values). TTT-MLP's step bound is computed
+        chunk by chunk as in :meth:`_chunks`; where it is active (kappa < 1) its gradient in the gates is not
+        part of the fused backward, so None: the caller runs the chunk steps."""
+        n = inputs.q.shape[1]
+        group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
+        step_gates = None if self.fast.depth == 1 else inputs.step_gates.unbind()
+        outs = []
         try:
-            reads, *weights = mlp_scan(*(params[n] for n in ("W1", "b1", "W2", "b2")), inputs.q, inputs.k, inputs.v,
-                                       inputs.mixed_qk, mix, gamma, beta, fast.norm_eps, n_commit, bound)
+            for lo in range(0, n, group):
+                hi = min(n, lo + group)
+                # a group's recomputation takes the screens' schedule its forward started with (as _scan's)
+                run = lambda p, c, lo=lo, hi=hi, schedule=self._screen_schedule: self._fused_part(  # noqa: E731
+                    p, c, inputs, step_gates, lo, hi, n_commit, schedule)
+                if group < n:
+                    out, params, carried = checkpoint(run, params, carried, use_reentrant=False)
+                else:
+                    out, params, carried = run(params, carried)
+                outs.append(out)
         except BoundActive:
             self._screen_schedule = (0, 0)
             return None
+        return torch.cat(outs, dim=1), params, carried
+
+    def _fused_part(self, params, carried: dict, inputs: Chunk, step_gates: list | None, lo: int, hi: int,
+                    n_commit: int, screen_schedule: tuple[int, int]) -> tuple:
+        """Chunks lo..hi-1 of :meth:`_fused_scan` from `params` and the `carried` norms: (reads, params, carried)."""
+        self._screen_schedule = screen_schedule
+        fast, part = self.fast, slice(lo, hi)
+        commits = min(max(n_commit - lo, 0), hi - lo)
+        rows = params["W1"].shape[0] // fast.num_heads
+        gamma, beta = (upcast(p).repeat(rows, 1)[:, None] for p in (fast.norm_weight, fast.norm_bias))
+        mix, q, k, v = inputs.coefficients.mix[:, part], inputs.q[:, part], inputs.k[:, part], inputs.v[:, part]
+        if fast.depth == 1:
+            end = inputs.kappa[:, part, None] * mix[..., -1, :]
+            reads, w, b = linear_scan(params["W1"], params["b1"], q, k, v, inputs.mixed_qk[:, part], end, gamma, beta,
+                                      fast.norm_eps, commits)
+            return reads, {"W1": w, "b1": b}, carried
+        gates = {name: t[:, part] for name, t in inputs.objective_gates.items()}
+        bound = _ChunkBound(self, carried, v, gates, step_gates[part])
+        reads, *weights = mlp_scan(*(params[n] for n in ("W1", "b1", "W2", "b2")), q, k, v, inputs.mixed_qk[:, part], mix,
+                                   gamma, beta, fast.norm_eps, commits, bound)
         return reads, dict(zip(("W1", "b1", "W2", "b2"), weights)), bound.carried
 
     def _chunks(self, params, momentum, carried: dict, chunks: list[Chunk], n_commit: int, read_start: bool | str,
@@ -654,19 +679,18 @@ class _ChunkBound:
     """A fused scan's step bound (:func:`~tto.engine.ttt_scans.mlp_scan`): chunk i's kappa (N,) from the
     memory's own screens and exact bound at its start weights, as :meth:`Memory._chunks` computes it,
     raising :class:`~tto.engine.ttt_scans.BoundActive` where it is below 1; the carried spectral norms
-    follow each commit."""
+    follow each commit. `values` (N, n, C, d), the objective's `gates` {name: (N, n, C)} and the gates'
+    parts of the bound `step_gates` (one per chunk) are those of the chunks the scan runs."""
 
-    def __init__(self, memory: Memory, carried: dict, inputs: Chunk):
-        self.memory, self.carried, self.inputs = memory, carried, inputs
-        self.step_gates = inputs.step_gates.unbind()
+    def __init__(self, memory: Memory, carried: dict, values: torch.Tensor, gates: dict, step_gates: list):
+        self.memory, self.carried, self.values, self.gates, self.step_gates = memory, carried, values, gates, step_gates
 
     def __call__(self, i: int, params: dict, grads: list, y: torch.Tensor) -> torch.Tensor:
         memory = self.memory
         norms = {name: self.carried["norm." + name] for name in memory.norm_names} if memory.norm_names else None
-        v = self.inputs.v[:, i]
-        gates = {name: t[:, i] for name, t in self.inputs.objective_gates.items()}
+        gates = {name: t[:, i] for name, t in self.gates.items()}
         kappa = memory._step_bound(self.step_gates[i], lambda gain_bound: memory.curvature_factors(
-            params, grads, y, v, gates, None, gain_bound, norms))
+            params, grads, y, self.values[:, i], gates, None, gain_bound, norms))
         if not bool((kappa >= 1.0).all()):
             raise BoundActive
         return kappa
