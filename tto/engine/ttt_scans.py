@@ -111,20 +111,20 @@ class LinearScan(torch.autograd.Function):
         z, xh, mean, rstd, e, u, delta = zip(*values)
         # the LayerNorm's statistics stay one tensor per chunk: ATen's CPU layer-norm backward reads
         # non-contiguous mean / rstd (slices of a stack) wrongly (torch 2.13)
-        ctx.statistics = mean, rstd
         z, xh, e, u, delta = (torch.stack(t, dim=1) for t in (z, xh, e, u, delta))
         # the flush's gradient is 0 where it zeroed an entry (hardshrink's backward): masks only if it did
         # (the committed weights are starts[:, 1:] and the last ones: two checks for all chunks)
         ctx.flushed = bool(n_commit) and not (bool(starts[:, 1:].all()) and bool(wa.all()))
-        ctx.save_for_backward(qa, ka, mixed, end, gamma, starts, wa, z, xh, e, u, delta)
+        # everything through save_for_backward, so that a checkpoint frees it until the recomputation
+        ctx.save_for_backward(qa, ka, mixed, end, gamma, starts, wa, z, xh, e, u, delta, *mean, *rstd)
         ctx.n_commit = n_commit
         return reads, wa[:, :d].clone(), wa[:, d:].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_reads, grad_w, grad_b):
-        qa, ka, mixed, end, gamma, starts, last, z, xh, e, u, delta = ctx.saved_tensors
-        mean, rstd = ctx.statistics
+        qa, ka, mixed, end, gamma, starts, last, z, xh, e, u, delta, *statistics = ctx.saved_tensors
+        mean, rstd = statistics[:len(statistics) // 2], statistics[len(statistics) // 2:]
         n, d = qa.shape[1], qa.shape[-1] - 1
         go = torch.zeros_like(delta) if grad_reads is None else grad_reads
         gwa = torch.cat([torch.zeros_like(starts[:, 0, :d]) if grad_w is None else grad_w,
@@ -239,22 +239,22 @@ class MLPScan(torch.autograd.Function):
         if not any(ctx.needs_input_grad):  # inference: nothing to keep
             return reads, w1a[:, :d].clone(), w1a[:, d:].clone(), w2a[:, :hidden].clone(), w2a[:, hidden:].clone()
         z, xh, mean, rstd, e, u, delta2 = zip(*values)
-        ctx.statistics = mean, rstd  # one tensor per chunk: see LinearScan.forward
         z, xh, e, u, delta2 = (torch.stack(t, dim=1) for t in (z, xh, e, u, delta2))
         z1, a, p1, s1, delta1, z1q, aq, att2 = (torch.stack(t, dim=1) for t in zip(*layer1))
-        ctx.weights = weights
         ctx.flushed = bool(n_commit) and not all(bool(w.all()) for pair in weights[1:] for w in pair)
-        ctx.save_for_backward(qa, ka, mixed, mix, gamma, z, xh, e, u, delta2, z1, a, p1, s1, delta1, z1q, aq, att2)
-        ctx.n_commit, ctx.kappas = n_commit, kappas
+        # mean, rstd one tensor per chunk (see LinearScan.forward); all through save_for_backward (ibid.)
+        ctx.save_for_backward(qa, ka, mixed, mix, gamma, z, xh, e, u, delta2, z1, a, p1, s1, delta1, z1q, aq, att2,
+                              *mean, *rstd, *(w for pair in weights for w in pair), *kappas)
+        ctx.n_commit = n_commit
         return reads, w1a[:, :d].clone(), w1a[:, d:].clone(), w2a[:, :hidden].clone(), w2a[:, hidden:].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_reads, grad_w1, grad_b1, grad_w2, grad_b2):
-        qa, ka, mixed, mix, gamma, z, xh, e, u, delta2, z1, a, p1, s1, delta1, z1q, aq, att2 = ctx.saved_tensors
-        mean, rstd = ctx.statistics
-        weights, n_commit = ctx.weights, ctx.n_commit
-        n, d, hidden = qa.shape[1], qa.shape[-1] - 1, z1.shape[-1]
+        qa, ka, mixed, mix, gamma, z, xh, e, u, delta2, z1, a, p1, s1, delta1, z1q, aq, att2, *rest = ctx.saved_tensors
+        n, d, hidden, n_commit = qa.shape[1], qa.shape[-1] - 1, z1.shape[-1], ctx.n_commit
+        mean, rstd, rest = rest[:n], rest[n:2 * n], rest[2 * n:]
+        weights, kappas = list(zip(rest[:2 * (n_commit + 1):2], rest[1:2 * (n_commit + 1):2])), rest[2 * (n_commit + 1):]
         last1, last2 = weights[-1]
         zero_or = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
         go = zero_or(grad_reads, delta2)
@@ -277,9 +277,9 @@ class MLPScan(torch.autograd.Function):
                 if ctx.flushed:
                     after1, after2 = weights[i + 1]
                     gw1, gw2 = gw1 * (after1 != 0), gw2 * (after2 != 0)
-                end = (ctx.kappas[i][:, None] * mix[:, i, -1])[..., None]
+                end = (kappas[i][:, None] * mix[:, i, -1])[..., None]
                 h1, h2 = torch.bmm(ka[:, i], gw1), torch.bmm(a[:, i], gw2)  # minus the gradients of the steps
-                g_end.append(ctx.kappas[i][:, None] * ((h1 * delta1[:, i]).sum(-1) + (h2 * delta2[:, i]).sum(-1)))
+                g_end.append(kappas[i][:, None] * ((h1 * delta1[:, i]).sum(-1) + (h2 * delta2[:, i]).sum(-1)))
                 g_delta1 = -end * h1
                 g_delta2 = torch.addcmul(g_delta2, end, h2, value=-1.0)
                 g_k_commit = torch.bmm(end * delta1[:, i], gw1.transpose(-1, -2))
