@@ -310,23 +310,19 @@ class Memory(ChunkwiseMemory):
         inputs = self._chunk_inputs(params, chunks, valid, read_start in ("only", "end"))
         if n_commit:
             carried = self.carried_norms(params, carried)
-        fused = self._fused_scan(params, carried, inputs, n_commit) if self._scans_fused(inputs, read_start) else None
-        if fused is not None:
-            reads, params, carried = fused
-        else:
-            chunk_list, outs = inputs.unbind(), []
-            group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
-            for lo in range(0, n, group):
-                hi = min(n, lo + group)
-                # and so does a group's recomputation, from the schedule its forward started with
-                run = lambda p, m, c, lo=lo, hi=hi, schedule=self._screen_schedule: self._chunks(  # noqa: E731
-                    p, m, c, chunk_list[lo:hi], n_commit - lo, read_start, schedule)
-                if group < n:
-                    out, params, momentum, carried = checkpoint(run, params, momentum, carried, use_reentrant=False)
-                else:
-                    out, params, momentum, carried = run(params, momentum, carried)
-                outs.append(out)
-            reads = torch.cat(outs, dim=1)  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
+        result = None
+        if self._scans_fused(inputs, read_start):
+            step_gates = None if self.fast.depth == 1 else inputs.step_gates.unbind()
+            try:
+                result = self._in_groups(n, params, momentum, carried, lambda p, m, c, lo, hi, schedule: self._fused_part(
+                    p, c, inputs, step_gates, lo, hi, n_commit, schedule))
+            except BoundActive:  # TTT-MLP's bound is active: the chunk steps instead (_fused_part)
+                self._screen_schedule = (0, 0)
+        if result is None:
+            chunk_list = inputs.unbind()
+            result = self._in_groups(n, params, momentum, carried, lambda p, m, c, lo, hi, schedule: self._chunks(
+                p, m, c, chunk_list[lo:hi], n_commit - lo, read_start, schedule))
+        reads, params, momentum, carried = result  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
         x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start is True else queries
         reads = self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape)
         return reads, params, momentum, carried
@@ -340,35 +336,30 @@ class Memory(ChunkwiseMemory):
         return (self.ttt_memory and read_start is False and self._compiled_chunk is None and c.decay is None
                 and c.carry is None and (self.fast.depth > 1 or inputs.kappa is not None))
 
-    def _fused_scan(self, params, carried: dict, inputs: Chunk, n_commit: int) -> tuple | None:
-        """The reads g(q) (N, n, C, d) of all chunks, the weights after the first `n_commit` commits and the
-        carried norms, by :func:`~tto.engine.ttt_scans.linear_scan` or :func:`~tto.engine.ttt_scans.mlp_scan`
-        per checkpoint group, as the chunk steps run them (the same values). TTT-MLP's step bound is computed
-        chunk by chunk as in :meth:`_chunks`; where it is active (kappa < 1) its gradient in the gates is not
-        part of the fused backward, so None: the caller runs the chunk steps."""
-        n = inputs.q.shape[1]
+    def _in_groups(self, n: int, params, momentum, carried: dict, step) -> tuple:
+        """``step(params, momentum, carried, lo, hi, screen_schedule)`` -> (reads, params, momentum, carried) of
+        chunks lo..hi-1, over the n chunks in checkpoint groups (:attr:`checkpoint_group`, in training) or at
+        once: (all reads, params, momentum, carried). A group's recomputation in the backward takes the
+        screens' schedule its forward started with, so it takes the branches of its forward."""
         group = self.checkpoint_group if (self.checkpoint_group > 0 and torch.is_grad_enabled() and self.training) else n
-        step_gates = None if self.fast.depth == 1 else inputs.step_gates.unbind()
         outs = []
-        try:
-            for lo in range(0, n, group):
-                hi = min(n, lo + group)
-                # a group's recomputation takes the screens' schedule its forward started with (as _scan's)
-                run = lambda p, c, lo=lo, hi=hi, schedule=self._screen_schedule: self._fused_part(  # noqa: E731
-                    p, c, inputs, step_gates, lo, hi, n_commit, schedule)
-                if group < n:
-                    out, params, carried = checkpoint(run, params, carried, use_reentrant=False)
-                else:
-                    out, params, carried = run(params, carried)
-                outs.append(out)
-        except BoundActive:
-            self._screen_schedule = (0, 0)
-            return None
-        return torch.cat(outs, dim=1), params, carried
+        for lo in range(0, n, group):
+            hi = min(n, lo + group)
+            run = lambda p, m, c, lo=lo, hi=hi, schedule=self._screen_schedule: step(p, m, c, lo, hi, schedule)  # noqa: E731
+            out, params, momentum, carried = (checkpoint(run, params, momentum, carried, use_reentrant=False)
+                                              if group < n else run(params, momentum, carried))
+            outs.append(out)
+        return torch.cat(outs, dim=1), params, momentum, carried
 
     def _fused_part(self, params, carried: dict, inputs: Chunk, step_gates: list | None, lo: int, hi: int,
                     n_commit: int, screen_schedule: tuple[int, int]) -> tuple:
-        """Chunks lo..hi-1 of :meth:`_fused_scan` from `params` and the `carried` norms: (reads, params, carried)."""
+        """Chunks lo..hi-1 of `inputs` (all chunks') from `params` and the `carried` norms, by
+        :func:`~tto.engine.ttt_scans.linear_scan` or :func:`~tto.engine.ttt_scans.mlp_scan`, the first `n_commit`
+        of all chunks committing: (reads g(q) (N, hi - lo, C, d), params, None (no momentum), carried), the same
+        values as :meth:`_chunks`. TTT-MLP's step bound is computed chunk by chunk as there (`step_gates`: its
+        gates' part per chunk); where it is active (kappa < 1) its gradient in the gates is not part of the
+        fused backward, so :class:`~tto.engine.ttt_scans.BoundActive` propagates and the caller runs the chunk
+        steps instead."""
         self._screen_schedule = screen_schedule
         fast, part = self.fast, slice(lo, hi)
         commits = min(max(n_commit - lo, 0), hi - lo)
@@ -379,12 +370,12 @@ class Memory(ChunkwiseMemory):
             end = inputs.kappa[:, part, None] * mix[..., -1, :]
             reads, w, b = linear_scan(params["W1"], params["b1"], q, k, v, inputs.mixed_qk[:, part], end, gamma, beta,
                                       fast.norm_eps, commits)
-            return reads, {"W1": w, "b1": b}, carried
+            return reads, {"W1": w, "b1": b}, None, carried
         gates = {name: t[:, part] for name, t in inputs.objective_gates.items()}
         bound = _ChunkBound(self, carried, v, gates, step_gates[part])
         reads, *weights = mlp_scan(*(params[n] for n in ("W1", "b1", "W2", "b2")), q, k, v, inputs.mixed_qk[:, part], mix,
                                    gamma, beta, fast.norm_eps, commits, bound)
-        return reads, dict(zip(("W1", "b1", "W2", "b2"), weights)), bound.carried
+        return reads, dict(zip(("W1", "b1", "W2", "b2"), weights)), None, bound.carried
 
     def _chunks(self, params, momentum, carried: dict, chunks: list[Chunk], n_commit: int, read_start: bool | str,
                 screen_schedule: tuple[int, int]):

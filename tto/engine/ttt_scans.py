@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .fast_models import layer_norm_backward, subnormal_threshold
+from .fast_models import ACTIVATIONS, layer_norm_backward, subnormal_threshold
 
 
 def _objective(z: torch.Tensor, base: torch.Tensor, gamma: torch.Tensor, eps: float) -> tuple:
@@ -176,6 +176,10 @@ class BoundActive(Exception):
     fused backward, so the caller runs the generic chunk steps instead."""
 
 
+#: the tanh-approximated GELU of TTT-MLP and its backward ``g * gelu'(z)``, the fast models' own
+_gelu, _gelu_backward = ACTIVATIONS["gelu_tanh"]
+
+
 def _gelu_tanh_second(z: torch.Tensor) -> torch.Tensor:
     """The second derivative of the tanh-approximated GELU ``0.5 z (1 + tanh(s))``, ``s = c (z + a z^3)``:
     ``(1 - t^2) (s' - z t s'^2 + z s'' / 2)`` with t = tanh(s), ``s' = c (1 + 3 a z^2)``, ``s'' = 6 a c z``."""
@@ -214,15 +218,15 @@ class MLPScan(torch.autograd.Function):
         weights, values, layer1, reads, kappas = [(w1a, w2a)], [], [], [], []
         for i in range(n):
             z1 = torch.bmm(ka[:, i], w1a)
-            a = torch.cat([F.gelu(z1, approximate="tanh"), ones], -1)
+            a = torch.cat([_gelu(z1), ones], -1)
             values.append(_objective(torch.bmm(a, w2a), base[:, i], gamma, eps))
             delta2 = values[-1][-1]
             p1 = torch.bmm(delta2, w2a[:, :hidden].transpose(-1, -2))
-            s1 = torch.ops.aten.gelu_backward(unit, z1, approximate="tanh")
+            s1 = _gelu_backward(unit, z1)
             delta1 = p1 * s1
             # the chunk's reads: the first layer's dual form, its activations, the second layer's
             z1q = torch.baddbmm(torch.bmm(qa[:, i], w1a), mixed[:, i], delta1, alpha=-1.0)
-            aq = torch.cat([F.gelu(z1q, approximate="tanh"), ones], -1)
+            aq = torch.cat([_gelu(z1q), ones], -1)
             att2 = torch.bmm(aq[..., :hidden], a[..., :hidden].transpose(-1, -2)).add_(1.0)
             reads.append(torch.baddbmm(torch.bmm(aq, w2a), mix[:, i] * att2, delta2, alpha=-1.0))
             layer1.append((z1, a, p1, s1, delta1, z1q, aq, att2))
@@ -290,7 +294,7 @@ class MLPScan(torch.autograd.Function):
             # the reads: Z2q = [Aq, 1] W2 - M2 delta2, Aq = gelu(Z1q), Z1q = [Q, 1] W1 - M1 delta1
             goi = go[:, i]
             g_aq = torch.baddbmm(g_aq_att[:, i], goi, w2[:, :hidden].transpose(-1, -2))
-            gzq = torch.ops.aten.gelu_backward(g_aq, z1q[:, i], approximate="tanh")
+            gzq = _gelu_backward(g_aq, z1q[:, i])
             g_delta1 = torch.baddbmm(g_delta1, mixed[:, i].transpose(-1, -2), gzq, alpha=-1.0)
             gw2 = torch.baddbmm(gw2, aq[:, i].transpose(-1, -2), goi)
             gw1 = torch.baddbmm(gw1, qa[:, i].transpose(-1, -2), gzq)
