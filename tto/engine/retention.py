@@ -20,7 +20,6 @@ The base class is the identity (every optimizer without a nonlinear retention).
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .muon import newton_schulz5
 
@@ -150,21 +149,19 @@ class MuonRetention(Retention):
 
     def orthogonalize(self, update: torch.Tensor) -> torch.Tensor:
         """Muon's direction NS5(update) of an update (N, a, b)."""
-        return _orthogonalize(update)
+        return newton_schulz5(update)
 
     def chunk_end(self, start, end, keep, momentum=None, step=None):
         keep = 1.0 if keep is None else keep[:, None, None]
         return {name: torch.addcmul(keep * w, step[:, None, None], self.orthogonalize(momentum[name]))
                 for name, w in start.items()}
 
-
-def _orthogonalize(step: torch.Tensor) -> torch.Tensor:
-    """NS5 of a chunk's step, recomputed in the backward pass, which then keeps only the step, not
-    its normalised copy and that copy's float64 version (the Gram form's): for ATLAS' phi-wide first
-    memory layer (2145 x 256 per head) each is as large as the layer's weights."""
-    if not torch.is_grad_enabled():
-        return newton_schulz5(step)
-    return checkpoint(newton_schulz5, step, use_reentrant=False)
+    def commit(self, start, end, keep, active, momentum=None, step=None):
+        """:meth:`chunk_end` with keep 1 and step 0 at the rows a chunk of pads leaves alone: the same
+        identity step as the base class's selection (`end` is `start` here), without a selection over
+        the weights' size in each direction of autograd (NS5 of any momentum, even 0, is finite)."""
+        keep = torch.ones_like(step) if keep is None else keep
+        return self.chunk_end(start, end, torch.where(active, keep, 1.0), momentum, torch.where(active, step, 0.0))
 
 
 class WeightNorm(Retention):
