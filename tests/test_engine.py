@@ -1597,6 +1597,45 @@ def test_atlas_at_chunk_one_is_the_papers_per_token_rule(window):
         assert (online - reads).abs().max() > 1e-3
 
 
+def test_muon_pad_chunks_commit_nothing_in_either_direction():
+    """A left-padded row's pad chunks commit the identity step (Muon's commit: keep 1 and step 0 at
+    their rows): its reads, committed weights, and the gradients of its real tokens' inputs equal
+    those of the row alone, float64. The memory is phi-wide as ATLAS' (24 x 6: NS5 in Gram form),
+    and the pads fill two whole chunks and part of a third."""
+    torch.manual_seed(0)
+    fast = MLPMemory(2, 6, depth=1, bias=False, residual_norm=False, in_dim=24)
+    fast._tto_init(init)
+    assert 24 >= GRAM_ASPECT * 6
+    mem = Memory(fast, SquaredError(2.0), OmegaWindow(MomentumGD(lr_after_momentum=True), 2), 2,
+                 retention=MuonRetention()).double()
+    g = torch.Generator().manual_seed(3)
+    length, pads = 12, 5
+    q, k = (torch.randn(2, length, 2, 24, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, length, 2, 6, generator=g, dtype=torch.float64)
+    gates = {name: torch.rand(2, length, 2, generator=g, dtype=torch.float64) * scale
+             for name, scale in (("lr", 0.05), ("forget", 0.2), ("momentum", 0.9), ("omega", 1.0))}
+    mask = torch.ones(2, length, dtype=torch.bool)
+    mask[1, :pads] = False
+    probe = torch.randn(length - pads, 2, 6, generator=g, dtype=torch.float64)
+
+    def run(row_inputs, row_mask, real):
+        leaves = [t.clone().requires_grad_(True) for t in row_inputs]
+        q_, k_, v_, *gate_values = leaves
+        state: dict = {}
+        out = mem(q_, k_, v_, dict(zip(gates, gate_values)), row_mask, state)
+        grads = torch.autograd.grad((out[-1, real] * probe).sum(), leaves)
+        return out[-1, real], {n: w[-1] for n, w in state.items() if n.startswith("memory.W.")}, [t[-1, real] for t in grads]
+
+    inputs = [q, k, v, *gates.values()]
+    padded = run(inputs, mask, slice(pads, None))
+    alone = run([t[1:, pads:] for t in inputs], None, slice(None))
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-12, rtol=0)
+    for name, w in alone[1].items():
+        torch.testing.assert_close(padded[1][name], w, atol=1e-12, rtol=0)
+    for got, want in zip(padded[2], alone[2]):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=0)
+
+
 def test_decoding_reads_only_new_tokens_without_padding_or_commit_work():
     """Token by token, a call that completes no chunk runs no step bound, reads the new query only
     and takes only the new key's gradient (the pending keys' ones stay in the state from the calls
