@@ -21,8 +21,9 @@ def newton_schulz5(g: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     singular values pushed into about [0.7, 1.2] (Muon's zeroth power). Runs in g's dtype.
 
     With m = min(a, b) and n = max(a, b), each iteration costs ~4 m^2 n FLOPs on the m x n matrix.
-    For n >= ``GRAM_ASPECT`` m (ATLAS' memory: 2145 x 64 per head) the same iterations run in the
-    m x m space (:class:`GramNewtonSchulz`: 2 m^2 n + 40 m^3 FLOPs in all)."""
+    For n >= ``GRAM_ASPECT`` m (ATLAS' phi-wide memory layers, e.g. 2145 x 64 per head in its 340m
+    preset) the same iterations run in the m x m space (:class:`GramNewtonSchulz`: 2 m^2 n + 40 m^3
+    FLOPs in all)."""
     wide = g.transpose(-1, -2) if g.shape[-2] > g.shape[-1] else g  # (N, m, n), m <= n
     m, n = wide.shape[-2:]
     if n >= GRAM_ASPECT * m:
