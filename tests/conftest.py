@@ -1,6 +1,11 @@
-"""Test session set-up: no network, quiet wandb, deterministic thread count."""
+"""Test session set-up: no network, quiet wandb, deterministic thread count, and the memory the
+full-size tests need (waiting for it, or for the machine to themselves)."""
 
+import gc
 import os
+import tempfile
+import time
+from pathlib import Path
 
 # Read at import time by huggingface_hub / datasets: no test may reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +35,59 @@ return_freed_memory()
 #: pytest-xdist worker's test may hold several GB for a few minutes (a CI run skipped two recipes whose
 #: training needed 9.4 and 15.5 GiB while 9.1 and 15.5 were free)
 MEMORY_WAIT_SECONDS = 300
+#: the xdist group of the tests that need the machine to themselves (training gated_deltanet_1.3b with
+#: AdamW holds 16 bytes per parameter, 19.7 GiB of a 23.5 GiB machine): collected last, so pytest-xdist
+#: hands it out after every other test, and its test waits for the other workers to finish theirs
+#: (:func:`wait_for_other_workers`). One group: two such tests on two workers would wait for each other.
+WHOLE_MACHINE = "whole_machine"
+#: the longest a whole-machine test waits for the other workers: the whole suite's time on 2 cores
+OTHER_WORKERS_WAIT_SECONDS = 45 * 60
+
+
+def pytest_collection_modifyitems(items):
+    """The whole-machine tests last (the rest keep their order). pytest-xdist's load-group scheduling
+    hands out the largest groups first and the others in this order, so a one-test group collected
+    last is the last work handed out."""
+    items.sort(key=lambda item: any(mark.args == (WHOLE_MACHINE,) for mark in item.iter_markers("xdist_group")))
+
+
+def _finished_workers() -> Path | None:
+    """Where the pytest-xdist workers of this run mark that they have finished (None without xdist)."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    return None if run is None else Path(tempfile.gettempdir()) / f"tto-pytest-{run}"
+
+
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker past its last test hands its freed heap back and says it has finished (it
+    stays alive, idle, until the whole run ends)."""
+    finished, worker = _finished_workers(), os.environ.get("PYTEST_XDIST_WORKER")
+    if finished is not None and worker is not None:
+        _release_memory()
+        finished.mkdir(exist_ok=True)
+        (finished / worker).touch()
+
+
+def wait_for_other_workers() -> None:
+    """Under pytest-xdist, wait until every other worker has finished its tests (at most
+    :data:`OTHER_WORKERS_WAIT_SECONDS`): a whole-machine test is the last handed out, so by then
+    nothing else runs beside it."""
+    finished, worker = _finished_workers(), os.environ.get("PYTEST_XDIST_WORKER")
+    if finished is None or worker is None:
+        return
+    others = int(os.environ["PYTEST_XDIST_WORKER_COUNT"]) - 1
+    deadline = time.monotonic() + OTHER_WORKERS_WAIT_SECONDS
+    while len({p.name for p in finished.glob("gw*")} - {worker}) < others and time.monotonic() < deadline:
+        time.sleep(5)
+
+
+def _release_memory() -> None:
+    """Collect this process's garbage and hand its heap's free pages back to the system."""
+    import ctypes
+
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def require_memory(need: int, what: str) -> None:
@@ -39,16 +97,9 @@ def require_memory(need: int, what: str) -> None:
     in a reference cycle or in freed heap pages, is not memory the machine lacks), and, if the
     machine could hold it, after waiting up to :data:`MEMORY_WAIT_SECONDS` for other processes to
     free theirs."""
-    import ctypes
-    import gc
-    import time
-
     import psutil  # a dependency of accelerate, which the Trainer needs
 
-    gc.collect()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
-    if trim is not None:
-        trim(0)
+    _release_memory()
     deadline = time.monotonic() + (MEMORY_WAIT_SECONDS if need < psutil.virtual_memory().total else 0)
     while (available := psutil.virtual_memory().available) < need and time.monotonic() < deadline:
         time.sleep(5)
