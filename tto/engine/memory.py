@@ -68,9 +68,12 @@ E_s E_t^T`` with ``||E_s||^2 <= gain_l,s``, and for a PSD Gram matrix G,
 ``||blockdiag(E_s) (G x I) blockdiag(E_s)^T|| <= ||diag(sqrt gain) G diag(sqrt gain)||``. Keys that
 point in different directions make this the chunk's Gram matrix, not the sum of its tokens'
 curvatures. The spectral norms of the later layers' weights are carried from commit to commit as upper
-bounds (:meth:`Memory.carried_norms`: ``||W'||_2 <= |beta| ||W||_2 + ||W' - beta W||_F``, the eigensolver
-again only where the carried part passes :data:`NORM_SLACK` of the bound, so each is at most 1.053 times
-the exact norm; kept in the decoding state, so a sequence streamed in pieces uses the same ones).
+bounds (:meth:`Memory.carried_norms`: ``||W'||_2 <= |beta| ||W||_2 + ||W' - beta W||_F``, anchored at
+the exact norm again only where the carried part passes :data:`NORM_SLACK` of a lower bound, so each is
+at most 1.053 times the exact norm; kept in the decoding state, so a sequence streamed in pieces uses
+the same ones). An anchor's eigensolver runs only when the exact bound reads the norm (:class:`StepNorms`):
+the screens take an upper bound without it, and where they pass on every chunk (TTT-MLP, Moneta at
+their bench sizes) no eigensolver runs until the call stores its state.
 kappa = 1 exactly wherever the step is stable by itself, so the paper's update is
 computed unchanged there; the reads inside a chunk are the
 paper's in any case (a bound that depended on a chunk's later tokens would break causality), and a
@@ -115,7 +118,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunkwise import ChunkwiseMemory
 from .fast_models import (EXACT_GAINS, SCREEN_GAINS, FastModel, GainBound, MLPMemory, flush_subnormal, spectral_norm,
-                          upcast)
+                          spectral_norm_bound, spectral_norm_floor, upcast)
 from .ttt_scans import BoundActive, linear_scan, mlp_scan
 from .objectives import Objective, SquaredError
 from .muon import naive_newton_schulz
@@ -129,9 +132,12 @@ from .retention import Retention
 #: step). Only the cost depends on it: where a screen passes, the exact bound gives kappa = 1 too.
 SCREEN_MAX_SKIPS = 16
 #: the spectral norms the step bound reads are carried from commit to commit as upper bounds
-#: (:meth:`Memory.carried_norms`); a row's is recomputed exactly once the carried part exceeds this
-#: fraction of it, so every bound used is at most 1 / (1 - 2 NORM_SLACK) = 1.053 times the exact norm
+#: (:meth:`Memory.carried_norms`); a row's is anchored at its exact norm again once the carried part
+#: exceeds this fraction of a lower bound of the norm, so every bound used is at most
+#: 1 / (1 - 2 NORM_SLACK) = 1.053 times the exact norm
 NORM_SLACK = 0.025
+#: what :meth:`Memory.carried_norms` keeps per row and weight name in a decoding state (``<key>.<name>``)
+CARRIED_NORM_KEYS = ("exact", "scale", "slack", "floor")
 
 
 def _bias_name(weight_name: str) -> str:
@@ -323,6 +329,8 @@ class Memory(ChunkwiseMemory):
             result = self._in_groups(n, params, momentum, carried, lambda p, m, c, lo, hi, schedule: self._chunks(
                 p, m, c, chunk_list[lo:hi], n_commit - lo, read_start, schedule))
         reads, params, momentum, carried = result  # g(q) (N, n, [2,] C, d); f(q) = wrap(q, g(q)) holds no fast weights
+        if n_commit and self.norm_names:  # the state keeps the norms, not the anchors
+            carried = {key: t for key, t in self.exact_norms(carried).items() if key.split(".")[0] in CARRIED_NORM_KEYS}
         x = queries[:, :, None].expand(-1, -1, 2, -1, -1) if read_start is True else queries
         reads = self.fast.wrap(x.flatten(1, -2), reads.flatten(1, -2)).view(reads.shape)
         return reads, params, momentum, carried
@@ -388,7 +396,7 @@ class Memory(ChunkwiseMemory):
         self._screen_schedule = screen_schedule
         outs = []
         for i, chunk in enumerate(chunks):
-            norms = {name: carried["norm." + name] for name in self.norm_names} if i < n_commit and self.norm_names else None
+            norms = StepNorms(self, carried) if i < n_commit and self.norm_names else None
             if read_start in ("only", "end"):  # no read inside the chunk: the start (end) weights' reads, the commit
                 out = self.fast.core(chunk.q, self.fast.plain_linear(params)) if read_start == "only" else None
                 if i < n_commit:
@@ -407,7 +415,7 @@ class Memory(ChunkwiseMemory):
                                                        chunk.active, new_momentum, chunk.coefficients.step)
                 new_params, momentum = flush_subnormal(new_params), flush_subnormal(new_momentum)
                 if self.norm_names:
-                    carried = self.carried_norms(new_params, self._carry_norms(params, new_params, carried))
+                    carried = self.carried_norms(new_params, self._carry_norms(params, new_params, norms.carried))
                 params = new_params
             if out is None:  # "end": the committed weights
                 out = self.fast.core(chunk.q, self.fast.plain_linear(params))
@@ -415,46 +423,72 @@ class Memory(ChunkwiseMemory):
         return torch.stack(outs, dim=1), params, momentum, carried
 
     def carried_norms(self, params: dict, carried: dict) -> dict:
-        """The carried values before a commit: for each weight the step bound reads the spectral norm of
-        (:attr:`norm_names`), ``norm.<name>`` (N,), an upper bound of ``||W||_2`` at `params`, and
-        ``slack.<name>``, the part of it carried across commits (:meth:`_carry_norms`) rather than computed.
-        Rows whose slack exceeds :data:`NORM_SLACK` of their bound, or whose values are not known (a new
-        sequence, a restarted row: NaN), get the exact norm (:func:`~tto.engine.fast_models.spectral_norm`,
-        an eigensolver) and slack 0. The bound b is ``a + s`` with a the exact norm at the last recomputation
-        times the commits' factors |beta| and s the slack; the exact norm is at least ``a - s`` (the same
-        inequalities the other way), so with ``s <= NORM_SLACK b`` the bound is at most ``1 / (1 - 2
-        NORM_SLACK)`` times the exact norm. The eigensolver runs once per many commits instead of at every one."""
+        """The carried values at `params`, the weights before a commit, for each weight whose spectral norm the
+        step bound reads (:attr:`norm_names`), each (N,) and named ``<key>.<name>``: the bound
+        ``b = scale * exact + slack >= ||W||_2`` (:func:`norm_bound`), with ``exact`` the exact norm of the
+        weights at the row's last anchor (NaN while not yet computed), ``scale`` the product of the commits'
+        factors |beta| since and ``slack`` the part carried across those commits (:meth:`_carry_norms`);
+        ``floor`` a lower bound of the anchor's norm (:func:`~tto.engine.fast_models.spectral_norm_floor`).
+        Within a call also ``anchor.<name>``, the anchor's weights, and ``upper.<name>``, an upper bound of
+        their norm for the screens while ``exact`` is not computed (:class:`StepNorms`): the row's carried
+        bound when it was anchored, or :func:`~tto.engine.fast_models.spectral_norm_bound` without one.
+
+        The exact norm is at least ``scale * exact - slack`` (the same inequalities the other way), so a row
+        whose slack stays within :data:`NORM_SLACK` of ``scale * floor + slack <= b`` has
+        ``b <= ||W||_2 / (1 - 2 NORM_SLACK)``. The other rows, and those not known (a new sequence, a
+        restarted row: NaN), are anchored here: scale 1, slack 0, their exact norm computed when the exact
+        bound first reads it (:meth:`exact_norms`). The floor, not the exact norm, decides, so that no
+        eigensolver runs to decide."""
         out = dict(carried)
         for name in self.norm_names:
-            bound, slack = carried.get("norm." + name), carried.get("slack." + name)
             weights = params[name].detach()
-            if bound is None:
-                bound = spectral_norm(weights)
-                slack = torch.zeros_like(bound)
-            else:
-                stale = ~(slack <= NORM_SLACK * bound)  # NaN compares False: stale
-                if torch.compiler.is_compiling():  # no branch on a value: every row's exact norm
-                    bound = torch.where(stale, spectral_norm(weights), bound)
-                elif bool(stale.all()):
-                    bound = spectral_norm(weights)
-                elif bool(stale.any()):  # the eigensolver on the stale rows alone
-                    bound = bound.masked_scatter(stale, spectral_norm(weights[stale]))
-                slack = torch.where(stale, 0.0, slack)
-            out["norm." + name], out["slack." + name] = bound, slack
+            floor = spectral_norm_floor(weights)
+            if "slack." + name in carried:
+                scale, slack = carried["scale." + name], carried["slack." + name]
+                stale = ~(slack <= NORM_SLACK * (scale * carried["floor." + name] + slack))  # NaN compares False
+                upper = StepNorms(self, carried).upper()[name]
+                if not torch.compiler.is_compiling() and bool(torch.isnan(upper).any()):  # rows not known
+                    upper = torch.where(torch.isnan(upper), spectral_norm_bound(weights), upper)
+            else:  # a call without a state: every row anchors here
+                stale = torch.ones_like(floor, dtype=torch.bool)
+                upper = spectral_norm_bound(weights)
+            anchored = {"exact": torch.full_like(floor, float("nan")), "scale": torch.ones_like(floor),
+                        "slack": torch.zeros_like(floor), "floor": floor, "upper": upper}
+            for key, value in anchored.items():
+                old = carried.get(key + "." + name)
+                out[key + "." + name] = value if old is None else torch.where(stale, value, old)
+            anchor = carried.get("anchor." + name, weights)
+            out["anchor." + name] = torch.where(stale[:, None, None], weights, anchor)
+        return out
+
+    def exact_norms(self, carried: dict) -> dict:
+        """`carried` (:meth:`carried_norms`) with the exact norm of every row's anchor: the eigensolver
+        (:func:`~tto.engine.fast_models.spectral_norm`) on the rows not yet computed alone."""
+        out = dict(carried)
+        for name in self.norm_names:
+            exact, anchor = carried["exact." + name], carried["anchor." + name]
+            pending = torch.isnan(exact)
+            if torch.compiler.is_compiling():  # no branch on a value: every row's
+                exact = torch.where(pending, spectral_norm(anchor), exact)
+            elif bool(pending.all()):
+                exact = spectral_norm(anchor)
+            elif bool(pending.any()):
+                exact = exact.masked_scatter(pending, spectral_norm(anchor[pending]))
+            out["exact." + name] = exact
         return out
 
     def _carry_norms(self, before: dict, after: dict, carried: dict) -> dict:
-        """The carried norms of `after`, the weights a commit leaves, from those of `before`: for any
+        """The carried values of `after`, the weights a commit leaves, from those of `before`: for any
         scalar beta, ``||W'||_2 <= |beta| ||W||_2 + ||W' - beta W||_2 <= |beta| ||W||_2 + ||W' - beta W||_F``
         (the triangle inequality; the Frobenius norm bounds the spectral one), with beta the least-squares
         ``<W', W>_F / ||W||_F^2`` (a forget gate's decay, momentum and the update leave W' close to a multiple
-        of W); the slack grows by the same terms."""
+        of W): the scale takes the factor |beta|, the slack the same and the last term."""
         out = dict(carried)
         for name in self.norm_names:
             w, new = before[name].detach(), after[name].detach()
             beta = (w * new).sum((-2, -1)) / w.pow(2).sum((-2, -1)).clamp_min(torch.finfo(w.dtype).tiny)
             rest = torch.linalg.matrix_norm(new - beta[:, None, None] * w)
-            out["norm." + name] = beta.abs() * carried["norm." + name] + rest
+            out["scale." + name] = beta.abs() * carried["scale." + name]
             out["slack." + name] = beta.abs() * carried["slack." + name] + rest
         return out
 
@@ -533,11 +567,11 @@ class Memory(ChunkwiseMemory):
         return self.fast.core(q, read)
 
     def _chunk(self, params, momentum, q, k, v, mixed_qk, c: Coefficients, bound: StepGates | None,
-               kappa: torch.Tensor | None, objective_gates: dict, norms: dict | None = None):
+               kappa: torch.Tensor | None, objective_gates: dict, norms: StepNorms | None = None):
         """Read-outs g(q) of one chunk and the weights (and momentum) at its end, before retention. A
         retention that steps along the momentum (Muon) replaces the end weights: they are not
         computed (the start weights stand in for them) and the momentum takes no step bound. `norms`: the
-        step bound's spectral norms at the start weights (:meth:`carried_norms`)."""
+        step bound's spectral norms at the start weights (:class:`StepNorms`)."""
         grads, kappa = self._scaled_gradients(params, k, v, c, bound, kappa, objective_gates, norms)
         out = self._read(params, momentum, grads, q, mixed_qk, c)
         if not self.retention.reads_chunk_end:
@@ -557,7 +591,7 @@ class Memory(ChunkwiseMemory):
             None if momentum is None else blend(carried_momentum, linear_momentum))
 
     def _scaled_gradients(self, params, k, v, c: Coefficients, bound: StepGates | None, kappa: torch.Tensor | None,
-                          objective_gates: dict, norms: dict | None) -> tuple[list, torch.Tensor]:
+                          objective_gates: dict, norms: StepNorms | None) -> tuple[list, torch.Tensor]:
         """The chunk's keys' gradients at its start weights `params` as :meth:`_gradients` gives them,
         times the retention's gradient scale, and the step bound kappa (N,) of its commit: `kappa` where
         it was computed before the scan, else from the gates' part `bound` (1 for a retention that steps
@@ -574,7 +608,7 @@ class Memory(ChunkwiseMemory):
         return grads, kappa
 
     def _commit(self, params, momentum, k, v, c: Coefficients, bound: StepGates | None, kappa: torch.Tensor | None,
-                objective_gates: dict, norms: dict | None = None) -> tuple:
+                objective_gates: dict, norms: StepNorms | None = None) -> tuple:
         """What :meth:`_chunk` commits, without its reads: the chunk's end weights and momentum, before
         retention, from the chunk-end coefficients `c` alone (mix (N, 1, lookback + C), decay and
         carry (N, 1)). With a retention that reads the chunk end, :meth:`_chunk`'s blend of the
@@ -617,15 +651,18 @@ class Memory(ChunkwiseMemory):
         return new_params, new_momentum
 
     def curvature_factors(self, params, grads, y, v, objective_gates, scale,
-                          gain_bound: GainBound = EXACT_GAINS, norms: dict | None = None) -> list[torch.Tensor]:
+                          gain_bound: GainBound = EXACT_GAINS, norms: StepNorms | None = None) -> list[torch.Tensor]:
         """The chunk's curvature factors F_l (N, b, d_l [+ 1 with a bias]), one per fast layer, at the
         chunk-start weights `params` (module docstring): ``sqrt(objective curvature * gain) *
         [x^(l), 1]`` per token, so that ``||sum_s a_s H_s|| <= sum_l ||F_l^T diag(a) F_l||`` for the
         tokens' Gauss-Newton Hessians H_s and any a >= 0. `grads` as :meth:`FastModel.forward_backward`
         returns them, y the fast model's outputs; `gain_bound` how :meth:`FastModel.curvature_gains` bounds the
         later layers (a screen's :data:`~tto.engine.fast_models.SCREEN_GAINS` give factors that bound these), with
-        the spectral norms `norms` where given (:meth:`carried_norms`)."""
+        the carried spectral norms `norms` where given (:class:`StepNorms`: upper bounds for a screen, the
+        carried bounds for the exact gains)."""
         inputs = {name: x.detach() for name, x, _ in grads}
+        if norms is not None:
+            norms = norms.exact() if gain_bound is EXACT_GAINS else norms.upper()
         gains = self.fast.curvature_gains({n: w.detach() for n, w in params.items()}, inputs, gain_bound, norms)
         curvature = self.objective.curvature(y.detach(), v, objective_gates)  # (N, b)
         factors = []
@@ -666,6 +703,34 @@ class Memory(ChunkwiseMemory):
         return stable_bound_factor(bound, exact)
 
 
+def norm_bound(carried: dict, name: str) -> torch.Tensor:
+    """The carried upper bound (N,) of ``||W_name||_2`` (:meth:`Memory.carried_norms`): ``scale * exact + slack``,
+    NaN where the anchor's exact norm is not yet computed."""
+    return carried["scale." + name] * carried["exact." + name] + carried["slack." + name]
+
+
+class StepNorms:
+    """The spectral norms a chunk's step bound reads at its start weights, from the `carried` values
+    (:meth:`Memory.carried_norms`): :meth:`upper` for the screens, with the anchor's upper bound where its
+    exact norm is not yet computed (no eigensolver), and :meth:`exact`, the carried bounds, which computes
+    those first (:meth:`Memory.exact_norms`; :attr:`carried` then holds them, for the next commits)."""
+
+    def __init__(self, memory: Memory, carried: dict):
+        self.memory, self.carried = memory, carried
+
+    def upper(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.memory.norm_names:
+            exact = self.carried["exact." + name]
+            anchor = torch.where(torch.isnan(exact), self.carried.get("upper." + name, exact), exact)
+            out[name] = self.carried["scale." + name] * anchor + self.carried["slack." + name]
+        return out
+
+    def exact(self) -> dict[str, torch.Tensor]:
+        self.carried = self.memory.exact_norms(self.carried)
+        return {name: norm_bound(self.carried, name) for name in self.memory.norm_names}
+
+
 class _ChunkBound:
     """A fused scan's step bound (:func:`~tto.engine.ttt_scans.mlp_scan`): chunk i's kappa (N,) from the
     memory's own screens and exact bound at its start weights, as :meth:`Memory._chunks` computes it,
@@ -678,10 +743,12 @@ class _ChunkBound:
 
     def __call__(self, i: int, params: dict, grads: list, y: torch.Tensor) -> torch.Tensor:
         memory = self.memory
-        norms = {name: self.carried["norm." + name] for name in memory.norm_names} if memory.norm_names else None
+        norms = StepNorms(memory, self.carried) if memory.norm_names else None
         gates = {name: t[:, i] for name, t in self.gates.items()}
         kappa = memory._step_bound(self.step_gates[i], lambda gain_bound: memory.curvature_factors(
             params, grads, y, self.values[:, i], gates, None, gain_bound, norms))
+        if norms is not None:
+            self.carried = norms.carried
         if not bool((kappa >= 1.0).all()):
             raise BoundActive
         return kappa
@@ -782,26 +849,31 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None, chunk_size: int | No
         if scale is not None:
             grads = {n: grad * scale[n] for n, grad in grads.items()}
         curvature = naive_curvature(memory, start, kt.detach(), vt.detach(), {n: g.detach() for n, g in token_gates.items()},
-                                    scale, {n: bound for n, (bound, _) in norms.items()} if norms else None)
+                                    scale, {n: bound for n, (bound, _, _) in norms.items()} if norms else None)
         return grads, token_gates, [f.detach() for f in curvature]
 
     def exact_norm(w):
         return torch.stack([torch.linalg.matrix_norm(head.detach(), ord=2) for head in w])
 
+    def longest_row_or_column(w):
+        return torch.stack([max(torch.linalg.vector_norm(head.detach(), dim=0).max(),
+                                torch.linalg.vector_norm(head.detach(), dim=1).max()) for head in w])
+
     for row in range(batch):
         idx = (torch.arange(length) if mask is None else mask[row].nonzero()[:, 0]).tolist()
         state = opt.naive_init(retention.start(fast.initial_params(1)))
         row_out, start, keep, last_commit = [], None, None, dict(state["W"])
-        norms = {}  # name -> (upper bound of the spectral norm (heads,), its carried part): Memory.carried_norms
+        norms = {}  # name -> (upper bound of the spectral norm (heads,), floor, carried part): Memory.carried_norms
         for j, t in enumerate(idx):
             pos = j % b
             if pos == 0:
                 start = {n: w if w.requires_grad else w.detach().requires_grad_(True) for n, w in state["W"].items()}
-                for name in memory.norm_names:  # exact where never known or carried past NORM_SLACK
-                    exact = exact_norm(start[name])
-                    bound, slack = norms.get(name, (exact, torch.full_like(exact, float("nan"))))
-                    stale = ~(slack <= NORM_SLACK * bound)
-                    norms[name] = (torch.where(stale, exact, bound), torch.where(stale, 0.0, slack))
+                for name in memory.norm_names:  # exact where never known or carried past NORM_SLACK of the floor
+                    exact, floor = exact_norm(start[name]), longest_row_or_column(start[name])
+                    bound, low, slack = norms.get(name, (exact, floor, torch.full_like(exact, float("nan"))))
+                    stale = ~(slack <= NORM_SLACK * (low + slack))
+                    norms[name] = (torch.where(stale, exact, bound), torch.where(stale, floor, low),
+                                   torch.where(stale, 0.0, slack))
                 keep = torch.ones(heads, dtype=outs.dtype)
                 earlier = [gradient(start, row, i) for i in idx[max(0, j - opt.lookback): j]]
                 if earlier:
@@ -843,12 +915,12 @@ def naive_memory(memory: Memory, q, k, v, gates, mask=None, chunk_size: int | No
                 opt.naive_chunk_end(state)
                 state["W"] = retention.chunk_end(start, state["W"], keep if "forget" in token_gates else None)
                 last_commit = dict(state["W"])
-                for name, (bound, slack) in norms.items():  # ||W'|| <= |beta| ||W|| + ||W' - beta W||_F
+                for name, (bound, low, slack) in norms.items():  # ||W'|| <= |beta| ||W|| + ||W' - beta W||_F
                     w, new = start[name].detach(), state["W"][name].detach()
                     beta = torch.stack([(a * c).sum() / (a * a).sum() if (a * a).sum() > 0 else a.new_zeros(())
                                         for a, c in zip(w, new)])
                     rest = torch.stack([torch.linalg.norm(c - s * a) for a, c, s in zip(w, new, beta)])
-                    norms[name] = (beta.abs() * bound + rest, beta.abs() * slack + rest)
+                    norms[name] = (beta.abs() * bound + rest, beta.abs() * low, beta.abs() * slack + rest)
         for t, o, o_start in row_out:
             outs[row, t], starts[row, t] = o, o_start
         committed.append(last_commit)
