@@ -593,6 +593,22 @@ def test_carried_spectral_norms_bound_the_exact_ones_within_the_slack(case, monk
     assert mem.norm_names and n_rows < sum(rows) < n_rows * commits / 2, rows
 
 
+def whole_streamed_and_naive_agree(mem, q, k, v, gates) -> torch.Tensor:
+    """Assert that one call, chunk-by-chunk calls (4 tokens each, the carried values through the state) and
+    the naive reference give the same outputs and committed weights (float64 rounding); the call's outputs."""
+    whole = mem(q, k, v, gates)
+    state: dict = {}
+    pieces = [mem(q[:, lo:lo + 4], k[:, lo:lo + 4], v[:, lo:lo + 4], {n: g[:, lo:lo + 4] for n, g in gates.items()},
+                  None, state) for lo in range(0, q.shape[1], 4)]
+    naive, _, committed = naive_memory(mem, q, k, v, gates)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(naive, whole, atol=1e-10, rtol=1e-10)
+    for row in range(q.shape[0]):
+        for name, w in committed[row].items():
+            torch.testing.assert_close(state["memory.W." + name][row], w, atol=1e-10, rtol=1e-10)
+    return whole
+
+
 @pytest.mark.parametrize("case", sorted(NORM_CASES))
 def test_carried_spectral_norms_stream_and_match_naive(case, monkeypatch):
     """With the step bound active, one call, chunk-by-chunk calls (the carried norms through the state)
@@ -608,22 +624,9 @@ def test_carried_spectral_norms_stream_and_match_naive(case, monkeypatch):
     mem = make_memory(2, optimizer, swiglu=swiglu).double()
     q, k, v, gates = long_bounded_inputs(optimizer)
 
-    def runs():
-        whole = mem(q, k, v, gates)
-        state: dict = {}
-        pieces = [mem(q[:, lo:lo + 4], k[:, lo:lo + 4], v[:, lo:lo + 4], {n: g[:, lo:lo + 4] for n, g in gates.items()},
-                      None, state) for lo in range(0, q.shape[1], 4)]
-        naive, _, committed = naive_memory(mem, q, k, v, gates)
-        torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=1e-10)
-        torch.testing.assert_close(naive, whole, atol=1e-10, rtol=1e-10)
-        for row in range(q.shape[0]):
-            for name, w in committed[row].items():
-                torch.testing.assert_close(state["memory.W." + name][row], w, atol=1e-10, rtol=1e-10)
-        return whole
-
-    carried = runs()
+    carried = whole_streamed_and_naive_agree(mem, q, k, v, gates)
     monkeypatch.setattr(memory_module, "NORM_SLACK", 0.0)
-    exact = runs()
+    exact = whole_streamed_and_naive_agree(mem, q, k, v, gates)
     assert (carried - exact).abs().max() > 1e-6
 
 
@@ -650,16 +653,7 @@ def test_anchor_norms_wait_for_the_exact_bound_and_match_naive(case, monkeypatch
     assert len(calls) == len(mem.norm_names), calls  # the state's norms at the call's end, nothing before
     monkeypatch.setattr(memory_module, "NORM_SLACK", slack)
 
-    whole = mem(q, k, v, gates)
-    state: dict = {}
-    pieces = [mem(q[:, lo:lo + 4], k[:, lo:lo + 4], v[:, lo:lo + 4], {n: g[:, lo:lo + 4] for n, g in gates.items()},
-                  None, state) for lo in range(0, q.shape[1], 4)]
-    naive, _, committed = naive_memory(mem, q, k, v, gates)
-    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(naive, whole, atol=1e-10, rtol=1e-10)
-    for row in range(q.shape[0]):
-        for name, w in committed[row].items():
-            torch.testing.assert_close(state["memory.W." + name][row], w, atol=1e-10, rtol=1e-10)
+    whole_streamed_and_naive_agree(mem, q, k, v, gates)
 
 
 def test_a_restarted_row_recomputes_its_carried_norms():
