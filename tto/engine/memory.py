@@ -440,13 +440,14 @@ class Memory(ChunkwiseMemory):
         bound first reads it (:meth:`exact_norms`). The floor, not the exact norm, decides, so that no
         eigensolver runs to decide."""
         out = dict(carried)
+        uppers = StepNorms(self, carried).upper() if all("slack." + n in carried for n in self.norm_names) else {}
         for name in self.norm_names:
             weights = params[name].detach()
             floor = spectral_norm_floor(weights)
             if "slack." + name in carried:
                 scale, slack = carried["scale." + name], carried["slack." + name]
                 stale = ~(slack <= NORM_SLACK * (scale * carried["floor." + name] + slack))  # NaN compares False
-                upper = StepNorms(self, carried).upper()[name]
+                upper = uppers[name]
                 if not torch.compiler.is_compiling() and bool(torch.isnan(upper).any()):  # rows not known
                     upper = torch.where(torch.isnan(upper), spectral_norm_bound(weights), upper)
             else:  # a call without a state: every row anchors here
