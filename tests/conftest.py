@@ -3,6 +3,7 @@ full-size tests need (waiting for it, or for the machine to themselves)."""
 
 import gc
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,19 +59,31 @@ def _finished_workers() -> Path | None:
 
 
 def pytest_sessionfinish(session):
-    """A pytest-xdist worker past its last test hands its freed heap back and says it has finished (it
-    stays alive, idle, until the whole run ends)."""
+    """A pytest-xdist worker past its last test says it has finished."""
     finished, worker = _finished_workers(), os.environ.get("PYTEST_XDIST_WORKER")
     if finished is not None and worker is not None:
-        _release_memory()
         finished.mkdir(exist_ok=True)
         (finished / worker).touch()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A pytest-xdist worker exits as soon as its session is over, so that the memory it holds goes back to
+    the system. pytest-xdist would keep it alive, idle, until the whole run ends: a CI run's finished worker
+    still held about 2 GiB when the whole-machine test asked for its 21.2 GiB, and that test skipped. By
+    now the worker has sent its results (pytest-xdist's `workerfinished` event, at the end of
+    pytest_sessionfinish), and from that event on the controller takes the end of its connection as a
+    normal end, not a crash."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None and hasattr(config, "workeroutput"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def wait_for_other_workers() -> None:
     """Under pytest-xdist, wait until every other worker has finished its tests (at most
     :data:`OTHER_WORKERS_WAIT_SECONDS`): a whole-machine test is the last handed out, so by then
-    nothing else runs beside it."""
+    nothing else runs beside it (and the other workers exit, :func:`pytest_unconfigure`)."""
     finished, worker = _finished_workers(), os.environ.get("PYTEST_XDIST_WORKER")
     if finished is None or worker is None:
         return
@@ -92,11 +105,11 @@ def _release_memory() -> None:
 
 def require_memory(need: int, what: str) -> None:
     """Skip the test, naming `what`, when less than `need` bytes of memory are available (a
-    full-size model on a machine whose free memory cannot hold it). Counted after this process
-    has collected its garbage and handed its heap's free pages back (a previous test's model, held
-    in a reference cycle or in freed heap pages, is not memory the machine lacks), and, if the
-    machine could hold it, after waiting up to :data:`MEMORY_WAIT_SECONDS` for other processes to
-    free theirs."""
+    full-size model on a machine whose free memory cannot hold it); `need` is what the test allocates
+    beyond what this process holds at its start. Counted after this process has collected its garbage
+    and handed its heap's free pages back (a previous test's model, held in a reference cycle or in
+    freed heap pages, is not memory the machine lacks), and, if the machine could hold it, after
+    waiting up to :data:`MEMORY_WAIT_SECONDS` for other processes to free theirs."""
     import psutil  # a dependency of accelerate, which the Trainer needs
 
     _release_memory()
